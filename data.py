@@ -1,0 +1,186 @@
+"""LA-format data: reading, splits, augmentation and semi-supervised batches (DESIGN.md §3).
+
+The Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
+
+    <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   image float32 (X, Y, Z), label uint8 {0, 1}
+    <root>/train.list                                  80 IDs, one a line
+    <root>/test.list                                   20 IDs
+
+`LA_N` labels the first N IDs of train.list; the other 80 - N are unlabeled.
+Volumes are read once and kept in memory (as torch tensors on the training device), and the
+protocol's augmentation (random rot90 + flip in the x-y plane, then a random crop) runs on
+that device, so the training loop never waits for a data loader.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+CASE_DIR = "2018LA_Seg_Training Set"  # the real folder name, spaces included
+CASE_FILE = "mri_norm2.h5"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+def case_path(root, case_id):
+    return Path(root) / CASE_DIR / case_id / CASE_FILE
+
+
+def read_list(path):
+    """The IDs of a train.list / test.list file, one a line, blank lines ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: list file not found")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{path}: list file is empty")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: list has duplicate IDs")
+    return ids
+
+
+def read_case(path):
+    """One validated case: image float32 (X, Y, Z) and label uint8 (X, Y, Z) with values in {0, 1}."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: case file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("image", "label"):
+                if key not in f:
+                    raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(f.keys()) or 'nothing'})")
+            image = f["image"][()]
+            label = f["label"][()]
+    except DataError:
+        raise
+    except Exception as e:  # h5py raises OSError / KeyError / RuntimeError for damaged files
+        raise DataError(f"{path}: unreadable h5 file ({type(e).__name__}: {e})") from e
+    if image.ndim != 3:
+        raise DataError(f"{path}: 'image' must be 3D (X, Y, Z), got shape {image.shape}")
+    if image.shape != label.shape:
+        raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
+    values = np.unique(label)
+    if not np.isin(values, (0, 1)).all():
+        raise DataError(f"{path}: label values must be in {{0, 1}}, found {values[:10].tolist()}")
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image has NaN or infinite values")
+    return image.astype(np.float32), label.astype(np.uint8)
+
+
+@dataclass
+class Split:
+    root: Path
+    labeled: list    # the first N IDs of train.list
+    unlabeled: list  # the rest of train.list
+    test: list       # test.list
+
+
+def load_split(root, num_labeled):
+    """The LA_N split of a dataset root; every listed case must have its h5 file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found (for LA, put the UA-MT data/LA folder here)")
+    train, test = read_list(root / "train.list"), read_list(root / "test.list")
+    if not 1 <= num_labeled <= len(train):
+        raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} but the list has {len(train)} IDs")
+    for case_id in train + test:
+        if not case_path(root, case_id).is_file():
+            raise DataError(f"{case_path(root, case_id)}: listed ID '{case_id}' has no h5 file")
+    return Split(root, train[:num_labeled], train[num_labeled:], test)
+
+
+def load_volumes(root, ids, progress=True):
+    """Read every case once: {ID: (image, label)} as numpy arrays (a few seconds for all 100 LA cases)."""
+    from tqdm import tqdm
+    return {i: read_case(case_path(root, i)) for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def pad_to(x, size):
+    """Zero-pad the last three dims of x symmetrically up to at least `size`."""
+    pads = []
+    for dim, want in zip(reversed(x.shape[-3:]), reversed(size)):
+        extra = max(want - dim, 0)
+        pads += [extra // 2, extra - extra // 2]
+    return torch.nn.functional.pad(x, pads) if any(pads) else x
+
+
+def rot_flip(x, k, axis):
+    """The protocol's x-y plane augmentation of (..., X, Y, Z): rotate by k * 90 degrees, flip along x (0) or y (1).
+
+    Image and label are stacked into one tensor before this, so they cannot drift apart."""
+    return torch.flip(torch.rot90(x, k, dims=(-3, -2)), dims=(axis - 3,))
+
+
+def crop(x, start, size):
+    """A size-shaped crop of the last three dims starting at `start`."""
+    (a, b, c), (p, q, r) = start, size
+    return x[..., a:a + p, b:b + q, c:c + r]
+
+
+class BatchSampler:
+    """Endless semi-supervised batches: `labeled_bs` labeled + (`batch_size` - `labeled_bs`) unlabeled patches.
+
+    Each part cycles through its cases in a fresh random order per pass, so the few labeled
+    cases are seen evenly. All randomness comes from one generator whose state is saved in
+    checkpoints, so a resumed run draws exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed, augment=True):
+        if not 0 < labeled_bs <= batch_size:
+            raise ValueError(f"need 0 < labeled_bs ({labeled_bs}) <= batch_size ({batch_size})")
+        if batch_size > labeled_bs and not unlabeled:
+            raise ValueError("batch_size > labeled_bs needs unlabeled cases")
+        to = lambda a, dtype: torch.as_tensor(a, dtype=dtype).to(device)
+        # unlabeled cases keep no label at all, so no code path can use one by mistake
+        self.volumes = {i: (to(volumes[i][0], torch.float32), to(volumes[i][1], torch.uint8) if i in labeled else None)
+                        for i in labeled + unlabeled}
+        self.parts = [(list(labeled), labeled_bs), (list(unlabeled), batch_size - labeled_bs)]
+        self.patch, self.augment = tuple(patch), augment
+        self.gen = torch.Generator().manual_seed(seed)
+        self.orders, self.pos = [[], []], [0, 0]
+
+    def _next_ids(self, part):
+        ids, n = self.parts[part]
+        out = []
+        while len(out) < n:
+            if self.pos[part] == len(self.orders[part]):
+                self.orders[part] = torch.randperm(len(ids), generator=self.gen).tolist()
+                self.pos[part] = 0
+            out.append(ids[self.orders[part][self.pos[part]]])
+            self.pos[part] += 1
+        return out
+
+    def _randint(self, high):
+        return int(torch.randint(high, (1,), generator=self.gen))
+
+    def sample(self, case_id):
+        """One augmented patch of a case: image (1, X, Y, Z) and label (X, Y, Z), or None when unlabeled."""
+        image, label = self.volumes[case_id]
+        both = torch.stack([image, label.float() if label is not None else torch.zeros_like(image)])  # (2, X, Y, Z)
+        if self.augment:
+            both = rot_flip(both, self._randint(4), self._randint(2))
+        both = pad_to(both, self.patch)
+        start = [self._randint(dim - p + 1) for dim, p in zip(both.shape[-3:], self.patch)]
+        both = crop(both, start, self.patch)                                          # (2, *patch)
+        return both[:1], (both[1].to(torch.uint8) if label is not None else None)
+
+    def next(self):
+        """A batch: image (B, 1, X, Y, Z) float, label (labeled_bs, X, Y, Z) long, and the B case IDs."""
+        ids = self._next_ids(0) + self._next_ids(1)
+        samples = [self.sample(i) for i in ids]
+        image = torch.stack([s[0] for s in samples])                                  # (B, 1, X, Y, Z)
+        label = torch.stack([s[1] for s in samples[:self.parts[0][1]]]).long()        # (Lb, X, Y, Z)
+        return image, label, ids
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state(), "orders": [list(o) for o in self.orders], "pos": list(self.pos)}
+
+    def load_state_dict(self, state):
+        self.gen.set_state(state["gen"])
+        self.orders, self.pos = [list(o) for o in state["orders"]], list(state["pos"])

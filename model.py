@@ -1,0 +1,125 @@
+"""The dual-decoder V-Net (DESIGN.md §1.4).
+
+A V-Net encoder (Milletari et al. 2016, as configured by UA-MT / MC-Net for LA: 16 base filters,
+batch norm, dropout at the bottleneck and before the head) is shared by two decoders that differ
+only in how they upsample:
+
+    decoder A: transposed convolutions; optionally fuses the reference context (mcam.py)
+    decoder B: trilinear upsampling + convolution; always plain
+
+Their disagreement is a training signal (train.py), and decoder B's prediction is what drives the
+reference query at training and test time.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def conv_stage(c_in, c_out, n_convs):
+    """n_convs x (3x3x3 convolution, batch norm, ReLU)."""
+    layers = []
+    for i in range(n_convs):
+        layers += [nn.Conv3d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def down(c_in, c_out):
+    """Halve the resolution with a stride-2 2x2x2 convolution."""
+    return nn.Sequential(nn.Conv3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
+
+
+def up(c_in, c_out, mode):
+    """Double the resolution: 'deconv' (transposed convolution) or 'trilinear' (interpolation + 3x3x3 conv)."""
+    if mode == "deconv":
+        first = nn.ConvTranspose3d(c_in, c_out, 2, stride=2)
+    else:
+        first = nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                              nn.Conv3d(c_in, c_out, 3, padding=1))
+    return nn.Sequential(first, nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
+
+
+class Encoder(nn.Module):
+    """Five stages (1, 2, 3, 3, 3 convolutions); channels f, 2f, 4f, 8f, 16f at scales 1 .. 1/16."""
+
+    def __init__(self, in_channels=1, f=16, dropout=0.5):
+        super().__init__()
+        ch = [f, 2 * f, 4 * f, 8 * f, 16 * f]
+        self.stages = nn.ModuleList([conv_stage(in_channels, ch[0], 1)] +
+                                    [conv_stage(ch[i], ch[i], n) for i, n in zip(range(1, 5), (2, 3, 3, 3))])
+        self.downs = nn.ModuleList([down(ch[i], ch[i + 1]) for i in range(4)])
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):                            # (B, 1, X, Y, Z)
+        feats = [self.stages[0](x)]                  # (B, f, X, Y, Z)
+        for stage, down_ in zip(self.stages[1:], self.downs):
+            feats.append(stage(down_(feats[-1])))    # (B, 2f, X/2, ..) .. (B, 16f, X/16, Y/16, Z/16)
+        feats[-1] = self.dropout(feats[-1])
+        return feats
+
+
+class Decoder(nn.Module):
+    """Four up-stages with residual skip additions (V-Net style), then a 1x1x1 head.
+
+    When built with `mcams` (one per scale, from coarse to fine), a reference context given to
+    forward() is fused at every scale; without a context it runs as a plain decoder."""
+
+    def __init__(self, f=16, n_classes=2, mode="deconv", dropout=0.5, mcams=None):
+        super().__init__()
+        ch = [f, 2 * f, 4 * f, 8 * f, 16 * f]
+        self.ups = nn.ModuleList([up(ch[i + 1], ch[i], mode) for i in reversed(range(4))])
+        self.stages = nn.ModuleList([conv_stage(ch[i], ch[i], n) for i, n in zip(reversed(range(4)), (3, 3, 2, 1))])
+        self.mcams = mcams
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Conv3d(f, n_classes, 1)
+
+    def forward(self, feats, context=None):
+        x = feats[-1]                                # (B, 16f, X/16, Y/16, Z/16)
+        for i, (up_, stage) in enumerate(zip(self.ups, self.stages)):
+            x = stage(up_(x) + feats[-2 - i])        # (B, 8f, X/8, ..) .. (B, f, X, Y, Z)
+            if context is not None and self.mcams is not None:
+                x, context = self.mcams[i](x, context)  # gated context fused at this scale
+        return self.head(self.dropout(x))            # (B, n_classes, X, Y, Z)
+
+
+class DualDecoderVNet(nn.Module):
+    """Shared encoder; decoder A (deconv, reference context) and decoder B (trilinear, plain)."""
+
+    def __init__(self, in_channels=1, n_classes=2, base_filters=16, dropout=0.5, fusion=None, mcams=None):
+        super().__init__()
+        self.encoder = Encoder(in_channels, base_filters, dropout)
+        self.decoder_a = Decoder(base_filters, n_classes, "deconv", dropout, mcams)
+        self.decoder_b = Decoder(base_filters, n_classes, "trilinear", dropout)
+        self.fusion = fusion  # mcam.ReferenceFusion, or None for the plain dual-decoder network
+
+    def forward(self, x, refs=None, ref_weights=None):
+        """x (B, 1, X, Y, Z); refs (B, K, 16f, X/16, Y/16, Z/16) bank features and ref_weights (B, K), or None.
+
+        Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z)."""
+        feats = self.encoder(x)
+        context = None
+        if refs is not None and self.fusion is not None:
+            context = self.fusion(feats[-1], refs, ref_weights)  # (B, 16f, X/16, Y/16, Z/16)
+        return self.decoder_a(feats, context), self.decoder_b(feats)
+
+    def predict_b(self, x):
+        """Decoder B alone (the reference query path needs no context)."""
+        return self.decoder_b(self.encoder(x))
+
+
+def build_model(cfg):
+    """The network an experiment config describes (references and MCAM when cfg.references is on)."""
+    fusion = mcams = None
+    if getattr(cfg, "references", False):
+        import mcam
+        f = cfg.base_filters
+        fusion = mcam.ReferenceFusion(16 * f)
+        ch = [8 * f, 4 * f, 2 * f, f]                            # decoder A's scales, coarse to fine
+        ctx = [16 * f] + ch[:-1]                                 # the context arrives from the scale below
+        mcams = nn.ModuleList([mcam.MCAM(c, cc, gated=cfg.mcam_gates) for c, cc in zip(ch, ctx)])
+    return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, fusion, mcams)
+
+
+def check_patch(patch):
+    """V-Net halves the resolution four times: every patch side must be divisible by 16."""
+    if any(p % 16 for p in patch):
+        raise ValueError(f"patch_size {tuple(patch)}: every side must be divisible by 16")

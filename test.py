@@ -1,0 +1,233 @@
+"""Sliding-window inference and the field's metrics (DESIGN.md §3, Test).
+
+    python test.py                          # runs/LA_8/ckpt_last.pt on the LA test list
+    python test.py --exp PHANTOM_8 --lcc    # keep the largest connected component
+    python test.py --ckpt path/to/ckpt.pt   # any checkpoint; the model is rebuilt from its config
+
+Metrics are the definitions of medpy.metric.binary (dc, jc, hd95, asd) in voxel units, without
+spacing. Where medpy raises on empty masks, this module scores instead:
+
+    both masks empty:        Dice 1, Jaccard 1, 95HD 0, ASD 0     (a perfect answer)
+    exactly one mask empty:  Dice 0, Jaccard 0, 95HD and ASD = the volume's diagonal in voxels
+                             (the largest distance possible; an empty prediction is never flattered)
+
+The reported checkpoint is the last one; nothing here looks at the test set to choose it.
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def dice(pred, gt):
+    """2 |P & G| / (|P| + |G|)  (medpy dc)."""
+    total = np.count_nonzero(pred) + np.count_nonzero(gt)
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(pred & gt) / total
+
+
+def jaccard(pred, gt):
+    """|P & G| / |P | G|  (medpy jc)."""
+    union = np.count_nonzero(pred | gt)
+    return 1.0 if union == 0 else np.count_nonzero(pred & gt) / union
+
+
+def _border(mask):
+    """The one-voxel surface of a mask: the mask minus its 6-connected erosion (as medpy)."""
+    return mask ^ ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), iterations=1)
+
+
+def surface_distances(a, b):
+    """Distance of every surface voxel of `a` to the nearest surface voxel of `b` (medpy's __surface_distances).
+    Both masks are cut to their joint bounding box plus one voxel first, which changes no distance."""
+    where = np.argwhere(a | b)
+    box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(where.min(0), where.max(0)))
+    a, b = a[box], b[box]
+    return ndimage.distance_transform_edt(~_border(b))[_border(a)]
+
+
+def _empty_case(pred, gt):
+    """None when both masks have voxels; otherwise the documented score (0 or the diagonal)."""
+    if pred.any() and gt.any():
+        return None
+    return 0.0 if not (pred.any() or gt.any()) else float(np.linalg.norm(pred.shape))
+
+
+def hd95(pred, gt):
+    """95th percentile of the symmetric surface distances (medpy hd95)."""
+    empty = _empty_case(pred, gt)
+    if empty is not None:
+        return empty
+    return float(np.percentile(np.hstack([surface_distances(pred, gt), surface_distances(gt, pred)]), 95))
+
+
+def asd(pred, gt):
+    """Mean distance from the prediction's surface to the ground truth's (medpy asd: one direction)."""
+    empty = _empty_case(pred, gt)
+    return empty if empty is not None else float(surface_distances(pred, gt).mean())
+
+
+def largest_component(mask):
+    """Keep the largest 26-connected component (the field's optional post-processing)."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    if n <= 1:
+        return mask
+    return labels == (np.bincount(labels.ravel())[1:].argmax() + 1)
+
+
+METRICS = {"dice": dice, "jaccard": jaccard, "hd95": hd95, "asd": asd}
+
+# ----------------------------------------------------------------------------- inference
+
+
+def window_starts(size, patch, stride):
+    """Window origins along one axis: every `stride`, the last one flush with the end."""
+    n = int(np.ceil((size - patch) / stride)) + 1
+    return sorted({min(i * stride, size - patch) for i in range(n)})
+
+
+@torch.no_grad()
+def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, device):
+    """Average the per-window probabilities over the whole volume.
+
+    predict(x (N, 1, *patch)) -> foreground probabilities (N, K, *patch) for K outputs (e.g. the two decoders).
+    image is (X, Y, Z) numpy; returns (K, X, Y, Z) numpy. Volumes smaller than the patch are zero-padded."""
+    import data
+    x = torch.as_tensor(image, dtype=torch.float32, device=device)
+    padded = data.pad_to(x, patch)                                       # (X', Y', Z')
+    size = padded.shape
+    starts = [(a, b, c) for a in window_starts(size[0], patch[0], stride_xy)
+              for b in window_starts(size[1], patch[1], stride_xy) for c in window_starts(size[2], patch[2], stride_z)]
+    total = count = None
+    for i in range(0, len(starts), window_batch):
+        chunk = starts[i:i + window_batch]
+        windows = torch.stack([data.crop(padded, s, patch) for s in chunk])[:, None]   # (N, 1, *patch)
+        prob = predict(windows).float()                                                 # (N, K, *patch)
+        if total is None:
+            total = torch.zeros((prob.shape[1], *size), device=device)
+            count = torch.zeros(size, device=device)
+        for s, p in zip(chunk, prob):
+            data.crop(total, s, patch).add_(p)
+            data.crop(count, s, patch).add_(1)
+    mean = total / count                                                 # (K, X', Y', Z')
+    lo = [(p - s) // 2 for p, s in zip(size, image.shape)]                # undo the symmetric padding
+    return mean[:, lo[0]:lo[0] + image.shape[0], lo[1]:lo[1] + image.shape[1], lo[2]:lo[2] + image.shape[2]].cpu().numpy()
+
+
+def load_checkpoint(path, device):
+    """The student network and its config, rebuilt from what the checkpoint saved."""
+    from model import build_model
+    import train
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    cfg = train.Config(**ckpt["config"])
+    model = build_model(cfg).to(device)
+    model.load_state_dict(ckpt["student"])
+    return model.eval(), cfg, ckpt
+
+
+def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
+    """Test a checkpoint on its experiment's test list; prints the table and writes CSV, JSON and a figure."""
+    import data
+    import train
+    from tqdm import tqdm
+    device = torch.device(device) if device else train.resolve_device(train.Config())
+    model, cfg, ckpt = load_checkpoint(ckpt_path, device)
+    out = Path(out_dir or Path(cfg.out_dir) / "test")
+    out.mkdir(parents=True, exist_ok=True)
+    split = data.load_split(cfg.data_root, cfg.num_labeled)
+    fast = cfg.amp and device.type == "cuda"
+
+    def predict(x):                                      # (N, 1, *patch) -> (N, 2, *patch): decoder A, decoder B
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+            a, b = model(x)
+        return torch.stack([a.float().softmax(1)[:, 1], b.float().softmax(1)[:, 1]], 1)
+
+    rows, shown, seconds = [], [], []
+    for case_id in tqdm(split.test, desc="testing", disable=not progress, leave=False):
+        image, label = data.read_case(data.case_path(cfg.data_root, case_id))
+        t = time.time()
+        prob = sliding_window(predict, image, cfg.patch_size, cfg.stride_xy, cfg.stride_z, cfg.window_batch, device)
+        seconds.append(time.time() - t)
+        gt = label.astype(bool)
+        pred = prob.mean(0) > 0.5                                        # mean of both decoders
+        if lcc:
+            pred = largest_component(pred)
+        row = {"case": case_id, **{k: f(pred, gt) for k, f in METRICS.items()},
+               "dice_a": dice(prob[0] > 0.5, gt), "dice_b": dice(prob[1] > 0.5, gt)}
+        rows.append(row)
+        if len(shown) < 4:
+            shown.append((case_id, image, gt, pred))
+
+    with open(out / "per_case.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
+               for k in list(METRICS) + ["dice_a", "dice_b"]}
+    summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows),
+                   seconds_per_volume=float(np.median(seconds)), config=dataclasses.asdict(cfg))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print_table(rows, summary, cfg, ckpt["iter"], lcc)
+    plot_cases(shown, out / "predictions.png")
+    print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, {out / 'predictions.png'}")
+    return summary
+
+
+def print_table(rows, summary, cfg, iteration, lcc):
+    print(f"\n{cfg.exp}: last checkpoint (iteration {iteration}), "
+          f"largest connected component {'ON' if lcc else 'off'}, {len(rows)} test cases")
+    print(f"{'case':24s} {'Dice %':>8s} {'Jacc %':>8s} {'95HD':>8s} {'ASD':>8s}")
+    for r in rows:
+        print(f"{r['case']:24s} {100 * r['dice']:8.2f} {100 * r['jaccard']:8.2f} {r['hd95']:8.2f} {r['asd']:8.2f}")
+    m = {k: summary[k] for k in ("dice", "jaccard", "hd95", "asd")}
+    print(f"{'mean ± std':24s} {100 * m['dice']['mean']:5.2f}±{100 * m['dice']['std']:<5.2f} "
+          f"{100 * m['jaccard']['mean']:5.2f}±{100 * m['jaccard']['std']:<5.2f} "
+          f"{m['hd95']['mean']:5.2f}±{m['hd95']['std']:<5.2f} {m['asd']['mean']:5.2f}±{m['asd']['std']:<5.2f}")
+    print(f"decoder A alone: Dice {100 * summary['dice_a']['mean']:.2f} %, decoder B alone: "
+          f"{100 * summary['dice_b']['mean']:.2f} %; {summary['seconds_per_volume']:.2f} s per volume\n")
+
+
+def plot_cases(cases, png):
+    """Each case's slice through the middle of its target: image, ground truth and prediction outlines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), squeeze=False)
+    for ax, (case_id, image, gt, pred) in zip(axes[0], cases):
+        z = int(np.argwhere(gt)[:, 2].mean()) if gt.any() else gt.shape[2] // 2
+        ax.imshow(image[:, :, z].T, cmap="gray")
+        ax.contour(gt[:, :, z].T, levels=[0.5], colors="lime", linewidths=1)
+        if pred[:, :, z].any():
+            ax.contour(pred[:, :, z].T, levels=[0.5], colors="red", linewidths=1)
+        ax.set_title(f"{case_id[:10]} z={z}\nDice {100 * dice(pred, gt):.1f} %", fontsize=8)
+        ax.axis("off")
+    fig.suptitle("green: ground truth, red: prediction", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", default="LA_8", help="experiment whose last checkpoint is tested")
+    parser.add_argument("--ckpt", help="checkpoint path (default runs/<exp>/ckpt_last.pt)")
+    parser.add_argument("--lcc", action="store_true", help="keep the largest connected component")
+    parser.add_argument("--out", help="output folder (default <run>/test)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    args = parser.parse_args(argv)
+    ckpt = Path(args.ckpt or Path("runs") / args.exp / "ckpt_last.pt")
+    if not ckpt.is_file():
+        raise SystemExit(f"{ckpt}: no checkpoint (train first: python train.py --exp {args.exp})")
+    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, device=args.device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Experiment configs and the dual-decoder mean-teacher training loop (DESIGN.md §1.5, §3).
+
+    python train.py --exp LA_8                      # the LA protocol, 8 labeled scans
+    python train.py --exp PHANTOM_8                 # offline default: synthetic data, CPU-sized
+    python train.py --exp LA_8 --max_iters=2000     # any config key, checked by type
+    python train.py --exp LA_8 --resume             # continue from runs/LA_8/ckpt_last.pt
+
+Labeled patches: Dice + cross-entropy on both decoders. Unlabeled patches: both student decoders
+follow the teacher's sharpened prediction, and each other's (cross-decoder consistency), with a
+sigmoid ramp-up. The teacher is an exponential moving average (EMA) of the student.
+"""
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    exp: str = "LA_8"                 # experiment name; outputs go to runs/<exp>
+    # data
+    data_root: str = "data/LA"        # LA layout: '2018LA_Seg_Training Set/<ID>/mri_norm2.h5', train.list, test.list
+    phantom: bool = False             # write a synthetic LA-layout dataset to data_root when it is missing
+    phantom_shape: tuple = (96, 96, 64)  # phantom volume size (X, Y, Z)
+    phantom_cases: tuple = (40, 10)   # phantom (train, test) case counts
+    num_labeled: int = 8              # the first N IDs of train.list are labeled (LA_N)
+    patch_size: tuple = (112, 112, 80)  # training patch and sliding window, each side divisible by 16
+    batch_size: int = 4               # patches per step: labeled_bs labeled + the rest unlabeled
+    labeled_bs: int = 2
+    # network
+    base_filters: int = 16            # V-Net width (16 in the LA protocol)
+    n_classes: int = 2
+    dropout: float = 0.5              # Dropout3d at the bottleneck and before the heads
+    references: bool = False          # decoder A fuses reasoning-selected reference context (mcam.py)
+    mcam_gates: bool = True           # coordinate-attention gates in MCAM (False: context added ungated)
+    # optimisation
+    max_iters: int = 15000            # training iterations
+    lr: float = 0.01                  # SGD base learning rate, poly decay (power 0.9) to 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.99           # teacher = EMA of the student
+    consistency: float = 1.0          # weight of the unlabeled losses after ramp-up (0: supervised only)
+    rampup_iters: int = 6000          # sigmoid ramp-up length (the protocol's 40 x 150 iterations)
+    sharpen_t: float = 0.1            # temperature of the sharpened consistency targets
+    teacher_noise: float = 0.1        # std of the Gaussian noise on the teacher's input (clamped at 2 std)
+    seed: int = 1337
+    # knowledge pool (pool.py)
+    cot_backend: str = "auto"         # "auto" | "llm" | "descriptors"; auto = llm when llm_url is set
+    llm_url: str = ""                 # base URL of an OpenAI-compatible server, e.g. http://localhost:8000
+    llm_model: str = ""
+    llm_api_key_env: str = "CERS_API_KEY"  # name of the environment variable holding the API key
+    llm_temperature: float = 0.2
+    llm_timeout: float = 60.0         # seconds per request
+    llm_workers: int = 4              # requests in flight
+    llm_retries: int = 5
+    llm_vision: bool = False          # attach a PNG montage of slices to each request
+    modality: str = "late gadolinium-enhanced cardiac MRI"
+    anatomy: str = "heart"
+    target: str = "left atrium"
+    # reference selection (retrieve.py)
+    bank_stride: tuple = ()           # grid stride of the bank crops; () = patch_size (no overlap)
+    k_coarse: int = 16                # morphology neighbours per query
+    k_fine: int = 4                   # references kept after the CoT-consistency filter
+    tau: float = 0.5                  # normalised BM25 score under which a candidate is a hard negative
+    ref_temperature: float = 1.0      # softmax temperature of the reference weights
+    retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
+    bank_momentum: float = 0.9        # EMA momentum of the bank feature refresh
+    ref_warmup: int = 1000            # iterations without references (the bank needs a trained encoder)
+    bank_refresh: int = 200           # refresh bank features from the teacher every this many iterations
+    # testing
+    stride_xy: int = 18               # sliding-window stride in x and y
+    stride_z: int = 4                 # sliding-window stride in z
+    window_batch: int = 8             # windows per forward pass at test time
+    # runtime
+    device: str = "auto"              # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    amp: bool = True                  # bf16 autocast + channels-last 3D on CUDA (fp32 on CPU)
+    log_every: int = 20               # CSV log and progress-bar interval
+    ckpt_every: int = 1000            # checkpoint interval
+    out_dir: str = ""                 # "" = runs/<exp>
+
+
+def la(n):
+    return dict(num_labeled=n)
+
+
+EXPERIMENTS = {
+    "LA_4": la(4), "LA_8": la(8), "LA_16": la(16),
+    # CPU-sized offline default: small synthetic volumes, a narrower V-Net, a short schedule
+    "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(64, 64, 48), num_labeled=8,
+                      patch_size=(48, 48, 32), base_filters=8, max_iters=400, rampup_iters=160,
+                      stride_xy=16, stride_z=8, log_every=10, ckpt_every=100, ref_warmup=100, bank_refresh=50,
+                      lr=0.03),
+}
+
+
+def parse_value(key, text, hint):
+    """Turn an override string into the field's type, or raise with the key and the value."""
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if hint is tuple:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        return hint(text)
+    except ValueError:
+        raise SystemExit(f"config: --{key}={text!r} is not a valid {hint.__name__}") from None
+
+
+def get_config(exp, overrides=()):
+    """The named experiment's config with `--key=value` overrides applied (unknown keys are errors)."""
+    if exp not in EXPERIMENTS:
+        raise SystemExit(f"config: unknown experiment {exp!r}; known: {', '.join(EXPERIMENTS)}")
+    cfg = Config(exp=exp, **EXPERIMENTS[exp])
+    hints = typing.get_type_hints(Config)
+    for item in overrides:
+        key, eq, text = item.removeprefix("--").partition("=")
+        if not eq or key not in hints:
+            raise SystemExit(f"config: unknown or malformed override {item!r}; keys: {', '.join(hints)}")
+        setattr(cfg, key, parse_value(key, text, hints[key]))
+    return check_config(cfg)
+
+
+def check_config(cfg):
+    """Fill derived defaults and reject inconsistent settings early."""
+    cfg.out_dir = cfg.out_dir or f"runs/{cfg.exp}"
+    cfg.bank_stride = tuple(cfg.bank_stride) or tuple(cfg.patch_size)
+    if len(cfg.patch_size) != 3 or any(p % 16 for p in cfg.patch_size):
+        raise SystemExit(f"config: patch_size {cfg.patch_size}: three sides, each divisible by 16")
+    if not 0 < cfg.labeled_bs <= cfg.batch_size:
+        raise SystemExit(f"config: need 0 < labeled_bs ({cfg.labeled_bs}) <= batch_size ({cfg.batch_size})")
+    if cfg.retrieval not in ("both", "morph", "cot", "random"):
+        raise SystemExit(f"config: retrieval={cfg.retrieval!r}; one of both, morph, cot, random")
+    return cfg
+
+
+def resolve_device(cfg):
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+# ----------------------------------------------------------------------------- schedules and losses
+
+def lr_at(it, cfg):
+    """Poly decay: lr * (1 - it / max_iters) ** 0.9."""
+    return cfg.lr * (1.0 - it / cfg.max_iters) ** 0.9
+
+
+def sigmoid_rampup(current, length):
+    """exp(-5 (1 - t)^2) with t = current / length clipped to [0, 1] (Laine & Aila 2017)."""
+    if length == 0:
+        return 1.0
+    t = min(max(current / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def consistency_weight(it, cfg):
+    return cfg.consistency * sigmoid_rampup(it, cfg.rampup_iters)
+
+
+def dice_loss(prob, target, eps=1e-5):
+    """1 - soft Dice of the foreground probability (B, X, Y, Z) against a {0, 1} target."""
+    inter = (prob * target).sum()
+    return 1.0 - (2.0 * inter + eps) / (prob.sum() + target.sum() + eps)
+
+
+def supervised_loss(logits, label):
+    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z) and label (Lb, X, Y, Z)."""
+    prob = logits.float().softmax(1)[:, 1]
+    return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
+
+
+def sharpen(p, t):
+    """Push a foreground probability towards 0 or 1: p^(1/t) / (p^(1/t) + (1 - p)^(1/t))."""
+    a, b = p.pow(1.0 / t), (1.0 - p).pow(1.0 / t)
+    return a / (a + b)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, decay, it):
+    """teacher = decay * teacher + (1 - decay) * student, for parameters and float buffers (BN statistics).
+    The decay is lowered early on (1 - 1/(it+1)) so the teacher is not stuck at the random init."""
+    decay = min(1.0 - 1.0 / (it + 1), decay)
+    for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
+        if t.dtype.is_floating_point:
+            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+        else:
+            t.copy_(s)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, **state):
+    """Write atomically (temp file + rename) so an interrupted save never corrupts the last checkpoint."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def prepare_data(cfg):
+    """The split and the in-memory volumes (the phantom is written first when the config asks for it)."""
+    import data
+    if cfg.phantom:
+        import phantom
+        phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
+                               shape=tuple(cfg.phantom_shape), seed=0)
+    split = data.load_split(cfg.data_root, cfg.num_labeled)
+    return split, data.load_volumes(cfg.data_root, split.labeled + split.unlabeled)
+
+
+def train(cfg, resume=False, progress=True):
+    """Train one experiment; returns the path of the last checkpoint."""
+    import data
+    from model import build_model
+    from tqdm import tqdm
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg)
+    fast = cfg.amp and device.type == "cuda"           # bf16 autocast + channels-last 3D
+    print(f"config ({device}{', bf16 + channels-last' if fast else ', fp32'}):")
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    seed_everything(cfg.seed)
+    split, volumes = prepare_data(cfg)
+    sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, cfg.labeled_bs, cfg.batch_size,
+                                cfg.patch_size, device, cfg.seed)
+    memory_format = torch.channels_last_3d if fast else torch.contiguous_format
+    student = build_model(cfg).to(device, memory_format=memory_format)
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    start, ckpt_path, log_path = 0, out / "ckpt_last.pt", out / "log.csv"
+    if resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sampler.load_state_dict(ckpt["sampler"])
+        set_rng_state(ckpt["rng"])
+        start = ckpt["iter"]
+        print(f"resumed {ckpt_path} at iteration {start}")
+    columns = ["iter", "lr", "loss", "sup", "cons", "cons_w", "seconds"]
+    if not (resume and log_path.exists()):
+        log_path.write_text(",".join(columns) + "\n")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
+    n_lab = cfg.labeled_bs
+
+    student.train()
+    teacher.eval()                                     # the teacher uses its EMA statistics, no dropout
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, desc=cfg.exp, disable=not progress)
+    for it in bar:
+        # 1. batch: labeled patches first, then unlabeled ones
+        image, label, ids = sampler.next()                              # (B, 1, X, Y, Z), (Lb, X, Y, Z)
+        image = image.contiguous(memory_format=memory_format)
+
+        # 2. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened)
+        with torch.no_grad(), autocast:
+            noisy = image[n_lab:] + (torch.randn_like(image[n_lab:]) * cfg.teacher_noise).clamp(
+                -2 * cfg.teacher_noise, 2 * cfg.teacher_noise)
+            t_a, t_b = teacher(noisy)
+            p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
+            target = sharpen(p_teacher, cfg.sharpen_t)
+
+        # 3. student: supervised loss on labeled, consistency on unlabeled
+        with autocast:
+            logits_a, logits_b = student(image)                          # (B, 2, X, Y, Z) each
+        loss_sup = supervised_loss(logits_a[:n_lab], label) + supervised_loss(logits_b[:n_lab], label)
+        p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                  # (Bu, X, Y, Z)
+        p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
+        loss_mt = F.mse_loss(p_a, target) + F.mse_loss(p_b, target)
+        loss_cross = (F.mse_loss(p_a, sharpen(p_b, cfg.sharpen_t).detach())
+                      + F.mse_loss(p_b, sharpen(p_a, cfg.sharpen_t).detach()))
+        w = consistency_weight(it, cfg)
+        loss = loss_sup + w * (loss_mt + loss_cross)
+
+        # 4. SGD step with the scheduled learning rate, then the teacher follows
+        lr = lr_at(it, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema_update(teacher, student, cfg.ema_decay, it)
+
+        # 5. log (the only host-device synchronisation) and checkpoint
+        done = it + 1
+        if done % cfg.log_every == 0 or done == cfg.max_iters:
+            row = [done, lr, loss.item(), loss_sup.item(), (loss_mt + loss_cross).item(), w, time.time() - t0]
+            with open(log_path, "a", newline="") as f:
+                csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            bar.set_postfix(loss=f"{row[2]:.3f}", sup=f"{row[3]:.3f}", cons=f"{row[4]:.4f}", lr=f"{lr:.4f}")
+        if done % cfg.ckpt_every == 0 or done == cfg.max_iters:
+            save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), iter=done, student=student.state_dict(),
+                            teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
+                            sampler=sampler.state_dict(), rng=rng_state())
+    bar.close()
+    print(f"trained {cfg.max_iters - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
+    plot_curves(log_path, out / "curves.png")
+    return ckpt_path
+
+
+def plot_curves(log_path, png):
+    """Training curves (losses, consistency weight, learning rate) from the CSV log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    it = [float(r["iter"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for key in ("loss", "sup", "cons"):
+        axes[0].plot(it, [float(r[key]) for r in rows], label=key)
+    axes[0].set_yscale("log"), axes[0].legend(), axes[0].set_title("losses")
+    axes[1].plot(it, [float(r["cons_w"]) for r in rows]), axes[1].set_title("consistency weight")
+    axes[2].plot(it, [float(r["lr"]) for r in rows]), axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
+    parser.add_argument("--resume", action="store_true", help="continue from the experiment's last checkpoint")
+    parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = get_config(args.exp, overrides)
+    ckpt = train(cfg, resume=args.resume)
+    if not args.no_test:
+        import test
+        test.evaluate(ckpt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
