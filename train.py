@@ -245,8 +245,10 @@ def prepare_data(cfg):
     return split, data.load_volumes(cfg.data_root, split.labeled + split.unlabeled)
 
 
-def train(cfg, resume=False, progress=True):
-    """Train one experiment; returns the path of the last checkpoint."""
+def train(cfg, resume=False, progress=True, stop_at=None):
+    """Train one experiment; returns the path of the last checkpoint.
+
+    stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run)."""
     import data
     from model import build_model
     from tqdm import tqdm
@@ -291,7 +293,8 @@ def train(cfg, resume=False, progress=True):
     student.train()
     teacher.eval()                                     # the teacher uses its EMA statistics, no dropout
     t0 = time.time()
-    bar = tqdm(range(start, cfg.max_iters), initial=start, total=cfg.max_iters, desc=cfg.exp, disable=not progress)
+    end = min(stop_at or cfg.max_iters, cfg.max_iters)
+    bar = tqdm(range(start, end), initial=start, total=cfg.max_iters, desc=cfg.exp, disable=not progress)
     for it in bar:
         # 1. batch: labeled patches first, then unlabeled ones
         image, label, ids = sampler.next()                              # (B, 1, X, Y, Z), (Lb, X, Y, Z)
@@ -333,12 +336,12 @@ def train(cfg, resume=False, progress=True):
             with open(log_path, "a", newline="") as f:
                 csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
             bar.set_postfix(loss=f"{row[2]:.3f}", sup=f"{row[3]:.3f}", cons=f"{row[4]:.4f}", lr=f"{lr:.4f}")
-        if done % cfg.ckpt_every == 0 or done == cfg.max_iters:
+        if done % cfg.ckpt_every == 0 or done == end:
             save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), iter=done, student=student.state_dict(),
                             teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                             sampler=sampler.state_dict(), rng=rng_state())
     bar.close()
-    print(f"trained {cfg.max_iters - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
+    print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
     plot_curves(log_path, out / "curves.png")
     return ckpt_path
 
@@ -371,10 +374,11 @@ def main(argv=None):
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--resume", action="store_true", help="continue from the experiment's last checkpoint")
     parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
+    parser.add_argument("--stop-at", type=int, help="stop after this iteration (resume later with --resume)")
     args, overrides = parser.parse_known_args(argv)
     cfg = get_config(args.exp, overrides)
-    ckpt = train(cfg, resume=args.resume)
-    if not args.no_test:
+    ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if not args.no_test and args.stop_at is None:
         import test
         test.evaluate(ckpt)
 

@@ -1,0 +1,107 @@
+"""Config, schedules, losses, the training loop (loss goes down, exact resume) and test.py end to end."""
+import math
+
+import pytest
+import torch
+
+import test as T
+import train
+
+
+def tiny_cfg(root, out, **extra):
+    overrides = {"data_root": root, "phantom": "false", "num_labeled": 2, "patch_size": "32,32,16",
+                 "base_filters": 4, "max_iters": 4, "log_every": 1, "ckpt_every": 2, "out_dir": out,
+                 "rampup_iters": 2, "stride_xy": 16, "stride_z": 8, "window_batch": 4, "device": "cpu"}
+    overrides.update(extra)
+    return train.get_config("PHANTOM_8", [f"--{k}={v}" for k, v in overrides.items()])
+
+
+def test_overrides_are_checked_by_type():
+    cfg = train.get_config("LA_8", ["--max_iters=10", "--lr=0.5", "--patch_size=96,96,64", "--amp=false"])
+    assert (cfg.max_iters, cfg.lr, cfg.patch_size, cfg.amp) == (10, 0.5, (96, 96, 64), False)
+    assert cfg.num_labeled == 8 and cfg.out_dir == "runs/LA_8" and cfg.bank_stride == (96, 96, 64)
+    for bad in (["--max_iters=ten"], ["--no_such_key=1"], ["--amp=maybe"], ["--patch_size=100,96,64"], ["max_iters"]):
+        with pytest.raises(SystemExit):
+            train.get_config("LA_8", bad)
+    with pytest.raises(SystemExit, match="unknown experiment"):
+        train.get_config("LA_9")
+
+
+def test_la_protocol_settings():
+    cfg = train.get_config("LA_16")
+    assert cfg.num_labeled == 16 and cfg.patch_size == (112, 112, 80) and (cfg.batch_size, cfg.labeled_bs) == (4, 2)
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.ema_decay, cfg.max_iters) == (0.01, 0.9, 1e-4, 0.99, 15000)
+    assert (cfg.stride_xy, cfg.stride_z, cfg.base_filters) == (18, 4, 16)
+
+
+def test_schedules():
+    cfg = train.get_config("LA_8")
+    assert train.lr_at(0, cfg) == cfg.lr and train.lr_at(cfg.max_iters, cfg) == 0.0
+    assert train.lr_at(7500, cfg) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert train.sigmoid_rampup(0, 6000) == pytest.approx(math.exp(-5))
+    assert train.sigmoid_rampup(6000, 6000) == 1.0 == train.sigmoid_rampup(9000, 6000)
+    assert train.consistency_weight(3000, cfg) == pytest.approx(cfg.consistency * math.exp(-5 * 0.25))
+
+
+def test_losses_known_answers():
+    label = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    label[0, :2] = 1
+    perfect = torch.stack([1 - label, label], 1).float() * 40 - 20     # confident and right
+    assert train.supervised_loss(perfect, label) < 1e-6
+    assert train.dice_loss(torch.zeros(1, 4, 4, 4), label.float()) == pytest.approx(1.0, abs=1e-4)
+    p = torch.tensor([0.2, 0.5, 0.9])
+    assert torch.allclose(train.sharpen(p, 1.0), p)
+    s = train.sharpen(p, 0.1)
+    assert s[0] < 1e-5 and s[1] == 0.5 and s[2] > 0.99999
+
+
+def test_ema_update_moves_the_teacher():
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = teacher.weight.clone()
+    train.ema_update(teacher, student, 0.99, it=100)
+    assert torch.allclose(teacher.weight, 0.99 * before + 0.01 * student.weight)
+    train.ema_update(teacher, student, 0.99, it=0)                   # first step copies the student
+    assert torch.allclose(teacher.weight, student.weight)
+
+
+def test_a_few_iterations_lower_the_supervised_loss(tiny_la, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tiny_la, tmp_path / "run", max_iters=30, lr=0.05, dropout=0.0, consistency=0.0, log_every=5)
+    train.train(cfg, progress=False)
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
+    sup = [float(r.split(",")[3]) for r in rows]
+    assert sup[-1] < 0.7 * sup[0], sup
+
+
+def test_resume_gives_the_same_weights(tiny_la, tmp_path):
+    full = train.train(tiny_cfg(tiny_la, tmp_path / "full"), progress=False)
+    half = tiny_cfg(tiny_la, tmp_path / "half")
+    train.train(half, progress=False, stop_at=2)                      # interrupted after 2 iterations
+    resumed = train.train(half, resume=True, progress=False)
+    a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
+    assert a["iter"] == b["iter"] == 4
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert (tmp_path / "half" / "log.csv").read_text().count("\n") == 5  # header + 4 rows, none lost
+
+
+def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
+    ckpt = train.train(tiny_cfg(tiny_la, tmp_path / "run"), progress=False)
+    summary = T.evaluate(ckpt, lcc=True, progress=False)
+    out = capsys.readouterr().out
+    assert "largest connected component ON" in out and "mean ± std" in out
+    assert summary["cases"] == 2 and 0.0 <= summary["dice"]["mean"] <= 1.0
+    for name in ("per_case.csv", "summary.json", "predictions.png"):
+        assert (tmp_path / "run" / "test" / name).stat().st_size > 0
+    T.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "again"), "--device", "cpu"])
+    assert "largest connected component off" in capsys.readouterr().out
+
+
+def test_sliding_window_handles_odd_and_small_volumes():
+    import numpy as np
+    for shape in [(37, 29, 21), (20, 50, 9), (32, 32, 16)]:
+        image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+        # identity "network": the window's own voxels come back, so the average must equal the image
+        prob = T.sliding_window(lambda x: x, image, (32, 32, 16), 7, 5, 3, "cpu")
+        assert prob.shape == (1, *shape) and np.allclose(prob[0], image, atol=1e-6)
