@@ -15,10 +15,17 @@ LA_ROOT = Path(os.environ.get("CERS_LA_ROOT", SHARED / "LA"))
 FIXTURES = SHARED / "fixtures"
 
 
+def missing(what):
+    """Skip on a developer machine without the shared files; fail in CI, where they must be present."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must have ../shared beside the project)")
+    pytest.skip(what)
+
+
 @pytest.fixture(scope="session")
 def la_root():
     if not (LA_ROOT / "train.list").exists():
-        pytest.skip(f"real LA data not found at {LA_ROOT} (set CERS_LA_ROOT)")
+        missing(f"real LA data not found at {LA_ROOT} (set CERS_LA_ROOT)")
     return LA_ROOT
 
 
@@ -26,7 +33,7 @@ def la_root():
 def brisc_csv():
     path = FIXTURES / "brisc_cot_sample.csv"
     if not path.exists():
-        pytest.skip(f"CoT fixture not found at {path}")
+        missing(f"CoT fixture not found at {path}")
     return path
 
 
