@@ -1,0 +1,610 @@
+"""Knowledge pool: morphology descriptors and chain-of-thought texts for every case (DESIGN.md §1.1, §4, §5).
+
+CERS describes each scan in words before segmenting it: a reasoner writes a short chain of thought
+(CoT) in four parts, `Texture: ... Boundary: ... Context: ... Summary: ...`. Labeled cases are
+described with their mask (the "mask CoT"), every case also from the image alone (the "image CoT");
+retrieve.py compares the texts with BM25 to drop references that look alike but reason differently.
+Two back ends write the texts:
+
+    llm          an OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, Ollama, llama.cpp),
+                 prompted with prompts/*.txt filled in with the measured descriptors
+    descriptors  offline and deterministic: the same four parts worded from the measured descriptors
+                 through the thresholds in WORDING; the default when no endpoint is configured
+
+Texts are cached in an append-only JSONL file, one record per (case, kind, back end, model, prompt
+hash): a re-run asks nothing twice, and texts of different reasoners or prompts never mix.
+
+    python pool.py --exp LA_8                                     # offline descriptors back end
+    python pool.py --exp LA_8 --backend llm --url http://localhost:8000 --model NAME [--vision]
+    python pool.py --exp LA_8 --show ID                           # print one case's cached texts
+"""
+import argparse
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import requests
+from scipy import ndimage
+from tqdm import tqdm
+
+EPS = 1e-6
+FACE6 = ndimage.generate_binary_structure(3, 1)  # voxels are neighbours when they share a face
+
+# ----------------------------------------------------------------------------- morphology descriptors
+
+MORPH_NAMES = (
+    "fg_fraction",                             # foreground voxels / patch voxels
+    "extent_x", "extent_y", "extent_z",        # bounding-box size / patch size, per axis
+    "axis_ratio_mid", "axis_ratio_min",        # principal-axis lengths over the longest (1 round, 0 flat or thin)
+    "surface_to_volume",                       # mask-background faces per foreground voxel; the patch cut is no surface
+    "centroid_x", "centroid_y", "centroid_z",  # centroid offset from the patch centre / patch size, in [-0.5, 0.5]
+    "components",                              # face-connected components
+    "largest_share",                           # share of the foreground in the largest component
+    "border_contact",                          # share of the six patch faces the mask touches (a cut-off target)
+)
+MORPH_DIM = len(MORPH_NAMES)
+
+
+def morphology_batch(masks):
+    """Shape descriptors (B, MORPH_DIM) float32 of binary masks (B, X, Y, Z); an empty mask gives zeros.
+
+    Pool entries describe their ground truth and queries the teacher's prediction with this vector
+    on every training batch, so it comes from 2D projections of the masks plus one scipy labelling
+    of the whole batch, cropped to the masks' bounding box."""
+    m = np.asarray(masks).astype(bool, copy=False)
+    B, shape = m.shape[0], np.array(m.shape[1:], dtype=np.float64)
+    pxy, pxz, pyz = (m.view(np.uint8).sum(axis=a, dtype=np.int32).astype(np.float64) for a in (3, 2, 1))
+    px, py, pz = pxy.sum(2), pxy.sum(1), pxz.sum(1)                    # (B, X) (B, Y) (B, Z) profiles
+    n = px.sum(1)                                                      # (B,) voxel counts
+    safe = np.maximum(n, 1)
+    cx, cy, cz = (np.arange(s, dtype=np.float64) for s in m.shape[1:])
+    mean = np.stack([px @ cx, py @ cy, pz @ cz], 1) / safe[:, None]    # (B, 3)
+    sxy, sxz, syz = (np.einsum("bij,i,j->b", p, a, b) for p, a, b in ((pxy, cx, cy), (pxz, cx, cz), (pyz, cy, cz)))
+    second = np.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2], 1).reshape(B, 3, 3)
+    # covariance of voxels taken as unit cubes (+1/12): a box's axis ratios are exactly its side ratios
+    cov = second / safe[:, None, None] - mean[:, :, None] * mean[:, None, :] + np.eye(3) / 12
+    ev = np.linalg.eigvalsh(cov)[:, ::-1]                              # (B, 3), longest axis first
+    ratios = np.sqrt(np.clip(ev[:, 1:] / ev[:, :1], 0, 1))             # (B, 2)
+    extents, touches, box = [], [], []
+    for p in (px, py, pz):
+        occupied = p > 0
+        low, high = occupied.argmax(1), p.shape[1] - 1 - occupied[:, ::-1].argmax(1)
+        extents.append((high - low + 1) / p.shape[1])
+        touches += [occupied[:, 0], occupied[:, -1]]
+        box.append(slice(max(low[n > 0].min(initial=p.shape[1]) - 1, 0), high[n > 0].max(initial=-1) + 2))
+    crop = m[(slice(None), *box)]                                      # union bounding box, one voxel wider
+    faces = sum(np.count_nonzero(np.diff(crop, axis=a), axis=(1, 2, 3)) for a in (1, 2, 3))
+    labels, _ = ndimage.label(crop, structure=np.stack([np.zeros_like(FACE6), FACE6, np.zeros_like(FACE6)]))
+    # labels run in raster order, case after case, so each case owns a contiguous range of labels
+    top = np.maximum.accumulate(labels.reshape(B, -1).max(1, initial=0))
+    start = np.concatenate([[0], top[:-1]])
+    sizes = np.bincount(labels.ravel(), minlength=top[-1] + 1)
+    largest = np.array([sizes[a + 1:b + 1].max(initial=0) for a, b in zip(start, top)], dtype=np.float64)
+    out = np.stack([n / shape.prod(), *extents, *ratios.T, faces / safe, *((mean - (shape - 1) / 2) / shape).T,
+                    top - start, largest / safe, np.mean(touches, 0)], 1)
+    out[n == 0] = 0
+    return out.astype(np.float32)
+
+
+def morphology(mask):
+    """Shape descriptors (MORPH_DIM,) float32 of one binary mask (X, Y, Z)."""
+    return morphology_batch(np.asarray(mask)[None])[0]
+
+# ----------------------------------------------------------------------------- image statistics
+
+MIN_BLOB = 2e-4     # a bright structure counts when it holds at least this share of the volume
+SMOOTH_SIGMA = 2.0  # voxels; heterogeneity is read from a smoothed image, so fine noise does not count twice
+RING = 3            # voxels; the neighbourhood a target is compared with
+
+
+def otsu(values, bins=256):
+    """The threshold that best splits `values` into two intensity classes (Otsu's method)."""
+    hist, edges = np.histogram(values, bins=bins)
+    w0 = np.cumsum(hist.astype(np.float64))
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * (edges[:-1] + edges[1:]) / 2)
+    return float(edges[1:][np.argmax(w0 * w1 * (m0 / np.maximum(w0, 1) - (m0[-1] - m0) / np.maximum(w1, 1)) ** 2)])
+
+
+def neighbours(m, combine):
+    """m combined with its six face neighbours: np.logical_or dilates, np.logical_and erodes.
+
+    Slicing is ten times faster than scipy's binary morphology on whole volumes; outside the
+    volume counts as the voxel itself."""
+    out = m.copy()
+    for a in range(3):
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[a], hi[a] = slice(1, None), slice(None, -1)
+        combine(out[tuple(lo)], m[tuple(hi)], out=out[tuple(lo)])
+        combine(out[tuple(hi)], m[tuple(lo)], out=out[tuple(hi)])
+    return out
+
+
+def _median(x):
+    return float(np.median(x)) if x.size else 0.0
+
+
+def _std(x):
+    return float(x.std()) if x.size else 0.0
+
+
+def image_stats(image, mask=None):
+    """Intensity statistics of a volume (X, Y, Z), and with a mask (labeled cases only) of its target.
+
+    Two Otsu thresholds split the volume into background, tissue and bright structures (in LA MRI
+    the blood pools of atrium, veins, ventricle and aorta). Intensities are in units of the
+    bright-vs-tissue step, so scans with different scaling read alike."""
+    x = np.asarray(image, dtype=np.float32)
+    body = x > otsu(x)
+    bright = x > otsu(x[body])
+    tissue = body & ~bright
+    step = max(_median(x[bright]) - _median(x[tissue]), EPS)                  # bright-vs-tissue intensity step
+    grad = np.sqrt(sum(g * g for g in np.gradient(x)))                        # (X, Y, Z) gradient magnitude
+    smooth = ndimage.gaussian_filter(x, SMOOTH_SIGMA, truncate=2.0)
+    core = neighbours(bright, np.logical_and)
+    sizes = np.bincount(ndimage.label(bright, FACE6)[0].ravel())[1:]
+    stats = {
+        "contrast": step / max(_std(x[tissue]), EPS),                         # a contrast-to-noise ratio
+        "noise": 1.4826 / np.sqrt(2) * _median(np.abs(np.diff(x, axis=0))[body[1:]]) / step,  # robust sigma
+        "heterogeneity": _std(smooth[core]) / step,                           # slow variation in bright structures
+        "edge_sharpness": 2 * _median(grad[bright & ~core]) / step,           # 1 for an ideal step edge
+        "bright_fraction": float(bright.mean()),
+        "bright_structures": int((sizes >= MIN_BLOB * x.size).sum()),
+        "largest_share": float(sizes.max() / sizes.sum()) if sizes.size else 0.0,  # 1: one connected bright pool
+    }
+    if mask is None:
+        return stats
+    m = np.asarray(mask).astype(bool, copy=False)
+    inner, ring = neighbours(m, np.logical_and), neighbours(m, np.logical_or)
+    shell = ring & ~m                                                         # the first voxels outside the target
+    for _ in range(RING - 1):
+        ring = neighbours(ring, np.logical_or)
+    shape = dict(zip(MORPH_NAMES, morphology(m)))
+    radius = (3 * m.sum() / (4 * np.pi)) ** (1 / 3)
+    return {**stats,
+            "target_contrast": (_median(x[m]) - _median(x[ring & ~m])) / step,  # target vs its neighbourhood
+            "target_heterogeneity": _std(smooth[inner]) / step,
+            "boundary_sharpness": 2 * _median(grad[m & ~inner]) / step,
+            "lookalike_share": float((bright & ~m).sum() / max(bright.sum(), 1)),  # bright tissue that is not target
+            "lookalike_contact": float(bright[shell].mean()) if shell.any() else 0.0,  # border open to bright tissue
+            "target_fraction": float(m.mean()),
+            # a digital sphere has about 1.5 * 4 pi r^2 faces: 1 = sphere-like, lower = lobulated
+            "target_sphericity": float(6 * np.pi * radius**2 / max(shape["surface_to_volume"] * m.sum(), 1)),
+            "target_elongation": float(1 - shape["axis_ratio_min"]),
+            "target_components": int(shape["components"])}
+
+# ----------------------------------------------------------------------------- prompts and replies
+
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+KINDS = ("mask", "image")  # the mask CoT of a labeled case, the image-only CoT of any case
+TEMPLATES = {"mask": "cot_mask.txt", "image": "cot_image.txt"}
+FIELDS = ("texture", "boundary", "context", "summary")
+# a field heading at the start of a line; markdown (#, >, -, *, **bold**) and numbering ("1." "2)") allowed
+HEADING = re.compile(r"^[ \t>#*\-]*(?:\d+[.)][ \t]*)?[*_]*[ \t]*(texture|boundary|context|summary)[ \t]*[*_]*"
+                     r"[ \t]*[:：][*_]*", re.IGNORECASE | re.MULTILINE)
+
+
+def load_template(kind, prompt_dir=PROMPT_DIR):
+    path = Path(prompt_dir) / TEMPLATES[kind]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompt template for {kind} CoTs not found")
+    return path.read_text(encoding="utf-8")
+
+
+def render_prompt(template, values):
+    """The template with each {name} replaced; an unknown placeholder is an error naming it."""
+    def fill(match):
+        if match.group(1) not in values:
+            raise KeyError(f"prompt template has placeholder {{{match.group(1)}}}; known: {', '.join(sorted(values))}")
+        return str(values[match.group(1)])
+    return re.sub(r"\{(\w+)\}", fill, template)
+
+
+def prompt_hash(template, context, vision=False):
+    """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new records."""
+    fixed = render_prompt(template, {**context, "descriptors": "{descriptors}"})
+    return hashlib.sha256((fixed + ("\n[vision]" if vision else "")).encode()).hexdigest()[:12]
+
+
+def parse_cot(text):
+    """The four fields {texture, boundary, context, summary} of a CoT reply; ValueError when one is missing or empty.
+
+    Tolerates a preamble, markdown, numbering, any order and extra whitespace; after the last
+    field, text beyond a blank line (closing chatter) is dropped."""
+    text = re.sub(r"<think>.*?</think>", "", str(text), flags=re.DOTALL)  # reasoning models' scratchpad
+    heads, found = list(HEADING.finditer(text)), {}
+    for head, following in zip(heads, heads[1:] + [None]):
+        body = text[head.end():following.start() if following else len(text)]
+        if following is None:
+            body = re.split(r"\n[ \t]*\n", body.strip(), maxsplit=1)[0]
+        found.setdefault(head.group(1).lower(), " ".join(body.replace("**", "").split()))
+    missing = [f.capitalize() for f in FIELDS if not re.search(r"\w", found.get(f, ""))]
+    if missing:
+        raise ValueError(f"CoT reply lacks {', '.join(missing)}: {' '.join(str(text).split())[:120]!r}")
+    return {f: found[f] for f in FIELDS}
+
+
+def format_cot(fields):
+    """The canonical four-line text that is cached and indexed by BM25."""
+    return "\n".join(f"{f.capitalize()}: {fields[f]}" for f in FIELDS)
+
+# ----------------------------------------------------------------------------- the descriptors back end
+
+WRITER = "descriptors-v1"  # the model name this back end records; bump it when the wording changes
+# statistic: ((low, high) cut points, wording below low / in between / at or above high). The cut points
+# sit at about the tertiles of the 80 LA training cases, so on LA each phrase describes a third of them.
+WORDING = {
+    "heterogeneity": ((0.33, 0.40), ("Homogeneous", "Mildly heterogeneous", "Markedly heterogeneous")),
+    "target_heterogeneity": ((0.26, 0.32), ("Homogeneous", "Mildly heterogeneous", "Markedly heterogeneous")),
+    "noise": ((0.13, 0.175), ("minimal noise", "moderate noise", "prominent noise")),
+    "contrast": ((2.9, 3.2), ("bright structures are only slightly brighter than the tissue around them",
+                              "moderate contrast between bright structures and tissue",
+                              "bright structures stand out clearly from darker tissue")),
+    "target_contrast": ((0.05, 0.25), ("it is barely brighter than its immediate surroundings",
+                                       "moderate contrast against the {wall}",
+                                       "it stands out clearly against the {wall}")),
+    "edge_sharpness": ((0.75, 0.88), ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")),
+    "boundary_sharpness": ((0.65, 0.80), ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")),
+    "target_sphericity": ((0.67, 0.72), ("lobulated, irregular", "mildly lobulated", "smooth, compact")),
+    "lookalike_contact": ((0.50, 0.66), ("the {wall} separates it from most neighbours",
+                                         "in places it opens into neighbouring {signal} without a visible wall",
+                                         "much of its border opens into neighbouring {signal} with no visible wall")),
+    "lookalike_share": ((0.72, 0.80), ("A minority", "Much", "Most")),
+    "largest_share": ((0.93, 0.975), ("the bright regions stay mostly separate",
+                                      "most bright regions join into a connected {signal}",
+                                      "the bright regions merge into one {signal}, so borders must be inferred")),
+    "bright_structures": ((3, 5), ("few", "several", "many")),
+    "bright_fraction": ((0.18, 0.24), ("in a small part", "in a moderate part", "across much")),
+}
+COT = {  # the first three parts; the Summary names the difficulties below
+    "mask": "Texture: {target_heterogeneity} {signal} in the {target} with {noise}; {target_contrast}.\n"
+            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; {lookalike_contact}.\n"
+            "Context: {lookalike_share} of the bright tissue lies outside the {target}; the {neighbours} share its "
+            "intensity and {bright_structures} separate bright structures compete with it.\n",
+    "image": "Texture: {heterogeneity} bright {signal} on {modality} with {noise}; {contrast}.\n"
+             "Boundary: {edge_sharpness} edges of bright structures; {largest_share}.\n"
+             "Context: There are {bright_structures} separate bright structures {bright_fraction} of the field of "
+             "view; the {neighbours} share the {signal} intensity and may mimic the {target}.\n",
+}
+DIFFICULTY = {  # statistic: (the difficulty it stands for, the level at which it is one), in order of weight
+    "mask": {"target_contrast": ("weak contrast with its surroundings", 0),
+             "boundary_sharpness": ("blurred margins", 0),
+             "lookalike_contact": ("bright neighbours merging with it", 2),
+             "target_heterogeneity": ("uneven internal signal", 2), "noise": ("image noise", 2)},
+    "image": {"contrast": ("weak contrast", 0), "edge_sharpness": ("blurred edges", 0),
+              "largest_share": ("one merged bright pool", 2), "bright_structures": ("many look-alike structures", 2),
+              "heterogeneity": ("uneven signal", 2), "noise": ("image noise", 2)},
+}
+# how the writer names the parts of a target it knows; other targets get the generic words
+VOCAB = {"left atrium": {"signal": "blood pool", "wall": "thin atrial wall",
+                         "neighbours": "pulmonary veins, appendage, aortic root and left ventricle"}}
+GENERIC = {"signal": "signal", "wall": "surrounding tissue", "neighbours": "adjacent {anatomy} structures"}
+
+
+def write_cot(stats, kind, modality, anatomy, target):
+    """A four-part CoT worded from image_stats() through WORDING: deterministic, about 128 tokens, no numbers."""
+    vocab = {k: w.format(anatomy=anatomy) for k, w in VOCAB.get(target.lower(), GENERIC).items()}
+    levels = {k: int(stats[k] >= lo) + int(stats[k] >= hi) for k, ((lo, hi), _) in WORDING.items() if k in stats}
+    words = {k: WORDING[k][1][lv].format(**vocab) for k, lv in levels.items()}
+    hard = [why for k, (why, at) in DIFFICULTY[kind].items() if levels[k] == at]
+    overall = "Clearly depicted" if len(hard) <= 1 else "Moderately challenging" if len(hard) == 2 else "Challenging"
+    reason = " and ".join(hard[:2]) or f"following its full extent within the {anatomy}"
+    return (COT[kind].format(modality=modality, target=target, **vocab, **words)
+            + f"Summary: {overall} {target} whose main segmentation difficulty is {reason}.")
+
+# ----------------------------------------------------------------------------- the llm back end
+
+RENDER_LOCK = threading.Lock()  # matplotlib is not thread-safe; montages are drawn one at a time
+
+
+def montage_png(image, mask=None):
+    """PNG bytes of four slices (three axial levels, one coronal), the mask outlined in red when given.
+
+    With a mask (labeled cases) the slices go through the target; without one (every image-only
+    CoT) through the volume centre, where LA crops put the atrium. Drawn on matplotlib's Agg canvas
+    directly, so the pyplot backend is never touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    x = np.asarray(image, dtype=np.float32)
+    m = None if mask is None or not np.any(mask) else np.asarray(mask).astype(bool, copy=False)
+    if m is not None:
+        zs = np.flatnonzero(m.any((0, 1)))
+        low, high, yc = zs[0], zs[-1], int(round(ndimage.center_of_mass(m)[1]))
+    else:
+        low, high, yc = x.shape[2] // 4, 3 * x.shape[2] // 4, x.shape[1] // 2
+    cuts = [np.s_[:, :, z] for z in np.linspace(low, high, 5)[1:4].round().astype(int)] + [np.s_[:, yc, :]]
+    vmin, vmax = np.percentile(x, [1, 99])
+    with RENDER_LOCK:
+        fig = Figure(figsize=(6, 6), dpi=96)
+        FigureCanvasAgg(fig)
+        for ax, cut in zip(fig.subplots(2, 2).ravel(), cuts):
+            ax.imshow(x[cut].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
+            if m is not None and m[cut].any():
+                ax.contour(m[cut].T, levels=[0.5], colors="red", linewidths=1)
+            ax.axis("off")
+        fig.subplots_adjust(0, 0, 1, 1, 0.02, 0.02)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+class LLMError(RuntimeError):
+    """The endpoint refused, or gave no valid CoT within the retries; never holds the API key."""
+
+
+def _server_message(response):
+    try:
+        error = response.json()["error"]
+        return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
+
+
+def _reply_text(response):
+    try:
+        content = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"not a chat completion ({type(e).__name__})") from None
+    if isinstance(content, list):  # some servers send content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+@dataclass
+class LLMClient:
+    """An OpenAI-compatible chat-completions endpoint; safe to share between threads."""
+    url: str                                      # base URL, e.g. http://localhost:8000 or https://api.openai.com/v1
+    model: str
+    api_key: str = field(default="", repr=False)  # sent as a bearer token; never printed, logged or stored
+    temperature: float = 0.2
+    timeout: float = 60.0                         # seconds per request
+    retries: int = 5                              # extra attempts after 429, 5xx, timeouts and invalid replies
+    backoff: float = 1.0                          # seconds before the first retry; doubles each time, jittered
+    max_wait: float = 60.0                        # longest single wait, Retry-After included
+
+    def endpoint(self):
+        url = self.url.rstrip("/")
+        if url.endswith("/chat/completions"):
+            return url
+        return url + ("" if url.endswith("/v1") else "/v1") + "/chat/completions"
+
+    def ask(self, prompt, png=None):
+        """The canonical CoT text for one prompt (with an optional PNG), or LLMError."""
+        content = prompt if png is None else [
+            {"type": "text", "text": prompt},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}]
+        body = {"model": self.model, "temperature": self.temperature,
+                "messages": [{"role": "user", "content": content}]}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        scrub = lambda message: message.replace(self.api_key, "***") if self.api_key else message
+        problem, wait = "", 0.0
+        for attempt in range(self.retries + 1):
+            time.sleep(wait)
+            wait = min(self.max_wait, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)  # jitter spreads clients
+            try:
+                response = requests.post(self.endpoint(), json=body, headers=headers, timeout=self.timeout)
+            except requests.Timeout:
+                problem = f"no answer within {self.timeout:g} s"
+                continue
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                problem = f"{type(e).__name__} (is the server running?)"
+                continue
+            except requests.RequestException as e:
+                raise LLMError(scrub(f"{self.endpoint()}: {type(e).__name__}: {e}")) from None
+            if response.status_code == 429 or response.status_code >= 500:
+                problem = f"HTTP {response.status_code}: {_server_message(response)}"
+                try:
+                    wait = max(0.0, min(float(response.headers["Retry-After"]), self.max_wait))
+                except (KeyError, ValueError):
+                    pass  # no Retry-After, or an HTTP date: keep the backoff
+                continue
+            if response.status_code >= 400:
+                raise LLMError(scrub(f"{self.endpoint()}: HTTP {response.status_code}: {_server_message(response)}"))
+            try:
+                return format_cot(parse_cot(_reply_text(response)))
+            except ValueError as e:
+                problem = f"invalid reply: {e}"
+        raise LLMError(scrub(f"{self.endpoint()}: no valid CoT after {self.retries + 1} attempts; last: {problem}"))
+
+# ----------------------------------------------------------------------------- the cache
+
+
+class CotCache:
+    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash); the newest wins.
+
+    Each record is one line written with flush and fsync, so a crash loses at most the line being
+    written; a damaged line is skipped with a warning and the next record starts on a fresh line."""
+    KEY = ("case_id", "kind", "backend", "model", "prompt_hash")
+
+    def __init__(self, path):
+        self.path, self.records = Path(path), {}
+        raw = self.path.read_bytes() if self.path.exists() else b""
+        self.torn = bool(raw) and not raw.endswith(b"\n")
+        for number, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = tuple(record[k] for k in self.KEY)
+                if not isinstance(record["text"], str):
+                    raise TypeError("text is not a string")
+            except (ValueError, KeyError, TypeError):
+                warnings.warn(f"{self.path}:{number}: skipping a damaged cache record (an interrupted write?)")
+                continue
+            self.records[key] = record
+
+    def get(self, *key):
+        return self.records[key]["text"] if key in self.records else None
+
+    def add(self, case_id, kind, backend, model, prompt_hash, text):
+        key = (case_id, kind, backend, model, prompt_hash)
+        record = {**dict(zip(self.KEY, key)), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "text": text}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.torn, self.records[key] = False, record
+
+# ----------------------------------------------------------------------------- building the pool
+
+
+@dataclass
+class Job:
+    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask at all)."""
+    case_id: str
+    kind: str
+    image: np.ndarray
+    mask: np.ndarray = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS or (self.kind == "mask") != (self.mask is not None):
+            raise ValueError(f"{self.case_id}: a CoT job is ('mask', with a mask) or ('image', which takes no mask), "
+                             f"got {self.kind!r} {'with' if self.mask is not None else 'without'} a mask")
+
+
+@dataclass
+class CotTexts:
+    mask: dict = field(default_factory=dict)    # labeled case ID -> mask CoT
+    image: dict = field(default_factory=dict)   # case ID -> image-only CoT
+    cached: int = 0                             # texts read from the cache
+    new: int = 0                                # texts written in this run
+    failed: dict = field(default_factory=dict)  # (case ID, kind) -> reason; never cached, asked again next run
+
+
+def build_cots(jobs, cache, backend, context, client=None, vision=False, workers=1, prompt_dir=PROMPT_DIR,
+               progress=True):
+    """The texts of `jobs` (Job): cached ones read, the others written by `workers` threads and cached as they finish.
+
+    `context` gives the prompts' modality, anatomy and target; `client` (an LLMClient) is needed
+    by the llm back end only, and `vision` attaches a montage to its prompts."""
+    if backend not in ("llm", "descriptors") or (backend == "llm") != (client is not None):
+        raise ValueError(f"back end {backend!r} with client {client!r}: llm needs an LLMClient, descriptors none")
+    vision = vision and backend == "llm"
+    model = client.model if backend == "llm" else WRITER
+    templates = {k: load_template(k, prompt_dir) for k in KINDS}
+    hashes = {k: prompt_hash(templates[k], context, vision) for k in KINDS}
+
+    def write(job):
+        stats = image_stats(job.image, job.mask)
+        if backend == "descriptors":
+            return write_cot(stats, job.kind, **context)
+        prompt = render_prompt(templates[job.kind], {**context, "descriptors": "\n".join(
+            f"- {k}: {v:.3g}" for k, v in stats.items())})
+        return client.ask(prompt, montage_png(job.image, job.mask) if vision else None)
+
+    texts, todo = CotTexts(), []
+    for job in jobs:
+        text = cache.get(job.case_id, job.kind, backend, model, hashes[job.kind])
+        if text is None:
+            todo.append(job)
+        else:
+            getattr(texts, job.kind)[job.case_id], texts.cached = text, texts.cached + 1
+    executor = ThreadPoolExecutor(max(1, workers))
+    try:
+        futures = {executor.submit(write, job): job for job in todo}
+        bar = tqdm(as_completed(futures), total=len(futures), desc=f"CoT texts ({backend})", disable=not progress)
+        for future in bar:
+            job = futures[future]
+            try:
+                text = future.result()
+            except LLMError as e:
+                texts.failed[(job.case_id, job.kind)] = str(e)
+                continue
+            cache.add(job.case_id, job.kind, backend, model, hashes[job.kind], text)
+            getattr(texts, job.kind)[job.case_id], texts.new = text, texts.new + 1
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, drop what has not started
+    return texts
+
+
+def resolve_backend(cfg):
+    """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise."""
+    backend = cfg.cot_backend
+    if backend == "auto":
+        backend = "llm" if cfg.llm_url else "descriptors"
+        if backend == "descriptors":
+            print("pool: no LLM endpoint configured (llm_url is empty): "
+                  "CoT texts come from the offline descriptors back end")
+    if backend not in ("llm", "descriptors"):
+        raise ValueError(f"cot_backend must be auto, llm or descriptors, got {backend!r}")
+    if backend == "llm" and not (cfg.llm_url and cfg.llm_model):
+        raise ValueError(f"cot_backend=llm needs llm_url and llm_model (got {cfg.llm_url!r} and {cfg.llm_model!r})")
+    return backend
+
+
+def build_pool(cfg, split, volumes, progress=True):
+    """Mask CoTs of the labeled cases and image-only CoTs of every case, writing what the cache lacks.
+
+    `volumes` maps ID -> (image, label); only the labeled cases' labels are read, so unlabeled and
+    test masks are never measured, rendered or sent. Raises LLMError after the build when texts
+    failed (the finished ones are cached, so a re-run asks only for the rest)."""
+    backend, client = resolve_backend(cfg), None
+    if backend == "llm":
+        key = os.environ.get(cfg.llm_api_key_env, "")
+        if not key:
+            print(f"pool: environment variable {cfg.llm_api_key_env} is empty: sending requests without an API key")
+        client = LLMClient(cfg.llm_url, cfg.llm_model, key, cfg.llm_temperature, cfg.llm_timeout, cfg.llm_retries)
+    elif cfg.llm_vision:
+        print("pool: llm_vision has no effect on the descriptors back end")
+    jobs = [Job(i, "mask", volumes[i][0], volumes[i][1]) for i in split.labeled]
+    jobs += [Job(i, "image", volumes[i][0]) for i in [*split.labeled, *split.unlabeled, *split.test]]
+    path = Path(cfg.data_root) / "cot_cache.jsonl"
+    context = {"modality": cfg.modality, "anatomy": cfg.anatomy, "target": cfg.target}
+    texts = build_cots(jobs, CotCache(path), backend, context, client, cfg.llm_vision, cfg.llm_workers,
+                       progress=progress)
+    print(f"pool: {texts.cached} cached, {texts.new} new, {len(texts.failed)} failed "
+          f"({backend}, model {client.model if client else WRITER}, cache {path})")
+    if texts.failed:
+        (case_id, kind), reason = next(iter(texts.failed.items()))
+        raise LLMError(f"{len(texts.failed)} CoT texts failed, e.g. the {kind} CoT of {case_id}: {reason}; "
+                       "finished texts are cached, re-run to ask for the rest")
+    return texts
+
+
+def main(argv=None):
+    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID] [--key=value ...]"""
+    from train import get_config, prepare_data  # imported here: train.py imports this module
+    import data
+    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment (DESIGN.md §1.1).")
+    parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
+    flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model", "temperature": "llm_temperature",
+             "timeout": "llm_timeout", "workers": "llm_workers"}  # short flag -> config key
+    for flag, key in flags.items():
+        parser.add_argument(f"--{flag}", help=f"sets {key}")
+    parser.add_argument("--vision", action="store_true", help="sets llm_vision: attach a PNG montage of slices")
+    parser.add_argument("--show", metavar="ID", help="print the cached texts of one case and exit")
+    args, rest = parser.parse_known_args(argv)
+    # the flags become config overrides, so get_config checks their types like any other --key=value
+    overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
+    cfg = get_config(args.exp, overrides + ["--llm_vision=True"] * args.vision + rest)
+    if args.show:
+        cache = CotCache(Path(cfg.data_root) / "cot_cache.jsonl")
+        records = sorted((r for r in cache.records.values() if r["case_id"] == args.show), key=lambda r: r["created"])
+        for r in records:
+            print(f"--- {r['kind']} CoT | {r['backend']} | {r['model']} | prompt {r['prompt_hash']} | {r['created']}\n"
+                  f"{r['text']}")
+        return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
+    split, volumes = prepare_data(cfg)  # writes the phantom first when the experiment asks for it
+    volumes.update(data.load_volumes(cfg.data_root, split.test))
+    try:
+        build_pool(cfg, split, volumes)
+    except LLMError as e:
+        raise SystemExit(f"pool: {e}")
+
+
+if __name__ == "__main__":
+    main()
