@@ -1,0 +1,262 @@
+"""Reference selection (retrieve.py): tokenizer, BM25 against rank-bm25, leave-one-case-out, hard negatives,
+the fill rule, determinism, the bank's refresh and checkpointing, and retrieval quality on real LLM CoTs."""
+import csv
+import io
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from rank_bm25 import BM25Okapi
+
+import retrieve
+from retrieve import ReferenceBank, cot_scores, crop, grid_boxes, select, tokenize
+
+
+def settings(**kw):
+    """The retrieval fields of train.Config, with its defaults."""
+    base = dict(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+# hand-written CoTs: A looks like the query but reasons differently; B and C reason like the query
+COT = {
+    "A": "Texture: Homogeneous cystic fluid signal. Boundary: Sharp, well-circumscribed smooth capsule with crisp "
+         "high contrast. Context: Isolated, away from other structures. Summary: Smooth well-defined cyst.",
+    "B": "Texture: Heterogeneous necrotic core with irregular enhancement. Boundary: Ill-defined infiltrative margins "
+         "blurred into edema. Context: Adjacent vessels mimic the enhancing rim. Summary: Irregular infiltrative mass.",
+    "C": "Texture: Heterogeneously enhancing, partly necrotic. Boundary: Indistinct, infiltrating borders with "
+         "blurring into surrounding edema. Context: Vessels nearby. Summary: Infiltrative necrotic lesion.",
+    "D": "Texture: Mildly heterogeneous. Boundary: Partly indistinct margins. Context: Near the ventricle. "
+         "Summary: Lesion with partly indistinct margins.",
+}
+QUERY = ("Texture: Heterogeneous, necrotic centre with irregular rim enhancement. Boundary: Infiltrative, "
+         "ill-defined and blurred margins fading into edema. Context: Nearby vessels mimic enhancement. "
+         "Summary: Infiltrating irregular lesion with indistinct borders.")
+
+
+def hand_bank(patches=2, with_images=False):
+    """Cases A-D on a line in morphology space, A nearest the query at the origin; `patches` per case."""
+    where = {"A": 0.2, "B": 1.0, "C": 1.3, "D": 2.0}
+    ids = [c for c in COT for _ in range(patches)]
+    morph = [[where[c] + 0.01 * j, 0.0, 0.1 * j] for j, c in enumerate(ids)]
+    images = {c: np.random.default_rng(i).normal(size=(8, 8, 8)).astype(np.float32) for i, c in enumerate(COT)}
+    boxes = [(0, 0, 0, 8, 8, 8)] * len(ids)
+    return ReferenceBank(ids, boxes, morph, [COT[c] for c in ids], images if with_images else None)
+
+
+# ----------------------------------------------------------------------------- tokenizer and BM25
+
+def test_tokenizer_handles_radiology_text():
+    toks = tokenize("Texture: Heterogeneous, ILL-DEFINED masses; enhancing/enhanced enhancement. "
+                    "Summary: The margins are blurred and blurring.")
+    assert "textur" not in toks and "summar" not in toks  # field labels are structure, not evidence
+    assert not {"the", "are", "and"} & set(toks)  # stopwords
+    assert toks.count(tokenize("enhance")[0]) == 3  # inflections share one stem
+    assert tokenize("blurred") == tokenize("blurring") == tokenize("blur")
+    assert tokenize("heterogeneous") == tokenize("heterogeneity") == tokenize("heterogeneously")
+    assert tokenize("margins") == tokenize("margin") and tokenize("masses") == tokenize("mass")
+    ill = tokenize("ill-defined")  # split and joined, so 'illdefined' and 'ill defined' both meet it
+    assert ill == tokenize("ill") + tokenize("defined") + tokenize("illdefined")
+    assert tokenize("iso-intense")[-1] == tokenize("isointense")[0]
+    assert tokenize("boundary is sharp") == tokenize("Boundary") + tokenize("sharp")  # the word, not the label
+    assert tokenize("") == [] and tokenize(None) == []
+
+
+def test_cot_scores_match_rank_bm25():
+    corpus = list(COT.values())
+    oracle = BM25Okapi([tokenize(t) for t in corpus])
+    n = {t: sum(t in doc for doc in oracle.doc_freqs) for t in oracle.idf}  # the smoothed IDF, by hand
+    oracle.idf = {t: np.log((4 - n[t] + 0.5) / (n[t] + 0.5) + 1) for t in oracle.idf}
+    expected = oracle.get_scores(tokenize(QUERY))
+    np.testing.assert_allclose(cot_scores(QUERY, corpus, corpus), expected)
+    # a candidate outside the corpus is scored from its own words with the corpus IDF
+    np.testing.assert_allclose(cot_scores(QUERY, [COT["B"] + " !"], corpus), expected[1:2])
+
+
+def test_small_pool_scores_stay_positive():
+    # two words in every document, one in exactly half: rank-bm25's Okapi IDF scores these 0 or below
+    corpus = ["wall thin bright", "wall thin dark", "wall thin bright", "wall thin dark"]
+    assert (BM25Okapi([tokenize(t) for t in corpus]).get_scores(tokenize("wall thin bright")) <= 0).all()
+    scores = cot_scores("wall thin bright", corpus, corpus)
+    assert (scores > 0).all() and scores[0] > scores[1]
+
+
+# ----------------------------------------------------------------------------- selection
+
+def test_leave_one_case_out():
+    bank, _ = retrieve.synthetic_bank(400, patches_per_case=8, seed=1)
+    own = [bank.case_ids[i] for i in (0, 9, 250)]
+    morph = bank.morph[[0, 9, 250]]  # each query sits on its own case's patches
+    text = [bank.texts[i] for i in (0, 9, 250)]
+    for mode in retrieve.MODES:
+        sel = select(bank, morph, text, own, settings(retrieval=mode))
+        for rec, idx, case in zip(sel.explain, sel.indices, own):
+            assert case not in {bank.case_ids[i] for i in np.concatenate([rec["candidates"], idx])}
+            if mode == "both":
+                assert len(rec["candidates"]) == 16  # exclusion still leaves k_coarse candidates
+    sel = select(bank, morph, text, [None] * 3, settings())  # unlabeled query: its own case is fair game
+    assert bank.case_ids[sel.explain[0]["candidates"][0]] == own[0]
+
+
+def test_hard_negative_is_dropped():
+    bank = hand_bank()
+    cfg = settings(k_coarse=6, k_fine=2)
+    sel = select(bank, np.zeros((1, 3)), [QUERY], [None], cfg)
+    rec = sel.explain[0]
+    assert bank.case_ids[rec["candidates"][0]] == "A"  # morphologically closest ...
+    a = np.array([bank.case_ids[c] == "A" for c in rec["candidates"]])
+    assert rec["hard_negative"][a].all()  # ... but it reasons differently
+    assert {bank.case_ids[i] for i in sel.indices[0]} <= {"B", "C"} and sel.n_filled[0] == 0
+    morph_only = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=6, k_fine=2, retrieval="morph"))
+    assert {bank.case_ids[i] for i in morph_only.indices[0]} == {"A"}
+
+
+def test_weights_are_softmax_of_scores():
+    bank = hand_bank()
+    for temp in (1.0, 0.1):
+        sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=8, k_fine=3, tau=0.0, ref_temperature=temp))
+        rec = sel.explain[0]
+        s = np.array([rec["score"][list(rec["candidates"]).index(i)] for i in sel.indices[0]])
+        np.testing.assert_allclose(sel.weights[0], np.exp(s / temp) / np.exp(s / temp).sum(), rtol=1e-6)
+        assert s[0] == 1.0 and np.all(np.diff(s) <= 0)  # divided by the best score; best first
+
+
+def test_fill_rule():
+    bank = hand_bank(patches=1)
+    # one survivor: the empty slots repeat it with weight 0
+    sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=4, k_fine=4, tau=0.99))
+    assert len(set(sel.indices[0])) == 1 and sel.n_filled[0] == 3
+    np.testing.assert_allclose(sel.weights[0], [1, 0, 0, 0])
+    # no text evidence at all: the morphology order, equal weights, every slot counted as filled
+    sel = select(bank, np.zeros((1, 3)), ["Summary: zebra quokka."], [None], settings(k_coarse=4, k_fine=3))
+    assert [bank.case_ids[i] for i in sel.indices[0]] == ["A", "B", "C"] and sel.n_filled[0] == 3
+    np.testing.assert_allclose(sel.weights[0], [1 / 3] * 3)
+    # fewer candidates than k_fine (leave-one-case-out on a 4-case bank): survivors repeat, weights still sum to 1
+    sel = select(bank, np.zeros((1, 3)), [QUERY], ["B"], settings(k_coarse=4, k_fine=5, tau=0.0))
+    assert sel.n_filled[0] == 2 and np.isclose(sel.weights[0].sum(), 1) and (sel.weights[0][3:] == 0).all()
+    assert list(sel.indices[0][3:]) == list(sel.indices[0][:2])
+
+
+def test_selection_is_deterministic():
+    bank, text = retrieve.synthetic_bank(300, seed=2)
+    again, _ = retrieve.synthetic_bank(300, seed=2)
+    morph, ids = bank.morph[[5, 50, 150, 250]], [bank.case_ids[5], None, bank.case_ids[150], None]
+    texts = [bank.texts[i] for i in (9, 60, 140, 290)]
+    first, second = select(bank, morph, texts, ids, settings()), select(again, morph, texts, ids, settings())
+    np.testing.assert_array_equal(first.indices, second.indices)
+    np.testing.assert_array_equal(first.weights, second.weights)
+    draw = [select(bank, morph, texts, ids, settings(retrieval="random", seed=s)).indices for s in (0, 0, 1)]
+    assert (draw[0] == draw[1]).all() and (draw[0] != draw[2]).any()
+
+
+def test_unknown_mode_and_lonely_case_fail_loudly():
+    bank = hand_bank()
+    with pytest.raises(ValueError, match="retrieval='bm25'"):
+        select(bank, np.zeros((1, 3)), [QUERY], [None], settings(retrieval="bm25"))
+    lonely = ReferenceBank(["A", "A"], np.zeros((2, 6)), np.eye(2), [COT["A"]] * 2)
+    with pytest.raises(ValueError, match="outside case 'A'"):
+        select(lonely, np.zeros((1, 2)), [QUERY], ["A"], settings())
+
+
+# ----------------------------------------------------------------------------- the bank
+
+def test_grid_covers_volume_and_pads_short_axes():
+    boxes = grid_boxes((20, 10, 6), (8, 8, 8), (8, 8, 8))
+    assert sorted({b[0] for b in boxes}) == [0, 8, 12] and sorted({b[1] for b in boxes}) == [0, 2]
+    assert {(b[2], b[5]) for b in boxes} == {(-1, 7)}  # centred on the short axis
+    vol = np.arange(20 * 10 * 6, dtype=np.float32).reshape(20, 10, 6) + 1
+    patch = crop(vol, boxes[0])
+    assert patch.shape == (8, 8, 8)
+    assert (patch[:, :, 0] == 0).all() and (patch[:, :, 7] == 0).all()
+    np.testing.assert_array_equal(patch[:, :, 1:7], vol[:8, :8])
+
+
+def test_refresh_is_ema_and_bank_round_trips():
+    bank = hand_bank(with_images=True)
+
+    def encoder(scale):
+        return lambda x: scale * torch.nn.functional.avg_pool3d(x, 4).repeat(1, 3, 1, 1, 1)  # (n, 3, 2, 2, 2)
+    bank.refresh(encoder(1.0), momentum=0.9, batch_size=3)
+    first = bank.features.clone()
+    assert first.shape == (8, 3, 2, 2, 2)
+    bank.refresh(encoder(3.0), momentum=0.9)
+    torch.testing.assert_close(bank.features, 0.9 * first + 0.1 * 3 * first)
+
+    sel = select(bank, np.zeros((2, 3)), [QUERY, COT["A"]], [None, "B"], settings(k_coarse=6, k_fine=3))
+    refs, weights = bank.context(sel)
+    assert refs.shape == (2, 3, 3, 2, 2, 2) and weights.shape == (2, 3)
+
+    buffer = io.BytesIO()
+    torch.save(bank.state_dict(), buffer)
+    buffer.seek(0)
+    restored = hand_bank(with_images=True)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(restored.features, bank.features)
+    again = select(restored, np.zeros((2, 3)), [QUERY, COT["A"]], [None, "B"], settings(k_coarse=6, k_fine=3))
+    np.testing.assert_array_equal(again.indices, sel.indices)
+    with pytest.raises(ValueError, match="does not match"):
+        hand_bank(patches=1).load_state_dict(bank.state_dict())
+
+
+def test_build_from_volumes():
+    pool = pytest.importorskip("pool")
+    rng = np.random.default_rng(0)
+    volumes = {}
+    for cid, shape in (("c1", (20, 18, 10)), ("c2", (12, 14, 7))):
+        label = np.zeros(shape, np.uint8)
+        label[3:10, 4:12, 2:6] = 1
+        volumes[cid] = (rng.normal(size=shape).astype(np.float32), label)
+    cfg = SimpleNamespace(patch_size=(8, 8, 8), bank_stride=(8, 8, 8))
+    bank = ReferenceBank.build(cfg, volumes, ["c1", "c2"], {"c1": COT["B"], "c2": COT["C"]})
+    n1 = len(grid_boxes((20, 18, 10), (8, 8, 8), (8, 8, 8)))
+    assert len(bank) == n1 + len(grid_boxes((12, 14, 7), (8, 8, 8), (8, 8, 8)))
+    assert bank.case_ids[n1] == "c2" and bank.texts[n1] == COT["C"]
+    assert bank.morph.shape == (len(bank), pool.MORPH_DIM)
+    crops = np.stack([crop(volumes["c2"][1], b) > 0 for b in bank.boxes[n1:]])  # ground truth, zero-padded
+    np.testing.assert_allclose(bank.morph[n1:], pool.morphology_batch(crops))
+    bank.refresh(lambda x: x[:, :, ::4, ::4, ::4], momentum=0.9)
+    assert bank.features.shape == (len(bank), 1, 2, 2, 2)
+
+
+# ----------------------------------------------------------------------------- explanation and speed
+
+def test_explanation_text_and_figure(tmp_path):
+    bank = hand_bank(with_images=True)
+    sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=6, k_fine=2))
+    text = retrieve.format_explanation(bank, sel)
+    assert "hard negative" in text and "chosen, weight" in text
+    path = retrieve.plot_explanation(tmp_path / "explain.png", bank.images["A"], [(0, 0, 0, 8, 8, 8)], bank, sel)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmark_runs():
+    result = retrieve.benchmark(sizes=(100,), runs=5, warmup=1)
+    assert 0 < result[100] < 1.0
+
+
+# ----------------------------------------------------------------------------- real LLM CoTs
+
+def precision_at_5(rows, tokenizer):
+    """Each image's no-mask CoT queries the other images' mask CoTs (IDF over all mask CoTs, every candidate
+    past stage 1); the share of the 5 best with the query's diagnosis, averaged over queries."""
+    bank = [r["cot_mask"] for r in rows]
+    diagnosis = np.array([r["diagnosis"] for r in rows])
+    shares = []
+    for i, row in enumerate(rows):
+        others = np.array([j for j in range(len(rows)) if j != i])
+        scores = cot_scores(row["cot_no_mask"], [bank[j] for j in others], bank, tokenizer=tokenizer)
+        top = others[np.argsort(-scores, kind="stable")[:5]]
+        shares.append(np.mean(diagnosis[top] == diagnosis[i]))
+    return float(np.mean(shares))
+
+
+def test_same_diagnosis_precision_on_real_cots(brisc_csv):
+    with open(brisc_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len({r["diagnosis"] for r in rows}) == 3  # chance is 1/3
+    ours = precision_at_5(rows, tokenize)
+    plain = precision_at_5(rows, lambda t: re.findall(r"[a-z0-9]+", t.lower()))
+    print(f"same-diagnosis precision@5: radiology tokenizer {ours:.3f}, plain tokens {plain:.3f}")
+    assert ours > 0.55, (ours, plain)  # measured 0.615 (plain tokens 0.625) on the 300-image fixture
