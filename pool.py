@@ -83,8 +83,11 @@ def morphology_batch(masks):
         low, high = occupied.argmax(1), p.shape[1] - 1 - occupied[:, ::-1].argmax(1)
         extents.append((high - low + 1) / p.shape[1])
         touches += [occupied[:, 0], occupied[:, -1]]
-        box.append(slice(max(low[n > 0].min(initial=p.shape[1]) - 1, 0), high[n > 0].max(initial=-1) + 2))
-    crop = m[(slice(None), *box)]                                      # union bounding box, one voxel wider
+        box.append(slice(low[n > 0].min(initial=p.shape[1]), high[n > 0].max(initial=-1) + 1))
+    # the masks' union bounding box, padded with a zero voxel on each side that is not the patch border:
+    # faces on the patch cut are not surface, every other face is, whatever else is in the batch
+    pads = [(int(b.start > 0), int(b.stop < s)) for b, s in zip(box, m.shape[1:])]
+    crop = np.pad(m[(slice(None), *box)], [(0, 0), *pads])
     faces = sum(np.count_nonzero(np.diff(crop, axis=a), axis=(1, 2, 3)) for a in (1, 2, 3))
     labels, _ = ndimage.label(crop, structure=np.stack([np.zeros_like(FACE6), FACE6, np.zeros_like(FACE6)]))
     # labels run in raster order, case after case, so each case owns a contiguous range of labels

@@ -403,3 +403,16 @@ def test_cli_builds_then_shows_a_phantom_pool(tmp_path, capsys):
     pool.main(args + ["--show", case_id])
     out = capsys.readouterr().out
     assert out.count("Texture:") == 2 and "mask CoT | descriptors | descriptors-v1" in out
+
+
+def test_morphology_does_not_depend_on_the_batch():
+    """A mask's descriptors are its own: the same alone and beside another mask, border faces included."""
+    cube = np.zeros((5, 5, 5), bool)
+    cube[1:4, 1:4, 1:4] = True
+    assert pool.morphology(cube)[pool.MORPH_NAMES.index("surface_to_volume")] == pytest.approx(54 / 27)
+    a = np.zeros((10, 10, 10), bool)
+    b = np.zeros_like(a)
+    a[0:4, 0:4, 0:4] = True                      # touches three faces of the patch
+    b[5:9, 5:9, 5:9] = True
+    assert np.allclose(pool.morphology(a), pool.morphology_batch(np.stack([a, b]))[0])
+    assert np.allclose(pool.morphology(b), pool.morphology_batch(np.stack([a, b]))[1])
