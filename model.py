@@ -96,14 +96,14 @@ class DualDecoderVNet(nn.Module):
 
         Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z)."""
         feats = self.encoder(x)
+        return self.decode_a(feats, refs, ref_weights), self.decoder_b(feats)
+
+    def decode_a(self, feats, refs=None, ref_weights=None):
+        """Decoder A on encoder features, fusing the references' context when there are references."""
         context = None
         if refs is not None and self.fusion is not None:
             context = self.fusion(feats[-1], refs, ref_weights)  # (B, 16f, X/16, Y/16, Z/16)
-        return self.decoder_a(feats, context), self.decoder_b(feats)
-
-    def predict_b(self, x):
-        """Decoder B alone (the reference query path needs no context)."""
-        return self.decoder_b(self.encoder(x))
+        return self.decoder_a(feats, context)
 
 
 def build_model(cfg):

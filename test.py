@@ -133,28 +133,60 @@ def load_checkpoint(path, device):
     return model.eval(), cfg, ckpt
 
 
-def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
-    """Test a checkpoint on its experiment's test list; prints the table and writes CSV, JSON and a figure."""
+def load_references(cfg, ckpt, device):
+    """The reference bank and CoT texts a CERS checkpoint was trained with (None, None for a plain network)."""
+    if not cfg.references:
+        return None, None
     import data
+    import retrieve
+    split = data.load_split(cfg.data_root, cfg.num_labeled)
+    volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False)
+    bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
+    bank.load_state_dict(ckpt["bank"])
+    if bank.features is None:
+        raise SystemExit("checkpoint: the reference bank has no features (stopped before the reference warm-up)")
+    return bank, ckpt["pool"]["image"]
+
+
+def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
+    """Test a checkpoint on its experiment's test list; prints the table and writes CSV, JSON and figures.
+
+    With references, every batch of windows takes the training path: decoder B first, its prediction's
+    morphology and the case's image-only CoT select references, then decoder A fuses their context."""
+    import data
+    import retrieve
     import train
     from tqdm import tqdm
     device = torch.device(device) if device else train.resolve_device(train.Config())
     model, cfg, ckpt = load_checkpoint(ckpt_path, device)
+    bank, image_cots = load_references(cfg, ckpt, device)
     out = Path(out_dir or Path(cfg.out_dir) / "test")
     out.mkdir(parents=True, exist_ok=True)
     split = data.load_split(cfg.data_root, cfg.num_labeled)
     fast = cfg.amp and device.type == "cuda"
+    chosen = []                                          # the first window batch's references, for the figure
 
-    def predict(x):                                      # (N, 1, *patch) -> (N, 2, *patch): decoder A, decoder B
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-            a, b = model(x)
-        return torch.stack([a.float().softmax(1)[:, 1], b.float().softmax(1)[:, 1]], 1)
+    def predictor(case_id):
+        def predict(x):                                  # (N, 1, *patch) -> (N, 2, *patch): decoder A, decoder B
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                feats = model.encoder(x)
+                b = model.decoder_b(feats)
+                refs = weights = None
+                if bank is not None:
+                    refs, weights, selection = train.query_references(bank, b, [image_cots[case_id]] * len(x),
+                                                                      [case_id] * len(x), cfg)
+                    if not chosen:
+                        chosen.append((x[:, 0].float().cpu().numpy(), selection))
+                a = model.decode_a(feats, refs, weights)
+            return torch.stack([a.float().softmax(1)[:, 1], b.float().softmax(1)[:, 1]], 1)
+        return predict
 
     rows, shown, seconds = [], [], []
     for case_id in tqdm(split.test, desc="testing", disable=not progress, leave=False):
         image, label = data.read_case(data.case_path(cfg.data_root, case_id))
         t = time.time()
-        prob = sliding_window(predict, image, cfg.patch_size, cfg.stride_xy, cfg.stride_z, cfg.window_batch, device)
+        prob = sliding_window(predictor(case_id), image, cfg.patch_size, cfg.stride_xy, cfg.stride_z,
+                              cfg.window_batch, device)
         seconds.append(time.time() - t)
         gt = label.astype(bool)
         pred = prob.mean(0) > 0.5                                        # mean of both decoders
@@ -164,7 +196,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
                "dice_a": dice(prob[0] > 0.5, gt), "dice_b": dice(prob[1] > 0.5, gt)}
         rows.append(row)
         if len(shown) < 4:
-            shown.append((case_id, image, gt, pred))
+            shown.append((case_id, image, gt, prob))
 
     with open(out / "per_case.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -176,8 +208,12 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
                    seconds_per_volume=float(np.median(seconds)), config=dataclasses.asdict(cfg))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(rows, summary, cfg, ckpt["iter"], lcc)
-    plot_cases(shown, out / "predictions.png")
-    print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, {out / 'predictions.png'}")
+    figures = [plot_cases(shown, out / "predictions.png")]
+    if chosen:
+        windows, selection = chosen[0]                  # the first window of the first test case, as its query
+        figures.append(retrieve.plot_explanation(out / "references.png", windows[0], [(0, 0, 0, *cfg.patch_size)],
+                                                 bank, selection, max_rows=1))
+    print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, " + ", ".join(str(f) for f in figures))
     return summary
 
 
@@ -196,23 +232,30 @@ def print_table(rows, summary, cfg, iteration, lcc):
 
 
 def plot_cases(cases, png):
-    """Each case's slice through the middle of its target: image, ground truth and prediction outlines."""
+    """Each case's slice through the middle of its target: image, then decoder A, decoder B and their mean
+    (red) over the ground truth (green)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), squeeze=False)
-    for ax, (case_id, image, gt, pred) in zip(axes[0], cases):
+    fig, axes = plt.subplots(len(cases), 4, figsize=(12, 3.1 * len(cases)), squeeze=False)
+    for row, (case_id, image, gt, prob) in zip(axes, cases):
         z = int(np.argwhere(gt)[:, 2].mean()) if gt.any() else gt.shape[2] // 2
-        ax.imshow(image[:, :, z].T, cmap="gray")
-        ax.contour(gt[:, :, z].T, levels=[0.5], colors="lime", linewidths=1)
-        if pred[:, :, z].any():
-            ax.contour(pred[:, :, z].T, levels=[0.5], colors="red", linewidths=1)
-        ax.set_title(f"{case_id[:10]} z={z}\nDice {100 * dice(pred, gt):.1f} %", fontsize=8)
+        preds = {"decoder A": prob[0] > 0.5, "decoder B": prob[1] > 0.5, "mean (reported)": prob.mean(0) > 0.5}
+        row[0].imshow(image[:, :, z].T, cmap="gray")
+        row[0].set_title(f"{case_id[:12]} z={z}", fontsize=8)
+        for ax, (name, pred) in zip(row[1:], preds.items()):
+            ax.imshow(image[:, :, z].T, cmap="gray")
+            ax.contour(gt[:, :, z].T, levels=[0.5], colors="lime", linewidths=1)
+            if pred[:, :, z].any():
+                ax.contour(pred[:, :, z].T, levels=[0.5], colors="red", linewidths=1)
+            ax.set_title(f"{name}: Dice {100 * dice(pred, gt):.1f} %", fontsize=8)
+    for ax in axes.flat:
         ax.axis("off")
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    return png
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ class Config:
     base_filters: int = 16            # V-Net width (16 in the LA protocol)
     n_classes: int = 2
     dropout: float = 0.5              # Dropout3d at the bottleneck and before the heads
-    references: bool = False          # decoder A fuses reasoning-selected reference context (mcam.py)
+    references: bool = True           # decoder A fuses reasoning-selected reference context (False: plain dual-decoder MT)
     mcam_gates: bool = True           # coordinate-attention gates in MCAM (False: context added ungated)
     # optimisation
     max_iters: int = 15000            # training iterations
@@ -235,14 +235,30 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------- the loop
 
 def prepare_data(cfg):
-    """The split and the in-memory volumes (the phantom is written first when the config asks for it)."""
+    """The split and the in-memory volumes (the phantom is written first when the config asks for it).
+    With references on, the test cases are read too: the knowledge pool describes every image."""
     import data
     if cfg.phantom:
         import phantom
         phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
                                shape=tuple(cfg.phantom_shape), seed=0)
     split = data.load_split(cfg.data_root, cfg.num_labeled)
-    return split, data.load_volumes(cfg.data_root, split.labeled + split.unlabeled)
+    ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
+    return split, data.load_volumes(cfg.data_root, ids)
+
+
+def query_references(bank, logits_b, texts, case_ids, cfg, rng=None):
+    """DESIGN §1.2 at work: decoder B's prediction -> morphology -> kNN + BM25 -> the references' features.
+
+    logits_b (B, 2, X, Y, Z); texts: each query's image-only CoT; case_ids: each query's own case
+    (a labeled query never retrieves its own patches). Returns refs (B, K, C, d, h, w), weights (B, K)
+    and the retrieve.Selection that explains them."""
+    import pool
+    import retrieve
+    masks = (logits_b.argmax(1) == 1).cpu().numpy()                     # (B, X, Y, Z), the query morphology
+    selection = retrieve.select(bank, pool.morphology_batch(masks), texts, case_ids, cfg, rng)
+    refs, weights = bank.context(selection)
+    return refs, weights, selection
 
 
 def train(cfg, resume=False, progress=True, stop_at=None):
@@ -272,6 +288,15 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         p.requires_grad_(False)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
+    bank = cots = None
+    ref_rng = np.random.default_rng(cfg.seed)                          # draws of the "random" ablation
+    if cfg.references:                                                 # knowledge pool and reference bank
+        import pool
+        import retrieve
+        cots = pool.build_pool(cfg, split, volumes, progress=progress)
+        bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, cots.mask, device)
+        print(f"reference bank: {len(bank)} labeled patches; references from iteration {cfg.ref_warmup}")
+
     start, ckpt_path, log_path = 0, out / "ckpt_last.pt", out / "log.csv"
     if resume:
         if not ckpt_path.exists():
@@ -282,6 +307,9 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         optimizer.load_state_dict(ckpt["optimizer"])
         sampler.load_state_dict(ckpt["sampler"])
         set_rng_state(ckpt["rng"])
+        if bank is not None:
+            bank.load_state_dict(ckpt["bank"])
+            ref_rng.bit_generator.state = ckpt["ref_rng"]
         start = ckpt["iter"]
         print(f"resumed {ckpt_path} at iteration {start}")
     columns = ["iter", "lr", "loss", "sup", "cons", "cons_w", "seconds"]
@@ -300,17 +328,31 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         image, label, ids = sampler.next()                              # (B, 1, X, Y, Z), (Lb, X, Y, Z)
         image = image.contiguous(memory_format=memory_format)
 
-        # 2. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened)
+        # 2. references (after the warm-up): the bank follows the teacher's encoder every bank_refresh
+        #    iterations; each patch's query is the teacher's decoder-B prediction and its image-only CoT
+        use_refs = bank is not None and it >= cfg.ref_warmup
+        if use_refs and (it - cfg.ref_warmup) % cfg.bank_refresh == 0:
+            with torch.no_grad(), autocast:
+                bank.refresh(lambda x: teacher.encoder(x)[-1], cfg.bank_momentum)
+
+        # 3. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened)
         with torch.no_grad(), autocast:
-            noisy = image[n_lab:] + (torch.randn_like(image[n_lab:]) * cfg.teacher_noise).clamp(
-                -2 * cfg.teacher_noise, 2 * cfg.teacher_noise)
-            t_a, t_b = teacher(noisy)
+            t_in = image if use_refs else image[n_lab:]                  # labeled patches query references too
+            noisy = t_in + (torch.randn_like(t_in) * cfg.teacher_noise).clamp(-2 * cfg.teacher_noise,
+                                                                            2 * cfg.teacher_noise)
+            feats = teacher.encoder(noisy)
+            t_b = teacher.decoder_b(feats)                               # (B or Bu, 2, X, Y, Z)
+            refs = weights = refs_u = weights_u = None
+            if use_refs:
+                refs, weights, _ = query_references(bank, t_b, [cots.image[i] for i in ids], ids, cfg, ref_rng)
+                feats, t_b, refs_u, weights_u = [f[n_lab:] for f in feats], t_b[n_lab:], refs[n_lab:], weights[n_lab:]
+            t_a = teacher.decode_a(feats, refs_u, weights_u)
             p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
             target = sharpen(p_teacher, cfg.sharpen_t)
 
-        # 3. student: supervised loss on labeled, consistency on unlabeled
+        # 4. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
         with autocast:
-            logits_a, logits_b = student(image)                          # (B, 2, X, Y, Z) each
+            logits_a, logits_b = student(image, refs, weights)           # (B, 2, X, Y, Z) each
         loss_sup = supervised_loss(logits_a[:n_lab], label) + supervised_loss(logits_b[:n_lab], label)
         p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                  # (Bu, X, Y, Z)
         p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
@@ -320,7 +362,7 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         w = consistency_weight(it, cfg)
         loss = loss_sup + w * (loss_mt + loss_cross)
 
-        # 4. SGD step with the scheduled learning rate, then the teacher follows
+        # 5. SGD step with the scheduled learning rate, then the teacher follows
         lr = lr_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -329,7 +371,7 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         optimizer.step()
         ema_update(teacher, student, cfg.ema_decay, it)
 
-        # 5. log (the only host-device synchronisation) and checkpoint
+        # 6. log (the only host-device synchronisation) and checkpoint
         done = it + 1
         if done % cfg.log_every == 0 or done == cfg.max_iters:
             row = [done, lr, loss.item(), loss_sup.item(), (loss_mt + loss_cross).item(), w, time.time() - t0]
@@ -339,7 +381,9 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         if done % cfg.ckpt_every == 0 or done == end:
             save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), iter=done, student=student.state_dict(),
                             teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                            sampler=sampler.state_dict(), rng=rng_state())
+                            sampler=sampler.state_dict(), rng=rng_state(), ref_rng=ref_rng.bit_generator.state,
+                            bank=bank.state_dict() if bank is not None else None,
+                            pool={"mask": cots.mask, "image": cots.image} if cots is not None else None)
     bar.close()
     print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
     plot_curves(log_path, out / "curves.png")

@@ -9,9 +9,11 @@ import train
 
 
 def tiny_cfg(root, out, **extra):
+    """A seconds-long CERS run on the tiny data: references from iteration 2, bank refreshed every 2."""
     overrides = {"data_root": root, "phantom": "false", "num_labeled": 2, "patch_size": "32,32,16",
                  "base_filters": 4, "max_iters": 4, "log_every": 1, "ckpt_every": 2, "out_dir": out,
-                 "rampup_iters": 2, "stride_xy": 16, "stride_z": 8, "window_batch": 4, "device": "cpu"}
+                 "rampup_iters": 2, "stride_xy": 16, "stride_z": 8, "window_batch": 4, "device": "cpu",
+                 "ref_warmup": 2, "bank_refresh": 2, "k_coarse": 4, "k_fine": 2}
     overrides.update(extra)
     return train.get_config("PHANTOM_8", [f"--{k}={v}" for k, v in overrides.items()])
 
@@ -73,17 +75,39 @@ def test_a_few_iterations_lower_the_supervised_loss(tiny_la, tmp_path):
     assert sup[-1] < 0.7 * sup[0], sup
 
 
-def test_resume_gives_the_same_weights(tiny_la, tmp_path):
-    full = train.train(tiny_cfg(tiny_la, tmp_path / "full"), progress=False)
-    half = tiny_cfg(tiny_la, tmp_path / "half")
-    train.train(half, progress=False, stop_at=2)                      # interrupted after 2 iterations
+def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path):
+    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5), progress=False)
+    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5)
+    train.train(half, progress=False, stop_at=3)                      # interrupted after the bank's first fill
     resumed = train.train(half, resume=True, progress=False)
     a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
-    assert a["iter"] == b["iter"] == 4
+    assert a["iter"] == b["iter"] == 5
     for key in ("student", "teacher"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
-    assert (tmp_path / "half" / "log.csv").read_text().count("\n") == 5  # header + 4 rows, none lost
+    assert a["bank"]["features"] is not None and torch.equal(a["bank"]["features"], b["bank"]["features"])
+    assert (tmp_path / "half" / "log.csv").read_text().count("\n") == 6  # header + 5 rows, none lost
+
+
+def test_training_steps_use_the_references(tiny_la, tmp_path, monkeypatch):
+    """After the warm-up every step queries the bank; labeled queries never get their own case back."""
+    seen = []
+    query = train.query_references
+
+    def spy(bank, logits_b, texts, case_ids, cfg, rng=None):
+        refs, weights, selection = query(bank, logits_b, texts, case_ids, cfg, rng)
+        seen.append((case_ids, [[bank.case_ids[j] for j in row] for row in selection.indices], refs.shape))
+        return refs, weights, selection
+
+    monkeypatch.setattr(train, "query_references", spy)
+    ckpt = train.train(tiny_cfg(tiny_la, tmp_path / "run"), progress=False)
+    assert len(seen) == 2                                             # iterations 3 and 4
+    for case_ids, chosen, shape in seen:
+        assert shape[:2] == (4, 2) and shape[2] == 4 * 16             # (B, k_fine, 16f, ...)
+        for own, refs in zip(case_ids, chosen):
+            assert own not in refs
+    saved = torch.load(ckpt, weights_only=False)
+    assert set(saved["pool"]["image"]) >= set(case_ids) and saved["bank"]["features"].shape[1] == 64
 
 
 def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
@@ -92,7 +116,7 @@ def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "largest connected component ON" in out and "mean ± std" in out
     assert summary["cases"] == 2 and 0.0 <= summary["dice"]["mean"] <= 1.0
-    for name in ("per_case.csv", "summary.json", "predictions.png"):
+    for name in ("per_case.csv", "summary.json", "predictions.png", "references.png"):
         assert (tmp_path / "run" / "test" / name).stat().st_size > 0
     T.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "again"), "--device", "cpu"])
     assert "largest connected component off" in capsys.readouterr().out
