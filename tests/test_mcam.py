@@ -121,8 +121,11 @@ def test_channels_last_3d_gives_the_same_output():
     x, refs, weights, decs = inputs((16, 32, 16))
     expected = run(net, x, refs, weights, decs)
     cl = torch.channels_last_3d
+    assert net["fusion"](x, refs, weights).is_contiguous()  # the context stream keeps the input's layout
     net = net.to(memory_format=cl)
-    got = run(net, x.to(memory_format=cl), refs, weights, [d.to(memory_format=cl) for d in decs])
+    x = x.to(memory_format=cl)
+    assert net["fusion"](x, refs, weights).is_contiguous(memory_format=cl)
+    got = run(net, x, refs, weights, [d.to(memory_format=cl) for d in decs])
     for e, g in zip(expected, got):
         assert g.is_contiguous(memory_format=cl)
         assert torch.allclose(e, g, atol=1e-4)
