@@ -413,14 +413,51 @@ def plot_curves(log_path, png):
     plt.close(fig)
 
 
+ABLATIONS = {                         # DESIGN §1: what each part of CERS adds, same seed and iterations
+    "cers": {},                                        # full CERS
+    "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
+    "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
+    "no_references": {"references": False},            # the plain dual-decoder mean teacher
+}
+
+
+def run_ablation(cfg, names):
+    """Train and test each ablation of one experiment; print and save one table."""
+    import test
+    rows = []
+    for name in names:
+        variant = dataclasses.replace(cfg, out_dir=f"{cfg.out_dir}/ablation/{name}", **ABLATIONS[name])
+        t = time.time()
+        summary = test.evaluate(train(variant))
+        rows.append((name, summary, time.time() - t))
+    lines = [f"{cfg.exp} ablation, last checkpoints, {cfg.max_iters} iterations, seed {cfg.seed}",
+             f"{'variant':16s} {'Dice %':>8s} {'Jacc %':>8s} {'95HD':>7s} {'ASD':>6s} {'A %':>6s} {'B %':>6s} {'seconds':>8s}"]
+    for name, s, seconds in rows:
+        lines.append(f"{name:16s} {100 * s['dice']['mean']:8.2f} {100 * s['jaccard']['mean']:8.2f} "
+                     f"{s['hd95']['mean']:7.2f} {s['asd']['mean']:6.2f} {100 * s['dice_a']['mean']:6.2f} "
+                     f"{100 * s['dice_b']['mean']:6.2f} {seconds:8.0f}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    Path(cfg.out_dir, "ablation", "table.txt").write_text(table + "\n")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--resume", action="store_true", help="continue from the experiment's last checkpoint")
     parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop after this iteration (resume later with --resume)")
+    parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ABLATIONS)}: train and test each")
     args, overrides = parser.parse_known_args(argv)
     cfg = get_config(args.exp, overrides)
+    if args.ablation:
+        names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
+        unknown = [n for n in names if n not in ABLATIONS]
+        if unknown:
+            raise SystemExit(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
+        run_ablation(cfg, names)
+        return
     ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at)
     if not args.no_test and args.stop_at is None:
         import test
