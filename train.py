@@ -99,8 +99,8 @@ EXPERIMENTS = {
     "LA_4": la(4), "LA_8": la(8), "LA_16": la(16),
     # CPU-sized offline default: small synthetic volumes, a narrower V-Net, a short schedule
     "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(64, 64, 48), num_labeled=8,
-                      patch_size=(48, 48, 32), base_filters=8, max_iters=400, rampup_iters=160,
-                      stride_xy=16, stride_z=8, log_every=10, ckpt_every=100, ref_warmup=100, bank_refresh=50,
+                      patch_size=(48, 48, 32), base_filters=8, max_iters=250, rampup_iters=100,
+                      stride_xy=16, stride_z=8, log_every=10, ckpt_every=50, ref_warmup=50, bank_refresh=25,
                       lr=0.03),
 }
 
