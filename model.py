@@ -105,6 +105,10 @@ class DualDecoderVNet(nn.Module):
             context = self.fusion(feats[-1], refs, ref_weights)  # (B, 16f, X/16, Y/16, Z/16)
         return self.decoder_a(feats, context)
 
+    def predict_b(self, x):
+        """Decoder B alone: the reference query needs no context."""
+        return self.decoder_b(self.encoder(x))
+
 
 def build_model(cfg):
     """The network an experiment config describes (references and MCAM when cfg.references is on)."""

@@ -444,6 +444,22 @@ def benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=20, seed=0
 
 # -----------------------------------------------------------------------------
 
+def query_masks(cfg, image, label, boxes, labeled):
+    """The query patches' masks (n, X, Y, Z): decoder B of the experiment's last checkpoint, as in training
+    and testing; without a checkpoint, the ground truth of a labeled case. Other masks are never read."""
+    ckpt = Path(cfg.out_dir) / "ckpt_last.pt"
+    if ckpt.is_file():
+        import test
+        model, _, _ = test.load_checkpoint(ckpt, "cpu")
+        x = torch.from_numpy(np.stack([crop(image, b) for b in boxes])[:, None])   # (n, 1, X, Y, Z)
+        with torch.no_grad():
+            return (model.predict_b(x).argmax(1) == 1).numpy()
+    if not labeled:
+        raise SystemExit(f"no checkpoint at {ckpt}: train first, or explain a labeled case (its mask is known)")
+    print(f"no checkpoint at {ckpt}: the labeled case's ground truth stands in for decoder B's prediction")
+    return np.stack([crop(label, b) > 0 for b in boxes])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Explain reference selection for one case, or time it.")
     parser.add_argument("--exp", default="LA_8", help="named experiment (train.py)")
@@ -465,9 +481,9 @@ def main(argv=None):
     volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test)
     texts = pool.build_pool(cfg, split, volumes)
     bank = ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
-    image, label = volumes[args.explain]  # the label stands in for the teacher's prediction here
+    image, label = volumes[args.explain]
     boxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
-    morph = pool.morphology_batch(np.stack([crop(label, b) > 0 for b in boxes]))
+    morph = pool.morphology_batch(query_masks(cfg, image, label, boxes, args.explain in split.labeled))
     sel = select(bank, morph, [texts.image[args.explain]] * len(boxes), [args.explain] * len(boxes), cfg)
     print(format_explanation(bank, sel, boxes))
     print("figure:", plot_explanation(Path(cfg.out_dir) / f"explain_{args.explain}.png", image, boxes, bank, sel))

@@ -129,3 +129,17 @@ def test_sliding_window_handles_odd_and_small_volumes():
         # identity "network": the window's own voxels come back, so the average must equal the image
         prob = T.sliding_window(lambda x: x, image, (32, 32, 16), 7, 5, 3, "cpu")
         assert prob.shape == (1, *shape) and np.allclose(prob[0], image, atol=1e-6)
+
+
+def test_retrieve_explain_queries_with_the_checkpoint(tiny_la, tmp_path, capsys):
+    """retrieve.py --explain: a test case needs a trained decoder B for its query; then it explains and draws."""
+    import retrieve
+    out = tmp_path / "run"
+    args = ["--exp", "PHANTOM_8", f"--data_root={tiny_la}", "--phantom=false", "--num_labeled=2",
+            "--patch_size=32,32,16", f"--out_dir={out}", "--k_coarse=4", "--k_fine=2", "--explain", "CASE06"]
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        retrieve.main(args)                                           # a test mask is never read instead
+    train.train(tiny_cfg(tiny_la, out), progress=False)
+    retrieve.main(args)
+    assert "CASE06" in capsys.readouterr().out
+    assert (out / "explain_CASE06.png").stat().st_size > 0
