@@ -122,8 +122,3 @@ def build_model(cfg):
         mcams = nn.ModuleList([mcam.MCAM(c, cc, gated=cfg.mcam_gates) for c, cc in zip(ch, ctx)])
     return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, fusion, mcams)
 
-
-def check_patch(patch):
-    """V-Net halves the resolution four times: every patch side must be divisible by 16."""
-    if any(p % 16 for p in patch):
-        raise ValueError(f"patch_size {tuple(patch)}: every side must be divisible by 16")
