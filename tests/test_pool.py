@@ -416,3 +416,113 @@ def test_morphology_does_not_depend_on_the_batch():
     b[5:9, 5:9, 5:9] = True
     assert np.allclose(pool.morphology(a), pool.morphology_batch(np.stack([a, b]))[0])
     assert np.allclose(pool.morphology(b), pool.morphology_batch(np.stack([a, b]))[1])
+
+
+# ----------------------------------------------------------------------------- morphology on the device
+
+def helix(shape, turns, radius, pitch):
+    """A one-voxel-thin, face-connected coil about the z axis: a chain of short runs, the hardest shape for
+    label propagation (each round moves a label along a few runs only)."""
+    t = np.linspace(0, 2 * np.pi * turns, 200 * turns)
+    points = np.rint(np.stack([shape[0] // 2 + radius * np.cos(t), shape[1] // 2 + radius * np.sin(t),
+                               2 + pitch * t / (2 * np.pi)], 1)).astype(int)
+    mask, p = np.zeros(shape, bool), points[0].copy()
+    mask[tuple(p)] = True
+    for q in points:                       # one unit move at a time, so consecutive voxels share a face
+        for a in range(3):
+            while p[a] != q[a]:
+                p[a] += np.sign(q[a] - p[a])
+                mask[tuple(p)] = True
+    return mask
+
+
+def made_masks(shape=(40, 36, 28)):
+    """Hand-made masks, one batch: empty, full, ball, box on three patch faces, two blobs, a coil,
+    smoothed noise (many components, cut by the patch faces)."""
+    from scipy import ndimage
+    box = np.zeros(shape, bool)
+    box[0:25, 10:, 3:] = True
+    noise = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=shape), 1.5) > 0.15
+    return np.stack([np.zeros(shape, bool), np.ones(shape, bool), ball(shape, (20, 18, 14), 9), box,
+                     ball(shape, (10, 10, 10), 6) | ball(shape, (28, 26, 20), 4), helix(shape, 3, 9, 7), noise])
+
+
+def assert_same_morphology(masks, **kw):
+    """morphology_torch against the numpy/scipy oracle: components exactly, the rest to float32 rounding."""
+    import torch
+    out, converged = pool.morphology_torch(torch.as_tensor(masks), return_converged=True, **kw)
+    ref = pool.morphology_batch(masks)
+    assert out.dtype == torch.float32 and out.shape == ref.shape and converged.all()
+    col = pool.MORPH_NAMES.index("components")
+    np.testing.assert_array_equal(out[:, col].numpy(), ref[:, col])
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_morphology_torch_matches_numpy_on_made_masks():
+    import torch
+    masks = made_masks()
+    assert_same_morphology(masks)
+    out = pool.morphology_torch(torch.from_numpy(masks[::-1].astype(np.uint8)))  # {0, 1} input, batch order
+    np.testing.assert_allclose(out.numpy()[::-1], pool.morphology_batch(masks), rtol=1e-4, atol=1e-5)
+
+
+def test_surface_faces_are_differing_pairs_inside_the_patch():
+    """morphology_torch counts faces as neighbour pairs inside the patch that differ; morphology_batch
+    counts them in the batch's padded bounding-box crop. The two agree, mask by mask and in a batch."""
+    masks = made_masks()
+    pairs = sum(np.count_nonzero(np.diff(masks, axis=a), axis=(1, 2, 3)) for a in (1, 2, 3))
+    col = pool.MORPH_NAMES.index("surface_to_volume")
+    volume = np.maximum(masks.sum((1, 2, 3)), 1)
+    np.testing.assert_allclose(pool.morphology_batch(masks)[:, col] * volume, pairs, rtol=1e-6)
+    np.testing.assert_allclose(np.array([pool.morphology(m)[col] for m in masks]) * volume, pairs, rtol=1e-6)
+
+
+def test_eigvalsh3_matches_linalg():
+    import torch
+    rng = np.random.default_rng(0)
+    rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    spectra = [(2, 2, 2), (3, 1, 1), (3, 3, 1), (1e4, 1, 1e-3), (5, 0, 0)]      # equal eigenvalues included
+    a = [rotation @ np.diag(s) @ rotation.T for s in spectra] + [x @ x.T for x in rng.normal(size=(20, 3, 3))]
+    a = np.stack(a)
+    want = np.linalg.eigvalsh(a)[:, ::-1]                                   # (N, 3), largest first
+    scale = np.abs(want).max(1, keepdims=True)
+    np.testing.assert_allclose(pool.eigvalsh3(torch.from_numpy(a)).numpy() / scale, want / scale, atol=1e-12)
+
+
+def test_morphology_torch_reads_no_values():
+    """Nothing depends on the values on the host (no sync on a GPU): it runs on the meta device, which has
+    no data, where .item(), nonzero, boolean indexing, unique and bincount all fail."""
+    import torch
+    out, converged = pool.morphology_torch(torch.zeros(3, 12, 10, 8, dtype=torch.bool, device="meta"),
+                                           return_converged=True)
+    assert (out.shape, out.dtype, out.device.type) == ((3, pool.MORPH_DIM), torch.float32, "meta")
+    assert (converged.shape, converged.dtype) == ((3,), torch.bool)
+
+
+def test_too_few_rounds_are_reported():
+    """A long coil needs more rounds than a ball (4 against 1); with too few, it is reported, the coil's
+    components are over-counted and its largest one is too small, and the ball beside it is exact."""
+    import torch
+    shape = (24, 24, 60)
+    masks = np.stack([helix(shape, 6, 8, 8), ball(shape, (12, 12, 30), 6)])
+    col = [pool.MORPH_NAMES.index(k) for k in ("components", "largest_share")]
+    out, converged = pool.morphology_torch(torch.from_numpy(masks), rounds=2, return_converged=True)
+    assert converged.tolist() == [False, True]
+    assert out[0, col[0]] > 1 and out[0, col[1]] < 1 and out[1, col].tolist() == [1, 1]
+    assert_same_morphology(masks)                                           # the default budget settles both
+
+
+# LA cases and grid crops that need the most propagation rounds (3) of all 100 cases (see pool.LABEL_ROUNDS)
+HARD_LA_CROPS = (("A11O45O3NAXWM7T2H8CH", (5, 6)), ("SN4LF8SGBSRQUPTDSX78", (4, 5)))
+
+
+def test_morphology_torch_matches_numpy_on_real_la_crops(la_root):
+    """Training-grid crops (112 x 112 x 80) of real LA ground truth."""
+    import data
+    import retrieve
+    masks = []
+    for case_id, crops in HARD_LA_CROPS:
+        label = data.read_case(data.case_path(la_root, case_id))[1]
+        boxes = retrieve.grid_boxes(label.shape, (112, 112, 80), (112, 112, 80))
+        masks += [retrieve.crop(label, boxes[i]) > 0 for i in crops]
+    assert_same_morphology(np.stack(masks))
