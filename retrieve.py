@@ -13,9 +13,12 @@ volume); for a query patch we pick references in two stages:
 
 The chosen references' weights are a softmax of their consistency scores; their
 features (teacher encoder bottleneck, EMA-refreshed) feed MCAM (mcam.py).
+select() runs on the host and explains itself; select_device() makes the same picks on
+the training device without host-device synchronisation, from BM25 scores that
+index_queries() computes once per (query case, distinct bank text).
 
     python retrieve.py --exp LA_8 --explain ID   # why these references, plus a PNG
-    python retrieve.py --bench                   # selection latency on synthetic banks
+    python retrieve.py --bench                   # selection latency on synthetic banks (host and device)
 """
 import argparse
 import re
@@ -200,6 +203,7 @@ class ReferenceBank:
         self.images = images or {}  # case ID -> image (X, Y, Z), read by refresh()
         self.device = torch.device(device)
         self.features = None  # (N, C, d, h, w) once refresh() has run
+        self.query_texts = {}  # case ID -> query CoT, once index_queries() has run
         self._index()
 
     @classmethod
@@ -220,14 +224,57 @@ class ReferenceBank:
         return cls(case_ids, boxes, np.concatenate(morph), texts, images, device)
 
     def _index(self):
-        """Stage-1 and stage-2 structures, built once: scaler + kNN on morphology, BM25 on distinct texts."""
+        """Stage-1 and stage-2 structures, built once: scaler + kNN on morphology, BM25 on distinct texts,
+        and the device copies select_device() reads (the query tables too, if index_queries() has run)."""
         self.scaler = StandardScaler().fit(self.morph)
-        self.knn = NearestNeighbors(algorithm="kd_tree").fit(self.scaler.transform(self.morph))
+        z = self.scaler.transform(self.morph)  # (N, M) standardised morphology
+        self.knn = NearestNeighbors(algorithm="kd_tree").fit(z)
         cases, self.case_code = np.unique(self.case_ids, return_inverse=True)
         self.code_of = {c: i for i, c in enumerate(cases)}
         self.case_count = np.bincount(self.case_code)
         self.cot = CotIndex(self.texts)
         self.doc = np.array([self.cot.doc_of[t] for t in self.texts])
+        # the same on the device, for select_device
+        self.z = torch.as_tensor(z, dtype=torch.float32, device=self.device)  # (N, M)
+        self.z_mean = torch.as_tensor(self.scaler.mean_, dtype=torch.float32, device=self.device)  # (M,)
+        self.z_scale = torch.as_tensor(self.scaler.scale_, dtype=torch.float32, device=self.device)  # (M,)
+        self.entry_doc = torch.as_tensor(self.doc, device=self.device)  # (N,) entry -> distinct text
+        self.entry_code = torch.as_tensor(self.case_code, device=self.device)  # (N,) entry -> case code
+        self.index_queries(self.query_texts)  # BM25 depends on the bank's texts: redo it (or keep it empty)
+
+    def index_queries(self, case_texts):
+        """Precompute, for select_device, what a query brings: case_texts maps every case of the pool (labeled,
+        unlabeled, test) to its query CoT, fixed for the run, so each (query case, distinct bank text) BM25
+        score is computed once here instead of on the host at every step. On the bank's device:
+        query_bm25 (n_cases, n_docs) raw BM25 scores, query_code (n_cases,) the case's code in the bank (-1:
+        not in the bank, nothing to exclude), query_others (n_cases,) its number of other-case entries;
+        query_row maps a case ID to its row. _index() calls this again, so the tables follow the bank."""
+        self.query_texts = dict(case_texts)
+        ids = list(self.query_texts)
+        self.query_row = {c: r for r, c in enumerate(ids)}
+        codes = np.array([self.code_of.get(c, -1) for c in ids], np.int64)
+        others = len(self) - np.where(codes >= 0, self.case_count[np.maximum(codes, 0)], 0)
+        scores = self.cot.scores([self.query_texts[c] for c in ids], np.arange(len(self.cot.texts)))  # (docs, cases)
+        self.query_bm25 = torch.as_tensor(scores.T, dtype=torch.float32, device=self.device)  # (n_cases, n_docs)
+        self.query_code = torch.as_tensor(codes, device=self.device)  # (n_cases,)
+        self.query_others = torch.as_tensor(others, device=self.device)  # (n_cases,)
+
+    def query_rows(self, case_ids):
+        """(B,) long tensor on the device: each case ID's row of the query tables. A host-side lookup of
+        strings and one non-blocking copy; it refuses, from host metadata, a case unknown to index_queries
+        and a case with no patch of another case in the bank (it would have no reference to draw)."""
+        rows = []
+        for c in case_ids:
+            if c not in self.query_row:
+                raise ValueError(f"reference bank: case {c!r} has no query CoT; pass it to index_queries() "
+                                 f"({len(self.query_row)} cases indexed)")
+            rows.append(self.query_row[c])
+            if c in self.code_of and self.case_count[self.code_of[c]] == len(self):
+                raise ValueError(f"reference bank has no patches outside case {c!r}")
+        rows = torch.tensor(rows, dtype=torch.long)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()  # so that the copy below really is asynchronous
+        return rows.to(self.device, non_blocking=True)
 
     def __len__(self):
         return len(self.case_ids)
@@ -355,6 +402,81 @@ def select(bank, morph, texts, case_ids, cfg, rng=None):
 
 
 # -----------------------------------------------------------------------------
+# the same selection on the device, without host-device synchronisation
+
+def first_k(value, k, largest=False):
+    """Positions (B, k) of each row's k smallest (or largest) entries of value (B, n), in that order, equal
+    values by position (lowest first), as a stable sort would give them, at topk's cost. topk alone orders
+    ties arbitrarily, so it runs on an int64 key without ties: a float32's bit pattern read as an integer
+    orders the non-negative floats (inf included) and puts every negative one below them; times n, plus
+    the position (for largest: n - 1 - position)."""
+    n = value.shape[-1]
+    pos = torch.arange(n, device=value.device)
+    key = value.float().contiguous().view(torch.int32).long() * n + (n - 1 - pos if largest else pos)  # (B, n)
+    return key.topk(k, dim=-1, largest=largest).indices
+
+
+def stage1_key(bank, morph, codes, mode, generator):
+    """(B, N) non-negative sort key of every entry for each query, +inf on the query's own case: the
+    morphology distance (modes both, morph), 0 (cot: every other patch, in bank order) or a uniform
+    random number (random: its k smallest are a draw without replacement)."""
+    if mode in ("both", "morph"):
+        z = (morph.float() - bank.z_mean) / bank.z_scale  # (B, M), standardised as in neighbours()
+        key = torch.cdist(z, bank.z, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N), exact differences
+    elif mode == "cot":
+        key = torch.zeros(len(codes), len(bank), device=bank.device)
+    else:
+        key = torch.rand(len(codes), len(bank), device=bank.device, generator=generator)
+    return key.masked_fill(bank.entry_code == codes[:, None], float("inf"))
+
+
+@torch.no_grad()
+def select_device(bank, morph, rows, cfg, generator=None):
+    """select() on the bank's device without host-device synchronisation: morphology (B, M) on the device,
+    rows (B,) from bank.query_rows(case_ids) (the queries' texts and cases, see index_queries). Returns
+    indices (B, k_fine) long and weights (B, k_fine) float32 on the device.
+
+    Same rules as select(): own case excluded, scores divided by the best candidate's, tau, softmax weights,
+    the fill rule. Every shape is fixed: stage 1 keeps min(k1, N) candidates per query, own-case entries
+    last (their key is inf), and the first min(k1, other-case entries) of them count (k1: k_coarse for
+    both, k_fine for morph and random, N for cot). Differences from select(): distances are float32 and
+    equal distances are ordered by entry index (select() takes the kd-tree's order), so the two agree on
+    data without exact or float32-level ties; mode random draws from torch's `generator` (default: a fresh
+    one seeded with cfg.seed), not numpy's, so its picks differ from select()'s.
+    """
+    if cfg.retrieval not in MODES:
+        raise ValueError(f"retrieval={cfg.retrieval!r}: expected one of {MODES}")
+    if morph.ndim != 2 or morph.shape[0] != rows.shape[0]:
+        raise ValueError(f"select_device: morphology {tuple(morph.shape)} for {rows.shape[0]} query rows")
+    k, mode, n = cfg.k_fine, cfg.retrieval, len(bank)
+    if mode == "random" and generator is None:
+        generator = torch.Generator(bank.device).manual_seed(cfg.seed)
+    k1 = min(n, {"both": cfg.k_coarse, "cot": n}.get(mode, k))
+    codes = bank.query_code[rows]  # (B,)
+    cand = first_k(stage1_key(bank, morph, codes, mode, generator), k1)  # (B, k1) entries, stage-1 order
+    n_valid = bank.query_others[rows].clamp(max=k1)  # (B,) candidates of other cases: the first of cand
+    order = torch.arange(min(k, k1), device=bank.device).expand(len(rows), -1)  # (B, k') stage-1 order
+    count = n_valid.clamp(max=k)  # (B,) slots held by a pick; 1 / count each unless scores say otherwise
+    logit = torch.zeros(cand.shape, device=bank.device)  # (B, k1)
+    if mode in ("both", "cot"):  # stage 2: BM25 of the query case against each candidate's text
+        raw = bank.query_bm25[rows].gather(1, bank.entry_doc[cand])  # (B, k1)
+        valid = torch.arange(k1, device=bank.device) < n_valid[:, None]  # (B, k1) not an own-case entry
+        best = raw.masked_fill(~valid, 0).amax(1, keepdim=True)  # (B, 1); BM25 scores are >= 0
+        score = raw / best.clamp(min=torch.finfo(raw.dtype).tiny)  # best 1; all 0 when the best is 0
+        passed = valid & (score >= cfg.tau)  # (B, k1) not hard negatives
+        survivors = passed.sum(1).clamp(max=k)  # (B,)
+        ranked = first_k(score.masked_fill(~passed, -1.0), min(k, k1), largest=True)  # (B, k') best first
+        some = survivors > 0  # no survivor: stage-1 order, equal weights, as in select()
+        order = torch.where(some[:, None], ranked, order)
+        count = torch.where(some, survivors, count)
+        logit = torch.where(some[:, None], score / cfg.ref_temperature, logit)
+    slot = torch.arange(k, device=bank.device)  # fill rule: slot j repeats pick j mod count, weight 0
+    pick = order.gather(1, slot % count[:, None])  # (B, k) positions in cand
+    weights = logit.gather(1, pick).masked_fill(slot >= count[:, None], float("-inf")).softmax(1)  # (B, k)
+    return cand.gather(1, pick), weights
+
+
+# -----------------------------------------------------------------------------
 # explanation: text and figure
 
 def format_explanation(bank, sel, boxes=None):
@@ -400,7 +522,7 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
 # -----------------------------------------------------------------------------
 # latency benchmark on synthetic banks
 
-def synthetic_bank(n, patches_per_case=8, morph_dim=13, seed=0):
+def synthetic_bank(n, patches_per_case=8, morph_dim=13, seed=0, device="cpu"):
     """A bank of n entries without images: cases are clusters in morphology space, each with its own text
     of 4 fields x 12 words from a 2000-word vocabulary (Zipf-like use), shared by the case's patches."""
     rng = np.random.default_rng(seed)
@@ -416,29 +538,51 @@ def synthetic_bank(n, patches_per_case=8, morph_dim=13, seed=0):
     centres, texts = rng.normal(size=(n_cases, morph_dim)), [text() for _ in range(n_cases)]
     case = np.arange(n) // patches_per_case
     morph = centres[case] + 0.3 * rng.normal(size=(n, morph_dim))
-    bank = ReferenceBank([f"case{c}" for c in case], np.zeros((n, 6)), morph, [texts[c] for c in case])
+    bank = ReferenceBank([f"case{c}" for c in case], np.zeros((n, 6)), morph, [texts[c] for c in case],
+                         device=device)
     return bank, text
 
 
+def median_time(fn, runs, warmup, sync=lambda: None):
+    """Median wall and process CPU seconds of fn() over `runs` calls after `warmup`; sync() (a device
+    synchronisation) runs before each clock reading so that queued device work is counted."""
+    wall, cpu = [], []
+    for _ in range(warmup + runs):
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        wall.append(time.perf_counter() - t0), cpu.append(time.process_time() - c0)
+    return float(np.median(wall[warmup:])), float(np.median(cpu[warmup:]))
+
+
 def benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=20, seed=0):
-    """Median wall time of one select() call for `batch` queries (half labeled, half not) per bank size;
-    the process's CPU time is printed beside it, as other load on the machine inflates wall time."""
+    """Median wall time of one selection for `batch` queries (half labeled, half not) per bank size: select()
+    (numpy, on the host) and select_device() with its query_rows() lookup (on CUDA when available, else on
+    the CPU). The process's CPU time is printed beside each, as other load on the machine inflates wall
+    time (and torch's CPU threads suffer most from it).
+    Returns {size: {"select": seconds, "select_device": seconds}}."""
     cfg = SimpleNamespace(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     result = {}
     for n in sizes:
-        bank, text = synthetic_bank(n, seed=seed)
+        bank, text = synthetic_bank(n, seed=seed, device=device)
         rng = np.random.default_rng(seed + 1)
         morph = bank.morph[rng.integers(0, n, batch)] + 0.1 * rng.normal(size=(batch, bank.morph.shape[1]))
-        ids = [bank.case_ids[int(rng.integers(0, n))] if i % 2 == 0 else None for i in range(batch)]
-        texts = [text() for _ in range(batch)]
-        wall, cpu = [], []
-        for r in range(warmup + runs):
-            t0, c0 = time.perf_counter(), time.process_time()
-            select(bank, morph, texts, ids, cfg)
-            wall.append(time.perf_counter() - t0), cpu.append(time.process_time() - c0)
-        result[n] = float(np.median(wall[warmup:]))
-        print(f"bank {n:>7} entries ({len(bank.cot.texts)} distinct texts): select {batch} queries "
-              f"{1e3 * result[n]:.2f} ms wall, {1e3 * np.median(cpu[warmup:]):.2f} ms CPU (median of {runs})")
+        ids = [bank.case_ids[int(rng.integers(0, n))] if i % 2 == 0 else f"unlabeled{i}" for i in range(batch)]
+        case_texts = {c: text() for c in ids}
+        texts = [case_texts[c] for c in ids]
+        bank.index_queries(case_texts)
+        own = [c if c in bank.code_of else None for c in ids]
+        numpy_s, cpu_s = median_time(lambda: select(bank, morph, texts, own, cfg), runs, warmup)
+        morph_dev = torch.as_tensor(morph, dtype=torch.float32, device=device)  # (B, M)
+        device_s, device_cpu_s = median_time(lambda: select_device(bank, morph_dev, bank.query_rows(ids), cfg),
+                                             runs, warmup, sync)
+        result[n] = {"select": numpy_s, "select_device": device_s}
+        print(f"bank {n:>7} entries ({len(bank.cot.texts)} distinct texts), {batch} queries: select "
+              f"{1e3 * numpy_s:.2f} ms wall ({1e3 * cpu_s:.2f} ms CPU), select_device on {device.type} "
+              f"{1e3 * device_s:.2f} ms wall ({1e3 * device_cpu_s:.2f} ms CPU) (medians of {runs})")
     return result
 
 

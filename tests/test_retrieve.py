@@ -1,5 +1,6 @@
 """Reference selection (retrieve.py): tokenizer, BM25 against rank-bm25, leave-one-case-out, hard negatives,
-the fill rule, determinism, the bank's refresh and checkpointing, and retrieval quality on real LLM CoTs."""
+the fill rule, determinism, the device path against select(), the bank's refresh and checkpointing, and
+retrieval quality on real LLM CoTs."""
 import csv
 import io
 import re
@@ -11,7 +12,7 @@ import torch
 from rank_bm25 import BM25Okapi
 
 import retrieve
-from retrieve import ReferenceBank, cot_scores, crop, grid_boxes, select, tokenize
+from retrieve import ReferenceBank, cot_scores, crop, grid_boxes, select, select_device, tokenize
 
 
 def settings(**kw):
@@ -160,6 +161,116 @@ def test_unknown_mode_and_lonely_case_fail_loudly():
         select(lonely, np.zeros((1, 2)), [QUERY], ["A"], settings())
 
 
+# ----------------------------------------------------------------------------- the device path
+
+def assert_device_matches(bank, morph, case_texts, ids, cfg):
+    """select_device == select() for these queries (case IDs indexed with their texts by index_queries):
+    the same entries in the same slots, the same weights. Returns select()'s Selection."""
+    expected = select(bank, morph, [case_texts[c] for c in ids], [c if c in bank.code_of else None for c in ids], cfg)
+    indices, weights = select_device(bank, torch.as_tensor(morph, dtype=torch.float32), bank.query_rows(ids), cfg)
+    assert indices.dtype == torch.long and weights.dtype == torch.float32
+    np.testing.assert_array_equal(indices.numpy(), expected.indices, err_msg=f"{cfg}")
+    np.testing.assert_allclose(weights.numpy(), expected.weights, rtol=1e-5, atol=1e-6, err_msg=f"{cfg}")
+    return expected
+
+
+def test_device_path_matches_select_on_hand_banks():
+    # the selection tests' situations: hard negatives, all survive, one survivor, no text evidence,
+    # fewer other-case candidates than k_coarse and than k_fine; distances here have no ties
+    case_texts = {"query": QUERY, "B": QUERY, "A": COT["A"], "zebra": "Summary: zebra quokka."}
+    morph = np.array([[0.0, 0.0, 0.0], [1.2, 0.0, 0.3], [0.5, 0.0, -0.2], [2.0, 0.0, 0.0]])
+    ids = list(case_texts)
+    for bank in (hand_bank(), hand_bank(patches=1)):
+        bank.index_queries(case_texts)
+        for mode in ("both", "morph", "cot"):
+            for kw in (dict(k_coarse=6, k_fine=2), dict(k_coarse=8, k_fine=3, tau=0.0), dict(k_coarse=4, tau=0.99),
+                       dict(k_coarse=4, k_fine=5, tau=0.0), dict(k_coarse=3, k_fine=9, tau=0.5)):
+                assert_device_matches(bank, morph, case_texts, ids, settings(retrieval=mode, **kw))
+
+
+def test_device_path_matches_select_on_synthetic_bank():
+    # 300 cases of 3 patches; 120 queries near random entries, even ones of a bank case (excluded), odd
+    # ones of cases outside the bank; tau from "nobody survives" through "some" to "everybody"
+    bank, text = retrieve.synthetic_bank(900, patches_per_case=3, seed=3)
+    rng = np.random.default_rng(4)
+    ids = [bank.case_ids[i] if j % 2 == 0 else f"unlabeled{j}" for j, i in enumerate(rng.integers(0, len(bank), 120))]
+    case_texts = {c: text() for c in ids}
+    bank.index_queries(case_texts)
+    morph = bank.morph[rng.integers(0, len(bank), len(ids))] + 0.3 * rng.normal(size=(len(ids), bank.morph.shape[1]))
+    k = 4
+    for mode in ("both", "morph", "cot"):
+        filled = {}
+        for tau in (1.01, 0.95, 0.5, 0.0):
+            sel = assert_device_matches(bank, morph, case_texts, ids, settings(retrieval=mode, k_fine=k, tau=tau))
+            filled[tau] = sel.n_filled
+        if mode != "morph":  # the tau values give every regime of the fill rule: no survivor, some, all
+            assert (filled[1.01] == k).all() and (filled[0.0] == 0).all()
+            assert ((filled[0.95] > 0) & (filled[0.95] < k)).any()
+
+
+def test_device_random_draws():
+    bank, text = retrieve.synthetic_bank(400, seed=5)
+    ids = [bank.case_ids[i] for i in range(0, 400, 10)]  # 40 queries of 40 bank cases
+    bank.index_queries({c: text() for c in ids})
+    rows, morph = bank.query_rows(ids), torch.zeros(len(ids), bank.morph.shape[1])
+    cfg = settings(retrieval="random", k_fine=6)
+
+    def draw(seed):
+        return select_device(bank, morph, rows, cfg, torch.Generator().manual_seed(seed))
+    (a, w), (b, _), (c, _) = draw(0), draw(0), draw(1)
+    own = np.array([[bank.case_ids[i] == q for i in row] for row, q in zip(a.tolist(), ids)])
+    assert not own.any()  # never the query's own case
+    assert all(len(set(row)) == 6 for row in a.tolist())  # without replacement
+    np.testing.assert_allclose(w.numpy(), 1 / 6)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # reproducible, and the seed matters
+    assert torch.equal(select_device(bank, morph, rows, cfg)[0], select_device(bank, morph, rows, cfg)[0])  # cfg.seed
+    # fewer other-case entries than k_fine: all of them, repeated with weight 0, as select() does
+    small = hand_bank(patches=1)
+    small.index_queries({"B": QUERY})
+    idx, w = select_device(small, torch.zeros(1, 3), small.query_rows(["B"]), settings(retrieval="random", k_fine=5))
+    assert sorted(small.case_ids[i] for i in idx[0, :3].tolist()) == ["A", "C", "D"]
+    assert idx[0, 3:].tolist() == idx[0, :2].tolist()
+    np.testing.assert_allclose(w[0].numpy(), [1 / 3, 1 / 3, 1 / 3, 0, 0], rtol=1e-6)
+
+
+def test_device_tables_follow_the_bank():
+    lonely = ReferenceBank(["A", "A"], np.zeros((2, 6)), np.eye(2), [COT["A"]] * 2)
+    lonely.index_queries({"A": QUERY, "U": QUERY})
+    with pytest.raises(ValueError, match="outside case 'A'"):
+        lonely.query_rows(["U", "A"])
+    with pytest.raises(ValueError, match="'V' has no query CoT"):
+        lonely.query_rows(["V"])
+    # load_state_dict re-indexes: the loaded morphology and texts, the queries indexed before it
+    bank, text = retrieve.synthetic_bank(200, seed=6)
+    other, _ = retrieve.synthetic_bank(200, seed=7)  # same cases and boxes, other morphology and texts
+    case_texts = {"case3": text(), "case20": text(), "new": text()}
+    bank.index_queries(case_texts)
+    bank.load_state_dict(other.state_dict())
+    other.index_queries(case_texts)
+    np.testing.assert_array_equal(bank.query_bm25.numpy(), other.query_bm25.numpy())
+    np.testing.assert_array_equal(bank.z.numpy(), other.z.numpy())
+    ids = ["case3", "new", "case20", "new"]
+    morph = other.morph[[24, 90, 160, 7]] + 0.1
+    for mode in ("both", "cot"):
+        assert_device_matches(bank, morph, case_texts, ids, settings(retrieval=mode))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_path_does_not_synchronise():
+    bank, text = retrieve.synthetic_bank(2000, seed=8, device="cuda")
+    ids = ["case1", "elsewhere", "case40", "case7"]
+    bank.index_queries({c: text() for c in ids})
+    rows, morph = bank.query_rows(ids), torch.as_tensor(bank.morph[[3, 50, 400, 9]], device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        for mode in retrieve.MODES:
+            select_device(bank, morph, rows, settings(retrieval=mode), generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 # ----------------------------------------------------------------------------- the bank
 
 def test_grid_covers_volume_and_pads_short_axes():
@@ -233,7 +344,7 @@ def test_explanation_text_and_figure(tmp_path):
 
 def test_benchmark_runs():
     result = retrieve.benchmark(sizes=(100,), runs=5, warmup=1)
-    assert 0 < result[100] < 1.0
+    assert 0 < result[100]["select"] < 1.0 and 0 < result[100]["select_device"] < 1.0
 
 
 # ----------------------------------------------------------------------------- real LLM CoTs
