@@ -143,9 +143,45 @@ def load_references(cfg, ckpt, device):
     volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False)
     bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
     bank.load_state_dict(ckpt["bank"])
+    bank.index_queries(ckpt["pool"]["image"])
     if bank.features is None:
         raise SystemExit("checkpoint: the reference bank has no features (stopped before the reference warm-up)")
     return bank, ckpt["pool"]["image"]
+
+
+def predictor(model, cfg, case_id, bank=None, fast=False):
+    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, 2, *patch) foreground probabilities of
+    decoder A and decoder B. With a reference bank each batch of windows takes the training path: decoder B
+    first, its prediction's morphology and the case's image-only CoT select references, decoder A fuses them."""
+    import train
+
+    def predict(x):
+        if fast:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast):
+            feats = model.encoder(x)
+            b = model.decoder_b(feats)
+            refs = weights = None
+            if bank is not None:
+                refs, weights, _ = train.query_references(bank, b, [case_id] * len(x), cfg)
+            a = model.decode_a(feats, refs, weights)
+        return torch.stack([a.float().softmax(1)[:, 1], b.float().softmax(1)[:, 1]], 1)
+    return predict
+
+
+@torch.no_grad()
+def plot_references(png, model, bank, image_cots, cfg, case_id, device):
+    """references.png for the case's first window (at the volume's origin), explained by retrieve.select,
+    the readable twin of the device path that chose the references during testing."""
+    import data
+    import pool
+    import retrieve
+    image, _ = data.read_case(data.case_path(cfg.data_root, case_id))
+    box = (0, 0, 0, *cfg.patch_size)
+    window = retrieve.crop(image, box)                                  # (*patch), zero outside the volume
+    mask = (model.predict_b(torch.from_numpy(window)[None, None].to(device)).argmax(1) == 1).cpu().numpy()
+    selection = retrieve.select(bank, pool.morphology_batch(mask), [image_cots[case_id]], [case_id], cfg)
+    return retrieve.plot_explanation(png, window, [box], bank, selection, max_rows=1)
 
 
 def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
@@ -154,7 +190,6 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
     With references, every batch of windows takes the training path: decoder B first, its prediction's
     morphology and the case's image-only CoT select references, then decoder A fuses their context."""
     import data
-    import retrieve
     import train
     from tqdm import tqdm
     device = torch.device(device) if device else train.resolve_device(train.Config())
@@ -163,30 +198,15 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
     out = Path(out_dir or Path(cfg.out_dir) / "test")
     out.mkdir(parents=True, exist_ok=True)
     split = data.load_split(cfg.data_root, cfg.num_labeled)
-    fast = cfg.amp and device.type == "cuda"
-    chosen = []                                          # the first window batch's references, for the figure
-
-    def predictor(case_id):
-        def predict(x):                                  # (N, 1, *patch) -> (N, 2, *patch): decoder A, decoder B
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-                feats = model.encoder(x)
-                b = model.decoder_b(feats)
-                refs = weights = None
-                if bank is not None:
-                    refs, weights, selection = train.query_references(bank, b, [image_cots[case_id]] * len(x),
-                                                                      [case_id] * len(x), cfg)
-                    if not chosen:
-                        chosen.append((x[:, 0].float().cpu().numpy(), selection))
-                a = model.decode_a(feats, refs, weights)
-            return torch.stack([a.float().softmax(1)[:, 1], b.float().softmax(1)[:, 1]], 1)
-        return predict
-
+    fast = cfg.amp and device.type == "cuda"                             # bf16 autocast + channels-last 3D
+    if fast:
+        model = model.to(memory_format=torch.channels_last_3d)
     rows, shown, seconds = [], [], []
     for case_id in tqdm(split.test, desc="testing", disable=not progress, leave=False):
         image, label = data.read_case(data.case_path(cfg.data_root, case_id))
         t = time.time()
-        prob = sliding_window(predictor(case_id), image, cfg.patch_size, cfg.stride_xy, cfg.stride_z,
-                              cfg.window_batch, device)
+        prob = sliding_window(predictor(model, cfg, case_id, bank, fast), image, cfg.patch_size, cfg.stride_xy,
+                              cfg.stride_z, cfg.window_batch, device)
         seconds.append(time.time() - t)
         gt = label.astype(bool)
         pred = prob.mean(0) > 0.5                                        # mean of both decoders
@@ -209,10 +229,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(rows, summary, cfg, ckpt["iter"], lcc)
     figures = [plot_cases(shown, out / "predictions.png")]
-    if chosen:
-        windows, selection = chosen[0]                  # the first window of the first test case, as its query
-        figures.append(retrieve.plot_explanation(out / "references.png", windows[0], [(0, 0, 0, *cfg.patch_size)],
-                                                 bank, selection, max_rows=1))
+    if bank is not None:                                # why the first test case's first window got its references
+        figures.append(plot_references(out / "references.png", model, bank, image_cots, cfg, split.test[0], device))
     print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, " + ", ".join(str(f) for f in figures))
     return summary
 

@@ -10,11 +10,13 @@ follow the teacher's sharpened prediction, and each other's (cross-decoder consi
 sigmoid ramp-up. The teacher is an exponential moving average (EMA) of the student.
 """
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -86,6 +89,7 @@ class Config:
     # runtime
     device: str = "auto"              # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     amp: bool = True                  # bf16 autocast + channels-last 3D on CUDA (fp32 on CPU)
+    compile: bool = False             # torch.compile the encoder and decoders (slow first steps, then faster)
     log_every: int = 20               # CSV log and progress-bar interval
     ckpt_every: int = 1000            # checkpoint interval
     out_dir: str = ""                 # "" = runs/<exp>
@@ -192,12 +196,14 @@ def sharpen(p, t):
 @torch.no_grad()
 def ema_update(teacher, student, decay, it):
     """teacher = decay * teacher + (1 - decay) * student, for parameters and float buffers (BN statistics).
-    The decay is lowered early on (1 - 1/(it+1)) so the teacher is not stuck at the random init."""
+    The decay is lowered early on (1 - 1/(it+1)) so the teacher is not stuck at the random init.
+    One fused (foreach) update for all tensors: per-tensor kernels would cost more than the arithmetic."""
     decay = min(1.0 - 1.0 / (it + 1), decay)
-    for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
-        if t.dtype.is_floating_point:
-            t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
-        else:
+    pairs = list(zip(teacher.state_dict().values(), student.state_dict().values()))
+    floats = [(t, s) for t, s in pairs if t.dtype.is_floating_point]
+    torch._foreach_lerp_([t for t, _ in floats], [s.detach() for _, s in floats], 1.0 - decay)
+    for t, s in pairs:
+        if not t.dtype.is_floating_point:
             t.copy_(s)
 
 
@@ -206,7 +212,7 @@ def ema_update(teacher, student, decay, it):
 def rng_state():
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()     # this process's device only
     return state
 
 
@@ -215,7 +221,7 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(path, **state):
@@ -232,161 +238,312 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- several processes (torchrun)
 
-def prepare_data(cfg):
+@dataclass
+class World:
+    """This process's place among the training processes: one, or torchrun's N (one per GPU)."""
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0                          # the process that writes logs, checkpoints and caches
+
+
+def init_world(cfg):
+    """The process group and this process's device. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK;
+    CUDA processes talk over NCCL, CPU processes over gloo (what the test suite uses)."""
+    device = resolve_device(cfg)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return World(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size()), device
+
+
+@contextlib.contextmanager
+def main_first(world):
+    """Rank 0 runs the block first (writes the phantom, asks the LLM, fills the CoT cache); the other
+    ranks then run it and find everything done, so no file is written by two processes at once."""
+    if world.size > 1 and not world.main:
+        dist.barrier()
+    yield
+    if world.size > 1 and world.main:
+        dist.barrier()
+
+
+def average_buffers(module, world):
+    """Mean of the float buffers (batch-norm statistics) over the ranks. Parameters agree by construction
+    (same start, all-reduced gradients); running statistics follow each rank's own batches."""
+    if world.size > 1:
+        buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
+        flat = torch.nn.utils.parameters_to_vector(buffers)
+        dist.all_reduce(flat)
+        torch.nn.utils.vector_to_parameters(flat / world.size, buffers)
+
+
+def check_consistent(world, tensors):
+    """Raise unless every rank holds the same values in each named tensor (sums compared in float64)."""
+    if world.size == 1:
+        return
+    sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors.values()])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = [name for name, a, b in zip(tensors, low.tolist(), high.tolist()) if a != b]
+    if differ:
+        raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. {differ[:3]}")
+
+
+def gather(world, obj):
+    """Every rank's obj, in rank order (for the per-rank sampler and RNG states in a checkpoint)."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- the step
+
+def prepare_data(cfg, world=World()):
     """The split and the in-memory volumes (the phantom is written first when the config asks for it).
     With references on, the test cases are read too: the knowledge pool describes every image."""
     import data
     if cfg.phantom:
         import phantom
-        phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
-                               shape=tuple(cfg.phantom_shape), seed=0)
+        with main_first(world):
+            phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
+                                   shape=tuple(cfg.phantom_shape), seed=0)
     split = data.load_split(cfg.data_root, cfg.num_labeled)
     ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
-    return split, data.load_volumes(cfg.data_root, ids)
+    return split, data.load_volumes(cfg.data_root, ids, progress=world.main)
 
 
-def query_references(bank, logits_b, texts, case_ids, cfg, rng=None):
-    """DESIGN §1.2 at work: decoder B's prediction -> morphology -> kNN + BM25 -> the references' features.
+@dataclass
+class Run:
+    """What a training step reads and updates (built by setup(); train() adds the loop around it)."""
+    cfg: Config
+    device: torch.device
+    world: World
+    student: torch.nn.Module
+    net: torch.nn.Module               # what the step calls: the student, or its DistributedDataParallel wrapper
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: typing.Any                # data.BatchSampler
+    bank: typing.Any = None            # retrieve.ReferenceBank, when references are on
+    cots: typing.Any = None            # pool.CotTexts, when references are on
+    ref_gen: torch.Generator = None    # the draws of the "random" retrieval ablation
+    bf16: bool = False                 # bf16 autocast (fp32 weights, optimiser and losses)
+    channels_last: bool = False        # channels-last 3D activations and weights
 
-    logits_b (B, 2, X, Y, Z); texts: each query's image-only CoT; case_ids: each query's own case
-    (a labeled query never retrieves its own patches). Returns refs (B, K, C, d, h, w), weights (B, K)
-    and the retrieve.Selection that explains them."""
-    import pool
-    import retrieve
-    masks = (logits_b.argmax(1) == 1).cpu().numpy()                     # (B, X, Y, Z), the query morphology
-    selection = retrieve.select(bank, pool.morphology_batch(masks), texts, case_ids, cfg, rng)
-    refs, weights = bank.context(selection)
-    return refs, weights, selection
+    @property
+    def memory_format(self):
+        return torch.channels_last_3d if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def train(cfg, resume=False, progress=True, stop_at=None):
-    """Train one experiment; returns the path of the last checkpoint.
+def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
+    """Networks, optimiser, batch sampler, knowledge pool and reference bank for one run.
 
-    stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run)."""
+    fast: bf16 autocast + channels-last 3D; default: cfg.amp on CUDA (the CPU path stays fp32)."""
     import data
     from model import build_model
-    from tqdm import tqdm
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg)
-    fast = cfg.amp and device.type == "cuda"           # bf16 autocast + channels-last 3D
-    print(f"config ({device}{', bf16 + channels-last' if fast else ', fp32'}):")
-    print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-
-    seed_everything(cfg.seed)
-    split, volumes = prepare_data(cfg)
-    sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, cfg.labeled_bs, cfg.batch_size,
-                                cfg.patch_size, device, cfg.seed)
+    fast = cfg.amp and device.type == "cuda" if fast is None else fast
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True          # fixed patch size: let cuDNN pick the fastest kernels
+    seed_everything(cfg.seed)                          # the same initial weights on every rank
     memory_format = torch.channels_last_3d if fast else torch.contiguous_format
     student = build_model(cfg).to(device, memory_format=memory_format)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    if cfg.compile:                                    # in place: state_dict keys stay as they are
+        for net in (student, teacher):
+            for part in (net.encoder, net.decoder_a, net.decoder_b):
+                part.compile()
+    net = student
+    if world.size > 1:                                 # before the warm-up the MCAM parameters get no gradient
+        net = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=cfg.references)
+    torch.manual_seed(cfg.seed + world.rank)           # each rank its own noise and dropout
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-    bank = cots = None
-    ref_rng = np.random.default_rng(cfg.seed)                          # draws of the "random" ablation
-    if cfg.references:                                                 # knowledge pool and reference bank
+    sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, cfg.labeled_bs, cfg.batch_size,
+                                cfg.patch_size, device, cfg.seed + world.rank)
+    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, bf16=fast, channels_last=fast,
+              ref_gen=torch.Generator(device).manual_seed(cfg.seed + world.rank))
+    if cfg.references:                                 # knowledge pool and reference bank
         import pool
         import retrieve
-        cots = pool.build_pool(cfg, split, volumes, progress=progress)
-        bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, cots.mask, device)
-        print(f"reference bank: {len(bank)} labeled patches; references from iteration {cfg.ref_warmup}")
+        with main_first(world):
+            run.cots = pool.build_pool(cfg, split, volumes, progress=progress and world.main)
+        run.bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, run.cots.mask, device)
+        run.bank.index_queries(run.cots.image)
+    return run
+
+
+def query_references(bank, logits_b, case_ids, cfg, generator=None):
+    """DESIGN §1.2 at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> features.
+
+    logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
+    labeled query never retrieves its own patches). Returns refs (B, K, C, d, h, w), weights (B, K) and
+    the chosen bank entries (B, K).
+    On CUDA nothing here waits for the GPU (pool.morphology_torch, retrieve.select_device), so the step
+    keeps the GPU queue full; both are tested against their numpy twins."""
+    import pool
+    import retrieve
+    masks = logits_b.argmax(1) == 1                                       # (B, X, Y, Z)
+    if masks.is_cuda:                                                     # (B, M), the query morphology
+        morph = pool.morphology_torch(masks)
+    else:                                                                 # no GPU to keep busy: numpy is faster
+        morph = torch.from_numpy(pool.morphology_batch(masks.numpy()))
+    indices, weights = retrieve.select_device(bank, morph, bank.query_rows(case_ids), cfg, generator)
+    return bank.features[indices], weights, indices
+
+
+def train_step(run, it, image, label, ids):
+    """One iteration on a batch (labeled patches first): teacher targets, references, student losses,
+    SGD step, EMA teacher. Returns the losses as device tensors (reading them is the caller's choice)."""
+    cfg, student, teacher, bank = run.cfg, run.student, run.teacher, run.bank
+    n_lab = cfg.labeled_bs
+    image = image.contiguous(memory_format=run.memory_format)              # (B, 1, X, Y, Z)
+
+    # 1. references (after the warm-up): the bank follows the teacher's encoder every bank_refresh
+    #    iterations; each patch's query is the teacher's decoder-B prediction and its image-only CoT
+    use_refs = bank is not None and it >= cfg.ref_warmup
+    if use_refs and (it - cfg.ref_warmup) % cfg.bank_refresh == 0:
+        with torch.no_grad(), run.autocast():
+            bank.refresh(lambda x: teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1],
+                         cfg.bank_momentum)
+        if run.world.size > 1:
+            dist.broadcast(bank.features, 0)                              # bit-identical banks on every rank
+
+    # 2. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened)
+    with torch.no_grad(), run.autocast():
+        t_in = image if use_refs else image[n_lab:]                        # labeled patches query references too
+        noise = (torch.randn_like(t_in) * cfg.teacher_noise).clamp(-2 * cfg.teacher_noise, 2 * cfg.teacher_noise)
+        feats = teacher.encoder(t_in + noise)
+        t_b = teacher.decoder_b(feats)                                     # (B or Bu, 2, X, Y, Z)
+        refs = weights = refs_u = weights_u = None
+        if use_refs:
+            refs, weights, _ = query_references(bank, t_b, ids, cfg, run.ref_gen)  # (B, K, C, d, h, w), (B, K)
+            feats, t_b, refs_u, weights_u = [f[n_lab:] for f in feats], t_b[n_lab:], refs[n_lab:], weights[n_lab:]
+        t_a = teacher.decode_a(feats, refs_u, weights_u)
+        p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
+        target = sharpen(p_teacher, cfg.sharpen_t)
+
+    # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
+    with run.autocast():
+        logits_a, logits_b = run.net(image, refs, weights)                 # (B, 2, X, Y, Z) each
+    loss_sup = supervised_loss(logits_a[:n_lab], label) + supervised_loss(logits_b[:n_lab], label)
+    p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
+    p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
+    loss_mt = F.mse_loss(p_a, target) + F.mse_loss(p_b, target)
+    loss_cross = (F.mse_loss(p_a, sharpen(p_b, cfg.sharpen_t).detach())
+                  + F.mse_loss(p_b, sharpen(p_a, cfg.sharpen_t).detach()))
+    w = consistency_weight(it, cfg)
+    loss = loss_sup + w * (loss_mt + loss_cross)
+
+    # 4. SGD step with the scheduled learning rate, then the teacher follows
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(it, cfg)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    ema_update(teacher, student, cfg.ema_decay, it)
+    average_buffers(teacher, run.world)
+    return {"loss": loss.detach(), "sup": loss_sup.detach(), "cons": (loss_mt + loss_cross).detach()}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg, resume=False, progress=True, stop_at=None):
+    """Train one experiment; returns the path of the last checkpoint.
+
+    stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run).
+    Under torchrun every rank trains on its own batches; rank 0 alone prints, logs and checkpoints."""
+    from tqdm import tqdm
+    world, device = init_world(cfg)
+    out = Path(cfg.out_dir)
+    progress = progress and world.main
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"config ({device}, {world.size} process(es)):")
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    split, volumes = prepare_data(cfg, world)
+    run = setup(cfg, split, volumes, device, world, progress=progress)
+    if world.main:
+        print(f"precision: {'bf16 autocast + channels-last 3D' if run.bf16 else 'fp32'}"
+              + (f"; reference bank: {len(run.bank)} labeled patches, references from iteration {cfg.ref_warmup}"
+                 if run.bank is not None else ""))
 
     start, ckpt_path, log_path = 0, out / "ckpt_last.pt", out / "log.csv"
     if resume:
         if not ckpt_path.exists():
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sampler.load_state_dict(ckpt["sampler"])
-        set_rng_state(ckpt["rng"])
-        if bank is not None:
-            bank.load_state_dict(ckpt["bank"])
-            ref_rng.bit_generator.state = ckpt["ref_rng"]
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
+        if len(ckpt["ranks"]) != world.size:
+            raise SystemExit(f"--resume: {ckpt_path} was written by {len(ckpt['ranks'])} process(es); "
+                             f"resume it with the same number, not {world.size}")
+        run.student.load_state_dict(ckpt["student"])
+        run.teacher.load_state_dict(ckpt["teacher"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        mine = ckpt["ranks"][world.rank]
+        run.sampler.load_state_dict(mine["sampler"])
+        set_rng_state(mine["rng"])
+        run.ref_gen.set_state(mine["ref_gen"].cpu())
+        if run.bank is not None:
+            run.bank.load_state_dict(ckpt["bank"])
         start = ckpt["iter"]
-        print(f"resumed {ckpt_path} at iteration {start}")
+        print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     columns = ["iter", "lr", "loss", "sup", "cons", "cons_w", "seconds"]
-    if not (resume and log_path.exists()):
+    if world.main and not (resume and log_path.exists()):
         log_path.write_text(",".join(columns) + "\n")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
-    n_lab = cfg.labeled_bs
 
-    student.train()
-    teacher.eval()                                     # the teacher uses its EMA statistics, no dropout
+    run.student.train()
+    run.teacher.eval()                                 # the teacher uses its EMA statistics, no dropout
     t0 = time.time()
     end = min(stop_at or cfg.max_iters, cfg.max_iters)
     bar = tqdm(range(start, end), initial=start, total=cfg.max_iters, desc=cfg.exp, disable=not progress)
     for it in bar:
-        # 1. batch: labeled patches first, then unlabeled ones
-        image, label, ids = sampler.next()                              # (B, 1, X, Y, Z), (Lb, X, Y, Z)
-        image = image.contiguous(memory_format=memory_format)
+        image, label, ids = run.sampler.next()         # (B, 1, X, Y, Z), (Lb, X, Y, Z): labeled first
+        losses = train_step(run, it, image, label, ids)
 
-        # 2. references (after the warm-up): the bank follows the teacher's encoder every bank_refresh
-        #    iterations; each patch's query is the teacher's decoder-B prediction and its image-only CoT
-        use_refs = bank is not None and it >= cfg.ref_warmup
-        if use_refs and (it - cfg.ref_warmup) % cfg.bank_refresh == 0:
-            with torch.no_grad(), autocast:
-                bank.refresh(lambda x: teacher.encoder(x)[-1], cfg.bank_momentum)
-
-        # 3. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened)
-        with torch.no_grad(), autocast:
-            t_in = image if use_refs else image[n_lab:]                  # labeled patches query references too
-            noisy = t_in + (torch.randn_like(t_in) * cfg.teacher_noise).clamp(-2 * cfg.teacher_noise,
-                                                                            2 * cfg.teacher_noise)
-            feats = teacher.encoder(noisy)
-            t_b = teacher.decoder_b(feats)                               # (B or Bu, 2, X, Y, Z)
-            refs = weights = refs_u = weights_u = None
-            if use_refs:
-                refs, weights, _ = query_references(bank, t_b, [cots.image[i] for i in ids], ids, cfg, ref_rng)
-                feats, t_b, refs_u, weights_u = [f[n_lab:] for f in feats], t_b[n_lab:], refs[n_lab:], weights[n_lab:]
-            t_a = teacher.decode_a(feats, refs_u, weights_u)
-            p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
-            target = sharpen(p_teacher, cfg.sharpen_t)
-
-        # 4. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
-        with autocast:
-            logits_a, logits_b = student(image, refs, weights)           # (B, 2, X, Y, Z) each
-        loss_sup = supervised_loss(logits_a[:n_lab], label) + supervised_loss(logits_b[:n_lab], label)
-        p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                  # (Bu, X, Y, Z)
-        p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
-        loss_mt = F.mse_loss(p_a, target) + F.mse_loss(p_b, target)
-        loss_cross = (F.mse_loss(p_a, sharpen(p_b, cfg.sharpen_t).detach())
-                      + F.mse_loss(p_b, sharpen(p_a, cfg.sharpen_t).detach()))
-        w = consistency_weight(it, cfg)
-        loss = loss_sup + w * (loss_mt + loss_cross)
-
-        # 5. SGD step with the scheduled learning rate, then the teacher follows
-        lr = lr_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        ema_update(teacher, student, cfg.ema_decay, it)
-
-        # 6. log (the only host-device synchronisation) and checkpoint
+        # log (the only host-device synchronisation; the losses are averaged over the ranks) and checkpoint
         done = it + 1
         if done % cfg.log_every == 0 or done == cfg.max_iters:
-            row = [done, lr, loss.item(), loss_sup.item(), (loss_mt + loss_cross).item(), w, time.time() - t0]
-            with open(log_path, "a", newline="") as f:
-                csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-            bar.set_postfix(loss=f"{row[2]:.3f}", sup=f"{row[3]:.3f}", cons=f"{row[4]:.4f}", lr=f"{lr:.4f}")
+            values = torch.stack(list(losses.values()))
+            if world.size > 1:
+                dist.all_reduce(values)
+                values /= world.size
+            loss, sup, cons = values.tolist()
+            row = [done, lr_at(it, cfg), loss, sup, cons, consistency_weight(it, cfg), time.time() - t0]
+            if world.main:
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+            bar.set_postfix(loss=f"{loss:.3f}", sup=f"{sup:.3f}", cons=f"{cons:.4f}", lr=f"{row[1]:.4f}")
         if done % cfg.ckpt_every == 0 or done == end:
-            save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), iter=done, student=student.state_dict(),
-                            teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                            sampler=sampler.state_dict(), rng=rng_state(), ref_rng=ref_rng.bit_generator.state,
-                            bank=bank.state_dict() if bank is not None else None,
-                            pool={"mask": cots.mask, "image": cots.image} if cots is not None else None)
+            check_consistent(world, {**{f"teacher.{k}": v for k, v in run.teacher.state_dict().items()},
+                                     **({"bank.features": run.bank.features}
+                                        if run.bank is not None and run.bank.features is not None else {})})
+            ranks = gather(world, {"sampler": run.sampler.state_dict(), "rng": rng_state(),
+                                   "ref_gen": run.ref_gen.get_state()})
+            if world.main:
+                save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), iter=done, world_size=world.size,
+                                student=run.student.state_dict(), teacher=run.teacher.state_dict(),
+                                optimizer=run.optimizer.state_dict(), ranks=ranks,
+                                bank=run.bank.state_dict() if run.bank is not None else None,
+                                pool={"mask": run.cots.mask, "image": run.cots.image} if run.cots else None)
     bar.close()
-    print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
-    plot_curves(log_path, out / "curves.png")
+    if world.main:
+        print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
+        plot_curves(log_path, out / "curves.png")
     return ckpt_path
 
 

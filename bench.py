@@ -1,0 +1,166 @@
+"""How fast one training step is: full CERS against the plain dual-decoder mean teacher.
+
+    python bench.py --exp PHANTOM_8              # CPU-sized
+    python bench.py --exp LA_8                   # real LA patches when data/LA is there, synthetic volumes otherwise
+    python bench.py --exp LA_8 --steps 50 --compile=true   # bench options, then any config key
+
+In one process, at the experiment's settings, it times train.train_step (the very step train.py runs)
+for (a) CERS, references and MCAM on and past the warm-up, and (b) the plain step, the same network
+without references. Every step is timed between two device synchronisations, after warm-up steps.
+It prints the median ms per step, iterations per second, peak memory, the ratio (a)/(b), the share of
+the CERS step spent in reference selection, the bank refresh (amortised over bank_refresh steps), the
+sliding-window inference time per volume and the projected time of cfg.max_iters iterations.
+The figures are also written to <out_dir>/bench.json.
+"""
+import argparse
+import dataclasses
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import test
+import train
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeat):
+    """Median seconds of fn() over `repeat` calls, each between two device synchronisations."""
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def peak_memory(device):
+    """Peak device memory (GiB) since the last reset on CUDA; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
+
+
+def bench_data(cfg, n_unlabeled):
+    """The labeled cases, `n_unlabeled` unlabeled ones and one test case, and where they come from.
+
+    The experiment's data when it is there (the phantom is written when the config asks for it);
+    otherwise synthetic phantom volumes of LA-like size in a temporary folder, and the source says so."""
+    import phantom
+    if cfg.phantom:
+        phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
+                               shape=tuple(cfg.phantom_shape), seed=0)
+    if (Path(cfg.data_root) / "train.list").exists():
+        source = f"{'phantom' if cfg.phantom else 'real'} data at {cfg.data_root}"
+    else:
+        shape = tuple(p + m for p, m in zip(cfg.patch_size, (80, 32, 8)))     # about an LA volume's size
+        cfg.data_root = phantom.write_phantom(Path(tempfile.mkdtemp()) / "synthetic", cfg.num_labeled + n_unlabeled,
+                                              1, shape, seed=0)
+        source = f"SYNTHETIC phantom volumes {shape} (no data at the experiment's data_root)"
+    split = data.load_split(cfg.data_root, cfg.num_labeled)
+    split.unlabeled, split.test = split.unlabeled[:n_unlabeled], split.test[:1]
+    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, progress=False)
+    return split, volumes, source
+
+
+def bench_variant(cfg, split, volumes, device, steps, warmup):
+    """Median seconds per train_step, peak memory, and for CERS the retrieval, refresh and inference times."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    run = train.setup(cfg, split, volumes, device, progress=False)
+    run.student.train()
+    run.teacher.eval()
+    result = {}
+    it = cfg.ref_warmup + 1 if cfg.references else 0                # past the warm-up: every step uses references
+    if run.bank is not None:
+        refresh = lambda: run.bank.refresh(lambda x: run.teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1],
+                                           cfg.bank_momentum)
+        with torch.no_grad(), run.autocast():
+            result["refresh_s"] = timed(refresh, device, 3)
+
+    def step():
+        nonlocal it
+        image, label, ids = run.sampler.next()
+        train.train_step(run, it, image, label, ids)
+        it += 1
+    timed(step, device, warmup)
+    result["step_s"] = timed(step, device, steps)
+    result["peak_memory_gib"] = peak_memory(device)
+
+    if run.bank is not None:                                          # reference selection alone, on a batch
+        image, _, ids = run.sampler.next()
+        with torch.no_grad(), run.autocast():
+            logits_b = run.teacher.decoder_b(run.teacher.encoder(image.contiguous(memory_format=run.memory_format)))
+            result["retrieval_s"] = timed(lambda: train.query_references(run.bank, logits_b, ids, cfg, run.ref_gen),
+                                          device, steps)
+        run.student.eval()
+        case_id = split.test[0]
+        image = volumes[case_id][0]
+        model = run.student
+        predict = test.predictor(model, cfg, case_id, run.bank, run.bf16)
+        result["inference_s"] = timed(lambda: test.sliding_window(predict, image, cfg.patch_size, cfg.stride_xy,
+                                                                  cfg.stride_z, cfg.window_batch, device), device, 3)
+        result["volume"] = list(image.shape)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(train.EXPERIMENTS)}")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (cuDNN autotuning, compilation)")
+    parser.add_argument("--unlabeled", type=int, default=8, help="unlabeled cases to load (they do not change the step)")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = train.get_config(args.exp, overrides)
+    device = train.resolve_device(cfg)
+    split, volumes, source = bench_data(cfg, args.unlabeled)
+    print(f"bench {cfg.exp} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"{source}: {len(split.labeled)} labeled + {len(split.unlabeled)} unlabeled cases, "
+          f"patch {cfg.patch_size}, batch {cfg.labeled_bs} + {cfg.batch_size - cfg.labeled_bs}, "
+          f"{args.warmup} warm-up + {args.steps} timed steps per variant")
+
+    plain = bench_variant(dataclasses.replace(cfg, references=False), split, volumes, device, args.steps, args.warmup)
+    cers = bench_variant(dataclasses.replace(cfg, references=True), split, volumes, device, args.steps, args.warmup)
+    fast = cfg.amp and device.type == "cuda"
+    memory = "peak GPU memory" if device.type == "cuda" else "process peak RSS so far"
+    per_iter = cers["step_s"] + cers["refresh_s"] / cfg.bank_refresh   # the refresh, amortised
+    lines = [f"precision: {'bf16 autocast + channels-last 3D' if fast else 'fp32'}"
+             f"{', torch.compile' if cfg.compile else ''}",
+             f"{'step':28s} {'ms':>8s} {'it/s':>7s} {memory:>24s}",
+             f"{'(b) plain dual-decoder MT':28s} {1e3 * plain['step_s']:8.1f} {1 / plain['step_s']:7.2f} "
+             f"{plain['peak_memory_gib']:21.2f} GiB",
+             f"{'(a) CERS':28s} {1e3 * cers['step_s']:8.1f} {1 / cers['step_s']:7.2f} "
+             f"{cers['peak_memory_gib']:21.2f} GiB",
+             f"(a)/(b): {cers['step_s'] / plain['step_s']:.2f}",
+             f"reference selection: {1e3 * cers['retrieval_s']:.1f} ms per batch, "
+             f"{100 * cers['retrieval_s'] / cers['step_s']:.1f} % of the CERS step",
+             f"bank refresh ({len(split.labeled)} labeled volumes): {1e3 * cers['refresh_s']:.0f} ms, every "
+             f"{cfg.bank_refresh} steps = {1e3 * cers['refresh_s'] / cfg.bank_refresh:.1f} ms per step",
+             f"sliding-window inference (CERS, volume {tuple(cers['volume'])}, stride {cfg.stride_xy}/{cfg.stride_z}, "
+             f"{cfg.window_batch} windows per batch): {cers['inference_s']:.2f} s per volume",
+             f"projected {cfg.max_iters} iterations: CERS {per_iter * cfg.max_iters / 60:.1f} min, "
+             f"plain {plain['step_s'] * cfg.max_iters / 60:.1f} min (steps only: no data loading, pool, tests)"]
+    print("\n".join(lines))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(
+        {"device": str(device), "source": source, "steps": args.steps, "warmup": args.warmup, "fast": fast,
+         "compile": cfg.compile, "plain": plain, "cers": cers, "ratio": cers["step_s"] / plain["step_s"],
+         "projected_s": per_iter * cfg.max_iters}, indent=1))
+    return {"plain": plain, "cers": cers}
+
+
+if __name__ == "__main__":
+    main()

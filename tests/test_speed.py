@@ -1,0 +1,101 @@
+"""The fast path gives the plain path's losses; several processes (torchrun, gloo on CPU) train one model."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train
+from conftest import ROOT
+from test_train import tiny_cfg
+
+# fp32 with channels-last only reorders the same arithmetic; bf16 rounds activations to 8 significant bits
+CHANNELS_LAST_RTOL = 1e-4
+BF16_RTOL = 3e-2
+
+
+def first_step_losses(cfg, split, volumes, batch, bf16, channels_last):
+    """The losses of the first training step (references on) on a fixed batch, from fresh, seeded weights."""
+    run = train.setup(cfg, split, volumes, torch.device("cpu"), fast=False, progress=False)
+    run.bf16, run.channels_last = bf16, channels_last
+    run.student.to(memory_format=run.memory_format)
+    run.teacher.to(memory_format=run.memory_format)
+    run.student.train()
+    run.teacher.eval()
+    return {k: float(v) for k, v in train.train_step(run, cfg.ref_warmup, *batch).items()}
+
+
+def bf16_autocast_works_on_this_cpu():
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return torch.nn.functional.conv3d(torch.ones(1, 1, 4, 4, 4), torch.ones(2, 1, 3, 3, 3)).dtype == torch.bfloat16
+    except RuntimeError:
+        return False
+
+
+def test_fast_path_gives_the_plain_losses(tiny_la, tmp_path):
+    cfg = tiny_cfg(tiny_la, tmp_path / "run", ref_warmup=0, consistency=1.0, rampup_iters=0)
+    split, volumes = train.prepare_data(cfg)
+    run = train.setup(cfg, split, volumes, torch.device("cpu"), progress=False)
+    batch = run.sampler.next()                                      # one fixed batch for every variant
+    plain = first_step_losses(cfg, split, volumes, batch, bf16=False, channels_last=False)
+    assert plain["cons"] > 0 and plain["sup"] > 0                   # both parts of the loss are in play
+    again = first_step_losses(cfg, split, volumes, batch, bf16=False, channels_last=False)
+    assert again == plain                                           # the comparison below is not noise
+    cl = first_step_losses(cfg, split, volumes, batch, bf16=False, channels_last=True)
+    for key in plain:
+        assert cl[key] == pytest.approx(plain[key], rel=CHANNELS_LAST_RTOL), key
+    if not bf16_autocast_works_on_this_cpu():
+        pytest.skip("this CPU build has no bf16 autocast for conv3d; channels-last was checked")
+    fast = first_step_losses(cfg, split, volumes, batch, bf16=True, channels_last=True)
+    for key in plain:
+        assert fast[key] == pytest.approx(plain[key], rel=BF16_RTOL), key
+    assert fast != plain                                            # bf16 really ran
+
+
+def consistency_worker(rank, init_file, agree, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    world = train.World(rank, 2)
+    tensor = torch.arange(6.0) + (0 if agree else rank * 1e-6)
+    try:
+        train.check_consistent(world, {"teacher.w": tensor, "bank.features": torch.ones(3)})
+        results[rank] = "ok"
+    except RuntimeError as e:
+        results[rank] = str(e)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_check_consistent_compares_the_ranks(tmp_path, agree):
+    results = mp.Manager().dict()
+    mp.spawn(consistency_worker, args=(str(tmp_path / "init"), agree, results), nprocs=2)
+    if agree:
+        assert dict(results) == {0: "ok", 1: "ok"}
+    else:
+        assert all("disagree on 1 tensors" in results[r] and "teacher.w" in results[r] for r in (0, 1))
+
+
+def test_torchrun_two_processes_train_one_model(tiny_la, tmp_path):
+    """2 CPU processes over gloo: rank 0 alone writes; the checkpoint holds both ranks' sampler states;
+    train.py checks at every checkpoint that the teacher and the bank agree on both ranks (else it fails)."""
+    out = tmp_path / "run"
+    cfg = tiny_cfg(tiny_la, out, max_iters=4)
+    args = [f"--{k}={v}" for k, v in {"data_root": tiny_la, "phantom": "false", "num_labeled": 2,
+                                       "patch_size": "32,32,16", "base_filters": 4, "max_iters": 4, "log_every": 1,
+                                       "ckpt_every": 2, "out_dir": out, "rampup_iters": 2, "device": "cpu",
+                                       "ref_warmup": 2, "bank_refresh": 2, "k_coarse": 4, "k_fine": 2}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), "--exp", "PHANTOM_8", "--no-test", *args]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("trained 4 iterations") == 1            # rank 0 alone reports
+    ckpt = torch.load(out / "ckpt_last.pt", weights_only=False)
+    assert ckpt["iter"] == 4 and ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2
+    s0, s1 = (r["sampler"] for r in ckpt["ranks"])
+    assert not torch.equal(s0["gen"], s1["gen"])                     # each rank draws its own batches
+    assert ckpt["bank"]["features"] is not None
+    assert (out / "log.csv").read_text().count("\n") == 1 + cfg.max_iters        # one header, one row per step
