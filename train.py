@@ -299,6 +299,11 @@ def check_consistent(world, tensors):
         raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. {differ[:3]}")
 
 
+def main_process():
+    """Rank 0 under torchrun (read from its environment, also after the process group is gone), else True."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def gather(world, obj):
     """Every rank's obj, in rank order (for the per-rank sampler and RNG states in a checkpoint)."""
     if world.size == 1:
@@ -397,7 +402,7 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None):
     keeps the GPU queue full; both are tested against their numpy twins."""
     import pool
     import retrieve
-    masks = logits_b.argmax(1) == 1                                       # (B, X, Y, Z)
+    masks = logits_b[:, 1] > logits_b[:, 0]                              # (B, X, Y, Z): argmax == 1, cheaper
     if masks.is_cuda:                                                     # (B, M), the query morphology
         morph = pool.morphology_torch(masks)
     else:                                                                 # no GPU to keep busy: numpy is faster
@@ -544,6 +549,9 @@ def train(cfg, resume=False, progress=True, stop_at=None):
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
         plot_curves(log_path, out / "curves.png")
+    if world.size > 1:                                 # the last checkpoint is written when every rank gets past
+        dist.barrier()
+        dist.destroy_process_group()
     return ckpt_path
 
 
@@ -585,8 +593,11 @@ def run_ablation(cfg, names):
     for name in names:
         variant = dataclasses.replace(cfg, out_dir=f"{cfg.out_dir}/ablation/{name}", **ABLATIONS[name])
         t = time.time()
-        summary = test.evaluate(train(variant))
-        rows.append((name, summary, time.time() - t))
+        ckpt = train(variant)
+        if main_process():                             # under torchrun, rank 0 tests
+            rows.append((name, test.evaluate(ckpt), time.time() - t))
+    if not rows:
+        return rows
     lines = [f"{cfg.exp} ablation, last checkpoints, {cfg.max_iters} iterations, seed {cfg.seed}",
              f"{'variant':16s} {'Dice %':>8s} {'Jacc %':>8s} {'95HD':>7s} {'ASD':>6s} {'A %':>6s} {'B %':>6s} {'seconds':>8s}"]
     for name, s, seconds in rows:
@@ -618,7 +629,8 @@ def main(argv=None):
     ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at)
     if not args.no_test and args.stop_at is None:
         import test
-        test.evaluate(ckpt)
+        if main_process():                             # under torchrun, rank 0 tests
+            test.evaluate(ckpt)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 import train
 from conftest import ROOT
-from test_train import tiny_cfg
+from test_train import TINY, tiny_cfg, tiny_overrides
 
 # fp32 with channels-last only reorders the same arithmetic; bf16 rounds activations to 8 significant bits
 CHANNELS_LAST_RTOL = 1e-4
@@ -79,23 +79,20 @@ def test_check_consistent_compares_the_ranks(tmp_path, agree):
 
 
 def test_torchrun_two_processes_train_one_model(tiny_la, tmp_path):
-    """2 CPU processes over gloo: rank 0 alone writes; the checkpoint holds both ranks' sampler states;
+    """2 CPU processes over gloo: rank 0 alone writes and tests; the checkpoint holds both ranks' sampler states;
     train.py checks at every checkpoint that the teacher and the bank agree on both ranks (else it fails)."""
     out = tmp_path / "run"
-    cfg = tiny_cfg(tiny_la, out, max_iters=4)
-    args = [f"--{k}={v}" for k, v in {"data_root": tiny_la, "phantom": "false", "num_labeled": 2,
-                                       "patch_size": "32,32,16", "base_filters": 4, "max_iters": 4, "log_every": 1,
-                                       "ckpt_every": 2, "out_dir": out, "rampup_iters": 2, "device": "cpu",
-                                       "ref_warmup": 2, "bank_refresh": 2, "k_coarse": 4, "k_fine": 2}.items()]
+    args = tiny_overrides(tiny_la, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), "--exp", "PHANTOM_8", "--no-test", *args]
+           str(ROOT / "train.py"), "--exp", "PHANTOM_8", *args]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("trained 4 iterations") == 1            # rank 0 alone reports
+    assert done.stdout.count("mean ± std") == 1                        # and tests the last checkpoint
     ckpt = torch.load(out / "ckpt_last.pt", weights_only=False)
     assert ckpt["iter"] == 4 and ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2
     s0, s1 = (r["sampler"] for r in ckpt["ranks"])
     assert not torch.equal(s0["gen"], s1["gen"])                     # each rank draws its own batches
     assert ckpt["bank"]["features"] is not None
-    assert (out / "log.csv").read_text().count("\n") == 1 + cfg.max_iters        # one header, one row per step
+    assert (out / "log.csv").read_text().count("\n") == 1 + TINY["max_iters"]   # one header, one row per step

@@ -8,14 +8,18 @@ import test as T
 import train
 
 
+# a seconds-long CERS run on the tiny data: references from iteration 2, bank refreshed every 2
+TINY = {"phantom": "false", "num_labeled": 2, "patch_size": "32,32,16", "base_filters": 4, "max_iters": 4,
+        "log_every": 1, "ckpt_every": 2, "rampup_iters": 2, "stride_xy": 16, "stride_z": 8, "window_batch": 4,
+        "device": "cpu", "ref_warmup": 2, "bank_refresh": 2, "k_coarse": 4, "k_fine": 2}
+
+
+def tiny_overrides(root, out, **extra):
+    return [f"--{k}={v}" for k, v in {**TINY, "data_root": root, "out_dir": out, **extra}.items()]
+
+
 def tiny_cfg(root, out, **extra):
-    """A seconds-long CERS run on the tiny data: references from iteration 2, bank refreshed every 2."""
-    overrides = {"data_root": root, "phantom": "false", "num_labeled": 2, "patch_size": "32,32,16",
-                 "base_filters": 4, "max_iters": 4, "log_every": 1, "ckpt_every": 2, "out_dir": out,
-                 "rampup_iters": 2, "stride_xy": 16, "stride_z": 8, "window_batch": 4, "device": "cpu",
-                 "ref_warmup": 2, "bank_refresh": 2, "k_coarse": 4, "k_fine": 2}
-    overrides.update(extra)
-    return train.get_config("PHANTOM_8", [f"--{k}={v}" for k, v in overrides.items()])
+    return train.get_config("PHANTOM_8", tiny_overrides(root, out, **extra))
 
 
 def test_overrides_are_checked_by_type():
