@@ -96,3 +96,21 @@ def test_torchrun_two_processes_train_one_model(tiny_la, tmp_path):
     assert not torch.equal(s0["gen"], s1["gen"])                     # each rank draws its own batches
     assert ckpt["bank"]["features"] is not None
     assert (out / "log.csv").read_text().count("\n") == 1 + TINY["max_iters"]   # one header, one row per step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_never_waits_for_the_gpu(tiny_la, tmp_path):
+    """A CERS step on CUDA (batch, references, losses, SGD, EMA) makes no synchronising call: the step
+    after the bank refresh runs with torch's sync debug mode set to raise on one."""
+    cfg = tiny_cfg(tiny_la, tmp_path / "run", device="cuda", ref_warmup=0, bank_refresh=100)
+    split, volumes = train.prepare_data(cfg)
+    run = train.setup(cfg, split, volumes, torch.device("cuda"), progress=False)
+    run.student.train()
+    run.teacher.eval()
+    train.train_step(run, 0, *run.sampler.next())                   # refreshes the bank: the planned pause
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train.train_step(run, 1, *run.sampler.next())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
