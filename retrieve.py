@@ -203,6 +203,7 @@ class ReferenceBank:
         self.images = images or {}  # case ID -> image (X, Y, Z), read by refresh()
         self.device = torch.device(device)
         self.features = None  # (N, C, d, h, w) once refresh() has run
+        self.crops = None  # (N, 1, X, Y, Z) image patches on the device, cut by the first refresh()
         self.query_texts = {}  # case ID -> query CoT, once index_queries() has run
         self._index()
 
@@ -292,14 +293,13 @@ class ReferenceBank:
     def refresh(self, encoder_fn, momentum, batch_size=4):
         """features <- momentum * features + (1 - momentum) * encoder_fn(crops); the first call just fills.
         encoder_fn maps (n, 1, X, Y, Z) image crops to (n, C, d, h, w) bottleneck features (the teacher's)."""
-        if not self.images:
-            raise RuntimeError("reference bank has no images to encode: build it with ReferenceBank.build")
-        new = []
-        for s in range(0, len(self), batch_size):
-            part = zip(self.case_ids[s:s + batch_size], self.boxes[s:s + batch_size])
-            x = np.stack([crop(self.images[c], b) for c, b in part])  # (n, X, Y, Z)
-            new.append(encoder_fn(torch.from_numpy(x[:, None]).to(self.device)).float())  # (n, C, d, h, w)
-        new = torch.cat(new)
+        if self.crops is None:  # the patches never move: cut and copy them once, not at every refresh
+            if not self.images:
+                raise RuntimeError("reference bank has no images to encode: build it with ReferenceBank.build")
+            x = np.stack([crop(self.images[c], b) for c, b in zip(self.case_ids, self.boxes)])  # (N, X, Y, Z)
+            self.crops = torch.from_numpy(x[:, None]).to(self.device)
+        new = torch.cat([encoder_fn(self.crops[s:s + batch_size]).float()  # (N, C, d, h, w)
+                         for s in range(0, len(self), batch_size)])
         if self.features is None:
             self.features = new
         elif self.features.shape != new.shape:

@@ -284,7 +284,7 @@ def test_grid_covers_volume_and_pads_short_axes():
     np.testing.assert_array_equal(patch[:, :, 1:7], vol[:8, :8])
 
 
-def test_refresh_is_ema_and_bank_round_trips():
+def test_refresh_is_ema_and_bank_round_trips(monkeypatch):
     bank = hand_bank(with_images=True)
 
     def encoder(scale):
@@ -292,6 +292,9 @@ def test_refresh_is_ema_and_bank_round_trips():
     bank.refresh(encoder(1.0), momentum=0.9, batch_size=3)
     first = bank.features.clone()
     assert first.shape == (8, 3, 2, 2, 2)
+    expected = torch.stack([torch.from_numpy(crop(bank.images[c], b)) for c, b in zip(bank.case_ids, bank.boxes)])
+    torch.testing.assert_close(first, encoder(1.0)(expected[:, None]))
+    monkeypatch.setattr(retrieve, "crop", None)  # the patches were cut once, by the first refresh
     bank.refresh(encoder(3.0), momentum=0.9)
     torch.testing.assert_close(bank.features, 0.9 * first + 0.1 * 3 * first)
 
