@@ -3,6 +3,7 @@
     python bench.py --exp PHANTOM_8              # CPU-sized
     python bench.py --exp LA_8                   # real LA patches when data/LA is there, synthetic volumes otherwise
     python bench.py --exp LA_8 --steps 50 --compile=true   # bench options, then any config key
+    python bench.py --retrieval                  # reference selection alone, on synthetic banks of 10^2..10^5
 
 In one process, at the experiment's settings, it times train.train_step (the very step train.py runs)
 for (a) CERS, references and MCAM on and past the warm-up, and (b) the plain step, the same network
@@ -20,12 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
 import data
+import phantom
+import retrieve
 import test
 import train
+from bank import ReferenceBank
+from config import EXPERIMENTS, get_config, resolve_device
 
 
 def sync(device):
@@ -33,16 +40,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeat):
-    """Median seconds of fn() over `repeat` calls, each between two device synchronisations."""
-    times = []
-    for _ in range(repeat):
+def timed(fn, device, repeat, warmup=0):
+    """Median wall and process-CPU seconds of fn() over `repeat` calls after `warmup` untimed ones, each call
+    between two device synchronisations so that queued device work is counted. The CPU time is the one to
+    trust when other load on the machine inflates wall time (torch's CPU threads suffer most from it)."""
+    wall, cpu = [], []
+    for _ in range(warmup + repeat):
         sync(device)
-        t = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        wall.append(time.perf_counter() - t0), cpu.append(time.process_time() - c0)
+    return float(np.median(wall[warmup:])), float(np.median(cpu[warmup:]))
 
 
 def peak_memory(device):
@@ -57,10 +66,7 @@ def bench_data(cfg, n_unlabeled):
 
     The experiment's data when it is there (the phantom is written when the config asks for it);
     otherwise synthetic phantom volumes of LA-like size in a temporary folder, and the source says so."""
-    import phantom
-    if cfg.phantom:
-        phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
-                               shape=tuple(cfg.phantom_shape), seed=0)
+    data.ensure_phantom(cfg)
     if (Path(cfg.data_root) / "train.list").exists():
         source = f"{'phantom' if cfg.phantom else 'real'} data at {cfg.data_root}"
     else:
@@ -88,43 +94,96 @@ def bench_variant(cfg, split, volumes, device, steps, warmup):
         refresh = lambda: run.bank.refresh(lambda x: run.teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1],
                                            cfg.bank_momentum)
         with torch.no_grad(), run.autocast():
-            result["refresh_s"] = timed(refresh, device, 3)
+            result["refresh_s"], _ = timed(refresh, device, 3)
 
     def step():
         nonlocal it
         image, label, ids = run.sampler.next()
         train.train_step(run, it, image, label, ids)
         it += 1
-    timed(step, device, warmup)
-    result["step_s"] = timed(step, device, steps)
+    result["step_s"], _ = timed(step, device, steps, warmup)
     result["peak_memory_gib"] = peak_memory(device)
 
     if run.bank is not None:                                          # reference selection alone, on a batch
         image, _, ids = run.sampler.next()
         with torch.no_grad(), run.autocast():
             logits_b = run.teacher.decoder_b(run.teacher.encoder(image.contiguous(memory_format=run.memory_format)))
-            result["retrieval_s"] = timed(lambda: train.query_references(run.bank, logits_b, ids, cfg, run.ref_gen),
-                                          device, steps)
+            result["retrieval_s"], _ = timed(lambda: retrieve.query_references(run.bank, logits_b, ids, cfg, run.ref_gen),
+                                             device, steps)
         run.student.eval()
         case_id = split.test[0]
         image = volumes[case_id][0]
         model = run.student
         predict = test.predictor(model, cfg, case_id, run.bank, run.bf16)
-        result["inference_s"] = timed(lambda: test.sliding_window(predict, image, cfg.patch_size, cfg.stride_xy,
+        result["inference_s"], _ = timed(lambda: test.sliding_window(predict, image, cfg.patch_size, cfg.stride_xy,
                                                                   cfg.stride_z, cfg.window_batch, device), device, 3)
         result["volume"] = list(image.shape)
     return result
 
 
+# ----------------------------------------------------------------------------- reference selection alone
+
+def synthetic_bank(n, patches_per_case=8, morph_dim=13, seed=0, device="cpu"):
+    """A bank of n entries without images: cases are clusters in morphology space, each with its own text
+    of 4 fields x 12 words from a 2000-word vocabulary (Zipf-like use), shared by the case's patches."""
+    rng = np.random.default_rng(seed)
+    vocab = ["".join(rng.choice(list("bcdfghklmnprstv"), 3)) + rng.choice(["al", "ic", "ous", "ing", "ed", "ar"])
+             for _ in range(2000)]
+    cdf = np.cumsum(1 / np.arange(1, len(vocab) + 1))
+
+    def text():
+        words = [vocab[j] for j in np.searchsorted(cdf, rng.uniform(0, cdf[-1], 48))]
+        return " ".join(f"{f}: {' '.join(words[12 * i:12 * i + 12])}."
+                        for i, f in enumerate(("Texture", "Boundary", "Context", "Summary")))
+    n_cases = -(-n // patches_per_case)
+    centres, texts = rng.normal(size=(n_cases, morph_dim)), [text() for _ in range(n_cases)]
+    case = np.arange(n) // patches_per_case
+    morph = centres[case] + 0.3 * rng.normal(size=(n, morph_dim))
+    bank = ReferenceBank([f"case{c}" for c in case], np.zeros((n, 6)), morph, [texts[c] for c in case],
+                         device=device)
+    return bank, text
+
+
+def retrieval_benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=20, seed=0):
+    """Median wall time of one selection for `batch` queries (half labeled, half not) per bank size: select()
+    (numpy, on the host) and select_device() with its query_rows() lookup (on CUDA when available, else on
+    the CPU), with the process's CPU time beside each (see timed).
+    Returns {size: {"select": seconds, "select_device": seconds}}."""
+    cfg = SimpleNamespace(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = {}
+    for n in sizes:
+        bank, text = synthetic_bank(n, seed=seed, device=device)
+        rng = np.random.default_rng(seed + 1)
+        morph = bank.morph[rng.integers(0, n, batch)] + 0.1 * rng.normal(size=(batch, bank.morph.shape[1]))
+        ids = [bank.case_ids[int(rng.integers(0, n))] if i % 2 == 0 else f"unlabeled{i}" for i in range(batch)]
+        case_texts = {c: text() for c in ids}
+        texts = [case_texts[c] for c in ids]
+        bank.index_queries(case_texts)
+        own = [c if c in bank.code_of else None for c in ids]
+        numpy_s, cpu_s = timed(lambda: retrieve.select(bank, morph, texts, own, cfg), device, runs, warmup)
+        morph_dev = torch.as_tensor(morph, dtype=torch.float32, device=device)  # (B, M)
+        device_s, device_cpu_s = timed(lambda: retrieve.select_device(bank, morph_dev, bank.query_rows(ids), cfg),
+                                       device, runs, warmup)
+        result[n] = {"select": numpy_s, "select_device": device_s}
+        print(f"bank {n:>7} entries ({len(bank.cot.texts)} distinct texts), {batch} queries: select "
+              f"{1e3 * numpy_s:.2f} ms wall ({1e3 * cpu_s:.2f} ms CPU), select_device on {device.type} "
+              f"{1e3 * device_s:.2f} ms wall ({1e3 * device_cpu_s:.2f} ms CPU) (medians of {runs})")
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(train.EXPERIMENTS)}")
+    parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (cuDNN autotuning, compilation)")
     parser.add_argument("--unlabeled", type=int, default=8, help="unlabeled cases to load (they do not change the step)")
+    parser.add_argument("--retrieval", action="store_true", help="time reference selection on synthetic banks and exit")
     args, overrides = parser.parse_known_args(argv)
-    cfg = train.get_config(args.exp, overrides)
-    device = train.resolve_device(cfg)
+    if args.retrieval:
+        return retrieval_benchmark()
+    cfg = get_config(args.exp, overrides)
+    device = resolve_device(cfg)
     split, volumes, source = bench_data(cfg, args.unlabeled)
     print(f"bench {cfg.exp} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{source}: {len(split.labeled)} labeled + {len(split.unlabeled)} unlabeled cases, "

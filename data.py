@@ -17,9 +17,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from tqdm import tqdm
 
-CASE_DIR = "2018LA_Seg_Training Set"  # the real folder name, spaces included
-CASE_FILE = "mri_norm2.h5"
+import phantom
+from config import CASE_DIR, CASE_FILE
+from distributed import World, main_first
 
 
 class DataError(ValueError):
@@ -95,8 +97,24 @@ def load_split(root, num_labeled):
 
 def load_volumes(root, ids, progress=True):
     """Read every case once: {ID: (image, label)} as numpy arrays (a few seconds for all 100 LA cases)."""
-    from tqdm import tqdm
     return {i: read_case(case_path(root, i)) for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+
+
+def ensure_phantom(cfg, world=World()):
+    """Write the experiment's synthetic dataset when its config asks for one (rank 0 first under torchrun)."""
+    if cfg.phantom:
+        with main_first(world):
+            phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
+                                   shape=tuple(cfg.phantom_shape), seed=0)
+
+
+def prepare_data(cfg, world=World()):
+    """The split and the in-memory volumes (the phantom is written first when the config asks for it).
+    With references on, the test cases are read too: the knowledge pool describes every image."""
+    ensure_phantom(cfg, world)
+    split = load_split(cfg.data_root, cfg.num_labeled)
+    ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
+    return split, load_volumes(cfg.data_root, ids, progress=world.main)
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -10,9 +10,9 @@ only in how they upsample:
 Their disagreement is a training signal (train.py), and decoder B's prediction is what drives the
 reference query at training and test time.
 """
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+import mcam
 
 
 def conv_stage(c_in, c_out, n_convs):
@@ -114,7 +114,6 @@ def build_model(cfg):
     """The network an experiment config describes (references and MCAM when cfg.references is on)."""
     fusion = mcams = None
     if getattr(cfg, "references", False):
-        import mcam
         f = cfg.base_filters
         fusion = mcam.ReferenceFusion(16 * f)
         ch = [8 * f, 4 * f, 2 * f, f]                            # decoder A's scales, coarse to fine

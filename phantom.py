@@ -26,7 +26,8 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-CASE_DIR, CASE_FILE = "2018LA_Seg_Training Set", "mri_norm2.h5"  # the LA layout (data.py reads it)
+from config import CASE_DIR, CASE_FILE
+
 PARAMS_FILE = "phantom.json"
 VERSION = 1  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
 ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # IDs look like the real ones: 20 upper-case alphanumerics

@@ -1,8 +1,6 @@
-"""Semantic-aware reference selection: morphology kNN, then BM25 CoT consistency.
+"""Semantic-aware reference selection: morphology kNN, then BM25 CoT consistency (DESIGN.md §1.2, §5).
 
-Implements the paper's "semantic-aware reference selection" (DESIGN.md §1.2, §5).
-A ReferenceBank holds labeled patches (a grid of patch-size crops per labeled
-volume); for a query patch we pick references in two stages:
+For a query patch, references come from the bank (bank.py) in two stages:
 
 1. morphology: k-nearest neighbours (scikit-learn) over standardised morphology
    descriptors give `k_coarse` candidates, never from the query's own case;
@@ -15,320 +13,26 @@ The chosen references' weights are a softmax of their consistency scores; their
 features (teacher encoder bottleneck, EMA-refreshed) feed MCAM (mcam.py).
 select() runs on the host and explains itself; select_device() makes the same picks on
 the training device without host-device synchronisation, from BM25 scores that
-index_queries() computes once per (query case, distinct bank text).
+bank.index_queries() computes once per (query case, distinct bank text); query_references()
+is the whole query as training and testing run it.
 
     python retrieve.py --exp LA_8 --explain ID   # why these references, plus a PNG
-    python retrieve.py --bench                   # selection latency on synthetic banks (host and device)
 """
 import argparse
-import re
-import time
-from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import scipy.sparse
 import torch
-from rank_bm25 import BM25Okapi
-from sklearn.neighbors import NearestNeighbors
-from sklearn.preprocessing import StandardScaler
+
+import data
+import pool
+from bank import ReferenceBank, crop, grid_boxes
+from checkpoint import load_checkpoint
+from config import get_config
+from morphology import morphology_batch, morphology_torch
 
 MODES = ("both", "morph", "cot", "random")  # ablations: both stages, morphology only, CoT only, random
-
-# -----------------------------------------------------------------------------
-# tokenizer for radiology CoT text
-
-FIELD_LABEL = re.compile(r"\b(?:texture|boundary|context|summary)\s*:", re.IGNORECASE)  # structure, not evidence
-WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one match; '/' separates
-STOPWORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between
-both but by can could did do does doing down during each few for from further had has have having here how
-if in into is it its itself may might more most much must near of off on once only or other over own same
-shall should so some such than that the their them then there these they this those through to too under
-until up upon very via was were what when where which while who whom why will with would
-""".split())
-# inflection suffixes, longest first: stripped repeatedly so that enhancing / enhanced / enhancement
-# and heterogeneous / heterogeneity / heterogeneously meet at one stem
-SUFFIXES = ("ations", "ation", "ments", "ment", "ness", "ities", "ity", "ously", "ous", "ative", "ating",
-            "ated", "ate", "ively", "ive", "ingly", "ing", "edly", "ed", "ies", "ly", "al", "ic", "es", "s", "e", "y")
-
-
-@lru_cache(maxsize=1 << 16)
-def stem(word):
-    """A small suffix stripper: crude, but it maps the inflected forms of one root to one token."""
-    stripped = False
-    while True:
-        suffix = next((s for s in SUFFIXES if word.endswith(s) and len(word) - len(s) >= 3
-                       and not (s == "s" and word[-2] in "isu")), None)  # keep mass, status, ... whole
-        if suffix is None:
-            break
-        word, stripped = word[:-len(suffix)], True
-    if stripped and len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiouylsz":
-        word = word[:-1]  # blurred -> blurr -> blur
-    return word
-
-
-@lru_cache(maxsize=1 << 16)
-def _tokens(text):
-    out = []
-    for match in WORD.finditer(FIELD_LABEL.sub(" ", text).lower()):
-        parts = [p for p in match.group().split("-") if len(p) > 1 and p not in STOPWORDS]
-        out += [stem(p) for p in parts]
-        if len(parts) > 1:
-            out.append(stem("".join(parts)))  # ill-defined also as illdefined, so both spellings meet
-    return tuple(out)
-
-
-def tokenize(text):
-    """Radiology CoT text -> stems: case folded, punctuation and stopwords and field labels dropped,
-    inflected forms stemmed, hyphenated forms split and also kept joined."""
-    return list(_tokens(text or ""))
-
-
-# -----------------------------------------------------------------------------
-# BM25 over the pool's distinct CoT texts
-
-class CotIndex:
-    """BM25 over distinct texts. Many bank entries share their case's CoT, so each text is one document:
-    IDF comes from the whole pool and scoring costs per distinct text, not per patch.
-
-    rank-bm25's BM25Okapi holds the corpus statistics (term counts, lengths, k1, b). Its IDF is replaced by
-    the smoothed, always positive log(1 + (N - n + 0.5) / (n + 0.5)) (Lucene's): a pool has few cases (8 in
-    LA_8), so most words sit in over half the documents, where Okapi's IDF is negative and rank-bm25's
-    floor (epsilon x mean IDF) turns negative too, and every score of a templated pool would be < 0."""
-
-    def __init__(self, texts, tokenizer=tokenize, k1=1.5, b=0.75):
-        self.texts = list(dict.fromkeys(texts))
-        self.doc_of = {t: i for i, t in enumerate(self.texts)}
-        self.tokenizer = tokenizer
-        tokens = [tokenizer(t) for t in self.texts]
-        if not any(tokens):
-            raise ValueError(f"the {len(self.texts)} CoT texts of the pool contain no words to index")
-        self.bm25 = BM25Okapi(tokens, k1=k1, b=b)
-        n = Counter(t for doc in self.bm25.doc_freqs for t in doc)  # documents holding each term
-        self.vocab = {t: j for j, t in enumerate(n)}
-        n = np.fromiter(n.values(), float, len(n))
-        self.idf = np.log1p((len(self.texts) - n + 0.5) / (n + 0.5))
-        self.weights = self.term_weights(self.bm25.doc_freqs, self.bm25.doc_len)  # (docs, vocab)
-
-    def term_weights(self, freqs, lengths):
-        """BM25 weight of every (document, term) pair from rank-bm25's precomputed statistics, as a sparse
-        matrix: a query's scores are then one product, BM25Okapi.get_scores' numbers (with this IDF)."""
-        rows, cols, tf, dl = [], [], [], []
-        for r, (doc, n) in enumerate(zip(freqs, lengths)):
-            for term, count in doc.items():
-                if term in self.vocab:
-                    rows.append(r), cols.append(self.vocab[term]), tf.append(count), dl.append(n)
-        bm = self.bm25
-        tf, dl = np.array(tf, float), np.array(dl, float)
-        data = self.idf[cols] * tf * (bm.k1 + 1) / (tf + bm.k1 * (1 - bm.b + bm.b * dl / bm.avgdl))
-        return scipy.sparse.csr_matrix((data, (rows, cols)), shape=(len(freqs), len(self.vocab)))
-
-    def query_matrix(self, texts):
-        """(vocab, B) counts of each query's indexed terms; repeated query words count repeatedly, as in BM25."""
-        q = np.zeros((len(self.vocab), len(texts)))
-        for i, text in enumerate(texts):
-            for term in self.tokenizer(text or ""):
-                if term in self.vocab:
-                    q[self.vocab[term], i] += 1
-        return q
-
-    def scores(self, texts, docs):
-        """Raw BM25 scores (len(docs), B) of the given documents for each query text."""
-        return np.asarray(self.weights[docs] @ self.query_matrix(texts))
-
-
-@lru_cache(maxsize=4)
-def _cached_index(corpus, tokenizer):
-    return CotIndex(corpus, tokenizer)
-
-
-def cot_scores(query, candidates, corpus, tokenizer=tokenize):
-    """Raw BM25 score (CotIndex: smoothed IDF) of each candidate text for the query text, IDF and average
-    length from `corpus`
-    (candidates need not belong to it). Selection normalises these per query; see select()."""
-    index = _cached_index(tuple(corpus), tokenizer)
-    rows = [index.doc_of.get(c) for c in candidates]
-    if None in rows:
-        token_lists = [tokenizer(c) for c in candidates]
-        weights = index.term_weights([Counter(t) for t in token_lists], [len(t) for t in token_lists])
-    else:
-        weights = index.weights[rows]
-    return np.asarray(weights @ index.query_matrix([query]))[:, 0]
-
-
-# -----------------------------------------------------------------------------
-# the reference bank
-
-def grid_boxes(shape, patch, stride):
-    """Crop boxes (x0, y0, z0, x1, y1, z1) covering a volume: starts every `stride` plus one flush with the far
-    edge; an axis shorter than the patch gets one box centred on it (it reaches outside, read as zeros)."""
-    starts = []
-    for size, p, s in zip(shape, patch, stride):
-        if size <= p:
-            starts.append([-((p - size) // 2)])
-        else:
-            axis = list(range(0, size - p + 1, s))
-            starts.append(axis + ([size - p] if axis[-1] != size - p else []))
-    return [(x, y, z, x + patch[0], y + patch[1], z + patch[2])
-            for x in starts[0] for y in starts[1] for z in starts[2]]
-
-
-def crop(volume, box):
-    """The box of a volume (X, Y, Z), zero where the box reaches outside it (the training-crop padding rule)."""
-    lo, hi = np.array(box[:3]), np.array(box[3:])
-    out = np.zeros(hi - lo, volume.dtype)
-    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)
-    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[tuple(slice(i, j) for i, j in zip(a, b))]
-    return out
-
-
-class ReferenceBank:
-    """Labeled patches: case ID, crop box, morphology vector (from the ground truth), the case's mask CoT,
-    and a reference feature map per entry, stacked as `features` (N, C, d, h, w) on the training device."""
-
-    def __init__(self, case_ids, boxes, morph, texts, images=None, device="cpu"):
-        self.case_ids, self.texts = list(case_ids), list(texts)
-        self.boxes = np.asarray(boxes, np.int64).reshape(-1, 6)
-        self.morph = np.asarray(morph, np.float32)
-        n = len(self.case_ids)
-        if n == 0 or not len(self.boxes) == len(self.morph) == len(self.texts) == n or self.morph.ndim != 2:
-            raise ValueError(f"reference bank: got {n} case IDs, {len(self.boxes)} boxes, morphology "
-                             f"{self.morph.shape} and {len(self.texts)} texts; need N > 0 of each, morphology (N, M)")
-        if not np.isfinite(self.morph).all():
-            raise ValueError("reference bank: morphology vectors contain NaN or inf")
-        self.images = images or {}  # case ID -> image (X, Y, Z), read by refresh()
-        self.device = torch.device(device)
-        self.features = None  # (N, C, d, h, w) once refresh() has run
-        self.crops = None  # (N, 1, X, Y, Z) image patches on the device, cut by the first refresh()
-        self.query_texts = {}  # case ID -> query CoT, once index_queries() has run
-        self._index()
-
-    @classmethod
-    def build(cls, cfg, volumes, labeled_ids, mask_cots, device="cpu"):
-        """Bank of every labeled volume's grid crops (cfg.patch_size, stride cfg.bank_stride)."""
-        import pool
-        case_ids, boxes, morph, texts = [], [], [], []
-        for cid in labeled_ids:
-            if cid not in mask_cots:
-                raise ValueError(f"reference bank: labeled case {cid!r} has no mask CoT in the pool")
-            label = volumes[cid][1]
-            case_boxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
-            morph.append(pool.morphology_batch(np.stack([crop(label, b) > 0 for b in case_boxes])))
-            case_ids += [cid] * len(case_boxes)
-            boxes += case_boxes
-            texts += [mask_cots[cid]] * len(case_boxes)
-        images = {cid: volumes[cid][0] for cid in labeled_ids}
-        return cls(case_ids, boxes, np.concatenate(morph), texts, images, device)
-
-    def _index(self):
-        """Stage-1 and stage-2 structures, built once: scaler + kNN on morphology, BM25 on distinct texts,
-        and the device copies select_device() reads (the query tables too, if index_queries() has run)."""
-        self.scaler = StandardScaler().fit(self.morph)
-        z = self.scaler.transform(self.morph)  # (N, M) standardised morphology
-        self.knn = NearestNeighbors(algorithm="kd_tree").fit(z)
-        cases, self.case_code = np.unique(self.case_ids, return_inverse=True)
-        self.code_of = {c: i for i, c in enumerate(cases)}
-        self.case_count = np.bincount(self.case_code)
-        self.cot = CotIndex(self.texts)
-        self.doc = np.array([self.cot.doc_of[t] for t in self.texts])
-        # the same on the device, for select_device
-        self.z = torch.as_tensor(z, dtype=torch.float32, device=self.device)  # (N, M)
-        self.z_mean = torch.as_tensor(self.scaler.mean_, dtype=torch.float32, device=self.device)  # (M,)
-        self.z_scale = torch.as_tensor(self.scaler.scale_, dtype=torch.float32, device=self.device)  # (M,)
-        self.entry_doc = torch.as_tensor(self.doc, device=self.device)  # (N,) entry -> distinct text
-        self.entry_code = torch.as_tensor(self.case_code, device=self.device)  # (N,) entry -> case code
-        self.index_queries(self.query_texts)  # BM25 depends on the bank's texts: redo it (or keep it empty)
-
-    def index_queries(self, case_texts):
-        """Precompute, for select_device, what a query brings: case_texts maps every case of the pool (labeled,
-        unlabeled, test) to its query CoT, fixed for the run, so each (query case, distinct bank text) BM25
-        score is computed once here instead of on the host at every step. On the bank's device:
-        query_bm25 (n_cases, n_docs) raw BM25 scores, query_code (n_cases,) the case's code in the bank (-1:
-        not in the bank, nothing to exclude), query_others (n_cases,) its number of other-case entries;
-        query_row maps a case ID to its row. _index() calls this again, so the tables follow the bank."""
-        self.query_texts = dict(case_texts)
-        ids = list(self.query_texts)
-        self.query_row = {c: r for r, c in enumerate(ids)}
-        codes = np.array([self.code_of.get(c, -1) for c in ids], np.int64)
-        others = len(self) - np.where(codes >= 0, self.case_count[np.maximum(codes, 0)], 0)
-        scores = self.cot.scores([self.query_texts[c] for c in ids], np.arange(len(self.cot.texts)))  # (docs, cases)
-        self.query_bm25 = torch.as_tensor(scores.T, dtype=torch.float32, device=self.device)  # (n_cases, n_docs)
-        self.query_code = torch.as_tensor(codes, device=self.device)  # (n_cases,)
-        self.query_others = torch.as_tensor(others, device=self.device)  # (n_cases,)
-
-    def query_rows(self, case_ids):
-        """(B,) long tensor on the device: each case ID's row of the query tables. A host-side lookup of
-        strings and one non-blocking copy; it refuses, from host metadata, a case unknown to index_queries
-        and a case with no patch of another case in the bank (it would have no reference to draw)."""
-        rows = []
-        for c in case_ids:
-            if c not in self.query_row:
-                raise ValueError(f"reference bank: case {c!r} has no query CoT; pass it to index_queries() "
-                                 f"({len(self.query_row)} cases indexed)")
-            rows.append(self.query_row[c])
-            if c in self.code_of and self.case_count[self.code_of[c]] == len(self):
-                raise ValueError(f"reference bank has no patches outside case {c!r}")
-        rows = torch.tensor(rows, dtype=torch.long)
-        if self.device.type == "cuda":
-            rows = rows.pin_memory()  # so that the copy below really is asynchronous
-        return rows.to(self.device, non_blocking=True)
-
-    def __len__(self):
-        return len(self.case_ids)
-
-    def neighbours(self, morph, codes, k):
-        """Stage 1: the k morphologically nearest entries of other cases for each query (code -1: no case).
-        Asks for k + (size of the query's case) neighbours so exclusion still leaves k when the bank has them."""
-        extra = max([self.case_count[c] for c in codes if c >= 0], default=0)
-        z = (morph - self.scaler.mean_) / self.scaler.scale_  # scaler.transform without its input checks
-        dist, idx = self.knn.kneighbors(z, n_neighbors=min(len(self), k + extra))
-        keep = [self.case_code[i] != c for i, c in zip(idx, codes)]
-        return [i[m][:k] for i, m in zip(idx, keep)], [d[m][:k] for d, m in zip(dist, keep)]
-
-    @torch.no_grad()
-    def refresh(self, encoder_fn, momentum, batch_size=4):
-        """features <- momentum * features + (1 - momentum) * encoder_fn(crops); the first call just fills.
-        encoder_fn maps (n, 1, X, Y, Z) image crops to (n, C, d, h, w) bottleneck features (the teacher's)."""
-        if self.crops is None:  # the patches never move: cut and copy them once, not at every refresh
-            if not self.images:
-                raise RuntimeError("reference bank has no images to encode: build it with ReferenceBank.build")
-            x = np.stack([crop(self.images[c], b) for c, b in zip(self.case_ids, self.boxes)])  # (N, X, Y, Z)
-            self.crops = torch.from_numpy(x[:, None]).to(self.device)
-        new = torch.cat([encoder_fn(self.crops[s:s + batch_size]).float()  # (N, C, d, h, w)
-                         for s in range(0, len(self), batch_size)])
-        if self.features is None:
-            self.features = new
-        elif self.features.shape != new.shape:
-            raise ValueError(f"encoder gives features {tuple(new.shape)}, the bank holds {tuple(self.features.shape)}")
-        else:
-            self.features.mul_(momentum).add_(new, alpha=1 - momentum)
-
-    def context(self, sel):
-        """The chosen references' features (B, K, C, d, h, w) and weights (B, K), on the bank's device."""
-        if self.features is None:
-            raise RuntimeError("reference bank features are empty: call refresh() first")
-        idx = torch.as_tensor(sel.indices, device=self.device)
-        return self.features[idx], torch.as_tensor(sel.weights, device=self.device)
-
-    def state_dict(self):
-        """Everything but the images (they come from the data): entries, morphology, texts, features."""
-        return {"case_ids": self.case_ids, "boxes": torch.from_numpy(self.boxes), "morph": torch.from_numpy(self.morph),
-                "texts": self.texts, "features": self.features}
-
-    def load_state_dict(self, state):
-        """Restore a saved bank onto this one, which must hold the same patches (same cases and boxes)."""
-        boxes = np.asarray(state["boxes"])
-        if list(state["case_ids"]) != self.case_ids or not np.array_equal(boxes, self.boxes):
-            raise ValueError(f"saved reference bank ({len(state['case_ids'])} patches) does not match the bank built "
-                             f"from the data ({len(self)} patches): different labeled cases, patch size or stride")
-        self.morph, self.texts = np.asarray(state["morph"], np.float32), list(state["texts"])
-        self._index()
-        self.features = None if state["features"] is None else state["features"].to(self.device)
-
 
 # -----------------------------------------------------------------------------
 # batched selection
@@ -477,6 +181,26 @@ def select_device(bank, morph, rows, cfg, generator=None):
 
 
 # -----------------------------------------------------------------------------
+# the query as training and testing run it
+
+def query_references(bank, logits_b, case_ids, cfg, generator=None):
+    """DESIGN §1.2 at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> features.
+
+    logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
+    labeled query never retrieves its own patches). Returns refs (B, K, C, d, h, w), weights (B, K) and
+    the chosen bank entries (B, K).
+    On CUDA nothing here waits for the GPU (morphology_torch, select_device), so the step
+    keeps the GPU queue full; both are tested against their numpy twins."""
+    masks = logits_b[:, 1] > logits_b[:, 0]                              # (B, X, Y, Z): argmax == 1, cheaper
+    if masks.is_cuda:                                                     # (B, M), the query morphology
+        morph = morphology_torch(masks)
+    else:                                                                 # no GPU to keep busy: numpy is faster
+        morph = torch.from_numpy(morphology_batch(masks.numpy()))
+    indices, weights = select_device(bank, morph, bank.query_rows(case_ids), cfg, generator)
+    return bank.features[indices], weights, indices
+
+
+# -----------------------------------------------------------------------------
 # explanation: text and figure
 
 def format_explanation(bank, sel, boxes=None):
@@ -520,81 +244,13 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
 
 
 # -----------------------------------------------------------------------------
-# latency benchmark on synthetic banks
-
-def synthetic_bank(n, patches_per_case=8, morph_dim=13, seed=0, device="cpu"):
-    """A bank of n entries without images: cases are clusters in morphology space, each with its own text
-    of 4 fields x 12 words from a 2000-word vocabulary (Zipf-like use), shared by the case's patches."""
-    rng = np.random.default_rng(seed)
-    vocab = ["".join(rng.choice(list("bcdfghklmnprstv"), 3)) + rng.choice(["al", "ic", "ous", "ing", "ed", "ar"])
-             for _ in range(2000)]
-    cdf = np.cumsum(1 / np.arange(1, len(vocab) + 1))
-
-    def text():
-        words = [vocab[j] for j in np.searchsorted(cdf, rng.uniform(0, cdf[-1], 48))]
-        return " ".join(f"{f}: {' '.join(words[12 * i:12 * i + 12])}."
-                        for i, f in enumerate(("Texture", "Boundary", "Context", "Summary")))
-    n_cases = -(-n // patches_per_case)
-    centres, texts = rng.normal(size=(n_cases, morph_dim)), [text() for _ in range(n_cases)]
-    case = np.arange(n) // patches_per_case
-    morph = centres[case] + 0.3 * rng.normal(size=(n, morph_dim))
-    bank = ReferenceBank([f"case{c}" for c in case], np.zeros((n, 6)), morph, [texts[c] for c in case],
-                         device=device)
-    return bank, text
-
-
-def median_time(fn, runs, warmup, sync=lambda: None):
-    """Median wall and process CPU seconds of fn() over `runs` calls after `warmup`; sync() (a device
-    synchronisation) runs before each clock reading so that queued device work is counted."""
-    wall, cpu = [], []
-    for _ in range(warmup + runs):
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync()
-        wall.append(time.perf_counter() - t0), cpu.append(time.process_time() - c0)
-    return float(np.median(wall[warmup:])), float(np.median(cpu[warmup:]))
-
-
-def benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=20, seed=0):
-    """Median wall time of one selection for `batch` queries (half labeled, half not) per bank size: select()
-    (numpy, on the host) and select_device() with its query_rows() lookup (on CUDA when available, else on
-    the CPU). The process's CPU time is printed beside each, as other load on the machine inflates wall
-    time (and torch's CPU threads suffer most from it).
-    Returns {size: {"select": seconds, "select_device": seconds}}."""
-    cfg = SimpleNamespace(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    result = {}
-    for n in sizes:
-        bank, text = synthetic_bank(n, seed=seed, device=device)
-        rng = np.random.default_rng(seed + 1)
-        morph = bank.morph[rng.integers(0, n, batch)] + 0.1 * rng.normal(size=(batch, bank.morph.shape[1]))
-        ids = [bank.case_ids[int(rng.integers(0, n))] if i % 2 == 0 else f"unlabeled{i}" for i in range(batch)]
-        case_texts = {c: text() for c in ids}
-        texts = [case_texts[c] for c in ids]
-        bank.index_queries(case_texts)
-        own = [c if c in bank.code_of else None for c in ids]
-        numpy_s, cpu_s = median_time(lambda: select(bank, morph, texts, own, cfg), runs, warmup)
-        morph_dev = torch.as_tensor(morph, dtype=torch.float32, device=device)  # (B, M)
-        device_s, device_cpu_s = median_time(lambda: select_device(bank, morph_dev, bank.query_rows(ids), cfg),
-                                             runs, warmup, sync)
-        result[n] = {"select": numpy_s, "select_device": device_s}
-        print(f"bank {n:>7} entries ({len(bank.cot.texts)} distinct texts), {batch} queries: select "
-              f"{1e3 * numpy_s:.2f} ms wall ({1e3 * cpu_s:.2f} ms CPU), select_device on {device.type} "
-              f"{1e3 * device_s:.2f} ms wall ({1e3 * device_cpu_s:.2f} ms CPU) (medians of {runs})")
-    return result
-
-
-# -----------------------------------------------------------------------------
 
 def query_masks(cfg, image, label, boxes, labeled):
     """The query patches' masks (n, X, Y, Z): decoder B of the experiment's last checkpoint, as in training
     and testing; without a checkpoint, the ground truth of a labeled case. Other masks are never read."""
     ckpt = Path(cfg.out_dir) / "ckpt_last.pt"
     if ckpt.is_file():
-        import test
-        model, _, _ = test.load_checkpoint(ckpt, "cpu")
+        model, _, _ = load_checkpoint(ckpt, "cpu")
         x = torch.from_numpy(np.stack([crop(image, b) for b in boxes])[:, None])   # (n, 1, X, Y, Z)
         with torch.no_grad():
             return (model.predict_b(x).argmax(1) == 1).numpy()
@@ -605,19 +261,12 @@ def query_masks(cfg, image, label, boxes, labeled):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Explain reference selection for one case, or time it.")
-    parser.add_argument("--exp", default="LA_8", help="named experiment (train.py)")
+    parser = argparse.ArgumentParser(description="Explain reference selection for one case.")
+    parser.add_argument("--exp", default="LA_8", help="named experiment (config.py)")
     parser.add_argument("--explain", metavar="ID", help="case ID whose patches are the queries")
-    parser.add_argument("--bench", action="store_true", help="time selection on synthetic banks and exit")
     args, overrides = parser.parse_known_args(argv)
-    if args.bench:
-        benchmark()
-        return
     if not args.explain:
-        parser.error("give --explain ID or --bench")
-    import data
-    import pool
-    from train import get_config
+        parser.error("give --explain ID")
     cfg = get_config(args.exp, overrides)
     split = data.load_split(cfg.data_root, cfg.num_labeled)
     if args.explain not in split.labeled + split.unlabeled + split.test:
@@ -627,7 +276,7 @@ def main(argv=None):
     bank = ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
     image, label = volumes[args.explain]
     boxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
-    morph = pool.morphology_batch(query_masks(cfg, image, label, boxes, args.explain in split.labeled))
+    morph = morphology_batch(query_masks(cfg, image, label, boxes, args.explain in split.labeled))
     sel = select(bank, morph, [texts.image[args.explain]] * len(boxes), [args.explain] * len(boxes), cfg)
     print(format_explanation(bank, sel, boxes))
     print("figure:", plot_explanation(Path(cfg.out_dir) / f"explain_{args.explain}.png", image, boxes, bank, sel))

@@ -24,6 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from tqdm import tqdm
+
+import data
+import retrieve
+from bank import ReferenceBank, crop
+from checkpoint import load_checkpoint
+from config import Config, resolve_device
+from morphology import morphology_batch
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -100,7 +108,6 @@ def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, dev
 
     predict(x (N, 1, *patch)) -> foreground probabilities (N, K, *patch) for K outputs (e.g. the two decoders).
     image is (X, Y, Z) numpy; returns (K, X, Y, Z) numpy. Volumes smaller than the patch are zero-padded."""
-    import data
     x = torch.as_tensor(image, dtype=torch.float32, device=device)
     padded = data.pad_to(x, patch)                                       # (X', Y', Z')
     size = padded.shape
@@ -122,26 +129,13 @@ def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, dev
     return mean[:, lo[0]:lo[0] + image.shape[0], lo[1]:lo[1] + image.shape[1], lo[2]:lo[2] + image.shape[2]].cpu().numpy()
 
 
-def load_checkpoint(path, device):
-    """The student network and its config, rebuilt from what the checkpoint saved."""
-    from model import build_model
-    import train
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = train.Config(**ckpt["config"])
-    model = build_model(cfg).to(device)
-    model.load_state_dict(ckpt["student"])
-    return model.eval(), cfg, ckpt
-
-
 def load_references(cfg, ckpt, device):
     """The reference bank and CoT texts a CERS checkpoint was trained with (None, None for a plain network)."""
     if not cfg.references:
         return None, None
-    import data
-    import retrieve
     split = data.load_split(cfg.data_root, cfg.num_labeled)
     volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False)
-    bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
+    bank = ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
     bank.load_state_dict(ckpt["bank"])
     bank.index_queries(ckpt["pool"]["image"])
     if bank.features is None:
@@ -153,7 +147,6 @@ def predictor(model, cfg, case_id, bank=None, fast=False):
     """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, 2, *patch) foreground probabilities of
     decoder A and decoder B. With a reference bank each batch of windows takes the training path: decoder B
     first, its prediction's morphology and the case's image-only CoT select references, decoder A fuses them."""
-    import train
 
     def predict(x):
         if fast:
@@ -163,7 +156,7 @@ def predictor(model, cfg, case_id, bank=None, fast=False):
             b = model.decoder_b(feats)
             refs = weights = None
             if bank is not None:
-                refs, weights, _ = train.query_references(bank, b, [case_id] * len(x), cfg)
+                refs, weights, _ = retrieve.query_references(bank, b, [case_id] * len(x), cfg)
             a = model.decode_a(feats, refs, weights)
         return torch.stack([a.float().softmax(1)[:, 1], b.float().softmax(1)[:, 1]], 1)
     return predict
@@ -173,14 +166,11 @@ def predictor(model, cfg, case_id, bank=None, fast=False):
 def plot_references(png, model, bank, image_cots, cfg, case_id, device):
     """references.png for the case's first window (at the volume's origin), explained by retrieve.select,
     the readable twin of the device path that chose the references during testing."""
-    import data
-    import pool
-    import retrieve
     image, _ = data.read_case(data.case_path(cfg.data_root, case_id))
     box = (0, 0, 0, *cfg.patch_size)
-    window = retrieve.crop(image, box)                                  # (*patch), zero outside the volume
+    window = crop(image, box)                                  # (*patch), zero outside the volume
     mask = (model.predict_b(torch.from_numpy(window)[None, None].to(device)).argmax(1) == 1).cpu().numpy()
-    selection = retrieve.select(bank, pool.morphology_batch(mask), [image_cots[case_id]], [case_id], cfg)
+    selection = retrieve.select(bank, morphology_batch(mask), [image_cots[case_id]], [case_id], cfg)
     return retrieve.plot_explanation(png, window, [box], bank, selection, max_rows=1)
 
 
@@ -189,10 +179,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
 
     With references, every batch of windows takes the training path: decoder B first, its prediction's
     morphology and the case's image-only CoT select references, then decoder A fuses their context."""
-    import data
-    import train
-    from tqdm import tqdm
-    device = torch.device(device) if device else train.resolve_device(train.Config())
+    device = torch.device(device) if device else resolve_device(Config())
     model, cfg, ckpt = load_checkpoint(ckpt_path, device)
     bank, image_cots = load_references(cfg, ckpt, device)
     out = Path(out_dir or Path(cfg.out_dir) / "test")

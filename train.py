@@ -1,4 +1,4 @@
-"""Experiment configs and the dual-decoder mean-teacher training loop (DESIGN.md §1.5, §3).
+"""The dual-decoder mean-teacher training loop with CERS references (DESIGN.md §1.5, §3).
 
     python train.py --exp LA_8                      # the LA protocol, 8 labeled scans
     python train.py --exp PHANTOM_8                 # offline default: synthetic data, CPU-sized
@@ -8,153 +8,35 @@
 Labeled patches: Dice + cross-entropy on both decoders. Unlabeled patches: both student decoders
 follow the teacher's sharpened prediction, and each other's (cross-decoder consistency), with a
 sigmoid ramp-up. The teacher is an exponential moving average (EMA) of the student.
+
+Read top to bottom: schedules and losses, the run's state (setup), one step (train_step), the loop
+(train), ablations and the command line. Settings come from config.py.
 """
 import argparse
-import contextlib
 import copy
 import csv
 import dataclasses
 import json
 import math
-import os
-import random
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
-
-@dataclass
-class Config:
-    exp: str = "LA_8"                 # experiment name; outputs go to runs/<exp>
-    # data
-    data_root: str = "data/LA"        # LA layout: '2018LA_Seg_Training Set/<ID>/mri_norm2.h5', train.list, test.list
-    phantom: bool = False             # write a synthetic LA-layout dataset to data_root when it is missing
-    phantom_shape: tuple = (96, 96, 64)  # phantom volume size (X, Y, Z)
-    phantom_cases: tuple = (40, 10)   # phantom (train, test) case counts
-    num_labeled: int = 8              # the first N IDs of train.list are labeled (LA_N)
-    patch_size: tuple = (112, 112, 80)  # training patch and sliding window, each side divisible by 16
-    batch_size: int = 4               # patches per step: labeled_bs labeled + the rest unlabeled
-    labeled_bs: int = 2
-    # network
-    base_filters: int = 16            # V-Net width (16 in the LA protocol)
-    n_classes: int = 2
-    dropout: float = 0.5              # Dropout3d at the bottleneck and before the heads
-    references: bool = True           # decoder A fuses reasoning-selected reference context (False: plain dual-decoder MT)
-    mcam_gates: bool = True           # coordinate-attention gates in MCAM (False: context added ungated)
-    # optimisation
-    max_iters: int = 15000            # training iterations
-    lr: float = 0.01                  # SGD base learning rate, poly decay (power 0.9) to 0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    ema_decay: float = 0.99           # teacher = EMA of the student
-    consistency: float = 1.0          # weight of the unlabeled losses after ramp-up (0: supervised only)
-    rampup_iters: int = 6000          # sigmoid ramp-up length (the protocol's 40 x 150 iterations)
-    sharpen_t: float = 0.1            # temperature of the sharpened consistency targets
-    teacher_noise: float = 0.1        # std of the Gaussian noise on the teacher's input (clamped at 2 std)
-    seed: int = 1337
-    # knowledge pool (pool.py)
-    cot_backend: str = "auto"         # "auto" | "llm" | "descriptors"; auto = llm when llm_url is set
-    llm_url: str = ""                 # base URL of an OpenAI-compatible server, e.g. http://localhost:8000
-    llm_model: str = ""
-    llm_api_key_env: str = "CERS_API_KEY"  # name of the environment variable holding the API key
-    llm_temperature: float = 0.2
-    llm_timeout: float = 60.0         # seconds per request
-    llm_workers: int = 4              # requests in flight
-    llm_retries: int = 5
-    llm_vision: bool = False          # attach a PNG montage of slices to each request
-    modality: str = "late gadolinium-enhanced cardiac MRI"
-    anatomy: str = "heart"
-    target: str = "left atrium"
-    # reference selection (retrieve.py)
-    bank_stride: tuple = ()           # grid stride of the bank crops; () = patch_size (no overlap)
-    k_coarse: int = 16                # morphology neighbours per query
-    k_fine: int = 4                   # references kept after the CoT-consistency filter
-    tau: float = 0.5                  # normalised BM25 score under which a candidate is a hard negative
-    ref_temperature: float = 1.0      # softmax temperature of the reference weights
-    retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
-    bank_momentum: float = 0.9        # EMA momentum of the bank feature refresh
-    ref_warmup: int = 1000            # iterations without references (the bank needs a trained encoder)
-    bank_refresh: int = 200           # refresh bank features from the teacher every this many iterations
-    # testing
-    stride_xy: int = 18               # sliding-window stride in x and y
-    stride_z: int = 4                 # sliding-window stride in z
-    window_batch: int = 8             # windows per forward pass at test time
-    # runtime
-    device: str = "auto"              # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    amp: bool = True                  # bf16 autocast + channels-last 3D on CUDA (fp32 on CPU)
-    compile: bool = False             # torch.compile the encoder and decoders (slow first steps, then faster)
-    log_every: int = 20               # CSV log and progress-bar interval
-    ckpt_every: int = 1000            # checkpoint interval
-    out_dir: str = ""                 # "" = runs/<exp>
-
-
-def la(n):
-    return dict(num_labeled=n)
-
-
-EXPERIMENTS = {
-    "LA_4": la(4), "LA_8": la(8), "LA_16": la(16),
-    # CPU-sized offline default: small synthetic volumes, a narrower V-Net, a short schedule
-    "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(64, 64, 48), num_labeled=8,
-                      patch_size=(48, 48, 32), base_filters=8, max_iters=250, rampup_iters=100,
-                      stride_xy=16, stride_z=8, log_every=10, ckpt_every=50, ref_warmup=50, bank_refresh=25,
-                      lr=0.03),
-}
-
-
-def parse_value(key, text, hint):
-    """Turn an override string into the field's type, or raise with the key and the value."""
-    try:
-        if hint is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if hint is tuple:
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        return hint(text)
-    except ValueError:
-        raise SystemExit(f"config: --{key}={text!r} is not a valid {hint.__name__}") from None
-
-
-def get_config(exp, overrides=()):
-    """The named experiment's config with `--key=value` overrides applied (unknown keys are errors)."""
-    if exp not in EXPERIMENTS:
-        raise SystemExit(f"config: unknown experiment {exp!r}; known: {', '.join(EXPERIMENTS)}")
-    cfg = Config(exp=exp, **EXPERIMENTS[exp])
-    hints = typing.get_type_hints(Config)
-    for item in overrides:
-        key, eq, text = item.removeprefix("--").partition("=")
-        if not eq or key not in hints:
-            raise SystemExit(f"config: unknown or malformed override {item!r}; keys: {', '.join(hints)}")
-        setattr(cfg, key, parse_value(key, text, hints[key]))
-    return check_config(cfg)
-
-
-def check_config(cfg):
-    """Fill derived defaults and reject inconsistent settings early."""
-    cfg.out_dir = cfg.out_dir or f"runs/{cfg.exp}"
-    cfg.bank_stride = tuple(cfg.bank_stride) or tuple(cfg.patch_size)
-    if len(cfg.patch_size) != 3 or any(p % 16 for p in cfg.patch_size):
-        raise SystemExit(f"config: patch_size {cfg.patch_size}: three sides, each divisible by 16")
-    if not 0 < cfg.labeled_bs <= cfg.batch_size:
-        raise SystemExit(f"config: need 0 < labeled_bs ({cfg.labeled_bs}) <= batch_size ({cfg.batch_size})")
-    if cfg.retrieval not in ("both", "morph", "cot", "random"):
-        raise SystemExit(f"config: retrieval={cfg.retrieval!r}; one of both, morph, cot, random")
-    return cfg
-
-
-def resolve_device(cfg):
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
+import data
+import pool
+import test
+from bank import ReferenceBank
+from checkpoint import rng_state, save_checkpoint, seed_everything, set_rng_state
+from config import EXPERIMENTS, Config, get_config
+from distributed import World, average_buffers, check_consistent, gather, init_world, main_first, main_process
+from model import build_model
+from retrieve import query_references
 
 # ----------------------------------------------------------------------------- schedules and losses
 
@@ -207,127 +89,7 @@ def ema_update(teacher, student, decay, it):
             t.copy_(s)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()     # this process's device only
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_checkpoint(path, **state):
-    """Write atomically (temp file + rename) so an interrupted save never corrupts the last checkpoint."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- several processes (torchrun)
-
-@dataclass
-class World:
-    """This process's place among the training processes: one, or torchrun's N (one per GPU)."""
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def main(self):
-        return self.rank == 0                          # the process that writes logs, checkpoints and caches
-
-
-def init_world(cfg):
-    """The process group and this process's device. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK;
-    CUDA processes talk over NCCL, CPU processes over gloo (what the test suite uses)."""
-    device = resolve_device(cfg)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return World(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return World(dist.get_rank(), dist.get_world_size()), device
-
-
-@contextlib.contextmanager
-def main_first(world):
-    """Rank 0 runs the block first (writes the phantom, asks the LLM, fills the CoT cache); the other
-    ranks then run it and find everything done, so no file is written by two processes at once."""
-    if world.size > 1 and not world.main:
-        dist.barrier()
-    yield
-    if world.size > 1 and world.main:
-        dist.barrier()
-
-
-def average_buffers(module, world):
-    """Mean of the float buffers (batch-norm statistics) over the ranks. Parameters agree by construction
-    (same start, all-reduced gradients); running statistics follow each rank's own batches."""
-    if world.size > 1:
-        buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
-        flat = torch.nn.utils.parameters_to_vector(buffers)
-        dist.all_reduce(flat)
-        torch.nn.utils.vector_to_parameters(flat / world.size, buffers)
-
-
-def check_consistent(world, tensors):
-    """Raise unless every rank holds the same values in each named tensor (sums compared in float64)."""
-    if world.size == 1:
-        return
-    sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors.values()])
-    low, high = sums.clone(), sums.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    differ = [name for name, a, b in zip(tensors, low.tolist(), high.tolist()) if a != b]
-    if differ:
-        raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. {differ[:3]}")
-
-
-def main_process():
-    """Rank 0 under torchrun (read from its environment, also after the process group is gone), else True."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def gather(world, obj):
-    """Every rank's obj, in rank order (for the per-rank sampler and RNG states in a checkpoint)."""
-    if world.size == 1:
-        return [obj]
-    out = [None] * world.size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # ----------------------------------------------------------------------------- the step
-
-def prepare_data(cfg, world=World()):
-    """The split and the in-memory volumes (the phantom is written first when the config asks for it).
-    With references on, the test cases are read too: the knowledge pool describes every image."""
-    import data
-    if cfg.phantom:
-        import phantom
-        with main_first(world):
-            phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
-                                   shape=tuple(cfg.phantom_shape), seed=0)
-    split = data.load_split(cfg.data_root, cfg.num_labeled)
-    ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
-    return split, data.load_volumes(cfg.data_root, ids, progress=world.main)
-
 
 @dataclass
 class Run:
@@ -339,9 +101,9 @@ class Run:
     net: torch.nn.Module               # what the step calls: the student, or its DistributedDataParallel wrapper
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    sampler: typing.Any                # data.BatchSampler
-    bank: typing.Any = None            # retrieve.ReferenceBank, when references are on
-    cots: typing.Any = None            # pool.CotTexts, when references are on
+    sampler: data.BatchSampler
+    bank: ReferenceBank = None         # when references are on
+    cots: pool.CotTexts = None         # when references are on
     ref_gen: torch.Generator = None    # the draws of the "random" retrieval ablation
     bf16: bool = False                 # bf16 autocast (fp32 weights, optimiser and losses)
     channels_last: bool = False        # channels-last 3D activations and weights
@@ -358,8 +120,6 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
     """Networks, optimiser, batch sampler, knowledge pool and reference bank for one run.
 
     fast: bf16 autocast + channels-last 3D; default: cfg.amp on CUDA (the CPU path stays fp32)."""
-    import data
-    from model import build_model
     fast = cfg.amp and device.type == "cuda" if fast is None else fast
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True          # fixed patch size: let cuDNN pick the fastest kernels
@@ -383,32 +143,11 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
     run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, bf16=fast, channels_last=fast,
               ref_gen=torch.Generator(device).manual_seed(cfg.seed + world.rank))
     if cfg.references:                                 # knowledge pool and reference bank
-        import pool
-        import retrieve
         with main_first(world):
             run.cots = pool.build_pool(cfg, split, volumes, progress=progress and world.main)
-        run.bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, run.cots.mask, device)
+        run.bank = ReferenceBank.build(cfg, volumes, split.labeled, run.cots.mask, device)
         run.bank.index_queries(run.cots.image)
     return run
-
-
-def query_references(bank, logits_b, case_ids, cfg, generator=None):
-    """DESIGN §1.2 at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> features.
-
-    logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
-    labeled query never retrieves its own patches). Returns refs (B, K, C, d, h, w), weights (B, K) and
-    the chosen bank entries (B, K).
-    On CUDA nothing here waits for the GPU (pool.morphology_torch, retrieve.select_device), so the step
-    keeps the GPU queue full; both are tested against their numpy twins."""
-    import pool
-    import retrieve
-    masks = logits_b[:, 1] > logits_b[:, 0]                              # (B, X, Y, Z): argmax == 1, cheaper
-    if masks.is_cuda:                                                     # (B, M), the query morphology
-        morph = pool.morphology_torch(masks)
-    else:                                                                 # no GPU to keep busy: numpy is faster
-        morph = torch.from_numpy(pool.morphology_batch(masks.numpy()))
-    indices, weights = retrieve.select_device(bank, morph, bank.query_rows(case_ids), cfg, generator)
-    return bank.features[indices], weights, indices
 
 
 def train_step(run, it, image, label, ids):
@@ -472,7 +211,6 @@ def train(cfg, resume=False, progress=True, stop_at=None):
 
     stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run).
     Under torchrun every rank trains on its own batches; rank 0 alone prints, logs and checkpoints."""
-    from tqdm import tqdm
     world, device = init_world(cfg)
     out = Path(cfg.out_dir)
     progress = progress and world.main
@@ -481,7 +219,7 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         print(f"config ({device}, {world.size} process(es)):")
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    split, volumes = prepare_data(cfg, world)
+    split, volumes = data.prepare_data(cfg, world)
     run = setup(cfg, split, volumes, device, world, progress=progress)
     if world.main:
         print(f"precision: {'bf16 autocast + channels-last 3D' if run.bf16 else 'fp32'}"
@@ -588,7 +326,6 @@ ABLATIONS = {                         # DESIGN §1: what each part of CERS adds,
 
 def run_ablation(cfg, names):
     """Train and test each ablation of one experiment; print and save one table."""
-    import test
     rows = []
     for name in names:
         variant = dataclasses.replace(cfg, out_dir=f"{cfg.out_dir}/ablation/{name}", **ABLATIONS[name])
@@ -628,7 +365,6 @@ def main(argv=None):
         return
     ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at)
     if not args.no_test and args.stop_at is None:
-        import test
         if main_process():                             # under torchrun, rank 0 tests
             test.evaluate(ckpt)
 

@@ -1,40 +1,25 @@
-"""Reference selection (retrieve.py): tokenizer, BM25 against rank-bm25, leave-one-case-out, hard negatives,
-the fill rule, determinism, the device path against select(), the bank's refresh and checkpointing, and
-retrieval quality on real LLM CoTs."""
-import csv
+"""Reference selection (retrieve.py) and the reference bank (bank.py): leave-one-case-out, hard negatives,
+the fill rule, determinism, the device path against select(), the bank's refresh and checkpointing,
+explanations and the selection benchmark."""
 import io
-import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from rank_bm25 import BM25Okapi
 
 import retrieve
-from retrieve import ReferenceBank, cot_scores, crop, grid_boxes, select, select_device, tokenize
+from bank import ReferenceBank, crop, grid_boxes
+from bench import retrieval_benchmark, synthetic_bank
+from morphology import MORPH_DIM, morphology_batch
+from retrieve import select, select_device
+from test_cot import COT, QUERY
 
 
 def settings(**kw):
-    """The retrieval fields of train.Config, with its defaults."""
+    """The retrieval fields of config.Config, with its defaults."""
     base = dict(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=0)
     return SimpleNamespace(**{**base, **kw})
-
-
-# hand-written CoTs: A looks like the query but reasons differently; B and C reason like the query
-COT = {
-    "A": "Texture: Homogeneous cystic fluid signal. Boundary: Sharp, well-circumscribed smooth capsule with crisp "
-         "high contrast. Context: Isolated, away from other structures. Summary: Smooth well-defined cyst.",
-    "B": "Texture: Heterogeneous necrotic core with irregular enhancement. Boundary: Ill-defined infiltrative margins "
-         "blurred into edema. Context: Adjacent vessels mimic the enhancing rim. Summary: Irregular infiltrative mass.",
-    "C": "Texture: Heterogeneously enhancing, partly necrotic. Boundary: Indistinct, infiltrating borders with "
-         "blurring into surrounding edema. Context: Vessels nearby. Summary: Infiltrative necrotic lesion.",
-    "D": "Texture: Mildly heterogeneous. Boundary: Partly indistinct margins. Context: Near the ventricle. "
-         "Summary: Lesion with partly indistinct margins.",
-}
-QUERY = ("Texture: Heterogeneous, necrotic centre with irregular rim enhancement. Boundary: Infiltrative, "
-         "ill-defined and blurred margins fading into edema. Context: Nearby vessels mimic enhancement. "
-         "Summary: Infiltrating irregular lesion with indistinct borders.")
 
 
 def hand_bank(patches=2, with_images=False):
@@ -47,47 +32,10 @@ def hand_bank(patches=2, with_images=False):
     return ReferenceBank(ids, boxes, morph, [COT[c] for c in ids], images if with_images else None)
 
 
-# ----------------------------------------------------------------------------- tokenizer and BM25
-
-def test_tokenizer_handles_radiology_text():
-    toks = tokenize("Texture: Heterogeneous, ILL-DEFINED masses; enhancing/enhanced enhancement. "
-                    "Summary: The margins are blurred and blurring.")
-    assert "textur" not in toks and "summar" not in toks  # field labels are structure, not evidence
-    assert not {"the", "are", "and"} & set(toks)  # stopwords
-    assert toks.count(tokenize("enhance")[0]) == 3  # inflections share one stem
-    assert tokenize("blurred") == tokenize("blurring") == tokenize("blur")
-    assert tokenize("heterogeneous") == tokenize("heterogeneity") == tokenize("heterogeneously")
-    assert tokenize("margins") == tokenize("margin") and tokenize("masses") == tokenize("mass")
-    ill = tokenize("ill-defined")  # split and joined, so 'illdefined' and 'ill defined' both meet it
-    assert ill == tokenize("ill") + tokenize("defined") + tokenize("illdefined")
-    assert tokenize("iso-intense")[-1] == tokenize("isointense")[0]
-    assert tokenize("boundary is sharp") == tokenize("Boundary") + tokenize("sharp")  # the word, not the label
-    assert tokenize("") == [] and tokenize(None) == []
-
-
-def test_cot_scores_match_rank_bm25():
-    corpus = list(COT.values())
-    oracle = BM25Okapi([tokenize(t) for t in corpus])
-    n = {t: sum(t in doc for doc in oracle.doc_freqs) for t in oracle.idf}  # the smoothed IDF, by hand
-    oracle.idf = {t: np.log((4 - n[t] + 0.5) / (n[t] + 0.5) + 1) for t in oracle.idf}
-    expected = oracle.get_scores(tokenize(QUERY))
-    np.testing.assert_allclose(cot_scores(QUERY, corpus, corpus), expected)
-    # a candidate outside the corpus is scored from its own words with the corpus IDF
-    np.testing.assert_allclose(cot_scores(QUERY, [COT["B"] + " !"], corpus), expected[1:2])
-
-
-def test_small_pool_scores_stay_positive():
-    # two words in every document, one in exactly half: rank-bm25's Okapi IDF scores these 0 or below
-    corpus = ["wall thin bright", "wall thin dark", "wall thin bright", "wall thin dark"]
-    assert (BM25Okapi([tokenize(t) for t in corpus]).get_scores(tokenize("wall thin bright")) <= 0).all()
-    scores = cot_scores("wall thin bright", corpus, corpus)
-    assert (scores > 0).all() and scores[0] > scores[1]
-
-
 # ----------------------------------------------------------------------------- selection
 
 def test_leave_one_case_out():
-    bank, _ = retrieve.synthetic_bank(400, patches_per_case=8, seed=1)
+    bank, _ = synthetic_bank(400, patches_per_case=8, seed=1)
     own = [bank.case_ids[i] for i in (0, 9, 250)]
     morph = bank.morph[[0, 9, 250]]  # each query sits on its own case's patches
     text = [bank.texts[i] for i in (0, 9, 250)]
@@ -141,8 +89,8 @@ def test_fill_rule():
 
 
 def test_selection_is_deterministic():
-    bank, text = retrieve.synthetic_bank(300, seed=2)
-    again, _ = retrieve.synthetic_bank(300, seed=2)
+    bank, text = synthetic_bank(300, seed=2)
+    again, _ = synthetic_bank(300, seed=2)
     morph, ids = bank.morph[[5, 50, 150, 250]], [bank.case_ids[5], None, bank.case_ids[150], None]
     texts = [bank.texts[i] for i in (9, 60, 140, 290)]
     first, second = select(bank, morph, texts, ids, settings()), select(again, morph, texts, ids, settings())
@@ -191,7 +139,7 @@ def test_device_path_matches_select_on_hand_banks():
 def test_device_path_matches_select_on_synthetic_bank():
     # 300 cases of 3 patches; 120 queries near random entries, even ones of a bank case (excluded), odd
     # ones of cases outside the bank; tau from "nobody survives" through "some" to "everybody"
-    bank, text = retrieve.synthetic_bank(900, patches_per_case=3, seed=3)
+    bank, text = synthetic_bank(900, patches_per_case=3, seed=3)
     rng = np.random.default_rng(4)
     ids = [bank.case_ids[i] if j % 2 == 0 else f"unlabeled{j}" for j, i in enumerate(rng.integers(0, len(bank), 120))]
     case_texts = {c: text() for c in ids}
@@ -209,7 +157,7 @@ def test_device_path_matches_select_on_synthetic_bank():
 
 
 def test_device_random_draws():
-    bank, text = retrieve.synthetic_bank(400, seed=5)
+    bank, text = synthetic_bank(400, seed=5)
     ids = [bank.case_ids[i] for i in range(0, 400, 10)]  # 40 queries of 40 bank cases
     bank.index_queries({c: text() for c in ids})
     rows, morph = bank.query_rows(ids), torch.zeros(len(ids), bank.morph.shape[1])
@@ -241,8 +189,8 @@ def test_device_tables_follow_the_bank():
     with pytest.raises(ValueError, match="'V' has no query CoT"):
         lonely.query_rows(["V"])
     # load_state_dict re-indexes: the loaded morphology and texts, the queries indexed before it
-    bank, text = retrieve.synthetic_bank(200, seed=6)
-    other, _ = retrieve.synthetic_bank(200, seed=7)  # same cases and boxes, other morphology and texts
+    bank, text = synthetic_bank(200, seed=6)
+    other, _ = synthetic_bank(200, seed=7)  # same cases and boxes, other morphology and texts
     case_texts = {"case3": text(), "case20": text(), "new": text()}
     bank.index_queries(case_texts)
     bank.load_state_dict(other.state_dict())
@@ -257,7 +205,7 @@ def test_device_tables_follow_the_bank():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_path_does_not_synchronise():
-    bank, text = retrieve.synthetic_bank(2000, seed=8, device="cuda")
+    bank, text = synthetic_bank(2000, seed=8, device="cuda")
     ids = ["case1", "elsewhere", "case40", "case7"]
     bank.index_queries({c: text() for c in ids})
     rows, morph = bank.query_rows(ids), torch.as_tensor(bank.morph[[3, 50, 400, 9]], device="cuda")
@@ -315,7 +263,6 @@ def test_refresh_is_ema_and_bank_round_trips(monkeypatch):
 
 
 def test_build_from_volumes():
-    pool = pytest.importorskip("pool")
     rng = np.random.default_rng(0)
     volumes = {}
     for cid, shape in (("c1", (20, 18, 10)), ("c2", (12, 14, 7))):
@@ -327,9 +274,9 @@ def test_build_from_volumes():
     n1 = len(grid_boxes((20, 18, 10), (8, 8, 8), (8, 8, 8)))
     assert len(bank) == n1 + len(grid_boxes((12, 14, 7), (8, 8, 8), (8, 8, 8)))
     assert bank.case_ids[n1] == "c2" and bank.texts[n1] == COT["C"]
-    assert bank.morph.shape == (len(bank), pool.MORPH_DIM)
+    assert bank.morph.shape == (len(bank), MORPH_DIM)
     crops = np.stack([crop(volumes["c2"][1], b) > 0 for b in bank.boxes[n1:]])  # ground truth, zero-padded
-    np.testing.assert_allclose(bank.morph[n1:], pool.morphology_batch(crops))
+    np.testing.assert_allclose(bank.morph[n1:], morphology_batch(crops))
     bank.refresh(lambda x: x[:, :, ::4, ::4, ::4], momentum=0.9)
     assert bank.features.shape == (len(bank), 1, 2, 2, 2)
 
@@ -346,31 +293,5 @@ def test_explanation_text_and_figure(tmp_path):
 
 
 def test_benchmark_runs():
-    result = retrieve.benchmark(sizes=(100,), runs=5, warmup=1)
+    result = retrieval_benchmark(sizes=(100,), runs=5, warmup=1)
     assert 0 < result[100]["select"] < 1.0 and 0 < result[100]["select_device"] < 1.0
-
-
-# ----------------------------------------------------------------------------- real LLM CoTs
-
-def precision_at_5(rows, tokenizer):
-    """Each image's no-mask CoT queries the other images' mask CoTs (IDF over all mask CoTs, every candidate
-    past stage 1); the share of the 5 best with the query's diagnosis, averaged over queries."""
-    bank = [r["cot_mask"] for r in rows]
-    diagnosis = np.array([r["diagnosis"] for r in rows])
-    shares = []
-    for i, row in enumerate(rows):
-        others = np.array([j for j in range(len(rows)) if j != i])
-        scores = cot_scores(row["cot_no_mask"], [bank[j] for j in others], bank, tokenizer=tokenizer)
-        top = others[np.argsort(-scores, kind="stable")[:5]]
-        shares.append(np.mean(diagnosis[top] == diagnosis[i]))
-    return float(np.mean(shares))
-
-
-def test_same_diagnosis_precision_on_real_cots(brisc_csv):
-    with open(brisc_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len({r["diagnosis"] for r in rows}) == 3  # chance is 1/3
-    ours = precision_at_5(rows, tokenize)
-    plain = precision_at_5(rows, lambda t: re.findall(r"[a-z0-9]+", t.lower()))
-    print(f"same-diagnosis precision@5: radiology tokenizer {ours:.3f}, plain tokens {plain:.3f}")
-    assert ours > 0.55, (ours, plain)  # measured 0.615 (plain tokens 0.625) on the 300-image fixture

@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import data
 import train
 from conftest import ROOT
+from distributed import World, check_consistent
 from test_train import TINY, tiny_cfg, tiny_overrides
 
 # fp32 with channels-last only reorders the same arithmetic; bf16 rounds activations to 8 significant bits
@@ -38,7 +40,7 @@ def bf16_autocast_works_on_this_cpu():
 
 def test_fast_path_gives_the_plain_losses(tiny_la, tmp_path):
     cfg = tiny_cfg(tiny_la, tmp_path / "run", ref_warmup=0, consistency=1.0, rampup_iters=0)
-    split, volumes = train.prepare_data(cfg)
+    split, volumes = data.prepare_data(cfg)
     run = train.setup(cfg, split, volumes, torch.device("cpu"), progress=False)
     batch = run.sampler.next()                                      # one fixed batch for every variant
     plain = first_step_losses(cfg, split, volumes, batch, bf16=False, channels_last=False)
@@ -58,10 +60,10 @@ def test_fast_path_gives_the_plain_losses(tiny_la, tmp_path):
 
 def consistency_worker(rank, init_file, agree, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    world = train.World(rank, 2)
+    world = World(rank, 2)
     tensor = torch.arange(6.0) + (0 if agree else rank * 1e-6)
     try:
-        train.check_consistent(world, {"teacher.w": tensor, "bank.features": torch.ones(3)})
+        check_consistent(world, {"teacher.w": tensor, "bank.features": torch.ones(3)})
         results[rank] = "ok"
     except RuntimeError as e:
         results[rank] = str(e)
@@ -103,7 +105,7 @@ def test_cuda_step_never_waits_for_the_gpu(tiny_la, tmp_path):
     """A CERS step on CUDA (batch, references, losses, SGD, EMA) makes no synchronising call: the step
     after the bank refresh runs with torch's sync debug mode set to raise on one."""
     cfg = tiny_cfg(tiny_la, tmp_path / "run", device="cuda", ref_warmup=0, bank_refresh=100)
-    split, volumes = train.prepare_data(cfg)
+    split, volumes = data.prepare_data(cfg)
     run = train.setup(cfg, split, volumes, torch.device("cuda"), progress=False)
     run.student.train()
     run.teacher.eval()

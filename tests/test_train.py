@@ -6,6 +6,7 @@ import torch
 
 import test as T
 import train
+from config import get_config
 
 
 # a seconds-long CERS run on the tiny data: references from iteration 2, bank refreshed every 2
@@ -19,29 +20,29 @@ def tiny_overrides(root, out, **extra):
 
 
 def tiny_cfg(root, out, **extra):
-    return train.get_config("PHANTOM_8", tiny_overrides(root, out, **extra))
+    return get_config("PHANTOM_8", tiny_overrides(root, out, **extra))
 
 
 def test_overrides_are_checked_by_type():
-    cfg = train.get_config("LA_8", ["--max_iters=10", "--lr=0.5", "--patch_size=96,96,64", "--amp=false"])
+    cfg = get_config("LA_8", ["--max_iters=10", "--lr=0.5", "--patch_size=96,96,64", "--amp=false"])
     assert (cfg.max_iters, cfg.lr, cfg.patch_size, cfg.amp) == (10, 0.5, (96, 96, 64), False)
     assert cfg.num_labeled == 8 and cfg.out_dir == "runs/LA_8" and cfg.bank_stride == (96, 96, 64)
     for bad in (["--max_iters=ten"], ["--no_such_key=1"], ["--amp=maybe"], ["--patch_size=100,96,64"], ["max_iters"]):
         with pytest.raises(SystemExit):
-            train.get_config("LA_8", bad)
+            get_config("LA_8", bad)
     with pytest.raises(SystemExit, match="unknown experiment"):
-        train.get_config("LA_9")
+        get_config("LA_9")
 
 
 def test_la_protocol_settings():
-    cfg = train.get_config("LA_16")
+    cfg = get_config("LA_16")
     assert cfg.num_labeled == 16 and cfg.patch_size == (112, 112, 80) and (cfg.batch_size, cfg.labeled_bs) == (4, 2)
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.ema_decay, cfg.max_iters) == (0.01, 0.9, 1e-4, 0.99, 15000)
     assert (cfg.stride_xy, cfg.stride_z, cfg.base_filters) == (18, 4, 16)
 
 
 def test_schedules():
-    cfg = train.get_config("LA_8")
+    cfg = get_config("LA_8")
     assert train.lr_at(0, cfg) == cfg.lr and train.lr_at(cfg.max_iters, cfg) == 0.0
     assert train.lr_at(7500, cfg) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert train.sigmoid_rampup(0, 6000) == pytest.approx(math.exp(-5))

@@ -1,0 +1,181 @@
+"""The reference bank (DESIGN.md §5): the labeled patches reference selection chooses from.
+
+Every labeled volume is cut into a grid of patch-size crops. Each entry keeps its case ID, crop box,
+morphology vector (of the ground truth inside the crop), the case's mask CoT and a reference feature
+map: the teacher encoder's bottleneck of the crop, refreshed as an exponential moving average while
+the teacher trains. The bank also holds what selection reads at every step, built once: the
+standardised morphology with a kd-tree (stage 1 of retrieve.select), BM25 over its distinct texts
+(stage 2), and device copies with per-(query case, text) BM25 tables for retrieve.select_device.
+"""
+import numpy as np
+import torch
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
+
+from cot import CotIndex
+from morphology import morphology_batch
+
+def grid_boxes(shape, patch, stride):
+    """Crop boxes (x0, y0, z0, x1, y1, z1) covering a volume: starts every `stride` plus one flush with the far
+    edge; an axis shorter than the patch gets one box centred on it (it reaches outside, read as zeros)."""
+    starts = []
+    for size, p, s in zip(shape, patch, stride):
+        if size <= p:
+            starts.append([-((p - size) // 2)])
+        else:
+            axis = list(range(0, size - p + 1, s))
+            starts.append(axis + ([size - p] if axis[-1] != size - p else []))
+    return [(x, y, z, x + patch[0], y + patch[1], z + patch[2])
+            for x in starts[0] for y in starts[1] for z in starts[2]]
+
+
+def crop(volume, box):
+    """The box of a volume (X, Y, Z), zero where the box reaches outside it (the training-crop padding rule)."""
+    lo, hi = np.array(box[:3]), np.array(box[3:])
+    out = np.zeros(hi - lo, volume.dtype)
+    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)
+    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[tuple(slice(i, j) for i, j in zip(a, b))]
+    return out
+
+
+class ReferenceBank:
+    """Labeled patches: case ID, crop box, morphology vector (from the ground truth), the case's mask CoT,
+    and a reference feature map per entry, stacked as `features` (N, C, d, h, w) on the training device."""
+
+    def __init__(self, case_ids, boxes, morph, texts, images=None, device="cpu"):
+        self.case_ids, self.texts = list(case_ids), list(texts)
+        self.boxes = np.asarray(boxes, np.int64).reshape(-1, 6)
+        self.morph = np.asarray(morph, np.float32)
+        n = len(self.case_ids)
+        if n == 0 or not len(self.boxes) == len(self.morph) == len(self.texts) == n or self.morph.ndim != 2:
+            raise ValueError(f"reference bank: got {n} case IDs, {len(self.boxes)} boxes, morphology "
+                             f"{self.morph.shape} and {len(self.texts)} texts; need N > 0 of each, morphology (N, M)")
+        if not np.isfinite(self.morph).all():
+            raise ValueError("reference bank: morphology vectors contain NaN or inf")
+        self.images = images or {}  # case ID -> image (X, Y, Z), read by refresh()
+        self.device = torch.device(device)
+        self.features = None  # (N, C, d, h, w) once refresh() has run
+        self.crops = None  # (N, 1, X, Y, Z) image patches on the device, cut by the first refresh()
+        self.query_texts = {}  # case ID -> query CoT, once index_queries() has run
+        self._index()
+
+    @classmethod
+    def build(cls, cfg, volumes, labeled_ids, mask_cots, device="cpu"):
+        """Bank of every labeled volume's grid crops (cfg.patch_size, stride cfg.bank_stride)."""
+        case_ids, boxes, morph, texts = [], [], [], []
+        for cid in labeled_ids:
+            if cid not in mask_cots:
+                raise ValueError(f"reference bank: labeled case {cid!r} has no mask CoT in the pool")
+            label = volumes[cid][1]
+            case_boxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
+            morph.append(morphology_batch(np.stack([crop(label, b) > 0 for b in case_boxes])))
+            case_ids += [cid] * len(case_boxes)
+            boxes += case_boxes
+            texts += [mask_cots[cid]] * len(case_boxes)
+        images = {cid: volumes[cid][0] for cid in labeled_ids}
+        return cls(case_ids, boxes, np.concatenate(morph), texts, images, device)
+
+    def _index(self):
+        """Stage-1 and stage-2 structures, built once: scaler + kNN on morphology, BM25 on distinct texts,
+        and the device copies select_device() reads (the query tables too, if index_queries() has run)."""
+        self.scaler = StandardScaler().fit(self.morph)
+        z = self.scaler.transform(self.morph)  # (N, M) standardised morphology
+        self.knn = NearestNeighbors(algorithm="kd_tree").fit(z)
+        cases, self.case_code = np.unique(self.case_ids, return_inverse=True)
+        self.code_of = {c: i for i, c in enumerate(cases)}
+        self.case_count = np.bincount(self.case_code)
+        self.cot = CotIndex(self.texts)
+        self.doc = np.array([self.cot.doc_of[t] for t in self.texts])
+        # the same on the device, for select_device
+        self.z = torch.as_tensor(z, dtype=torch.float32, device=self.device)  # (N, M)
+        self.z_mean = torch.as_tensor(self.scaler.mean_, dtype=torch.float32, device=self.device)  # (M,)
+        self.z_scale = torch.as_tensor(self.scaler.scale_, dtype=torch.float32, device=self.device)  # (M,)
+        self.entry_doc = torch.as_tensor(self.doc, device=self.device)  # (N,) entry -> distinct text
+        self.entry_code = torch.as_tensor(self.case_code, device=self.device)  # (N,) entry -> case code
+        self.index_queries(self.query_texts)  # BM25 depends on the bank's texts: redo it (or keep it empty)
+
+    def index_queries(self, case_texts):
+        """Precompute, for select_device, what a query brings: case_texts maps every case of the pool (labeled,
+        unlabeled, test) to its query CoT, fixed for the run, so each (query case, distinct bank text) BM25
+        score is computed once here instead of on the host at every step. On the bank's device:
+        query_bm25 (n_cases, n_docs) raw BM25 scores, query_code (n_cases,) the case's code in the bank (-1:
+        not in the bank, nothing to exclude), query_others (n_cases,) its number of other-case entries;
+        query_row maps a case ID to its row. _index() calls this again, so the tables follow the bank."""
+        self.query_texts = dict(case_texts)
+        ids = list(self.query_texts)
+        self.query_row = {c: r for r, c in enumerate(ids)}
+        codes = np.array([self.code_of.get(c, -1) for c in ids], np.int64)
+        others = len(self) - np.where(codes >= 0, self.case_count[np.maximum(codes, 0)], 0)
+        scores = self.cot.scores([self.query_texts[c] for c in ids], np.arange(len(self.cot.texts)))  # (docs, cases)
+        self.query_bm25 = torch.as_tensor(scores.T, dtype=torch.float32, device=self.device)  # (n_cases, n_docs)
+        self.query_code = torch.as_tensor(codes, device=self.device)  # (n_cases,)
+        self.query_others = torch.as_tensor(others, device=self.device)  # (n_cases,)
+
+    def query_rows(self, case_ids):
+        """(B,) long tensor on the device: each case ID's row of the query tables. A host-side lookup of
+        strings and one non-blocking copy; it refuses, from host metadata, a case unknown to index_queries
+        and a case with no patch of another case in the bank (it would have no reference to draw)."""
+        rows = []
+        for c in case_ids:
+            if c not in self.query_row:
+                raise ValueError(f"reference bank: case {c!r} has no query CoT; pass it to index_queries() "
+                                 f"({len(self.query_row)} cases indexed)")
+            rows.append(self.query_row[c])
+            if c in self.code_of and self.case_count[self.code_of[c]] == len(self):
+                raise ValueError(f"reference bank has no patches outside case {c!r}")
+        rows = torch.tensor(rows, dtype=torch.long)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()  # so that the copy below really is asynchronous
+        return rows.to(self.device, non_blocking=True)
+
+    def __len__(self):
+        return len(self.case_ids)
+
+    def neighbours(self, morph, codes, k):
+        """Stage 1: the k morphologically nearest entries of other cases for each query (code -1: no case).
+        Asks for k + (size of the query's case) neighbours so exclusion still leaves k when the bank has them."""
+        extra = max([self.case_count[c] for c in codes if c >= 0], default=0)
+        z = (morph - self.scaler.mean_) / self.scaler.scale_  # scaler.transform without its input checks
+        dist, idx = self.knn.kneighbors(z, n_neighbors=min(len(self), k + extra))
+        keep = [self.case_code[i] != c for i, c in zip(idx, codes)]
+        return [i[m][:k] for i, m in zip(idx, keep)], [d[m][:k] for d, m in zip(dist, keep)]
+
+    @torch.no_grad()
+    def refresh(self, encoder_fn, momentum, batch_size=4):
+        """features <- momentum * features + (1 - momentum) * encoder_fn(crops); the first call just fills.
+        encoder_fn maps (n, 1, X, Y, Z) image crops to (n, C, d, h, w) bottleneck features (the teacher's)."""
+        if self.crops is None:  # the patches never move: cut and copy them once, not at every refresh
+            if not self.images:
+                raise RuntimeError("reference bank has no images to encode: build it with ReferenceBank.build")
+            x = np.stack([crop(self.images[c], b) for c, b in zip(self.case_ids, self.boxes)])  # (N, X, Y, Z)
+            self.crops = torch.from_numpy(x[:, None]).to(self.device)
+        new = torch.cat([encoder_fn(self.crops[s:s + batch_size]).float()  # (N, C, d, h, w)
+                         for s in range(0, len(self), batch_size)])
+        if self.features is None:
+            self.features = new
+        elif self.features.shape != new.shape:
+            raise ValueError(f"encoder gives features {tuple(new.shape)}, the bank holds {tuple(self.features.shape)}")
+        else:
+            self.features.mul_(momentum).add_(new, alpha=1 - momentum)
+
+    def context(self, sel):
+        """The chosen references' features (B, K, C, d, h, w) and weights (B, K), on the bank's device."""
+        if self.features is None:
+            raise RuntimeError("reference bank features are empty: call refresh() first")
+        idx = torch.as_tensor(sel.indices, device=self.device)
+        return self.features[idx], torch.as_tensor(sel.weights, device=self.device)
+
+    def state_dict(self):
+        """Everything but the images (they come from the data): entries, morphology, texts, features."""
+        return {"case_ids": self.case_ids, "boxes": torch.from_numpy(self.boxes), "morph": torch.from_numpy(self.morph),
+                "texts": self.texts, "features": self.features}
+
+    def load_state_dict(self, state):
+        """Restore a saved bank onto this one, which must hold the same patches (same cases and boxes)."""
+        boxes = np.asarray(state["boxes"])
+        if list(state["case_ids"]) != self.case_ids or not np.array_equal(boxes, self.boxes):
+            raise ValueError(f"saved reference bank ({len(state['case_ids'])} patches) does not match the bank built "
+                             f"from the data ({len(self)} patches): different labeled cases, patch size or stride")
+        self.morph, self.texts = np.asarray(state["morph"], np.float32), list(state["texts"])
+        self._index()
+        self.features = None if state["features"] is None else state["features"].to(self.device)
