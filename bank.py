@@ -1,9 +1,14 @@
 """The reference bank (DESIGN.md §5): the labeled patches reference selection chooses from.
 
-Every labeled volume is cut into a grid of patch-size crops. Each entry keeps its case ID, crop box,
-morphology vector (of the ground truth inside the crop), the case's mask CoT and a reference feature
-map: the teacher encoder's bottleneck of the crop, refreshed as an exponential moving average while
-the teacher trains. The bank also holds what selection reads at every step, built once: the
+Every labeled volume is cut into a grid of patch-size crops, in each of the four orientations the
+training augmentation gives a patch (data.rot_flip: a rotation by k x 90 degrees in the x-y plane, then
+a flip, yields four distinct patches). Queries are augmented patches; holding every orientation makes
+the bank comparable with them: the morphology vector (centroid, extents) of a rotated query meets
+entries laid out the same way, so a retrieved reference's mask and its position-encoded tokens line
+up with the query's. Each entry keeps its case ID, orientation, crop box (in the oriented volume),
+morphology vector (of the ground truth inside the crop), the case's mask CoT, the crop's ground-truth
+mask and a reference feature map: the teacher encoder's bottleneck of the crop, refreshed as an
+exponential moving average while the teacher trains. The bank also holds what selection reads at every step, built once: the
 standardised morphology with a kd-tree (stage 1 of retrieve.select), BM25 over its distinct texts
 (stage 2), and device copies with per-(query case, text) BM25 tables for retrieve.select_device.
 """
@@ -12,8 +17,19 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
+import data
 from cot import CotIndex
+from mcam import References
 from morphology import morphology_batch
+
+# the distinct patches data.rot_flip(x, k, axis) makes: (k, axis) for k in 0..3, axis in {0, 1} gives four,
+# since flipping y equals flipping x after a half turn (tests/test_retrieve.py checks it)
+ORIENTATIONS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def orient(volume, variant):
+    """A volume (X, Y, Z) numpy in one of the ORIENTATIONS, exactly as data.rot_flip turns a training patch."""
+    return data.rot_flip(torch.from_numpy(np.ascontiguousarray(volume)), *ORIENTATIONS[variant]).numpy()
 
 def grid_boxes(shape, patch, stride):
     """Crop boxes (x0, y0, z0, x1, y1, z1) covering a volume: starts every `stride` plus one flush with the far
@@ -39,41 +55,63 @@ def crop(volume, box):
 
 
 class ReferenceBank:
-    """Labeled patches: case ID, crop box, morphology vector (from the ground truth), the case's mask CoT,
-    and a reference feature map per entry, stacked as `features` (N, C, d, h, w) on the training device."""
+    """Labeled patches: case ID, orientation, crop box, morphology vector (from the ground truth), the case's
+    mask CoT, and per entry a reference feature map, stacked as `features` (N, C, d, h, w), and the crop's
+    ground truth, stacked as `masks` (N, X, Y, Z) uint8, both on the training device."""
 
-    def __init__(self, case_ids, boxes, morph, texts, images=None, device="cpu"):
+    def __init__(self, case_ids, boxes, morph, texts, volumes=None, variants=None, device="cpu"):
         self.case_ids, self.texts = list(case_ids), list(texts)
         self.boxes = np.asarray(boxes, np.int64).reshape(-1, 6)
         self.morph = np.asarray(morph, np.float32)
         n = len(self.case_ids)
-        if n == 0 or not len(self.boxes) == len(self.morph) == len(self.texts) == n or self.morph.ndim != 2:
-            raise ValueError(f"reference bank: got {n} case IDs, {len(self.boxes)} boxes, morphology "
-                             f"{self.morph.shape} and {len(self.texts)} texts; need N > 0 of each, morphology (N, M)")
+        self.variants = np.zeros(n, np.int64) if variants is None else np.asarray(variants, np.int64)
+        if n == 0 or not len(self.boxes) == len(self.morph) == len(self.texts) == len(self.variants) == n \
+                or self.morph.ndim != 2:
+            raise ValueError(f"reference bank: got {n} case IDs, {len(self.boxes)} boxes, {len(self.variants)} "
+                             f"orientations, morphology {self.morph.shape} and {len(self.texts)} texts; need N > 0 "
+                             "of each, morphology (N, M)")
         if not np.isfinite(self.morph).all():
             raise ValueError("reference bank: morphology vectors contain NaN or inf")
-        self.images = images or {}  # case ID -> image (X, Y, Z), read by refresh()
+        self.volumes = volumes or {}  # case ID -> (image, label) (X, Y, Z), cut by refresh()
         self.device = torch.device(device)
         self.features = None  # (N, C, d, h, w) once refresh() has run
-        self.crops = None  # (N, 1, X, Y, Z) image patches on the device, cut by the first refresh()
+        self.crops = None  # (N, 1, X, Y, Z) float image patches on the device, cut by the first refresh()
+        self.masks = None  # (N, X, Y, Z) uint8 ground-truth patches on the device, cut with the crops
         self.query_texts = {}  # case ID -> query CoT, once index_queries() has run
         self._index()
 
     @classmethod
     def build(cls, cfg, volumes, labeled_ids, mask_cots, device="cpu"):
-        """Bank of every labeled volume's grid crops (cfg.patch_size, stride cfg.bank_stride)."""
-        case_ids, boxes, morph, texts = [], [], [], []
+        """Bank of every labeled volume's grid crops (cfg.patch_size, stride cfg.bank_stride) in each of the
+        ORIENTATIONS: the grid is laid over the oriented volume, so every crop is a whole patch."""
+        case_ids, variants, boxes, morph, texts = [], [], [], [], []
         for cid in labeled_ids:
             if cid not in mask_cots:
                 raise ValueError(f"reference bank: labeled case {cid!r} has no mask CoT in the pool")
-            label = volumes[cid][1]
-            case_boxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
-            morph.append(morphology_batch(np.stack([crop(label, b) > 0 for b in case_boxes])))
-            case_ids += [cid] * len(case_boxes)
-            boxes += case_boxes
-            texts += [mask_cots[cid]] * len(case_boxes)
-        images = {cid: volumes[cid][0] for cid in labeled_ids}
-        return cls(case_ids, boxes, np.concatenate(morph), texts, images, device)
+            for v in range(len(ORIENTATIONS)):
+                label = orient(volumes[cid][1], v)
+                vboxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
+                morph.append(morphology_batch(np.stack([crop(label, b) > 0 for b in vboxes])))
+                case_ids += [cid] * len(vboxes)
+                variants += [v] * len(vboxes)
+                boxes += vboxes
+                texts += [mask_cots[cid]] * len(vboxes)
+        return cls(case_ids, boxes, np.concatenate(morph), texts, {cid: volumes[cid] for cid in labeled_ids},
+                   variants, device)
+
+    def _cut(self):
+        """Every entry's image and ground-truth patches (N, X, Y, Z), each volume oriented once per orientation."""
+        image, label = [None] * len(self), [None] * len(self)
+        for cid, v in dict.fromkeys(zip(self.case_ids, self.variants)):
+            vol_image, vol_label = (orient(x, v) for x in self.volumes[cid])
+            for i in np.flatnonzero((np.array(self.case_ids) == cid) & (self.variants == v)):
+                image[i], label[i] = crop(vol_image, self.boxes[i]), crop(vol_label, self.boxes[i])
+        return np.stack(image), np.stack(label)
+
+    def patch(self, i):
+        """Entry i's image and ground-truth patches (X, Y, Z) numpy, cut from its oriented volume."""
+        image, label = (orient(v, self.variants[i]) for v in self.volumes[self.case_ids[i]])
+        return crop(image, self.boxes[i]), crop(label, self.boxes[i])
 
     def _index(self):
         """Stage-1 and stage-2 structures, built once: scaler + kNN on morphology, BM25 on distinct texts,
@@ -145,10 +183,11 @@ class ReferenceBank:
         """features <- momentum * features + (1 - momentum) * encoder_fn(crops); the first call just fills.
         encoder_fn maps (n, 1, X, Y, Z) image crops to (n, C, d, h, w) bottleneck features (the teacher's)."""
         if self.crops is None:  # the patches never move: cut and copy them once, not at every refresh
-            if not self.images:
+            if not self.volumes:
                 raise RuntimeError("reference bank has no images to encode: build it with ReferenceBank.build")
-            x = np.stack([crop(self.images[c], b) for c, b in zip(self.case_ids, self.boxes)])  # (N, X, Y, Z)
-            self.crops = torch.from_numpy(x[:, None]).to(self.device)
+            image, label = self._cut()
+            self.crops = torch.from_numpy(image[:, None]).to(self.device)      # (N, 1, X, Y, Z)
+            self.masks = torch.from_numpy(label.astype(np.uint8)).to(self.device)  # (N, X, Y, Z)
         new = torch.cat([encoder_fn(self.crops[s:s + batch_size]).float()  # (N, C, d, h, w)
                          for s in range(0, len(self), batch_size)])
         if self.features is None:
@@ -158,22 +197,26 @@ class ReferenceBank:
         else:
             self.features.mul_(momentum).add_(new, alpha=1 - momentum)
 
-    def context(self, sel):
-        """The chosen references' features (B, K, C, d, h, w) and weights (B, K), on the bank's device."""
+    def references(self, indices, weights, masks=False):
+        """mcam.References for chosen entries (B, K) and their weights (B, K), on the bank's device; with
+        masks, the entries' ground-truth patches too (B, K, X, Y, Z) float."""
         if self.features is None:
             raise RuntimeError("reference bank features are empty: call refresh() first")
-        idx = torch.as_tensor(sel.indices, device=self.device)
-        return self.features[idx], torch.as_tensor(sel.weights, device=self.device)
+        idx = torch.as_tensor(indices, device=self.device)
+        return References(self.features[idx], torch.as_tensor(weights, device=self.device),
+                          self.masks[idx].float() if masks else None, idx)
 
     def state_dict(self):
-        """Everything but the images (they come from the data): entries, morphology, texts, features."""
-        return {"case_ids": self.case_ids, "boxes": torch.from_numpy(self.boxes), "morph": torch.from_numpy(self.morph),
+        """Everything but the volumes (they come from the data): entries, morphology, texts, features."""
+        return {"case_ids": self.case_ids, "variants": torch.from_numpy(self.variants),
+                "boxes": torch.from_numpy(self.boxes), "morph": torch.from_numpy(self.morph),
                 "texts": self.texts, "features": self.features}
 
     def load_state_dict(self, state):
-        """Restore a saved bank onto this one, which must hold the same patches (same cases and boxes)."""
-        boxes = np.asarray(state["boxes"])
-        if list(state["case_ids"]) != self.case_ids or not np.array_equal(boxes, self.boxes):
+        """Restore a saved bank onto this one, which must hold the same patches (cases, orientations, boxes)."""
+        boxes, variants = np.asarray(state["boxes"]), np.asarray(state["variants"])
+        if list(state["case_ids"]) != self.case_ids or not (np.array_equal(boxes, self.boxes)
+                                                           and np.array_equal(variants, self.variants)):
             raise ValueError(f"saved reference bank ({len(state['case_ids'])} patches) does not match the bank built "
                              f"from the data ({len(self)} patches): different labeled cases, patch size or stride")
         self.morph, self.texts = np.asarray(state["morph"], np.float32), list(state["texts"])

@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from types import SimpleNamespace
-
 import numpy as np
 import torch
 
@@ -32,7 +30,7 @@ import retrieve
 import test
 import train
 from bank import ReferenceBank
-from config import EXPERIMENTS, get_config, resolve_device
+from config import EXPERIMENTS, Config, get_config, resolve_device
 
 
 def sync(device):
@@ -110,6 +108,7 @@ def bench_variant(cfg, split, volumes, device, steps, warmup):
             logits_b = run.teacher.decoder_b(run.teacher.encoder(image.contiguous(memory_format=run.memory_format)))
             result["retrieval_s"], _ = timed(lambda: retrieve.query_references(run.bank, logits_b, ids, cfg, run.ref_gen),
                                              device, steps)
+        result["ref_delta"] = train.reference_delta(run, image, ids, it)
         run.student.eval()
         case_id = split.test[0]
         image = volumes[case_id][0]
@@ -149,7 +148,7 @@ def retrieval_benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=
     (numpy, on the host) and select_device() with its query_rows() lookup (on CUDA when available, else on
     the CPU), with the process's CPU time beside each (see timed).
     Returns {size: {"select": seconds, "select_device": seconds}}."""
-    cfg = SimpleNamespace(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=seed)
+    cfg = Config(k_coarse=16, k_fine=4, seed=seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = {}
     for n in sizes:
@@ -207,6 +206,8 @@ def main(argv=None):
              f"{100 * cers['retrieval_s'] / cers['step_s']:.1f} % of the CERS step",
              f"bank refresh ({len(split.labeled)} labeled volumes): {1e3 * cers['refresh_s']:.0f} ms, every "
              f"{cfg.bank_refresh} steps = {1e3 * cers['refresh_s'] / cfg.bank_refresh:.1f} ms per step",
+             f"decoder A's reference sensitivity after {args.warmup + args.steps} steps from scratch: mean |change| "
+             f"of its foreground probability, retrieved vs random references, {cers['ref_delta']:.2e}",
              f"sliding-window inference (CERS, volume {tuple(cers['volume'])}, stride {cfg.stride_xy}/{cfg.stride_z}, "
              f"{cfg.window_batch} windows per batch): {cers['inference_s']:.2f} s per volume",
              f"projected {cfg.max_iters} iterations: CERS {per_iter * cfg.max_iters / 60:.1f} min, "

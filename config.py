@@ -65,7 +65,9 @@ class Config:
     k_coarse: int = 16                # morphology neighbours per query
     k_fine: int = 4                   # references kept after the CoT-consistency filter
     tau: float = 0.5                  # normalised BM25 score under which a candidate is a hard negative
+    max_refs_per_case: int = 1        # at most this many references from one case (diverse references)
     ref_temperature: float = 1.0      # softmax temperature of the reference weights
+    ref_masks: bool = False           # references carry their masks into decoder A (an extension beyond the paper)
     retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
     bank_momentum: float = 0.9        # EMA momentum of the bank feature refresh
     ref_warmup: int = 1000            # iterations without references (the bank needs a trained encoder)

@@ -14,6 +14,8 @@ import torch.nn as nn
 
 import mcam
 
+FUSION_HEADS = 4  # attention heads of the reference fusion at the bottleneck
+
 
 def conv_stage(c_in, c_out, n_convs):
     """n_convs x (3x3x3 convolution, batch norm, ReLU)."""
@@ -72,12 +74,14 @@ class Decoder(nn.Module):
         self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv3d(f, n_classes, 1)
 
-    def forward(self, feats, context=None):
+    def forward(self, feats, context=None, labels=None, mask=None):
+        """feats: the encoder's five scales; context (B, 16f, X/16, Y/16, Z/16) from ReferenceFusion, with
+        ref_masks also its transferred labels and the references' weighted mask (see MCAM.forward)."""
         x = feats[-1]                                # (B, 16f, X/16, Y/16, Z/16)
         for i, (up_, stage) in enumerate(zip(self.ups, self.stages)):
             x = stage(up_(x) + feats[-2 - i])        # (B, 8f, X/8, ..) .. (B, f, X, Y, Z)
             if context is not None and self.mcams is not None:
-                x, context = self.mcams[i](x, context)  # gated context fused at this scale
+                x, context = self.mcams[i](x, context, labels, mask)  # gated context fused at this scale
         return self.head(self.dropout(x))            # (B, n_classes, X, Y, Z)
 
 
@@ -91,19 +95,20 @@ class DualDecoderVNet(nn.Module):
         self.decoder_b = Decoder(base_filters, n_classes, "trilinear", dropout)
         self.fusion = fusion  # mcam.ReferenceFusion, or None for the plain dual-decoder network
 
-    def forward(self, x, refs=None, ref_weights=None):
-        """x (B, 1, X, Y, Z); refs (B, K, 16f, X/16, Y/16, Z/16) bank features and ref_weights (B, K), or None.
+    def forward(self, x, refs=None):
+        """x (B, 1, X, Y, Z); refs: mcam.References for decoder A, or None.
 
         Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z)."""
         feats = self.encoder(x)
-        return self.decode_a(feats, refs, ref_weights), self.decoder_b(feats)
+        return self.decode_a(feats, refs), self.decoder_b(feats)
 
-    def decode_a(self, feats, refs=None, ref_weights=None):
+    def decode_a(self, feats, refs=None):
         """Decoder A on encoder features, fusing the references' context when there are references."""
-        context = None
-        if refs is not None and self.fusion is not None:
-            context = self.fusion(feats[-1], refs, ref_weights)  # (B, 16f, X/16, Y/16, Z/16)
-        return self.decoder_a(feats, context)
+        if refs is None or self.fusion is None:
+            return self.decoder_a(feats)
+        context, labels = self.fusion(feats[-1], refs.features, refs.weights, refs.masks)  # (B, 16f, ..), (B, H, ..)
+        mask = None if refs.masks is None else mcam.weighted_mask(refs.masks, refs.weights)  # (B, 1, X, Y, Z)
+        return self.decoder_a(feats, context, labels, mask)
 
     def predict_b(self, x):
         """Decoder B alone: the reference query needs no context."""
@@ -111,13 +116,15 @@ class DualDecoderVNet(nn.Module):
 
 
 def build_model(cfg):
-    """The network an experiment config describes (references and MCAM when cfg.references is on)."""
+    """The network an experiment config describes (references and MCAM when cfg.references is on; with
+    cfg.ref_masks the fusion reads the references' masks and every MCAM gets their label maps)."""
     fusion = mcams = None
-    if getattr(cfg, "references", False):
+    if cfg.references:
         f = cfg.base_filters
-        fusion = mcam.ReferenceFusion(16 * f)
+        fusion = mcam.ReferenceFusion(16 * f, heads=FUSION_HEADS, masks=cfg.ref_masks)
+        labels = FUSION_HEADS + 1 if cfg.ref_masks else 0           # transferred labels + the weighted mask
         ch = [8 * f, 4 * f, 2 * f, f]                            # decoder A's scales, coarse to fine
         ctx = [16 * f] + ch[:-1]                                 # the context arrives from the scale below
-        mcams = nn.ModuleList([mcam.MCAM(c, cc, gated=cfg.mcam_gates) for c, cc in zip(ch, ctx)])
+        mcams = nn.ModuleList([mcam.MCAM(c, cc, labels, gated=cfg.mcam_gates) for c, cc in zip(ch, ctx)])
     return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, fusion, mcams)
 

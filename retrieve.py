@@ -19,6 +19,7 @@ is the whole query as training and testing run it.
     python retrieve.py --exp LA_8 --explain ID   # why these references, plus a PNG
 """
 import argparse
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,33 +51,50 @@ def _softmax(x):
     return e / e.sum()
 
 
-def select(bank, morph, texts, case_ids, cfg, rng=None):
+def capped(order, cases, cap, k):
+    """The first k of the candidate positions `order` (best first), skipping each candidate whose case
+    already holds `cap` picks: the diversity rule (at most max_refs_per_case references from one case)."""
+    taken, out = Counter(), []
+    for j in order:
+        if len(out) == k:
+            break
+        if taken[cases[j]] < cap:
+            taken[cases[j]] += 1
+            out.append(j)
+    return np.array(out, np.int64)
+
+
+def select(bank, morph, texts, case_ids, cfg, rng=None, mode=None):
     """Pick cfg.k_fine references for each query (morphology (B, M), CoT text, own case ID or None).
 
-    Score normalisation: raw BM25 divided by the query's best candidate score, so the best is 1 and `tau`
-    is a fraction of it; candidates under tau are hard negatives and never chosen.
+    Stage 1 keeps the k_coarse morphologically nearest entries of other cases. Stage 2 scores them:
+    raw BM25 divided by the query's best candidate score, so the best is 1 and `tau` is a fraction of
+    it; candidates under tau are hard negatives and never chosen. The survivors are taken best first,
+    at most cfg.max_refs_per_case from one case (the others are skipped, not counted as hard negatives).
     Fill rule, when fewer than k_fine candidates survive: the empty slots repeat the survivors (best first)
     with weight 0, so the context is the weighted mean of the survivors alone and shapes stay (B, k_fine).
     If none survive (the query shares no indexed word with any candidate) there is no text evidence: the
-    first k_fine candidates in stage-1 order are used with equal weights. n_filled counts the slots not held
-    by a survivor (k_fine in that case). Mode "cot" skips stage 1 (every patch of another case is a
-    candidate); "morph" and "random" weigh their picks equally; "random" draws from `rng` (a generator the
-    caller keeps, so draws differ between calls; default: a fresh one seeded with cfg.seed).
+    stage-1 order is used, with the same cap, and equal weights. n_filled counts the slots not held by a
+    survivor (k_fine in that case). `mode` (default cfg.retrieval) picks an ablation: "cot" skips stage 1
+    (every patch of another case is a candidate); "morph" and "random" take their candidates in stage-1
+    order (nearest first, or k_coarse drawn at random) with equal weights; "random" draws from `rng` (a
+    generator the caller keeps, so draws differ between calls; default: a fresh one seeded with cfg.seed).
     """
-    if cfg.retrieval not in MODES:
-        raise ValueError(f"retrieval={cfg.retrieval!r}: expected one of {MODES}")
+    mode = mode or cfg.retrieval
+    if mode not in MODES:
+        raise ValueError(f"retrieval={mode!r}: expected one of {MODES}")
     if not len(morph) == len(texts) == len(case_ids):
         raise ValueError(f"select: {len(morph)} morphology vectors, {len(texts)} texts, {len(case_ids)} case IDs")
-    k, mode = cfg.k_fine, cfg.retrieval
+    k = cfg.k_fine
     codes = [bank.code_of.get(c, -1) for c in case_ids]
     morph = np.asarray(morph, np.float32).reshape(len(codes), -1)
     if mode in ("both", "morph"):
-        cands, dists = bank.neighbours(morph, codes, cfg.k_coarse if mode == "both" else k)
+        cands, dists = bank.neighbours(morph, codes, cfg.k_coarse)
     else:
         cands = [np.flatnonzero(bank.case_code != c) for c in codes]  # every patch of another case
         if mode == "random":
             rng = np.random.default_rng(cfg.seed) if rng is None else rng
-            cands = [rng.choice(c, min(k, len(c)), replace=False) for c in cands]
+            cands = [rng.choice(c, min(cfg.k_coarse, len(c)), replace=False) for c in cands]
         dists = [np.full(len(c), np.nan) for c in cands]
     if mode in ("both", "cot"):  # stage 2: BM25 for the candidates' distinct texts only, all queries at once
         docs = np.unique(np.concatenate([bank.doc[c] for c in cands]))
@@ -86,18 +104,20 @@ def select(bank, morph, texts, case_ids, cfg, rng=None):
     for i, (cand, dist) in enumerate(zip(cands, dists)):
         if len(cand) == 0:
             raise ValueError(f"reference bank has no patches outside case {case_ids[i]!r}")
+        cases = bank.case_code[cand]
         raw = score = np.full(len(cand), np.nan)
-        chosen, w = cand[:k], np.full(min(k, len(cand)), 1 / min(k, len(cand)))
-        survivors = len(chosen)
+        keep = capped(range(len(cand)), cases, cfg.max_refs_per_case, k)  # stage-1 order
+        w = np.full(len(keep), 1 / len(keep))
+        survivors = len(keep)
         if mode in ("both", "cot"):
             raw = table[np.searchsorted(docs, bank.doc[cand]), i]
             score = raw / raw.max() if raw.max() > 0 else np.zeros_like(raw)
             order = np.argsort(-score, kind="stable")  # ties keep the morphology order
-            keep = order[score[order] >= cfg.tau][:k]
-            survivors = len(keep)
+            passed = capped(order[score[order] >= cfg.tau], cases, cfg.max_refs_per_case, k)
+            survivors = len(passed)
             if survivors:
-                chosen, w = cand[keep], _softmax(score[keep] / cfg.ref_temperature)
-        indices[i] = np.resize(chosen, k)
+                keep, w = passed, _softmax(score[passed] / cfg.ref_temperature)
+        indices[i] = np.resize(cand[keep], k)
         weights[i, :len(w)] = w
         n_filled.append(k - survivors)
         explain.append(dict(case_id=case_ids[i], mode=mode, candidates=cand, distance=dist, bm25=raw, score=score,
@@ -134,48 +154,60 @@ def stage1_key(bank, morph, codes, mode, generator):
     return key.masked_fill(bank.entry_code == codes[:, None], float("inf"))
 
 
+def under_cap(cases, ok, cap):
+    """(B, n) bool: candidate j (positions best first) is allowed and fewer than `cap` allowed candidates of
+    its case come before it: capped() for whole batches, in fixed shapes. cases (B, n) case codes, ok (B, n)."""
+    n = cases.shape[1]
+    same = cases[:, :, None] == cases[:, None, :]                                   # (B, n, n)
+    before = torch.ones(n, n, dtype=torch.bool, device=cases.device).tril(-1)      # (n, n): j < i
+    return ok & ((same & before & ok[:, None, :]).sum(2) < cap)
+
+
 @torch.no_grad()
-def select_device(bank, morph, rows, cfg, generator=None):
+def select_device(bank, morph, rows, cfg, generator=None, mode=None):
     """select() on the bank's device without host-device synchronisation: morphology (B, M) on the device,
     rows (B,) from bank.query_rows(case_ids) (the queries' texts and cases, see index_queries). Returns
     indices (B, k_fine) long and weights (B, k_fine) float32 on the device.
 
-    Same rules as select(): own case excluded, scores divided by the best candidate's, tau, softmax weights,
-    the fill rule. Every shape is fixed: stage 1 keeps min(k1, N) candidates per query, own-case entries
-    last (their key is inf), and the first min(k1, other-case entries) of them count (k1: k_coarse for
-    both, k_fine for morph and random, N for cot). Differences from select(): distances are float32 and
-    equal distances are ordered by entry index (select() takes the kd-tree's order), so the two agree on
-    data without exact or float32-level ties; mode random draws from torch's `generator` (default: a fresh
-    one seeded with cfg.seed), not numpy's, so its picks differ from select()'s.
+    Same rules as select(): own case excluded, scores divided by the best candidate's, tau, the case cap,
+    softmax weights, the fill rule. Every shape is fixed: stage 1 keeps min(k1, N) candidates per query,
+    own-case entries last (their key is inf), and the first min(k1, other-case entries) of them count (k1:
+    k_coarse, or N for cot). Differences from select(): distances are float32 and equal distances are
+    ordered by entry index (select() takes the kd-tree's order), so the two agree on data without exact or
+    float32-level ties; mode random draws from torch's `generator` (default: a fresh one seeded with
+    cfg.seed), not numpy's, so its picks differ from select()'s.
     """
-    if cfg.retrieval not in MODES:
-        raise ValueError(f"retrieval={cfg.retrieval!r}: expected one of {MODES}")
+    mode = mode or cfg.retrieval
+    if mode not in MODES:
+        raise ValueError(f"retrieval={mode!r}: expected one of {MODES}")
     if morph.ndim != 2 or morph.shape[0] != rows.shape[0]:
         raise ValueError(f"select_device: morphology {tuple(morph.shape)} for {rows.shape[0]} query rows")
-    k, mode, n = cfg.k_fine, cfg.retrieval, len(bank)
+    k, n, B = cfg.k_fine, len(bank), len(rows)
     if mode == "random" and generator is None:
         generator = torch.Generator(bank.device).manual_seed(cfg.seed)
-    k1 = min(n, {"both": cfg.k_coarse, "cot": n}.get(mode, k))
+    k1 = min(n, n if mode == "cot" else cfg.k_coarse)
     codes = bank.query_code[rows]  # (B,)
     cand = first_k(stage1_key(bank, morph, codes, mode, generator), k1)  # (B, k1) entries, stage-1 order
     n_valid = bank.query_others[rows].clamp(max=k1)  # (B,) candidates of other cases: the first of cand
-    order = torch.arange(min(k, k1), device=bank.device).expand(len(rows), -1)  # (B, k') stage-1 order
-    count = n_valid.clamp(max=k)  # (B,) slots held by a pick; 1 / count each unless scores say otherwise
-    logit = torch.zeros(cand.shape, device=bank.device)  # (B, k1)
+    valid = torch.arange(k1, device=bank.device) < n_valid[:, None]  # (B, k1) not an own-case entry
+    order = torch.arange(k1, device=bank.device).expand(B, -1)  # (B, k1) positions in cand, best first
+    ok = valid  # (B, k1) whether the candidate at order[:, j] may be picked
+    logit = torch.zeros(cand.shape, device=bank.device)  # (B, k1); equal weights unless scores say otherwise
     if mode in ("both", "cot"):  # stage 2: BM25 of the query case against each candidate's text
         raw = bank.query_bm25[rows].gather(1, bank.entry_doc[cand])  # (B, k1)
-        valid = torch.arange(k1, device=bank.device) < n_valid[:, None]  # (B, k1) not an own-case entry
         best = raw.masked_fill(~valid, 0).amax(1, keepdim=True)  # (B, 1); BM25 scores are >= 0
         score = raw / best.clamp(min=torch.finfo(raw.dtype).tiny)  # best 1; all 0 when the best is 0
         passed = valid & (score >= cfg.tau)  # (B, k1) not hard negatives
-        survivors = passed.sum(1).clamp(max=k)  # (B,)
-        ranked = first_k(score.masked_fill(~passed, -1.0), min(k, k1), largest=True)  # (B, k') best first
-        some = survivors > 0  # no survivor: stage-1 order, equal weights, as in select()
-        order = torch.where(some[:, None], ranked, order)
-        count = torch.where(some, survivors, count)
-        logit = torch.where(some[:, None], score / cfg.ref_temperature, logit)
+        ranked = first_k(score.masked_fill(~passed, -1.0), k1, largest=True)  # (B, k1) survivors best first
+        some = passed.any(1, keepdim=True)  # (B, 1); no survivor: stage-1 order, equal weights, as in select()
+        order = torch.where(some, ranked, order)
+        ok = torch.where(some, passed.gather(1, ranked), ok)
+        logit = torch.where(some, score / cfg.ref_temperature, logit)
+    ok = under_cap(bank.entry_code[cand.gather(1, order)], ok, cfg.max_refs_per_case)  # (B, k1)
+    count = ok.sum(1).clamp(max=k)  # (B,) slots held by a pick (>= 1: every query has another case)
+    first = first_k((~ok).float(), min(k, k1))  # (B, k') where the picks are in `order`, best first
     slot = torch.arange(k, device=bank.device)  # fill rule: slot j repeats pick j mod count, weight 0
-    pick = order.gather(1, slot % count[:, None])  # (B, k) positions in cand
+    pick = order.gather(1, first.gather(1, slot % count[:, None]))  # (B, k) positions in cand
     weights = logit.gather(1, pick).masked_fill(slot >= count[:, None], float("-inf")).softmax(1)  # (B, k)
     return cand.gather(1, pick), weights
 
@@ -183,12 +215,13 @@ def select_device(bank, morph, rows, cfg, generator=None):
 # -----------------------------------------------------------------------------
 # the query as training and testing run it
 
-def query_references(bank, logits_b, case_ids, cfg, generator=None):
-    """DESIGN §1.2 at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> features.
+def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
+    """DESIGN §1.2 at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> references.
 
     logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
-    labeled query never retrieves its own patches). Returns refs (B, K, C, d, h, w), weights (B, K) and
-    the chosen bank entries (B, K).
+    labeled query never retrieves its own patches); mode: cfg.retrieval unless given ("random" for the
+    sensitivity checks). Returns mcam.References: features (B, K, C, d, h, w), weights (B, K), the
+    masks (B, K, X, Y, Z) when cfg.ref_masks, and the chosen bank entries (B, K).
     On CUDA nothing here waits for the GPU (morphology_torch, select_device), so the step
     keeps the GPU queue full; both are tested against their numpy twins."""
     masks = logits_b[:, 1] > logits_b[:, 0]                              # (B, X, Y, Z): argmax == 1, cheaper
@@ -196,8 +229,25 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None):
         morph = morphology_torch(masks)
     else:                                                                 # no GPU to keep busy: numpy is faster
         morph = torch.from_numpy(morphology_batch(masks.numpy()))
-    indices, weights = select_device(bank, morph, bank.query_rows(case_ids), cfg, generator)
-    return bank.features[indices], weights, indices
+    indices, weights = select_device(bank, morph, bank.query_rows(case_ids), cfg, generator, mode)
+    return bank.references(indices, weights, masks=cfg.ref_masks)
+
+
+SWAPS = ("retrieved", "random", "none")  # what decoder A is given in the reference-sensitivity checks
+
+
+@torch.no_grad()
+def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS):
+    """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: with the references
+    retrieved for decoder B's prediction logits_b, with as many random bank entries of other cases in their
+    place (drawn from `generator`, equal weights, the same case cap), and with none. How far decoder A's
+    output moves between them is how much it uses what the references contain (DESIGN.md §5)."""
+    out = {}
+    for swap in swaps:
+        refs = None if swap == "none" else query_references(
+            bank, logits_b, case_ids, cfg, generator, mode="random" if swap == "random" else None)
+        out[swap] = model.decode_a(feats, refs).float().softmax(1)[:, 1]
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -232,7 +282,7 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
         axes[r, 0].set_title(f"query {sel.explain[r]['case_id']}\nbox {where}", fontsize=8)
         score = dict(zip(sel.explain[r]["candidates"], sel.explain[r]["score"]))
         for j, (idx, w) in enumerate(zip(sel.indices[r], sel.weights[r])):
-            ref = crop(bank.images[bank.case_ids[idx]], bank.boxes[idx])
+            ref = bank.patch(idx)[0]
             axes[r, j + 1].imshow(ref[:, :, ref.shape[2] // 2].T, cmap="gray")
             axes[r, j + 1].set_title(f"{bank.case_ids[idx]}\nscore {score[idx]:.2f} w {w:.2f}", fontsize=8)
     for ax in axes.flat:

@@ -143,10 +143,13 @@ def load_references(cfg, ckpt, device):
     return bank, ckpt["pool"]["image"]
 
 
-def predictor(model, cfg, case_id, bank=None, fast=False):
-    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, 2, *patch) foreground probabilities of
-    decoder A and decoder B. With a reference bank each batch of windows takes the training path: decoder B
-    first, its prediction's morphology and the case's image-only CoT select references, decoder A fuses them."""
+def predictor(model, cfg, case_id, bank=None, fast=False, generator=None):
+    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities of
+    decoder A and decoder B (K = 2). With a reference bank each batch of windows takes the training path:
+    decoder B first, its prediction's morphology and the case's image-only CoT select references, decoder A
+    fuses them; with a `generator` decoder A also runs with random bank entries in their place and with no
+    references (K = 4: A, B, A with random references, A without references), for the sensitivity report."""
+    swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
 
     def predict(x):
         if fast:
@@ -154,11 +157,11 @@ def predictor(model, cfg, case_id, bank=None, fast=False):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast):
             feats = model.encoder(x)
             b = model.decoder_b(feats)
-            refs = weights = None
-            if bank is not None:
-                refs, weights, _ = retrieve.query_references(bank, b, [case_id] * len(x), cfg)
-            a = model.decode_a(feats, refs, weights)
-        return torch.stack([a.float().softmax(1)[:, 1], b.float().softmax(1)[:, 1]], 1)
+            if bank is None:
+                a = {"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]}
+            else:
+                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator, swaps)
+        return torch.stack([a["retrieved"], b.float().softmax(1)[:, 1], *(a[s] for s in swaps[1:])], 1)
     return predict
 
 
@@ -174,11 +177,14 @@ def plot_references(png, model, bank, image_cots, cfg, case_id, device):
     return retrieve.plot_explanation(png, window, [box], bank, selection, max_rows=1)
 
 
-def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
+def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sensitivity=True):
     """Test a checkpoint on its experiment's test list; prints the table and writes CSV, JSON and figures.
 
     With references, every batch of windows takes the training path: decoder B first, its prediction's
-    morphology and the case's image-only CoT select references, then decoder A fuses their context."""
+    morphology and the case's image-only CoT select references, then decoder A fuses their context. With
+    `sensitivity` decoder A is also scored with random bank entries in place of the retrieved references
+    and with none, and the mean |change| of its foreground probability (retrieved vs random) is reported:
+    whether decoder A uses what its references contain (DESIGN.md §5)."""
     device = torch.device(device) if device else resolve_device(Config())
     model, cfg, ckpt = load_checkpoint(ckpt_path, device)
     bank, image_cots = load_references(cfg, ckpt, device)
@@ -188,31 +194,37 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True):
     fast = cfg.amp and device.type == "cuda"                             # bf16 autocast + channels-last 3D
     if fast:
         model = model.to(memory_format=torch.channels_last_3d)
+    sensitivity = sensitivity and bank is not None
     rows, shown, seconds = [], [], []
-    for case_id in tqdm(split.test, desc="testing", disable=not progress, leave=False):
+    for n, case_id in enumerate(tqdm(split.test, desc="testing", disable=not progress, leave=False)):
         image, label = data.read_case(data.case_path(cfg.data_root, case_id))
+        generator = torch.Generator(device).manual_seed(cfg.seed + n) if sensitivity else None
         t = time.time()
-        prob = sliding_window(predictor(model, cfg, case_id, bank, fast), image, cfg.patch_size, cfg.stride_xy,
-                              cfg.stride_z, cfg.window_batch, device)
+        prob = sliding_window(predictor(model, cfg, case_id, bank, fast, generator), image, cfg.patch_size,
+                              cfg.stride_xy, cfg.stride_z, cfg.window_batch, device)   # (K, X, Y, Z)
         seconds.append(time.time() - t)
         gt = label.astype(bool)
-        pred = prob.mean(0) > 0.5                                        # mean of both decoders
+        pred = prob[:2].mean(0) > 0.5                                    # mean of both decoders
         if lcc:
             pred = largest_component(pred)
         row = {"case": case_id, **{k: f(pred, gt) for k, f in METRICS.items()},
                "dice_a": dice(prob[0] > 0.5, gt), "dice_b": dice(prob[1] > 0.5, gt)}
+        if sensitivity:                                 # decoder A with random references, without references
+            row.update(dice_a_random=dice(prob[2] > 0.5, gt), dice_a_none=dice(prob[3] > 0.5, gt),
+                       ref_delta=float(np.abs(prob[0] - prob[2]).mean()))
         rows.append(row)
         if len(shown) < 4:
-            shown.append((case_id, image, gt, prob))
+            shown.append((case_id, image, gt, prob[:2]))
 
     with open(out / "per_case.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
-               for k in list(METRICS) + ["dice_a", "dice_b"]}
+               for k in rows[0] if k != "case"}
     summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows),
-                   seconds_per_volume=float(np.median(seconds)), config=dataclasses.asdict(cfg))
+                   seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
+                   config=dataclasses.asdict(cfg))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(rows, summary, cfg, ckpt["iter"], lcc)
     figures = [plot_cases(shown, out / "predictions.png")]
@@ -233,7 +245,13 @@ def print_table(rows, summary, cfg, iteration, lcc):
           f"{100 * m['jaccard']['mean']:5.2f}±{100 * m['jaccard']['std']:<5.2f} "
           f"{m['hd95']['mean']:5.2f}±{m['hd95']['std']:<5.2f} {m['asd']['mean']:5.2f}±{m['asd']['std']:<5.2f}")
     print(f"decoder A alone: Dice {100 * summary['dice_a']['mean']:.2f} %, decoder B alone: "
-          f"{100 * summary['dice_b']['mean']:.2f} %; {summary['seconds_per_volume']:.2f} s per volume\n")
+          f"{100 * summary['dice_b']['mean']:.2f} %; {summary['seconds_per_volume']:.2f} s per volume"
+          + (" (with the sensitivity passes)" if summary["sensitivity"] else ""))
+    if summary["sensitivity"]:
+        print(f"reference sensitivity, decoder A Dice: retrieved {100 * summary['dice_a']['mean']:.2f} %, random "
+              f"{100 * summary['dice_a_random']['mean']:.2f} %, none {100 * summary['dice_a_none']['mean']:.2f} %; "
+              f"mean |change| of its foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
+    print()
 
 
 def plot_cases(cases, png):
@@ -270,11 +288,13 @@ def main(argv=None):
     parser.add_argument("--lcc", action="store_true", help="keep the largest connected component")
     parser.add_argument("--out", help="output folder (default <run>/test)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="skip decoder A with random references and without references (faster)")
     args = parser.parse_args(argv)
     ckpt = Path(args.ckpt or Path("runs") / args.exp / "ckpt_last.pt")
     if not ckpt.is_file():
         raise SystemExit(f"{ckpt}: no checkpoint (train first: python train.py --exp {args.exp})")
-    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, device=args.device)
+    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, device=args.device, sensitivity=not args.no_sensitivity)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from checkpoint import rng_state, save_checkpoint, seed_everything, set_rng_stat
 from config import EXPERIMENTS, Config, get_config
 from distributed import World, average_buffers, check_consistent, gather, init_world, main_first, main_process
 from model import build_model
-from retrieve import query_references
+from retrieve import decoder_a_probabilities, query_references
 
 # ----------------------------------------------------------------------------- schedules and losses
 
@@ -173,18 +174,19 @@ def train_step(run, it, image, label, ids):
         noise = (torch.randn_like(t_in) * cfg.teacher_noise).clamp(-2 * cfg.teacher_noise, 2 * cfg.teacher_noise)
         feats = teacher.encoder(t_in + noise)
         t_b = teacher.decoder_b(feats)                                     # (B or Bu, 2, X, Y, Z)
-        refs = weights = refs_u = weights_u = None
+        refs = refs_u = None
         if use_refs:
-            refs, weights, _ = query_references(bank, t_b, ids, cfg, run.ref_gen)  # (B, K, C, d, h, w), (B, K)
-            feats, t_b, refs_u, weights_u = [f[n_lab:] for f in feats], t_b[n_lab:], refs[n_lab:], weights[n_lab:]
-        t_a = teacher.decode_a(feats, refs_u, weights_u)
+            refs = query_references(bank, t_b, ids, cfg, run.ref_gen)     # mcam.References, (B, K, ...)
+            feats, t_b, refs_u = [f[n_lab:] for f in feats], t_b[n_lab:], refs.part(slice(n_lab, None))
+        t_a = teacher.decode_a(feats, refs_u)
         p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
         target = sharpen(p_teacher, cfg.sharpen_t)
 
     # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
     with run.autocast():
-        logits_a, logits_b = run.net(image, refs, weights)                 # (B, 2, X, Y, Z) each
-    loss_sup = supervised_loss(logits_a[:n_lab], label) + supervised_loss(logits_b[:n_lab], label)
+        logits_a, logits_b = run.net(image, refs)                          # (B, 2, X, Y, Z) each
+    sup_a = supervised_loss(logits_a[:n_lab], label)
+    loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
     p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
     loss_mt = F.mse_loss(p_a, target) + F.mse_loss(p_b, target)
@@ -201,7 +203,21 @@ def train_step(run, it, image, label, ids):
     run.optimizer.step()
     ema_update(teacher, student, cfg.ema_decay, it)
     average_buffers(teacher, run.world)
-    return {"loss": loss.detach(), "sup": loss_sup.detach(), "cons": (loss_mt + loss_cross).detach()}
+    return {"loss": loss.detach(), "sup": loss_sup.detach(), "sup_a": sup_a.detach(), "cons": (loss_mt + loss_cross).detach()}
+
+
+@torch.no_grad()
+def reference_delta(run, image, ids, it):
+    """Mean |change| of the student's decoder-A foreground probability when random bank entries replace
+    the retrieved references, on this batch, in eval mode (no dropout): how much decoder A uses what its
+    references contain. It reads the student and draws from its own generator, so training is unchanged."""
+    student = run.student.eval()
+    with run.autocast():
+        feats = student.encoder(image.contiguous(memory_format=run.memory_format))
+        p = decoder_a_probabilities(student, feats, student.decoder_b(feats), ids, run.bank, run.cfg,
+                                    torch.Generator(run.device).manual_seed(run.cfg.seed + it), ("retrieved", "random"))
+    run.student.train()
+    return float((p["retrieved"] - p["random"]).abs().mean())
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -245,7 +261,7 @@ def train(cfg, resume=False, progress=True, stop_at=None):
             run.bank.load_state_dict(ckpt["bank"])
         start = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
-    columns = ["iter", "lr", "loss", "sup", "cons", "cons_w", "seconds"]
+    columns = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "seconds"]
     if world.main and not (resume and log_path.exists()):
         log_path.write_text(",".join(columns) + "\n")
 
@@ -265,8 +281,11 @@ def train(cfg, resume=False, progress=True, stop_at=None):
             if world.size > 1:
                 dist.all_reduce(values)
                 values /= world.size
-            loss, sup, cons = values.tolist()
-            row = [done, lr_at(it, cfg), loss, sup, cons, consistency_weight(it, cfg), time.time() - t0]
+            loss, sup, sup_a, cons = values.tolist()
+            delta = float("nan")
+            if world.main and run.bank is not None and it >= cfg.ref_warmup:
+                delta = reference_delta(run, image, ids, it)
+            row = [done, lr_at(it, cfg), loss, sup, sup_a, cons, consistency_weight(it, cfg), delta, time.time() - t0]
             if world.main:
                 with open(log_path, "a", newline="") as f:
                     csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
@@ -294,7 +313,8 @@ def train(cfg, resume=False, progress=True, stop_at=None):
 
 
 def plot_curves(log_path, png):
-    """Training curves (losses, consistency weight, learning rate) from the CSV log."""
+    """Training curves from the CSV log: losses (decoder A's supervised part too), the reference sensitivity
+    (mean |change| of decoder A's probability, retrieved vs random references), consistency weight, lr."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -303,12 +323,13 @@ def plot_curves(log_path, png):
     if not rows:
         return
     it = [float(r["iter"]) for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for key in ("loss", "sup", "cons"):
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
+    for key in ("loss", "sup", "sup_a", "cons"):
         axes[0].plot(it, [float(r[key]) for r in rows], label=key)
     axes[0].set_yscale("log"), axes[0].legend(), axes[0].set_title("losses")
-    axes[1].plot(it, [float(r["cons_w"]) for r in rows]), axes[1].set_title("consistency weight")
-    axes[2].plot(it, [float(r["lr"]) for r in rows]), axes[2].set_title("learning rate")
+    axes[1].plot(it, [float(r["ref_delta"]) for r in rows]), axes[1].set_title("decoder A: retrieved vs random refs")
+    axes[2].plot(it, [float(r["cons_w"]) for r in rows]), axes[2].set_title("consistency weight")
+    axes[3].plot(it, [float(r["lr"]) for r in rows]), axes[3].set_title("learning rate")
     for ax in axes:
         ax.set_xlabel("iteration")
     fig.tight_layout()
@@ -316,35 +337,55 @@ def plot_curves(log_path, png):
     plt.close(fig)
 
 
-ABLATIONS = {                         # DESIGN §1: what each part of CERS adds, same seed and iterations
-    "cers": {},                                        # full CERS
+ABLATIONS = {                         # DESIGN §1: what each part of CERS adds, same seeds and iterations
+    "cers": {},                                        # full CERS, as configured
+    "ref_masks": {"ref_masks": True},                  # references carry their masks (beyond the paper)
     "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
     "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
     "no_references": {"references": False},            # the plain dual-decoder mean teacher
+    "supervised_only": {"references": False, "consistency": 0.0},  # labeled patches alone
 }
+# the ablation table: (summary key, heading, scale); the sensitivity columns exist for runs with references
+TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
+         ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
+         ("dice_a_none", "A, no refs %", 100), ("ref_delta", "mean abs dp(A)", 1), ("run_seconds", "minutes", 1 / 60)]
 
 
-def run_ablation(cfg, names):
-    """Train and test each ablation of one experiment; print and save one table."""
-    rows = []
+def run_ablation(cfg, names, seeds):
+    """Train and test each ablation of one experiment with each seed, into <out_dir>/ablation/<name>/seed<S>;
+    then print and save the table of every run found there (so later runs add seeds or rows to it)."""
     for name in names:
-        variant = dataclasses.replace(cfg, out_dir=f"{cfg.out_dir}/ablation/{name}", **ABLATIONS[name])
-        t = time.time()
-        ckpt = train(variant)
-        if main_process():                             # under torchrun, rank 0 tests
-            rows.append((name, test.evaluate(ckpt), time.time() - t))
-    if not rows:
-        return rows
-    lines = [f"{cfg.exp} ablation, last checkpoints, {cfg.max_iters} iterations, seed {cfg.seed}",
-             f"{'variant':16s} {'Dice %':>8s} {'Jacc %':>8s} {'95HD':>7s} {'ASD':>6s} {'A %':>6s} {'B %':>6s} {'seconds':>8s}"]
-    for name, s, seconds in rows:
-        lines.append(f"{name:16s} {100 * s['dice']['mean']:8.2f} {100 * s['jaccard']['mean']:8.2f} "
-                     f"{s['hd95']['mean']:7.2f} {s['asd']['mean']:6.2f} {100 * s['dice_a']['mean']:6.2f} "
-                     f"{100 * s['dice_b']['mean']:6.2f} {seconds:8.0f}")
-    table = "\n".join(lines)
-    print("\n" + table)
-    Path(cfg.out_dir, "ablation", "table.txt").write_text(table + "\n")
-    return rows
+        for seed in seeds:
+            variant = dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed{seed}",
+                                          **ABLATIONS[name])
+            t = time.time()
+            ckpt = train(variant)
+            if main_process():                         # under torchrun, rank 0 tests
+                summary = test.evaluate(ckpt)
+                summary["run_seconds"] = time.time() - t
+                Path(variant.out_dir, "test", "summary.json").write_text(json.dumps(summary, indent=1))
+    if main_process():
+        table = ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
+        print("\n" + table)
+        Path(cfg.out_dir, "ablation", "table.md").write_text(table + "\n")
+
+
+def ablation_table(folder, title):
+    """A markdown table of every ablation run under `folder`: per variant, the mean ± std over its seeds of
+    each run's mean over the test cases (the std is the seed spread)."""
+    lines = [f"{title}; last checkpoints; mean ± std over seeds",
+             "| variant | seeds | " + " | ".join(head for _, head, _ in TABLE) + " |",
+             "|---|---|" + "---|" * len(TABLE)]
+    for name in ABLATIONS:
+        runs = [json.loads(p.read_text()) for p in sorted(Path(folder, name).glob("seed*/test/summary.json"))]
+        if not runs:
+            continue
+        cells = []
+        for key, _, scale in TABLE:
+            values = [scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key]) for r in runs if key in r]
+            cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "–")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -354,6 +395,7 @@ def main(argv=None):
     parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop after this iteration (resume later with --resume)")
     parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ABLATIONS)}: train and test each")
+    parser.add_argument("--seeds", type=int, default=1, help="with --ablation: seeds seed, seed + 1, ... per variant")
     args, overrides = parser.parse_known_args(argv)
     cfg = get_config(args.exp, overrides)
     if args.ablation:
@@ -361,7 +403,7 @@ def main(argv=None):
         unknown = [n for n in names if n not in ABLATIONS]
         if unknown:
             raise SystemExit(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
-        run_ablation(cfg, names)
+        run_ablation(cfg, names, [cfg.seed + i for i in range(args.seeds)])
         return
     ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at)
     if not args.no_test and args.stop_at is None:

@@ -1,25 +1,30 @@
 """Reference selection (retrieve.py) and the reference bank (bank.py): leave-one-case-out, hard negatives,
 the fill rule, determinism, the device path against select(), the bank's refresh and checkpointing,
 explanations and the selection benchmark."""
+import dataclasses
 import io
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import bank as bank_py
+import data
 import retrieve
-from bank import ReferenceBank, crop, grid_boxes
+from bank import ORIENTATIONS, ReferenceBank, crop, grid_boxes, orient
 from bench import retrieval_benchmark, synthetic_bank
+from config import Config
 from morphology import MORPH_DIM, morphology_batch
 from retrieve import select, select_device
 from test_cot import COT, QUERY
 
 
 def settings(**kw):
-    """The retrieval fields of config.Config, with its defaults."""
-    base = dict(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=0)
-    return SimpleNamespace(**{**base, **kw})
+    """A config for selection: these retrieval settings, no case cap unless a test sets one."""
+    base = dict(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=0, max_refs_per_case=99)
+    return dataclasses.replace(Config(), **{**base, **kw})
 
 
 def hand_bank(patches=2, with_images=False):
@@ -27,9 +32,11 @@ def hand_bank(patches=2, with_images=False):
     where = {"A": 0.2, "B": 1.0, "C": 1.3, "D": 2.0}
     ids = [c for c in COT for _ in range(patches)]
     morph = [[where[c] + 0.01 * j, 0.0, 0.1 * j] for j, c in enumerate(ids)]
-    images = {c: np.random.default_rng(i).normal(size=(8, 8, 8)).astype(np.float32) for i, c in enumerate(COT)}
+    rng = np.random.default_rng(0)
+    volumes = {c: (rng.normal(size=(8, 8, 8)).astype(np.float32), (rng.random((8, 8, 8)) < 0.3).astype(np.uint8))
+               for c in COT}
     boxes = [(0, 0, 0, 8, 8, 8)] * len(ids)
-    return ReferenceBank(ids, boxes, morph, [COT[c] for c in ids], images if with_images else None)
+    return ReferenceBank(ids, boxes, morph, [COT[c] for c in ids], volumes if with_images else None)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -88,6 +95,28 @@ def test_fill_rule():
     assert list(sel.indices[0][3:]) == list(sel.indices[0][:2])
 
 
+def test_case_cap_gives_diverse_references():
+    """At most max_refs_per_case references of one case, in every mode; the rest of the order fills in."""
+    bank = hand_bank(patches=3)                                   # cases A-D on a line, 3 patches each
+    for cap in (1, 2):
+        for mode in retrieve.MODES:
+            cfg = settings(k_coarse=12, k_fine=3, tau=0.0, retrieval=mode, max_refs_per_case=cap)
+            sel = select(bank, np.zeros((2, 3)), [QUERY, QUERY], [None, "B"], cfg)
+            for row, weights in zip(sel.indices, sel.weights):
+                picked = Counter(bank.case_ids[i] for i, w in zip(row, weights) if w > 0)  # filled slots weigh 0
+                assert max(picked.values()) <= cap and sum(picked.values()) == 3, (cap, mode, picked)
+    nearest = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=12, k_fine=3, retrieval="morph",
+                                                                     max_refs_per_case=1))
+    assert [bank.case_ids[i] for i in nearest.indices[0]] == ["A", "B", "C"]    # nearest patch of each case
+    uncapped = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=12, k_fine=3, retrieval="morph"))
+    assert [bank.case_ids[i] for i in uncapped.indices[0]] == ["A", "A", "A"]
+    # a query of case B: only C's patches pass tau (A and D are hard negatives), so the cap leaves one
+    # reference and the two other slots repeat it with weight 0, rather than taking a hard negative
+    sel = select(bank, np.zeros((1, 3)), [QUERY], ["B"], settings(k_coarse=12, k_fine=3, tau=0.5, max_refs_per_case=1))
+    assert [bank.case_ids[i] for i in sel.indices[0]] == ["C"] * 3 and sel.n_filled[0] == 2
+    np.testing.assert_allclose(sel.weights[0], [1, 0, 0])
+
+
 def test_selection_is_deterministic():
     bank, text = synthetic_bank(300, seed=2)
     again, _ = synthetic_bank(300, seed=2)
@@ -133,7 +162,9 @@ def test_device_path_matches_select_on_hand_banks():
         for mode in ("both", "morph", "cot"):
             for kw in (dict(k_coarse=6, k_fine=2), dict(k_coarse=8, k_fine=3, tau=0.0), dict(k_coarse=4, tau=0.99),
                        dict(k_coarse=4, k_fine=5, tau=0.0), dict(k_coarse=3, k_fine=9, tau=0.5)):
-                assert_device_matches(bank, morph, case_texts, ids, settings(retrieval=mode, **kw))
+                for cap in (1, 2, 99):
+                    assert_device_matches(bank, morph, case_texts, ids,
+                                          settings(retrieval=mode, max_refs_per_case=cap, **kw))
 
 
 def test_device_path_matches_select_on_synthetic_bank():
@@ -151,6 +182,8 @@ def test_device_path_matches_select_on_synthetic_bank():
         for tau in (1.01, 0.95, 0.5, 0.0):
             sel = assert_device_matches(bank, morph, case_texts, ids, settings(retrieval=mode, k_fine=k, tau=tau))
             filled[tau] = sel.n_filled
+            assert_device_matches(bank, morph, case_texts, ids,
+                                  settings(retrieval=mode, k_fine=k, tau=tau, max_refs_per_case=1))
         if mode != "morph":  # the tau values give every regime of the fill rule: no survivor, some, all
             assert (filled[1.01] == k).all() and (filled[0.0] == 0).all()
             assert ((filled[0.95] > 0) & (filled[0.95] < k)).any()
@@ -240,15 +273,21 @@ def test_refresh_is_ema_and_bank_round_trips(monkeypatch):
     bank.refresh(encoder(1.0), momentum=0.9, batch_size=3)
     first = bank.features.clone()
     assert first.shape == (8, 3, 2, 2, 2)
-    expected = torch.stack([torch.from_numpy(crop(bank.images[c], b)) for c, b in zip(bank.case_ids, bank.boxes)])
+    expected = torch.stack([torch.from_numpy(bank.patch(i)[0]) for i in range(len(bank))])
     torch.testing.assert_close(first, encoder(1.0)(expected[:, None]))
-    monkeypatch.setattr(retrieve, "crop", None)  # the patches were cut once, by the first refresh
+    monkeypatch.setattr(bank_py, "crop", None)  # the patches were cut once, by the first refresh
     bank.refresh(encoder(3.0), momentum=0.9)
     torch.testing.assert_close(bank.features, 0.9 * first + 0.1 * 3 * first)
+    monkeypatch.undo()
 
     sel = select(bank, np.zeros((2, 3)), [QUERY, COT["A"]], [None, "B"], settings(k_coarse=6, k_fine=3))
-    refs, weights = bank.context(sel)
-    assert refs.shape == (2, 3, 3, 2, 2, 2) and weights.shape == (2, 3)
+    refs = bank.references(sel.indices, sel.weights, masks=True)
+    assert refs.features.shape == (2, 3, 3, 2, 2, 2) and refs.weights.shape == (2, 3)
+    assert refs.masks.shape == (2, 3, 8, 8, 8) and refs.masks.dtype == torch.float32
+    for row, entries in zip(refs.masks, sel.indices):     # each reference brings its own ground truth
+        for mask, i in zip(row, entries):
+            np.testing.assert_array_equal(mask.numpy(), bank.patch(i)[1])
+    assert bank.references(sel.indices, sel.weights).masks is None
 
     buffer = io.BytesIO()
     torch.save(bank.state_dict(), buffer)
@@ -262,6 +301,14 @@ def test_refresh_is_ema_and_bank_round_trips(monkeypatch):
         hand_bank(patches=1).load_state_dict(bank.state_dict())
 
 
+def test_orientations_are_the_training_augmentations():
+    """The bank's four orientations are exactly the distinct patches data.rot_flip makes of a volume."""
+    volume = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+    banked = {orient(volume, v).tobytes() for v in range(len(ORIENTATIONS))}
+    trained = {data.rot_flip(torch.from_numpy(volume), k, a).numpy().tobytes() for k in range(4) for a in range(2)}
+    assert banked == trained and len(banked) == 4
+
+
 def test_build_from_volumes():
     rng = np.random.default_rng(0)
     volumes = {}
@@ -271,14 +318,21 @@ def test_build_from_volumes():
         volumes[cid] = (rng.normal(size=shape).astype(np.float32), label)
     cfg = SimpleNamespace(patch_size=(8, 8, 8), bank_stride=(8, 8, 8))
     bank = ReferenceBank.build(cfg, volumes, ["c1", "c2"], {"c1": COT["B"], "c2": COT["C"]})
-    n1 = len(grid_boxes((20, 18, 10), (8, 8, 8), (8, 8, 8)))
-    assert len(bank) == n1 + len(grid_boxes((12, 14, 7), (8, 8, 8), (8, 8, 8)))
-    assert bank.case_ids[n1] == "c2" and bank.texts[n1] == COT["C"]
+    counts = {(cid, v): len(grid_boxes(orient(volumes[cid][1], v).shape, (8, 8, 8), (8, 8, 8)))
+              for cid in volumes for v in range(len(ORIENTATIONS))}
+    assert len(bank) == sum(counts.values())
+    assert sorted(Counter(zip(bank.case_ids, bank.variants.tolist())).items()) == sorted(counts.items())
     assert bank.morph.shape == (len(bank), MORPH_DIM)
-    crops = np.stack([crop(volumes["c2"][1], b) > 0 for b in bank.boxes[n1:]])  # ground truth, zero-padded
-    np.testing.assert_allclose(bank.morph[n1:], morphology_batch(crops))
+    for i in range(len(bank)):  # each entry: the ground truth of its box in its oriented volume
+        image, label = (orient(v, bank.variants[i]) for v in volumes[bank.case_ids[i]])
+        np.testing.assert_array_equal(bank.patch(i)[1], crop(label, bank.boxes[i]))
+        assert bank.texts[i] == COT["B" if bank.case_ids[i] == "c1" else "C"]
+    crops = np.stack([bank.patch(i)[1] > 0 for i in range(len(bank))])  # ground truth, zero-padded
+    np.testing.assert_allclose(bank.morph, morphology_batch(crops))
     bank.refresh(lambda x: x[:, :, ::4, ::4, ::4], momentum=0.9)
     assert bank.features.shape == (len(bank), 1, 2, 2, 2)
+    np.testing.assert_array_equal(bank.masks.numpy(), crops)
+    np.testing.assert_array_equal(bank.crops[:, 0].numpy(), np.stack([bank.patch(i)[0] for i in range(len(bank))]))
 
 
 # ----------------------------------------------------------------------------- explanation and speed
@@ -288,7 +342,7 @@ def test_explanation_text_and_figure(tmp_path):
     sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=6, k_fine=2))
     text = retrieve.format_explanation(bank, sel)
     assert "hard negative" in text and "chosen, weight" in text
-    path = retrieve.plot_explanation(tmp_path / "explain.png", bank.images["A"], [(0, 0, 0, 8, 8, 8)], bank, sel)
+    path = retrieve.plot_explanation(tmp_path / "explain.png", bank.volumes["A"][0], [(0, 0, 0, 8, 8, 8)], bank, sel)
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -99,10 +99,10 @@ def test_training_steps_use_the_references(tiny_la, tmp_path, monkeypatch):
     seen = []
     query = train.query_references
 
-    def spy(bank, logits_b, case_ids, cfg, generator=None):
-        refs, weights, indices = query(bank, logits_b, case_ids, cfg, generator)
-        seen.append((case_ids, [[bank.case_ids[j] for j in row] for row in indices.tolist()], refs.shape))
-        return refs, weights, indices
+    def spy(bank, logits_b, case_ids, cfg, generator=None, mode=None):
+        refs = query(bank, logits_b, case_ids, cfg, generator, mode)
+        seen.append((case_ids, [[bank.case_ids[j] for j in row] for row in refs.indices.tolist()], refs.features.shape))
+        return refs
 
     monkeypatch.setattr(train, "query_references", spy)
     ckpt = train.train(tiny_cfg(tiny_la, tmp_path / "run"), progress=False)
