@@ -99,6 +99,15 @@ class ReferenceBank:
         return cls(case_ids, boxes, np.concatenate(morph), texts, {cid: volumes[cid] for cid in labeled_ids},
                    variants, device)
 
+    def _load_patches(self):
+        """Cut every entry's image and ground truth and move them to the device, once: the patches never move."""
+        if self.crops is None:
+            if not self.volumes:
+                raise RuntimeError("reference bank has no volumes to cut: build it with ReferenceBank.build")
+            image, label = self._cut()
+            self.crops = torch.from_numpy(image[:, None]).to(self.device)      # (N, 1, X, Y, Z)
+            self.masks = torch.from_numpy(label.astype(np.uint8)).to(self.device)  # (N, X, Y, Z)
+
     def _cut(self):
         """Every entry's image and ground-truth patches (N, X, Y, Z), each volume oriented once per orientation."""
         image, label = [None] * len(self), [None] * len(self)
@@ -182,12 +191,7 @@ class ReferenceBank:
     def refresh(self, encoder_fn, momentum, batch_size=4):
         """features <- momentum * features + (1 - momentum) * encoder_fn(crops); the first call just fills.
         encoder_fn maps (n, 1, X, Y, Z) image crops to (n, C, d, h, w) bottleneck features (the teacher's)."""
-        if self.crops is None:  # the patches never move: cut and copy them once, not at every refresh
-            if not self.volumes:
-                raise RuntimeError("reference bank has no images to encode: build it with ReferenceBank.build")
-            image, label = self._cut()
-            self.crops = torch.from_numpy(image[:, None]).to(self.device)      # (N, 1, X, Y, Z)
-            self.masks = torch.from_numpy(label.astype(np.uint8)).to(self.device)  # (N, X, Y, Z)
+        self._load_patches()
         new = torch.cat([encoder_fn(self.crops[s:s + batch_size]).float()  # (N, C, d, h, w)
                          for s in range(0, len(self), batch_size)])
         if self.features is None:
@@ -203,6 +207,8 @@ class ReferenceBank:
         if self.features is None:
             raise RuntimeError("reference bank features are empty: call refresh() first")
         idx = torch.as_tensor(indices, device=self.device)
+        if masks:
+            self._load_patches()
         return References(self.features[idx], torch.as_tensor(weights, device=self.device),
                           self.masks[idx].float() if masks else None, idx)
 

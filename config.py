@@ -62,15 +62,16 @@ class Config:
     target: str = "left atrium"
     # reference selection (retrieve.py)
     bank_stride: tuple = ()           # grid stride of the bank crops; () = patch_size (no overlap)
-    k_coarse: int = 16                # morphology neighbours per query
+    k_coarse: int = 32                # morphology neighbours per query
     k_fine: int = 4                   # references kept after the CoT-consistency filter
-    tau: float = 0.5                  # normalised BM25 score under which a candidate is a hard negative
+    tau: float = 0.6                  # normalised BM25 score under which a candidate is a hard negative
     max_refs_per_case: int = 1        # at most this many references from one case (diverse references)
     ref_temperature: float = 1.0      # softmax temperature of the reference weights
     ref_masks: bool = False           # references carry their masks into decoder A (an extension beyond the paper)
+    transfer_weight: float = 1.0      # with ref_masks: weight of the loss that teaches the fusion to transfer labels
     retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
     bank_momentum: float = 0.9        # EMA momentum of the bank feature refresh
-    ref_warmup: int = 1000            # iterations without references (the bank needs a trained encoder)
+    ref_warmup: int = 0               # iterations before references are used (the path starts as the identity)
     bank_refresh: int = 200           # refresh bank features from the teacher every this many iterations
     # testing
     stride_xy: int = 18               # sliding-window stride in x and y
@@ -94,7 +95,7 @@ EXPERIMENTS = {
     # CPU-sized offline default: small synthetic volumes, a narrower V-Net, a short schedule
     "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(64, 64, 48), num_labeled=8,
                       patch_size=(48, 48, 32), base_filters=8, max_iters=250, rampup_iters=100,
-                      stride_xy=16, stride_z=8, log_every=10, ckpt_every=50, ref_warmup=50, bank_refresh=25,
+                      stride_xy=16, stride_z=8, log_every=10, ckpt_every=50, bank_refresh=25,
                       lr=0.03),
 }
 

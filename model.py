@@ -9,7 +9,14 @@ only in how they upsample:
 
 Their disagreement is a training signal (train.py), and decoder B's prediction is what drives the
 reference query at training and test time.
+
+With the references' masks (ref_masks, an extension beyond the paper), the references also vote:
+their masks, weighted by retrieval weight, form a prior that is added to decoder A's logits with a
+learned weight (prior_scale, starting at 0), as multi-atlas segmentation fuses its atlases' labels and
+the network learns, through MCAM, where to correct the vote. Everything on the reference path starts
+at zero, so decoder A with references is exactly decoder A without them until training moves it.
 """
+import torch
 import torch.nn as nn
 
 import mcam
@@ -94,25 +101,42 @@ class DualDecoderVNet(nn.Module):
         self.decoder_a = Decoder(base_filters, n_classes, "deconv", dropout, mcams)
         self.decoder_b = Decoder(base_filters, n_classes, "trilinear", dropout)
         self.fusion = fusion  # mcam.ReferenceFusion, or None for the plain dual-decoder network
+        if fusion is not None and fusion.masks:       # weight of the references' label vote in decoder A's logits
+            self.prior_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, refs=None):
         """x (B, 1, X, Y, Z); refs: mcam.References for decoder A, or None.
 
-        Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z)."""
+        Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z), and with ref_masks the
+        labels the fusion transferred from the references (B, heads, X/16, Y/16, Z/16), else None."""
         feats = self.encoder(x)
-        return self.decode_a(feats, refs), self.decoder_b(feats)
+        logits_a, labels = self.decode_a(feats, refs, return_labels=True)
+        return logits_a, self.decoder_b(feats), labels
 
-    def decode_a(self, feats, refs=None):
+    def decode_a(self, feats, refs=None, return_labels=False):
         """Decoder A on encoder features, fusing the references' context when there are references."""
-        if refs is None or self.fusion is None:
-            return self.decoder_a(feats)
-        context, labels = self.fusion(feats[-1], refs.features, refs.weights, refs.masks)  # (B, 16f, ..), (B, H, ..)
-        mask = None if refs.masks is None else mcam.weighted_mask(refs.masks, refs.weights)  # (B, 1, X, Y, Z)
-        return self.decoder_a(feats, context, labels, mask)
+        labels = mask = context = None
+        if refs is not None and self.fusion is not None:
+            context, labels = self.fusion(feats[-1], refs.features, refs.weights, refs.masks)  # (B, 16f, ..), (B, H, ..)
+            mask = None if refs.masks is None else mcam.weighted_mask(refs.masks, refs.weights)  # (B, 1, X, Y, Z)
+        logits = self.decoder_a(feats, context, labels, mask)
+        if mask is not None:                         # the references' labels vote: atlas prior, learned weight
+            logits = logits + self.prior_scale * prior_logits(mask)
+        return (logits, labels) if return_labels else logits
 
     def predict_b(self, x):
         """Decoder B alone: the reference query needs no context."""
         return self.decoder_b(self.encoder(x))
+
+
+PRIOR_CLIP = 0.05  # the references' vote is clipped to [0.05, 0.95] before its logit: at most +-2.9
+
+
+def prior_logits(mask):
+    """(B, 2, X, Y, Z) logits whose softmax is the references' weighted vote mask (B, 1, X, Y, Z), clipped."""
+    p = mask.float().clamp(PRIOR_CLIP, 1 - PRIOR_CLIP)
+    half = 0.5 * (p.log() - (1 - p).log())                   # (B, 1, X, Y, Z)
+    return torch.cat([-half, half], 1)
 
 
 def build_model(cfg):

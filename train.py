@@ -76,6 +76,15 @@ def sharpen(p, t):
     return a / (a + b)
 
 
+def transfer_loss(labels, label, target, n_lab):
+    """How far the labels the fusion transferred from the references (B, H, d, h, w) are from the query's own
+    foreground share on the same grid: the ground truth for the labeled patches, the teacher's target for the
+    unlabeled ones. Returns the two mean squared errors (labeled, unlabeled), every head counted."""
+    share = F.adaptive_avg_pool3d(torch.cat([label, target])[:, None].float(), labels.shape[2:])  # (B, 1, d, h, w)
+    err = (labels.float() - share).square()                                                       # (B, H, d, h, w)
+    return err[:n_lab].mean(), err[n_lab:].mean()
+
+
 @torch.no_grad()
 def ema_update(teacher, student, decay, it):
     """teacher = decay * teacher + (1 - decay) * student, for parameters and float buffers (BN statistics).
@@ -184,7 +193,7 @@ def train_step(run, it, image, label, ids):
 
     # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
     with run.autocast():
-        logits_a, logits_b = run.net(image, refs)                          # (B, 2, X, Y, Z) each
+        logits_a, logits_b, labels = run.net(image, refs)                  # (B, 2, X, Y, Z) each; (B, H, ..)
     sup_a = supervised_loss(logits_a[:n_lab], label)
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
@@ -194,6 +203,9 @@ def train_step(run, it, image, label, ids):
                   + F.mse_loss(p_b, sharpen(p_a, cfg.sharpen_t).detach()))
     w = consistency_weight(it, cfg)
     loss = loss_sup + w * (loss_mt + loss_cross)
+    if labels is not None:                                                  # ref_masks: the transfer learns to match
+        lab_loss, unl_loss = transfer_loss(labels, label.float(), target, n_lab)
+        loss = loss + cfg.transfer_weight * (lab_loss + w * unl_loss)
 
     # 4. SGD step with the scheduled learning rate, then the teacher follows
     for group in run.optimizer.param_groups:
