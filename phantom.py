@@ -7,13 +7,19 @@ loader, test and experiment can use unchanged:
     <root>/train.list, <root>/test.list                one ID a line
     <root>/phantom.json                                the parameters it was written with, and summary figures
 
-Each case is an LGE-MRI-like volume: a deformed ellipsoidal chamber with 2-4 tubular veins (the
-label), a darker wall around it, and look-alike distractors that are NOT labeled: bright
-aorta-like tubes or ventricle-like blobs that touch or approach the chamber, some behind a clear
-dark wall, some touching it with little contrast. That is the visual-semantic mismatch CERS is
-about: intensity says "atrium" for both, only shape and context tell them apart. Bias field,
-partial-volume blur and magnitude (Rician-like) noise finish the picture. Every case draws from
-its own generator seeded by (seed, index), so a seed gives byte-identical files.
+Each case is an LGE-MRI-like crop around the left atrium, as the LA challenge crops are. The
+atrial body with its appendage and four pulmonary-vein ostia sits among the other blood pools of
+the heart: left ventricle, right atrium with the superior vena cava, ascending and descending
+aorta, pulmonary artery. All of them share one intensity distribution. The LA opens into the LV
+at the mitral valve plane and into its veins with no wall; elsewhere thin dark walls separate
+the pools, with gaps. The label is the LA body, the appendage and each vein up to VEIN_LABEL
+beyond the body, as in the challenge masks; the rest of each vein, and every other pool, is
+unlabeled. So intensity alone cannot find the target (a single global threshold reaches Dice
+0.3-0.4, see `threshold_dice`): position, shape and context must. Heterogeneous enhancement,
+bright fat, dark lungs, a coil bias field, partial-volume blur, magnitude (Rician) noise and a
+contrast that changes from case to case finish the picture.
+
+Every case draws from its own generator seeded by (seed, index), so a seed gives byte-identical files.
 """
 import argparse
 import json
@@ -29,9 +35,14 @@ from scipy import ndimage
 from config import CASE_DIR, CASE_FILE
 
 PARAMS_FILE = "phantom.json"
-VERSION = 1  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
+VERSION = 2  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
 ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # IDs look like the real ones: 20 upper-case alphanumerics
-BLOOD, WALL, BACKGROUND, DARK = 2.2, 0.35, 1.0, 0.3  # LGE-like: bright blood, dark wall, medium tissue, dark lung
+SHAPE = (64, 64, 48)  # the default size, PHANTOM_8's: CPU-sized, about 1.6 mm voxels over the LA crop
+NOMINAL = 64.0      # the anatomy is laid out in voxels of a 64-wide crop (about 1.6 mm); other widths scale it
+VEIN_LABEL = 4.0    # nominal voxels: veins are labeled this far beyond the atrial body, then go on unlabeled
+THIN = 2.5          # nominal voxels: walls up to this thick (atria, vessels) show gaps; the LV's do not
+INSET = 0.7         # nominal voxels: the label edge lies this far inside the blood, as in the challenge masks
+LA_RADII = (17.0, 11.0, 13.0)  # nominal LA body semi-axes (x left, y posterior, z up): about 7 % of the crop
 
 
 def smooth_field(rng, grid, scale, n_modes=6):
@@ -48,116 +59,177 @@ def smooth_field(rng, grid, scale, n_modes=6):
     return field.reshape(ex.shape[1], ey.shape[1], ez.shape[1]) * np.float32(np.sqrt(2.0 / n_modes))
 
 
-# Shapes are signed distances in voxels (< 0 inside): a union is a minimum, a wall is 0 < d <= thickness.
-
-def ellipsoid(rng, grid, center, radii, angle, wobble):
-    """A deformed ellipsoid rotated by `angle` in the x-y plane: its radius varies smoothly by about +-wobble."""
-    dx, dy, dz = (g - np.float32(c) for g, c in zip(grid, center))           # float32 throughout: speed
-    cos, sin, (rx, ry, rz) = np.float32(np.cos(angle)), np.float32(np.sin(angle)), np.float32(radii)
-    u, v = cos * dx + sin * dy, cos * dy - sin * dx
-    r = np.sqrt((u / rx) ** 2 + (v / ry) ** 2 + (dz / rz) ** 2)
-    reach = np.sqrt(dx ** 2 + dy ** 2 + dz ** 2) / np.maximum(r, 1e-3)  # the radius in this voxel's direction
-    return (r - 1.0 - wobble * smooth_field(rng, grid, scale=max(radii))) * reach
-
-
-def extent(mask, center, direction):
-    """How far a ray from `center` along `direction` stays inside `mask` (voxels)."""
-    t = np.arange(0.0, max(mask.shape), 0.5)
-    pts = np.round(np.asarray(center)[:, None] + direction[:, None] * t).astype(int)
-    inside = np.all((pts >= 0) & (pts < np.array(mask.shape)[:, None]), axis=0)
-    inside[inside] = mask[tuple(pts[:, inside])]
-    return t[np.argmin(inside)] if not inside.all() else t[-1]
-
-
-def tube(shape, p0, p1, p2, r0, r1, margin):
-    """A tube around the quadratic Bezier curve p0 -> p2 (control point p1); its radius tapers from r0 to r1.
-
-    Distances are exact up to `margin` voxels outside the tube (room for a wall), infinite beyond."""
-    t = np.linspace(0.0, 1.0, int(2 * (np.linalg.norm(p1 - p0) + np.linalg.norm(p2 - p1))) + 2)[:, None]
-    pts = np.round((1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2).astype(int)
-    keep = np.all((pts >= 0) & (pts < shape), axis=1)
-    out = np.full(shape, np.inf, np.float32)                             # "far away" outside the work box
-    if keep.any():
-        pts, r = pts[keep], (r0 + (r1 - r0) * t[:, 0])[keep]
-        m = int(np.ceil(max(r0, r1) + margin)) + 1                      # distances are only needed in this box
-        lo, hi = np.maximum(pts.min(0) - m, 0), np.minimum(pts.max(0) + m + 1, shape)
-        b, local = tuple(slice(a, z) for a, z in zip(lo, hi)), tuple((pts - lo).T)
-        seeds, radius = np.zeros(hi - lo, bool), np.zeros(hi - lo, np.float32)
-        seeds[local], radius[local] = True, r
-        dist, idx = ndimage.distance_transform_edt(~seeds, return_indices=True)  # nearest centreline point
-        out[b] = dist - radius[tuple(idx)]
-    return out
-
+# ----------------------------------------------------------------------------- shapes
+# Shapes are signed distances in nominal voxels (< 0 inside) over the heart-frame coordinates q, a
+# tuple of three (X, Y, Z) arrays: a union is a minimum, a wall is 0 < d <= thickness.
 
 def unit(v):
     return np.asarray(v, float) / np.linalg.norm(v)
 
 
+def reach(radii, direction):
+    """Distance from an ellipsoid's centre to its surface along a unit direction."""
+    return 1.0 / np.sqrt(np.sum((np.asarray(direction) / radii) ** 2))
+
+
+def ellipsoid(q, center, radii, wobble):
+    """A deformed ellipsoid: its radius in each direction is scaled by (1 + wobble), wobble a (X, Y, Z) field."""
+    d = [qi - np.float32(c) for qi, c in zip(q, center)]
+    r = np.sqrt(sum((di / np.float32(ri)) ** 2 for di, ri in zip(d, radii)))   # 1 on the undeformed surface
+    along = np.sqrt(sum(di * di for di in d)) / np.maximum(r, 1e-3)          # the radius in this voxel's direction
+    return (r - 1.0 - wobble) * along
+
+
+def tube(q, points, radii):
+    """A tube around the polyline `points` (K, 3) whose radius goes linearly through `radii` (K,)."""
+    best = np.full(q[0].shape, np.inf, np.float32)
+    for a, b, ra, rb in zip(points[:-1], points[1:], radii[:-1], radii[1:]):
+        ab = (b - a).astype(np.float32)
+        rel = [qi - np.float32(ai) for qi, ai in zip(q, a)]
+        t = np.clip(sum(r * x for r, x in zip(rel, ab)) / np.float32(ab @ ab), 0.0, 1.0)
+        dist = np.sqrt(sum((r - t * x) ** 2 for r, x in zip(rel, ab)))
+        np.minimum(best, dist - (ra + t * (rb - ra)), out=best)
+    return best
+
+
+def bend(p0, p1, p2, n=6):
+    """n points (n, 3) along the quadratic Bezier curve p0 -> p2 with control point p1."""
+    t = np.linspace(0.0, 1.0, n)[:, None]
+    return (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2
+
+
+# ----------------------------------------------------------------------------- the anatomy
+
+def anatomy(rng, q, wobble):
+    """Signed distances of every blood pool, and the wall thickness around each (nominal voxels).
+
+    The heart frame: the LA body centred at 0, x to the patient's left, y posterior, z up. Sizes,
+    positions and the gaps between pools vary per case; a negative gap is an overlap (no wall).
+    Returns {name: (signed distance (X, Y, Z), wall thickness)}."""
+    u = rng.uniform
+    la_r = np.array(LA_RADII) * u(0.85, 1.15, 3)
+    atrial_wall = u(0.8, 1.6)                                            # thin: LGE shows it faintly, with gaps
+    pools = {"la": (ellipsoid(q, (0, 0, 0), la_r, 0.15 * wobble[0]), atrial_wall)}
+    # four pulmonary veins leave the back of the LA to the left and right, above and below
+    veins = []
+    for side, level in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+        d = unit([side, u(0.3, 0.9), level * u(0.3, 0.7)])
+        s = d * reach(la_r, d)                                           # ostium on the body surface
+        out = unit([side * u(0.6, 1.0), u(0.4, 1.0), level * u(0.0, 0.5)])  # veins curve backwards
+        r0 = u(2.6, 3.8)
+        path = np.vstack([0.6 * s, bend(s, s + 6 * d, s + 6 * d + u(16, 24) * out)])
+        veins.append(tube(q, path, np.r_[r0, np.linspace(r0, 0.75 * r0, len(path) - 1)]))
+    pools["veins"] = (np.minimum.reduce(veins), atrial_wall)
+    # the appendage: a thin finger from the front-left roof, curling forward and down
+    d = unit([0.8 + u(-0.2, 0.2), -0.8 + u(-0.2, 0.2), 0.4 + u(-0.2, 0.2)])
+    s = d * reach(la_r, d)
+    path = np.array([0.7 * s, s + 3 * d, s + 6 * d + [2, -3, 1], s + 7 * d + [3, -4, -4]]) + u(-1.5, 1.5, (4, 3))
+    pools["appendage"] = (tube(q, path, np.array([3.8, 3.0, 2.3, 1.3]) * u(0.8, 1.2)), atrial_wall)
+    # the left ventricle, in front, left and below, opening into the LA at the mitral plane (no wall)
+    d = unit([u(0.2, 0.7), -1.0, u(-1.1, -0.6)])
+    lv_r = np.array([15.0, 13.0, 18.0]) * u(0.85, 1.15, 3)
+    center = d * (reach(la_r, d) + reach(lv_r, d) - u(3.0, 7.0))
+    pools["lv"] = (ellipsoid(q, center, lv_r, 0.08 * wobble[1]), u(3.0, 5.0))   # thick, nulled myocardium
+    # the right atrium to the right and in front, behind the thin interatrial septum; the SVC rises from it
+    d = unit([-1.0, u(-0.6, -0.2), u(-0.3, 0.1)])
+    ra_r = np.array([12.0, 12.0, 14.0]) * u(0.85, 1.15, 3)
+    center = d * (reach(la_r, d) + reach(ra_r, d) + u(-1.0, 2.0))
+    pools["ra"] = (ellipsoid(q, center, ra_r, 0.1 * wobble[2]), atrial_wall)
+    r = u(4.0, 5.5)
+    pools["svc"] = (tube(q, np.array([center + [2, 3, 6], center + [3, 5, 40]]), np.array([r, r])), u(1.0, 2.0))
+    # the ascending aorta rises in front of the LA, from the LV outflow; sometimes touching it
+    r, x = u(5.5, 7.5), u(-6.0, 2.0)
+    y = -la_r[1] * np.sqrt(max(1 - (x / la_r[0]) ** 2, 0.3)) - r - u(-2.0, 2.0)
+    path = np.array([[x + 4, y - 5, -la_r[2]], [x, y, 0.3 * la_r[2]], [x - 3, y + 2, la_r[2] + 30]])
+    pools["aorta"] = (tube(q, path, np.array([r * 1.15, r, r])), u(1.0, 2.0))
+    # the descending aorta runs down behind the LA, beside the spine
+    r, x = u(5.0, 7.0), la_r[0] * u(0.1, 0.6)
+    y = la_r[1] + r + u(-1.0, 4.0)
+    path = np.array([[x, y, -50.0], [x + u(-3, 3), y + u(-2, 2), 50.0]])
+    pools["descending"] = (tube(q, path, np.array([r, r])), u(1.0, 2.0))
+    # the pulmonary artery: trunk in front on the left, branches over the LA roof (the right one may touch it)
+    r, top = u(4.5, 6.0), la_r[2] + u(-2.0, 2.0)
+    fork = np.array([6.0, -la_r[1] - 9, top + r + 3])
+    trunk = np.array([[12.0, -la_r[1] - 18, -8.0], fork])
+    right = np.array([fork, [0.0, -2.0, top + r], [-40.0, 0.0, top + r + 2]])
+    left = np.array([fork, [28.0, 2.0, top + r + 4], [40.0, 16.0, top + r]])
+    pa = [tube(q, p, np.full(len(p), rr)) for p, rr in ((trunk, 1.2 * r), (right, r), (left, r))]
+    pools["pa"] = (np.minimum.reduce(pa), u(1.0, 2.0))
+    return pools
+
+
+def heart_frame(rng, grid, size, scale):
+    """Per-case pose and field of view: the heart-frame coordinates q (3 arrays (X, Y, Z)) of every voxel.
+
+    The LA centre sits near the middle of the crop (the challenge crops are cut around it); the heart
+    turns up to 0.4 rad in the axial plane and tilts up to 0.15 rad; its size varies by +-12 %."""
+    center = np.asarray(size) / 2 + rng.uniform(-0.06, 0.06, 3) * size
+    a, b, c = rng.uniform(-0.4, 0.4), rng.uniform(-0.15, 0.15), rng.uniform(-0.15, 0.15)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    ry = np.array([[np.cos(c), 0, np.sin(c)], [0, 1, 0], [-np.sin(c), 0, np.cos(c)]])
+    inverse = ((rz @ rx @ ry).T / (scale * rng.uniform(0.88, 1.12))).astype(np.float32)  # volume -> heart frame
+    rel = [g - np.float32(c0) for g, c0 in zip(grid, center)]
+    return tuple(sum(inverse[i, j] * rel[j] for j in range(3)) for i in range(3))
+
+
+# ----------------------------------------------------------------------------- the image
+
+def paint(rng, grid, pools, s):
+    """The noise-free LGE-like image (X, Y, Z) of the pools, and the boolean parts for tests and summaries.
+
+    Blood = 1 with a slow heterogeneous enhancement; the contrast of blood to tissue, fat, lungs and
+    walls is drawn per case. Walls are nulled myocardium with gaps and a few enhanced (scar-like)
+    patches. `s` is voxels per nominal voxel: texture scales follow the anatomy."""
+    u = rng.uniform
+    field = lambda scale: smooth_field(rng, grid, scale * s)
+    blood_d = np.minimum.reduce([d for d, _ in pools.values()])
+    blood = blood_d <= 0
+    tissue = 1.0 / u(1.6, 3.2)                                           # blood-to-tissue contrast varies most
+    image = tissue * (1 + 0.2 * field(1.5) + 0.1 * field(6))            # mediastinal tissue, mottled
+    fat = (blood_d > 0) & (blood_d <= u(3, 6)) & (field(3) > u(0.0, 0.8))
+    image[fat] = u(0.45, 0.7) * (1 + 0.15 * field(1.5))[fat]              # epicardial fat: bright, not blood
+    lung = blood_d > u(6, 10) + 4 * field(10)
+    image[lung] = u(0.02, 0.12)                                          # air: almost no signal
+    thin, thick = np.zeros_like(blood), np.zeros_like(blood)
+    for d, thickness in pools.values():
+        (thick if thickness > THIN else thin)[...] |= (d > 0) & (d <= thickness)
+    wall = ~blood & (thick | (thin & (field(3) < u(0.6, 1.4))))          # thin walls are not seen everywhere
+    image[wall] = tissue * u(0.2, 0.5)                                   # nulled myocardium: darker than tissue
+    scar = wall & (field(3) > u(0.4, 1.4))
+    image[scar] = u(0.5, 0.8)                                            # late enhancement: bright wall patches
+    image[blood] = (1 + u(0.03, 0.12) * field(5))[blood]                # heterogeneous blood-pool enhancement
+    return image, blood, wall
+
+
 def make_case(rng, shape):
     """One phantom case of about `shape` (X and Y vary by up to 15 %, Z is kept).
 
-    Returns image float32 (X, Y, Z) z-scored over the volume, label uint8 (chamber + veins), and the
-    boolean parts {"target", "wall", "distractor"} for tests and the summary figures."""
+    Returns image float32 (X, Y, Z) z-scored over the volume, label uint8 (LA body, appendage and
+    veins up to VEIN_LABEL, INSET inside their blood), and boolean parts for tests and summaries:
+    "target" (the label), "atrium" (the blood the label stands for), "other" (every other blood
+    voxel: other pools and the veins' continuation), "wall" (dark walls outside the atrium)."""
     size = np.array([round(shape[0] * rng.uniform(0.85, 1.15)), round(shape[1] * rng.uniform(0.85, 1.15)), shape[2]])
     grid = [g.astype(np.float32) for g in np.ogrid[:size[0], :size[1], :size[2]]]
-    s = size[0] / 96.0                                                   # voxel scale relative to the default size
-    # the chamber: a flattened, deformed ellipsoid, roughly central but shifted
-    center = size / 2 + rng.uniform(-0.08, 0.08, 3) * size * [1, 1, 0.5]
-    radii = rng.uniform([0.26, 0.18, 0.21], [0.33, 0.23, 0.27]) * size
-    angle = rng.uniform(-0.4, 0.4)
-    chamber = ellipsoid(rng, grid, center, radii, angle, wobble=0.15)
-    inside = chamber <= 0
-    c, sn = np.cos(angle), np.sin(angle)
-    rot = lambda d: unit([c * d[0] - sn * d[1], sn * d[0] + c * d[1], d[2]])  # chamber frame -> volume
-    wall_t = rng.uniform(1.5, 3.0) * s                                  # wall thickness (voxels)
-    # 2-4 pulmonary veins leave the chamber to the left and right, towards the back (+y)
-    target_d = chamber
-    for k in range(rng.integers(2, 5)):
-        d = rot([(-1) ** k, rng.uniform(0.2, 0.8), rng.uniform(-0.6, 0.6)])
-        p0 = center + d * 0.5 * extent(inside, center, d)
-        p2 = p0 + d * rng.uniform(0.3, 0.5) * size[0]
-        p1 = (p0 + p2) / 2 + rng.uniform(-0.12, 0.12, 3) * size[0]
-        r0 = rng.uniform(2.5, 4.0) * s
-        target_d = np.minimum(target_d, tube(size, p0, p1, p2, r0, 0.7 * r0, wall_t))
-    # 1-2 look-alike distractors; sharpness 1: a dark wall between them and the chamber, 0: touching, no wall
-    sharp = rng.uniform()
-    gap = (-2.0 + 8.0 * sharp) * s                                      # from the chamber surface (voxels)
-    look_d = np.full(size, np.inf, np.float32)
-    for kind in rng.choice(["aorta", "ventricle"], size=rng.integers(1, 3)):
-        if kind == "aorta":                                              # a thick tube along z, in front or behind
-            d = rot([rng.uniform(-0.5, 0.5), rng.choice([-1, 1]), rng.uniform(-0.2, 0.2)])
-            r = rng.uniform(5.0, 8.0) * s
-            mid = center + d * (extent(inside, center, d) + r + gap)
-            axis = unit([rng.uniform(-0.4, 0.4), rng.uniform(-0.3, 0.3), 1.0])
-            bend = rng.uniform(-0.1, 0.1, 3) * size[0]
-            ends = mid - axis * size[2], mid + axis * size[2]
-            look = tube(size, ends[0], mid + bend, ends[1], r, r * rng.uniform(0.8, 1.1), wall_t)
-        else:                                                            # a chamber-like blob in front and below
-            d = rot([rng.uniform(-0.6, 0.6), -1.0, rng.uniform(-0.8, 0.0)])
-            b_radii = rng.uniform([0.14, 0.12, 0.16], [0.22, 0.18, 0.26]) * size
-            reach = 1.0 / np.sqrt(np.sum((d / b_radii) ** 2))            # blob radius along d
-            b_center = center + d * (extent(inside, center, d) + reach + gap)
-            look = ellipsoid(rng, grid, b_center, b_radii, rng.uniform(-0.5, 0.5), wobble=0.1)
-        look_d = np.minimum(look_d, look)
-    target = target_d <= 0
-    distractor = (look_d <= 0) & ~target
-    wall = (target_d > 0) & (target_d <= wall_t) & ~distractor           # a touching distractor breaks the wall
-    # paint (background texture, dark lung-like patches, walls, pools), then blur, bias field, noise
-    image = BACKGROUND + 0.1 * smooth_field(rng, grid, scale=8 * s)
-    image[smooth_field(rng, grid, scale=20 * s) > 1.2] = DARK
-    if sharp > 0.4:                                                      # sharp look-alikes get a dark wall too
-        image[(look_d > 0) & (look_d <= wall_t) & ~target] = WALL
-    image[wall] = WALL
-    blood = BLOOD * rng.uniform(0.85, 1.15)
-    image[distractor] = blood * rng.uniform(0.9, 1.1)
-    image[target] = blood
-    image = ndimage.gaussian_filter(image, 0.5 + 0.6 * (1 - sharp), truncate=3.0)  # partial volume
-    image *= np.exp(0.15 * smooth_field(rng, grid, scale=40 * s))                 # coil bias field
-    noise = rng.standard_normal(image.shape, dtype=np.float32) * rng.uniform(0.1, 0.25)
-    image = np.abs(image + noise)                                                 # a magnitude image: noise folds at 0
+    s = shape[0] / NOMINAL                                               # voxels per nominal voxel
+    q = heart_frame(rng, grid, size, s)
+    pools = anatomy(rng, q, [smooth_field(rng, grid, 8 * s) for _ in range(3)])
+    la, veins = pools["la"][0], pools["veins"][0]
+    own = np.minimum(np.minimum(la, pools["appendage"][0]), np.where(la <= VEIN_LABEL, veins, np.inf))
+    image, blood, wall = paint(rng, grid, pools, s)
+    u = rng.uniform
+    image = ndimage.gaussian_filter(image, u(0.5, 0.9) * s, truncate=3.0)         # partial volume
+    image *= np.exp(u(0.05, 0.2) * smooth_field(rng, grid, 30 * s))                # coil bias field
+    sigma = u(0.02, 0.07)                                                         # noise, relative to blood
+    noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * sigma
+    image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)                      # magnitude of complex data
     image = ((image - image.mean()) / image.std()).astype(np.float32)
-    return image, target.astype(np.uint8), {"target": target, "wall": wall, "distractor": distractor}
+    target, atrium = own <= -INSET, own <= 0
+    return image, target.astype(np.uint8), {"target": target, "atrium": atrium, "other": blood & ~atrium,
+                                            "wall": wall & ~atrium}
 
+
+# ----------------------------------------------------------------------------- the dataset on disk
 
 def phantom_params(n_train, n_test, shape, seed):
     """The parameters that define a phantom dataset, as stored in phantom.json (checked here)."""
@@ -185,16 +257,16 @@ def write_cases(folder, params):
         with h5py.File(path, "w") as f:
             f.create_dataset("image", data=image)
             f.create_dataset("label", data=label, compression="gzip")
-        rest = ~(parts["target"] | parts["wall"] | parts["distractor"])
+        rest = ~(parts["atrium"] | parts["other"] | parts["wall"])
         stats.append([label.mean()] + [image[m].mean() if m.any() else np.nan
-                                       for m in (parts["target"], parts["distractor"], parts["wall"], rest)])
+                                       for m in (parts["target"], parts["other"], parts["wall"], rest)])
     (folder / "train.list").write_text("".join(f"{i}\n" for i in ids[:params["n_train"]]))
     (folder / "test.list").write_text("".join(f"{i}\n" for i in ids[params["n_train"]:]))
-    names = ["foreground_fraction", "target", "distractor", "wall", "background"]  # mean z-scored intensities
+    names = ["foreground_fraction", "target", "other_blood", "wall", "rest"]  # mean z-scored intensities
     return dict(zip(names, np.round(np.nanmean(stats, axis=0), 4).tolist()))
 
 
-def write_phantom(root, n_train=40, n_test=10, shape=(96, 96, 64), seed=0):
+def write_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
     """Write a phantom dataset at `root` and return `root`.
 
     An earlier phantom there is replaced with everything in its folder (a CoT cache made for the
@@ -207,7 +279,7 @@ def write_phantom(root, n_train=40, n_test=10, shape=(96, 96, 64), seed=0):
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = (root.with_name(f".{root.name}.{what}-{os.getpid()}") for what in ("partial", "old"))
     try:
-        summary = write_cases(tmp, params)
+        summary = {**write_cases(tmp, params), "threshold_dice": round(threshold_dice(tmp)["dice"], 4)}
         (tmp / PARAMS_FILE).write_text(json.dumps({"params": params, "summary": summary}, indent=1))
         if root.exists():
             root.rename(old)
@@ -218,7 +290,7 @@ def write_phantom(root, n_train=40, n_test=10, shape=(96, 96, 64), seed=0):
     return root
 
 
-def ensure_phantom(root, n_train=40, n_test=10, shape=(96, 96, 64), seed=0):
+def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
     """The phantom at `root`, written only when missing or written with other parameters."""
     try:
         written = json.loads((Path(root) / PARAMS_FILE).read_text())["params"]
@@ -229,27 +301,64 @@ def ensure_phantom(root, n_train=40, n_test=10, shape=(96, 96, 64), seed=0):
     return write_phantom(root, n_train, n_test, shape, seed)
 
 
+def read_cases(root):
+    """(image, boolean label) of every case in train.list, then test.list, of an LA-layout root, one at a time."""
+    root = Path(root)
+    for name in ("train.list", "test.list"):
+        for case_id in (root / name).read_text().split():
+            with h5py.File(root / CASE_DIR / case_id / CASE_FILE, "r") as f:
+                yield f["image"][()], f["label"][()].astype(bool)
+
+
+def threshold_dice(root, levels=512, sample=16):
+    """How far intensity alone gets on an LA-layout dataset: Dice of the best single global threshold.
+
+    One threshold for the whole dataset, foreground = image > threshold, chosen among `levels`
+    quantiles of a 1-in-`sample` voxel sample of all cases. "dice" is the mean of the per-case
+    Dice at the threshold that maximises it (as test.py averages Dice); "pooled" the best Dice of
+    all voxels counted together. The cases are read twice (candidates, then exact counts), so
+    memory holds one case at a time, also for the 100 real LA volumes."""
+    values = np.concatenate([image.ravel()[::sample] for image, _ in read_cases(root)])
+    t = np.unique(np.quantile(values, np.linspace(0.5, 0.9995, levels)))                # (T,) candidates
+    above, hits, sizes = [], [], []
+    for image, label in read_cases(root):
+        x, x_label = np.sort(image.ravel()), np.sort(image[label])
+        above.append(x.size - np.searchsorted(x, t, "right"))                           # voxels over each t
+        hits.append(x_label.size - np.searchsorted(x_label, t, "right"))                # label voxels over it
+        sizes.append(x_label.size)
+    above, hits, sizes = np.array(above), np.array(hits), np.array(sizes)[:, None]     # (N, T) (N, T) (N, 1)
+    per_case = (2 * hits / np.maximum(above + sizes, 1)).mean(0)                        # (T,)
+    pooled = 2 * hits.sum(0) / np.maximum(above.sum(0) + sizes.sum(), 1)
+    best = int(per_case.argmax())
+    return {"dice": float(per_case[best]), "threshold": float(t[best]), "pooled": float(pooled.max())}
+
+
 def preview(root, png, n=4):
-    """Save middle slices (axial x-y and x-z through the label's centre) of the first n cases, label outlined."""
+    """Save axial slices of the first n training cases, the LA label outlined in red: three levels
+    (low, middle, high) through the label, in radiological view (anterior up, patient's right on the left)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     root = Path(root)
     ids = (root / "train.list").read_text().split()[:n]
-    fig, axes = plt.subplots(2, len(ids), figsize=(3.2 * len(ids), 6), squeeze=False)
+    levels = (0.25, 0.5, 0.75)                                           # of the label's z range
+    fig, axes = plt.subplots(len(levels), len(ids), figsize=(2.6 * len(ids), 2.6 * len(levels)), squeeze=False)
     for j, cid in enumerate(ids):
         with h5py.File(root / CASE_DIR / cid / CASE_FILE, "r") as f:
             image, label = f["image"][()], f["label"][()]
-        _, cy, cz = (int(round(c)) for c in ndimage.center_of_mass(label))
-        for ax, sl in ((axes[0, j], np.s_[:, :, cz]), (axes[1, j], np.s_[:, cy, :])):
-            img, lab = image[sl], label[sl]
-            ax.imshow(img.T, cmap="gray", vmin=-2.5, vmax=2.5)
-            ax.contour(lab.T, [0.5], colors="r", linewidths=0.8)
+        zs = np.flatnonzero(label.any((0, 1)))
+        vmin, vmax = np.percentile(image, [1, 99.5])
+        for i, level in enumerate(levels):
+            z = int(round(zs[0] + level * (zs[-1] - zs[0])))
+            ax = axes[len(levels) - 1 - i, j]                            # the highest slice in the top row
+            ax.imshow(image[:, :, z].T, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.contour(label[:, :, z].T, [0.5], colors="r", linewidths=0.8)
             ax.set_xticks([]), ax.set_yticks([])
-        axes[0, j].set_title(f"{cid[:8]}… {image.shape}", fontsize=8)
-    axes[0, 0].set_ylabel("x-y (axial)"), axes[1, 0].set_ylabel("x-z")
+            ax.set_xlabel(f"z = {z}", fontsize=7, labelpad=1)
+        axes[0, j].set_title(f"{cid[:8]}  {image.shape[0]}x{image.shape[1]}x{image.shape[2]}", fontsize=8)
+    fig.suptitle("phantom LGE-MRI, axial; red: LA label (body, appendage, vein ostia)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=80)
     plt.close(fig)
 
 
@@ -258,17 +367,24 @@ def main(argv=None):
     p.add_argument("--out", default="data/phantom", help="dataset root")
     p.add_argument("--n-train", type=int, default=40)
     p.add_argument("--n-test", type=int, default=10)
-    p.add_argument("--shape", type=int, nargs=3, default=[96, 96, 64], metavar=("X", "Y", "Z"))
+    p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preview", metavar="PNG", help="also save middle slices of a few cases here")
+    p.add_argument("--preview", metavar="PNG", help="also save axial slices of a few cases here")
+    p.add_argument("--threshold-dice", metavar="ROOT", help="only measure the best global threshold Dice of the "
+                                                            "LA-layout dataset at ROOT (real LA or a phantom)")
     args = p.parse_args(argv)
+    if args.threshold_dice:
+        r = threshold_dice(args.threshold_dice)
+        return print(f"{args.threshold_dice}: best global threshold {r['threshold']:.3f}, Dice {r['dice']:.3f} "
+                     f"(mean over cases), pooled over all voxels {r['pooled']:.3f}")
     t0 = time.time()
     root = write_phantom(args.out, args.n_train, args.n_test, args.shape, args.seed)
     summary = json.loads((root / PARAMS_FILE).read_text())["summary"]
     print(f"wrote {args.n_train} train + {args.n_test} test cases to {root} in {time.time() - t0:.1f} s")
     print(f"foreground fraction {summary['foreground_fraction']:.3f}; mean z-scored intensity: target "
-          f"{summary['target']:.2f}, distractor {summary['distractor']:.2f}, wall {summary['wall']:.2f}, "
-          f"background {summary['background']:.2f}")
+          f"{summary['target']:.2f}, other blood {summary['other_blood']:.2f}, wall {summary['wall']:.2f}, "
+          f"rest {summary['rest']:.2f}")
+    print(f"intensity alone: the best global threshold gives Dice {summary['threshold_dice']:.3f} (mean over cases)")
     if args.preview:
         preview(root, args.preview)
         print(f"preview: {args.preview}")
