@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import retrieve
 import test
 import train
 from bank import ReferenceBank
-from config import EXPERIMENTS, Config, get_config, resolve_device
+from config import EXPERIMENTS, Config, ConfigError, cli, get_config, resolve_device
 
 
 def sync(device):
@@ -172,13 +173,17 @@ def retrieval_benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (the median is reported)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (cuDNN autotuning, compilation)")
     parser.add_argument("--unlabeled", type=int, default=8, help="unlabeled cases to load (they do not change the step)")
     parser.add_argument("--retrieval", action="store_true", help="time reference selection on synthetic banks and exit")
     args, overrides = parser.parse_known_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.unlabeled < 0:
+        raise ConfigError(f"bench: need --steps >= 1, --warmup >= 0 and --unlabeled >= 0, got {args.steps}, "
+                          f"{args.warmup} and {args.unlabeled}")
     if args.retrieval:
         return retrieval_benchmark()
     cfg = get_config(args.exp, overrides)
@@ -223,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

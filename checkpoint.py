@@ -4,15 +4,30 @@ A checkpoint holds everything a run needs to continue exactly (STYLE.md, "Checkp
 student, teacher, optimiser, iteration, every rank's sampler and random states, the reference bank,
 the CoT texts and the whole config. train.py writes and resumes them; test.py and retrieve.py read
 the student back with load_checkpoint, which builds the network from the saved config.
+
+--resume continues a run only with the config it was trained with: config_changes() lists the keys that
+differ, and only the keys in RESUMABLE (how long, how often to log and save, where and how fast to run,
+how to test, how to reach the LLM) may change.
 """
+import dataclasses
+import json
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import Config
+from config import Config, CersError, ConfigError, show
 from model import build_model
+
+# keys that may differ between a checkpoint and the run that resumes it: none changes the network, the data,
+# the references or the arithmetic of the iterations already done (max_iters does stretch the lr decay ahead)
+RESUMABLE = ("max_iters", "log_every", "ckpt_every", "device", "amp", "compile", "window_batch", "stride_xy",
+             "stride_z", "out_dir", "llm_url", "llm_api_key_env", "llm_timeout", "llm_workers", "llm_retries")
+
+
+class CheckpointError(CersError):
+    """A checkpoint that is missing, damaged, or does not fit the run that reads it."""
 
 
 def save_checkpoint(path, **state):
@@ -23,10 +38,56 @@ def save_checkpoint(path, **state):
     tmp.replace(path)
 
 
+def read_checkpoint(path, map_location="cpu"):
+    """The checkpoint dict at path, or a CheckpointError naming the file: missing, truncated, not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint there")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a damaged file
+        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a checkpoint "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from e
+    missing = [k for k in ("config", "iter", "student") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a CERS checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def config_from_dict(saved, path):
+    """The Config a checkpoint was written with; keys this version does not know are refused by name."""
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise CheckpointError(f"{path}: its config has keys this version does not know ({', '.join(unknown)}); "
+                              "read it with the version of the code that wrote it")
+    return Config(**saved)
+
+
+def config_changes(saved, cfg, path):
+    """[(key, saved value, new value)] for every key where cfg differs from the checkpoint's saved config dict
+    (a key the checkpoint predates counts at its default)."""
+    old = json.loads(json.dumps(dataclasses.asdict(config_from_dict(saved, path))))  # tuples and lists alike
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return [(k, old[k], new[k]) for k in new if old[k] != new[k]]
+
+
+def check_resumable(ckpt, cfg, path):
+    """Refuse to resume a checkpoint with a config changed outside RESUMABLE, or one that has nothing left to do."""
+    fixed = [c for c in config_changes(ckpt["config"], cfg, path) if c[0] not in RESUMABLE]
+    if fixed:
+        changes = ", ".join(f"{k}={show(a)} now {show(b)}" for k, a, b in fixed)
+        raise ConfigError(f"--resume: {path} was trained with a different config ({changes}); resuming may change "
+                          f"only {', '.join(RESUMABLE)}. Give the checkpoint's values, train a new run elsewhere "
+                          "(--out_dir=...), or replace this one with --force instead of --resume")
+    if cfg.max_iters <= ckpt["iter"]:
+        raise ConfigError(f"--resume: {path} is at iteration {ckpt['iter']}, max_iters={cfg.max_iters} leaves "
+                          f"nothing to train; raise --max_iters, or test it with test.py")
+
+
 def load_checkpoint(path, device):
     """The student network (eval mode), its config and the whole checkpoint dict, rebuilt from what was saved."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = Config(**ckpt["config"])
+    ckpt = read_checkpoint(path, device)
+    cfg = config_from_dict(ckpt["config"], path)
     model = build_model(cfg).to(device)
     model.load_state_dict(ckpt["student"])
     return model.eval(), cfg, ckpt

@@ -8,7 +8,14 @@ Every entry point (train.py, test.py, pool.py, retrieve.py, bench.py) reads its 
 
 The resolved config is printed at the start of training and stored in every checkpoint; test.py
 rebuilds the network from the checkpoint's copy instead of re-typing arguments.
+
+Bad input is refused early with a CersError (ConfigError here; DataError, CheckpointError, LLMError above)
+whose message names the file, the key and the value; cli() shows it as one line on stderr.
 """
+import difflib
+import math
+import re
+import sys
 import typing
 from dataclasses import dataclass
 
@@ -86,6 +93,26 @@ class Config:
     out_dir: str = ""                 # "" = runs/<exp>
 
 
+class CersError(Exception):
+    """Bad input or a refused operation (config, data, checkpoint, endpoint). The message names the file, the key
+    and the value and says what to do; entry points print it alone (cli). Any other exception is a bug."""
+
+
+class ConfigError(CersError, ValueError):
+    """A config value, command-line flag or device that cannot work."""
+
+
+def cli(main, argv=None):
+    """Run an entry point's main(argv) as a command: a CersError becomes one line on stderr and exit status 2;
+    any other exception is a bug and keeps its traceback."""
+    try:
+        main(argv)
+    except CersError as e:
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
+        return 2
+    return 0
+
+
 def la(n):
     return dict(num_labeled=n)
 
@@ -111,38 +138,119 @@ def parse_value(key, text, hint):
             return tuple(int(v) for v in text.split(",") if v.strip())
         return hint(text)
     except ValueError:
-        raise SystemExit(f"config: --{key}={text!r} is not a valid {hint.__name__}") from None
+        raise ConfigError(f"config: --{key}={text!r} is not a valid {hint.__name__}") from None
 
 
 def get_config(exp, overrides=()):
     """The named experiment's config with `--key=value` overrides applied (unknown keys are errors)."""
     if exp not in EXPERIMENTS:
-        raise SystemExit(f"config: unknown experiment {exp!r}; known: {', '.join(EXPERIMENTS)}")
+        raise ConfigError(f"config: unknown experiment {exp!r}; known: {', '.join(EXPERIMENTS)}")
     cfg = Config(exp=exp, **EXPERIMENTS[exp])
     hints = typing.get_type_hints(Config)
     for item in overrides:
         key, eq, text = item.removeprefix("--").partition("=")
         if not eq or key not in hints:
-            raise SystemExit(f"config: unknown or malformed override {item!r}; keys: {', '.join(hints)}")
+            close = difflib.get_close_matches(key, hints, 1)
+            raise ConfigError(f"config: unknown or malformed argument {item!r}"
+                              + (f" (did you mean --{close[0]}=...?)" if close else "")
+                              + f"; flags are never abbreviated, config keys are --key=value with a key of: "
+                              f"{', '.join(hints)}")
         setattr(cfg, key, parse_value(key, text, hints[key]))
     return check_config(cfg)
 
 
+finite = math.isfinite
+count = (lambda v: v >= 1, "a whole number >= 1")
+name = (lambda v: bool(v.strip()), "a non-empty text")
+flag = (lambda v: True, "true or false")                    # the type check is the whole check
+fraction = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+positive = (lambda v: finite(v) and v > 0, "a finite number > 0")
+non_negative = (lambda v: finite(v) and v >= 0, "a finite number >= 0")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+CHECKS = {  # key: (test, what the value must be); every key of Config, applied by check_config
+    "exp": name, "data_root": name, "out_dir": name, "phantom": flag,
+    "phantom_shape": (lambda v: len(v) == 3 and min(v) >= 16, "three sizes of at least 16 voxels, e.g. 64,64,48"),
+    "phantom_cases": (lambda v: len(v) == 2 and min(v) >= 1, "two counts >= 1 (train, test), e.g. 40,10"),
+    "num_labeled": (lambda v: v >= 1, "a count >= 1 (and at most the IDs in train.list)"),
+    "patch_size": (lambda v: len(v) == 3 and all(p > 0 and p % 16 == 0 for p in v),
+                   "three sides, each a positive multiple of 16, e.g. 112,112,80"),
+    "batch_size": count, "labeled_bs": count, "base_filters": count,
+    "n_classes": (lambda v: v == 2, "2 (background and target: the losses, CoTs and metrics are binary)"),
+    "dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "references": flag, "mcam_gates": flag,
+    "max_iters": count, "lr": positive, "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": non_negative, "ema_decay": fraction, "consistency": non_negative,
+    "rampup_iters": (lambda v: v >= 0, "a whole number >= 0"),
+    "sharpen_t": (lambda v: 0 < v <= 1, "a temperature in (0, 1] (1: no sharpening)"),
+    "teacher_noise": non_negative, "seed": (lambda v: 0 <= v < 2 ** 32, "a whole number in [0, 2^32)"),
+    "cot_backend": (lambda v: v in ("auto", "llm", "descriptors"), "one of auto, llm, descriptors"),
+    "llm_url": (lambda v: v == "" or v.startswith(("http://", "https://")), "empty or an http(s):// URL"),
+    "llm_model": (lambda v: v == v.strip(), "a model name without surrounding spaces"),
+    "llm_api_key_env": (lambda v: re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v), "an environment variable name"),
+    "llm_temperature": (lambda v: 0 <= v <= 2, "a number in [0, 2]"), "llm_timeout": positive,
+    "llm_workers": count, "llm_retries": (lambda v: v >= 0, "a whole number >= 0"),
+    "llm_vision": flag, "modality": name, "anatomy": name, "target": name,
+    "bank_stride": (lambda v: len(v) == 3 and min(v) >= 1, "three strides >= 1, or empty for patch_size"),
+    "k_coarse": count, "k_fine": (lambda v: v >= 1, "a count >= 1 (references per query)"), "tau": fraction,
+    "ref_temperature": positive, "retrieval": (lambda v: v in ("both", "morph", "cot", "random"),
+                                               "one of both, morph, cot, random"),
+    "max_refs_per_case": (lambda v: v >= 1, "a count >= 1 (references one case may give a query)"),
+    "ref_masks": flag, "transfer_weight": non_negative,
+    "bank_momentum": fraction, "ref_warmup": (lambda v: v >= 0, "a whole number >= 0"), "bank_refresh": count,
+    "stride_xy": count, "stride_z": count, "window_batch": count,
+    "device": (lambda v: DEVICE.fullmatch(v), "auto, cpu, cuda, cuda:N or mps"),
+    "amp": flag, "compile": flag, "log_every": count, "ckpt_every": count,
+}
+
+
+def show(value):
+    """A value as it is written on the command line (tuples as 2,3,4)."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def has_type(value, hint):
+    """True when value fits the field's type (an int where a float goes; a tuple of ints)."""
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) and (hint is not tuple or all(isinstance(v, int) for v in value))
+
+
 def check_config(cfg):
-    """Fill derived defaults and reject inconsistent settings early."""
+    """Fill derived defaults, then check every key against its meaning (CHECKS) and the keys against each other;
+    the first problem is a ConfigError naming the key, the value and what it must be."""
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.exp}"
     cfg.bank_stride = tuple(cfg.bank_stride) or tuple(cfg.patch_size)
-    if len(cfg.patch_size) != 3 or any(p % 16 for p in cfg.patch_size):
-        raise SystemExit(f"config: patch_size {cfg.patch_size}: three sides, each divisible by 16")
-    if not 0 < cfg.labeled_bs <= cfg.batch_size:
-        raise SystemExit(f"config: need 0 < labeled_bs ({cfg.labeled_bs}) <= batch_size ({cfg.batch_size})")
-    if cfg.retrieval not in ("both", "morph", "cot", "random"):
-        raise SystemExit(f"config: retrieval={cfg.retrieval!r}; one of both, morph, cot, random")
+    for key, hint in typing.get_type_hints(Config).items():
+        value = getattr(cfg, key)
+        test, what = CHECKS[key]
+        if not has_type(value, hint) or not test(value):
+            raise ConfigError(f"config: {key}={show(value)} must be {what}; set --{key}=...")
+    problems = [
+        (cfg.labeled_bs > cfg.batch_size, f"labeled_bs={cfg.labeled_bs} exceeds batch_size={cfg.batch_size}"),
+        (cfg.stride_xy > min(cfg.patch_size[:2]) or cfg.stride_z > cfg.patch_size[2],
+         f"stride_xy={cfg.stride_xy}, stride_z={cfg.stride_z} leave gaps between test windows of "
+         f"patch_size={show(cfg.patch_size)}; use strides no larger than the patch"),
+        (cfg.cot_backend == "llm" and not (cfg.llm_url and cfg.llm_model),
+         f"cot_backend=llm needs llm_url and llm_model (got {cfg.llm_url!r} and {cfg.llm_model!r})"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(f"config: {message}")
     return cfg
 
 
 def resolve_device(cfg):
+    """The torch device of cfg.device ("auto": cuda when available); a device this machine lacks is refused."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
+    if not DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"config: device={cfg.device} must be {CHECKS['device'][1]}")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"config: device={cfg.device} but PyTorch sees {torch.cuda.device_count()} CUDA "
+                          "device(s) here; use --device=cpu or --device=auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"config: device={cfg.device} but MPS is not available here; use --device=cpu")
+    return device

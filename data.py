@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 import phantom
-from config import CASE_DIR, CASE_FILE
+from config import CASE_DIR, CASE_FILE, CersError
 from distributed import World, main_first
 
 
-class DataError(ValueError):
+class DataError(CersError, ValueError):
     """Bad input data; the message names the file and the problem."""
 
 
@@ -33,16 +33,55 @@ def case_path(root, case_id):
 
 
 def read_list(path):
-    """The IDs of a train.list / test.list file, one a line, blank lines ignored."""
+    """The IDs of a train.list / test.list file, one a line; blank lines, a byte-order mark and Windows line ends
+    are tolerated, an ID that is not one plain folder name is refused (shown with its invisible characters)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as plain UTF-8") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f"{path}: list file is empty")
-    if len(set(ids)) != len(ids):
-        raise DataError(f"{path}: list has duplicate IDs")
+    for case_id in ids:
+        if not case_id.isprintable() or any(c.isspace() or c in "/\\" for c in case_id) or case_id in (".", ".."):
+            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no spaces, "
+                            "slashes or invisible characters)")
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise DataError(f"{path}: list has duplicate IDs: {', '.join(map(ascii, repeated[:5]))}")
     return ids
+
+
+def check_datasets(f, path):
+    """Refuse an open h5 file without datasets 'image' and 'label' of one 3D shape and numeric types."""
+    for key in ("image", "label"):
+        if not isinstance(f.get(key), h5py.Dataset):
+            raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(f.keys()) or 'nothing'})")
+    image, label = f["image"], f["label"]
+    if image.ndim != 3 or min(image.shape) < 1:
+        raise DataError(f"{path}: 'image' must be 3D (X, Y, Z) and not empty, got shape {image.shape}")
+    if image.shape != label.shape:
+        raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
+    for key, kinds in (("image", "iuf"), ("label", "biuf")):
+        if f[key].dtype.kind not in kinds:
+            raise DataError(f"{path}: '{key}' has dtype {f[key].dtype}; expected numbers (image float32, label uint8)")
+
+
+def check_case_file(path):
+    """Open one case file and check its datasets' names, shapes and types without reading the voxels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: case file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            check_datasets(f, path)
+    except DataError:
+        raise
+    except Exception as e:  # h5py raises OSError / KeyError / RuntimeError for damaged files
+        raise DataError(f"{path}: unreadable h5 file ({type(e).__name__}: {e})") from e
 
 
 def read_case(path):
@@ -52,19 +91,13 @@ def read_case(path):
         raise DataError(f"{path}: case file not found")
     try:
         with h5py.File(path, "r") as f:
-            for key in ("image", "label"):
-                if key not in f:
-                    raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(f.keys()) or 'nothing'})")
+            check_datasets(f, path)
             image = f["image"][()]
             label = f["label"][()]
     except DataError:
         raise
     except Exception as e:  # h5py raises OSError / KeyError / RuntimeError for damaged files
         raise DataError(f"{path}: unreadable h5 file ({type(e).__name__}: {e})") from e
-    if image.ndim != 3:
-        raise DataError(f"{path}: 'image' must be 3D (X, Y, Z), got shape {image.shape}")
-    if image.shape != label.shape:
-        raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
     values = np.unique(label)
     if not np.isin(values, (0, 1)).all():
         raise DataError(f"{path}: label values must be in {{0, 1}}, found {values[:10].tolist()}")
@@ -87,11 +120,16 @@ def load_split(root, num_labeled):
     if not root.is_dir():
         raise DataError(f"{root}: data root not found (for LA, put the UA-MT data/LA folder here)")
     train, test = read_list(root / "train.list"), read_list(root / "test.list")
+    leaked = sorted(set(test) & set(train), key=test.index)
+    if leaked:
+        raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. {leaked[0]!r}: a test case "
+                        "must never be trained on; remove it from one of the lists")
     if not 1 <= num_labeled <= len(train):
         raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} but the list has {len(train)} IDs")
     for case_id in train + test:
         if not case_path(root, case_id).is_file():
             raise DataError(f"{case_path(root, case_id)}: listed ID '{case_id}' has no h5 file")
+        check_case_file(case_path(root, case_id))
     return Split(root, train[:num_labeled], train[num_labeled:], test)
 
 

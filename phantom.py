@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from config import CASE_DIR, CASE_FILE
+from config import CASE_DIR, CASE_FILE, CersError, ConfigError, cli
 
 PARAMS_FILE = "phantom.json"
 VERSION = 2  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
@@ -43,6 +44,10 @@ VEIN_LABEL = 4.0    # nominal voxels: veins are labeled this far beyond the atri
 THIN = 2.5          # nominal voxels: walls up to this thick (atria, vessels) show gaps; the LV's do not
 INSET = 0.7         # nominal voxels: the label edge lies this far inside the blood, as in the challenge masks
 LA_RADII = (17.0, 11.0, 13.0)  # nominal LA body semi-axes (x left, y posterior, z up): about 7 % of the crop
+
+
+class NotAPhantom(CersError, FileExistsError):
+    """The phantom's folder holds other files, which are never replaced."""
 
 
 def smooth_field(rng, grid, scale, n_modes=6):
@@ -234,7 +239,7 @@ def make_case(rng, shape):
 def phantom_params(n_train, n_test, shape, seed):
     """The parameters that define a phantom dataset, as stored in phantom.json (checked here)."""
     if n_train < 1 or n_test < 1 or len(shape) != 3 or min(shape) < 16:
-        raise ValueError(f"phantom: need n_train, n_test >= 1 and a 3D shape of at least 16 voxels a side, "
+        raise ConfigError(f"phantom: need n_train, n_test >= 1 and a 3D shape of at least 16 voxels a side, "
                          f"got n_train={n_train}, n_test={n_test}, shape={tuple(shape)}")
     return {"n_train": int(n_train), "n_test": int(n_test), "shape": [int(v) for v in shape], "seed": int(seed),
             "version": VERSION}
@@ -275,7 +280,8 @@ def write_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
     write never leaves a half dataset that looks complete."""
     root, params = Path(root), phantom_params(n_train, n_test, shape, seed)
     if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).exists():
-        raise FileExistsError(f"{root}: not empty and not a phantom dataset; refusing to replace it")
+        raise NotAPhantom(f"{root}: not empty and not a phantom dataset; refusing to replace it "
+                          "(give an empty or new folder, or --phantom=false to use the data there)")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = (root.with_name(f".{root.name}.{what}-{os.getpid()}") for what in ("partial", "old"))
     try:
@@ -363,7 +369,7 @@ def preview(root, png, n=4):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset (DESIGN.md §4).")
+    p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset (DESIGN.md §4).", allow_abbrev=False)
     p.add_argument("--out", default="data/phantom", help="dataset root")
     p.add_argument("--n-train", type=int, default=40)
     p.add_argument("--n-test", type=int, default=10)
@@ -391,4 +397,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

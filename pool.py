@@ -12,7 +12,9 @@ Two back ends write the texts:
                  through the thresholds in WORDING; the default when no endpoint is configured
 
 Texts are cached in an append-only JSONL file, one record per (case, kind, back end, model, prompt
-hash): a re-run asks nothing twice, and texts of different reasoners or prompts never mix.
+hash, content hash): a re-run asks nothing twice, texts of different reasoners or prompts never mix, and
+a case whose image (or, for a mask CoT, mask) changed is described again. Records written before content
+hashes existed are not reused: nothing says what they described.
 
     python pool.py --exp LA_8                                     # offline descriptors back end
     python pool.py --exp LA_8 --backend llm --url http://localhost:8000 --model NAME [--vision]
@@ -26,6 +28,7 @@ import json
 import os
 import random
 import re
+import sys
 import threading
 import time
 import warnings
@@ -40,7 +43,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import data
-from config import get_config
+from config import CersError, ConfigError, cli, get_config
 from cot import format_cot, parse_cot
 from morphology import image_stats
 
@@ -172,7 +175,7 @@ def montage_png(image, mask=None):
     return buf.getvalue()
 
 
-class LLMError(RuntimeError):
+class LLMError(CersError, RuntimeError):
     """The endpoint refused, or gave no valid CoT within the retries; never holds the API key."""
 
 
@@ -253,15 +256,27 @@ class LLMClient:
 # ----------------------------------------------------------------------------- the cache
 
 
+def content_hash(image, mask=None):
+    """Names what a text describes: the image's voxels (and the mask's, for a mask CoT), shape included."""
+    digest = hashlib.sha256()
+    for array, dtype in ((image, np.float32), (mask, np.uint8)):
+        if array is not None:
+            array = np.ascontiguousarray(array, dtype)
+            digest.update(repr(array.shape).encode() + array.data)
+    return digest.hexdigest()[:16]
+
+
 class CotCache:
-    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash); the newest wins.
+    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash, content_hash); the
+    newest wins.
 
     Each record is one line written with flush and fsync, so a crash loses at most the line being
-    written; a damaged line is skipped with a warning and the next record starts on a fresh line."""
-    KEY = ("case_id", "kind", "backend", "model", "prompt_hash")
+    written; a damaged line is skipped with a warning and the next record starts on a fresh line.
+    Records without a content hash (from before it was part of the key) are counted in `legacy`, never reused."""
+    KEY = ("case_id", "kind", "backend", "model", "prompt_hash", "content_hash")
 
     def __init__(self, path):
-        self.path, self.records = Path(path), {}
+        self.path, self.records, self.legacy = Path(path), {}, []
         raw = self.path.read_bytes() if self.path.exists() else b""
         self.torn = bool(raw) and not raw.endswith(b"\n")
         for number, line in enumerate(raw.split(b"\n"), 1):
@@ -269,19 +284,22 @@ class CotCache:
                 continue
             try:
                 record = json.loads(line)
-                key = tuple(record[k] for k in self.KEY)
+                key = tuple(record[k] for k in self.KEY[:-1]) + (record.get("content_hash"),)
                 if not isinstance(record["text"], str):
                     raise TypeError("text is not a string")
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 warnings.warn(f"{self.path}:{number}: skipping a damaged cache record (an interrupted write?)")
                 continue
-            self.records[key] = record
+            if key[-1] is None:
+                self.legacy.append(record)
+            else:
+                self.records[key] = record
 
     def get(self, *key):
         return self.records[key]["text"] if key in self.records else None
 
-    def add(self, case_id, kind, backend, model, prompt_hash, text):
-        key = (case_id, kind, backend, model, prompt_hash)
+    def add(self, case_id, kind, backend, model, prompt_hash, content_hash, text):
+        key = (case_id, kind, backend, model, prompt_hash, content_hash)
         record = {**dict(zip(self.KEY, key)), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "text": text}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,6 +324,7 @@ class Job:
         if self.kind not in KINDS or (self.kind == "mask") != (self.mask is not None):
             raise ValueError(f"{self.case_id}: a CoT job is ('mask', with a mask) or ('image', which takes no mask), "
                              f"got {self.kind!r} {'with' if self.mask is not None else 'without'} a mask")
+        self.content_hash = content_hash(self.image, self.mask)
 
 
 @dataclass
@@ -340,7 +359,7 @@ def build_cots(jobs, cache, backend, context, client=None, vision=False, workers
 
     texts, todo = CotTexts(), []
     for job in jobs:
-        text = cache.get(job.case_id, job.kind, backend, model, hashes[job.kind])
+        text = cache.get(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash)
         if text is None:
             todo.append(job)
         else:
@@ -356,7 +375,7 @@ def build_cots(jobs, cache, backend, context, client=None, vision=False, workers
             except LLMError as e:
                 texts.failed[(job.case_id, job.kind)] = str(e)
                 continue
-            cache.add(job.case_id, job.kind, backend, model, hashes[job.kind], text)
+            cache.add(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash, text)
             getattr(texts, job.kind)[job.case_id], texts.new = text, texts.new + 1
     finally:
         executor.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, drop what has not started
@@ -372,9 +391,10 @@ def resolve_backend(cfg):
             print("pool: no LLM endpoint configured (llm_url is empty): "
                   "CoT texts come from the offline descriptors back end")
     if backend not in ("llm", "descriptors"):
-        raise ValueError(f"cot_backend must be auto, llm or descriptors, got {backend!r}")
+        raise ConfigError(f"config: cot_backend must be auto, llm or descriptors, got {backend!r}")
     if backend == "llm" and not (cfg.llm_url and cfg.llm_model):
-        raise ValueError(f"cot_backend=llm needs llm_url and llm_model (got {cfg.llm_url!r} and {cfg.llm_model!r})")
+        raise ConfigError(f"config: cot_backend=llm needs llm_url and llm_model "
+                          f"(got {cfg.llm_url!r} and {cfg.llm_model!r})")
     return backend
 
 
@@ -396,8 +416,11 @@ def build_pool(cfg, split, volumes, progress=True):
     jobs += [Job(i, "image", volumes[i][0]) for i in [*split.labeled, *split.unlabeled, *split.test]]
     path = Path(cfg.data_root) / "cot_cache.jsonl"
     context = {"modality": cfg.modality, "anatomy": cfg.anatomy, "target": cfg.target}
-    texts = build_cots(jobs, CotCache(path), backend, context, client, cfg.llm_vision, cfg.llm_workers,
-                       progress=progress)
+    cache = CotCache(path)
+    if cache.legacy:
+        print(f"pool: {path} holds {len(cache.legacy)} records from before content hashes; they are not reused "
+              "(nothing says which file they described), so their cases are described again")
+    texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers, progress=progress)
     print(f"pool: {texts.cached} cached, {texts.new} new, {len(texts.failed)} failed "
           f"({backend}, model {client.model if client else WRITER}, cache {path})")
     if texts.failed:
@@ -409,7 +432,8 @@ def build_pool(cfg, split, volumes, progress=True):
 
 def main(argv=None):
     """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID] [--key=value ...]"""
-    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment (DESIGN.md §1.1).")
+    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment (DESIGN.md §1.1).",
+                                     allow_abbrev=False)
     parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
     flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model", "temperature": "llm_temperature",
              "timeout": "llm_timeout", "workers": "llm_workers"}  # short flag -> config key
@@ -423,18 +447,16 @@ def main(argv=None):
     cfg = get_config(args.exp, overrides + ["--llm_vision=True"] * args.vision + rest)
     if args.show:
         cache = CotCache(Path(cfg.data_root) / "cot_cache.jsonl")
-        records = sorted((r for r in cache.records.values() if r["case_id"] == args.show), key=lambda r: r["created"])
+        records = sorted((r for r in [*cache.records.values(), *cache.legacy] if r["case_id"] == args.show),
+                         key=lambda r: str(r.get("created")))
         for r in records:
-            print(f"--- {r['kind']} CoT | {r['backend']} | {r['model']} | prompt {r['prompt_hash']} | {r['created']}\n"
-                  f"{r['text']}")
+            print(f"--- {r['kind']} CoT | {r['backend']} | {r['model']} | prompt {r['prompt_hash']} | "
+                  f"content {r.get('content_hash', 'unknown (not reused)')} | {r.get('created')}\n{r['text']}")
         return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
     split, volumes = data.prepare_data(cfg)  # writes the phantom first when the experiment asks for it
     volumes.update(data.load_volumes(cfg.data_root, split.test))
-    try:
-        build_pool(cfg, split, volumes)
-    except LLMError as e:
-        raise SystemExit(f"pool: {e}")
+    build_pool(cfg, split, volumes)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

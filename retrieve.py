@@ -20,6 +20,7 @@ is the whole query as training and testing run it.
 """
 import argparse
 import dataclasses
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,8 @@ import torch
 import data
 import pool
 from bank import ReferenceBank, crop, grid_boxes
-from checkpoint import load_checkpoint
-from config import get_config
+from checkpoint import CheckpointError, load_checkpoint
+from config import ConfigError, cli, get_config
 from morphology import morphology_batch, morphology_torch
 
 MODES = ("both", "morph", "cot", "random")  # ablations: both stages, morphology only, CoT only, random
@@ -306,7 +307,7 @@ def query_masks(cfg, image, label, boxes, labeled):
         with torch.no_grad():
             return (model.predict_b(x).argmax(1) == 1).numpy()
     if not labeled:
-        raise SystemExit(f"no checkpoint at {ckpt}: train first, or explain a labeled case (its mask is known)")
+        raise CheckpointError(f"no checkpoint at {ckpt}: train first, or explain a labeled case (its mask is known)")
     print(f"no checkpoint at {ckpt}: the labeled case's ground truth stands in for decoder B's prediction")
     return np.stack([crop(label, b) > 0 for b in boxes])
 
@@ -335,7 +336,7 @@ def filter_report(bank, image_texts, cfg, taus=(0.5, 0.6, 0.7, 0.8, 0.9)):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Explain reference selection for one case, or report how "
-                                                 "much the CoT filter acts.")
+                                                 "much the CoT filter acts.", allow_abbrev=False)
     parser.add_argument("--exp", default="LA_8", help="named experiment (config.py)")
     parser.add_argument("--explain", metavar="ID", help="case ID whose patches are the queries")
     parser.add_argument("--filter-report", action="store_true",
@@ -347,7 +348,7 @@ def main(argv=None):
     data.ensure_phantom(cfg)
     split = data.load_split(cfg.data_root, cfg.num_labeled)
     if args.explain and args.explain not in split.labeled + split.unlabeled + split.test:
-        raise SystemExit(f"case {args.explain!r} is in neither train.list nor test.list of {cfg.data_root}")
+        raise ConfigError(f"--explain: case {args.explain!r} is in neither train.list nor test.list of {cfg.data_root}")
     volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test)
     texts = pool.build_pool(cfg, split, volumes)
     bank = ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
@@ -363,4 +364,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli(main))

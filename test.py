@@ -29,8 +29,8 @@ from tqdm import tqdm
 import data
 import retrieve
 from bank import ReferenceBank, crop
-from checkpoint import load_checkpoint
-from config import Config, resolve_device
+from checkpoint import CheckpointError, load_checkpoint
+from config import Config, cli, resolve_device
 from morphology import morphology_batch
 
 # ----------------------------------------------------------------------------- metrics
@@ -139,7 +139,8 @@ def load_references(cfg, ckpt, device):
     bank.load_state_dict(ckpt["bank"])
     bank.index_queries(ckpt["pool"]["image"])
     if bank.features is None:
-        raise SystemExit("checkpoint: the reference bank has no features (stopped before the reference warm-up)")
+        raise CheckpointError("checkpoint: the reference bank has no features (stopped before the reference warm-up); "
+                              "train past ref_warmup first")
     return bank, ckpt["pool"]["image"]
 
 
@@ -282,7 +283,8 @@ def plot_cases(cases, png):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--exp", default="LA_8", help="experiment whose last checkpoint is tested")
     parser.add_argument("--ckpt", help="checkpoint path (default runs/<exp>/ckpt_last.pt)")
     parser.add_argument("--lcc", action="store_true", help="keep the largest connected component")
@@ -293,9 +295,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ckpt = Path(args.ckpt or Path("runs") / args.exp / "ckpt_last.pt")
     if not ckpt.is_file():
-        raise SystemExit(f"{ckpt}: no checkpoint (train first: python train.py --exp {args.exp})")
-    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, device=args.device, sensitivity=not args.no_sensitivity)
+        raise CheckpointError(f"{ckpt}: no checkpoint (train first: python train.py --exp {args.exp})")
+    device = resolve_device(Config(device=args.device)) if args.device else None   # refuses an unknown device
+    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, device=device, sensitivity=not args.no_sensitivity)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

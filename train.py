@@ -4,6 +4,7 @@
     python train.py --exp PHANTOM_8                 # offline default: synthetic data, CPU-sized
     python train.py --exp LA_8 --max_iters=2000     # any config key, checked by type
     python train.py --exp LA_8 --resume             # continue from runs/LA_8/ckpt_last.pt
+    python train.py --exp LA_8 --force              # replace a run with another config in runs/LA_8
 
 Labeled patches: Dice + cross-entropy on both decoders. Unlabeled patches: both student decoders
 follow the teacher's sharpened prediction, and each other's (cross-decoder consistency), with a
@@ -33,8 +34,9 @@ import data
 import pool
 import test
 from bank import ReferenceBank
-from checkpoint import rng_state, save_checkpoint, seed_everything, set_rng_state
-from config import EXPERIMENTS, Config, get_config
+from checkpoint import (CheckpointError, check_resumable, config_changes, read_checkpoint, rng_state,
+                        save_checkpoint, seed_everything, set_rng_state)
+from config import EXPERIMENTS, CersError, Config, ConfigError, cli, get_config, show
 from distributed import World, average_buffers, check_consistent, gather, init_world, main_first, main_process
 from model import build_model
 from retrieve import decoder_a_probabilities, query_references
@@ -232,22 +234,115 @@ def reference_delta(run, image, ids, it):
     return float((p["retrieved"] - p["random"]).abs().mean())
 
 
+# ----------------------------------------------------------------------------- checks before a run writes anything
+
+class DivergedError(CersError):
+    """The losses stopped being finite; the message names the iteration and the last good checkpoint."""
+
+
+def check_run_folder(cfg, world, resume=False, force=False, stop_at=None):
+    """Before anything is read or written: for --resume, the checkpoint it continues (readable, same number of
+    processes, config compared key by key, iterations left); for a new run, a refusal to replace a run with
+    another config in cfg.out_dir unless force. Returns the checkpoint dict to resume, or None."""
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "ckpt_last.pt"
+    ckpt = None
+    if resume:
+        if not ckpt_path.exists():
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} (train without --resume first)")
+        ckpt = read_checkpoint(ckpt_path)                  # RNG states must stay on the CPU
+        if len(ckpt["ranks"]) != world.size:
+            raise CheckpointError(f"--resume: {ckpt_path} was written by {len(ckpt['ranks'])} process(es); "
+                                  f"resume it with the same number, not {world.size}")
+        check_resumable(ckpt, cfg, ckpt_path)
+    elif not force:
+        check_not_replacing(cfg, out)
+    if stop_at is not None and stop_at <= (ckpt["iter"] if ckpt else 0):
+        raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {ckpt['iter'] if ckpt else 0}")
+    return ckpt
+
+
+def check_not_replacing(cfg, out):
+    """Refuse a new run in a folder that holds a run with another config (its checkpoint, else its config.json)."""
+    ckpt_path, record = out / "ckpt_last.pt", out / "config.json"
+    what = ckpt_path if ckpt_path.exists() else record if record.exists() else None
+    if what is None:
+        return
+    advice = "train elsewhere with --out_dir=..., continue it with --resume, or replace it with --force"
+    try:
+        saved = read_checkpoint(what)["config"] if what == ckpt_path else json.loads(record.read_text())
+        changes = [c for c in config_changes(saved, cfg, what) if c[0] != "out_dir"]
+    except (CersError, ValueError, TypeError) as e:
+        raise ConfigError(f"{out} holds a run whose config cannot be read ({e}); {advice}") from None
+    if changes:
+        listed = ", ".join(f"{k}={show(a)} there, {show(b)} here" for k, a, b in changes[:4])
+        raise ConfigError(f"{out} holds a run with another config ({listed}"
+                          f"{', ...' if len(changes) > 4 else ''}; from {what.name}); {advice}")
+
+
+def check_same_inputs(run, split, ckpt, path):
+    """Refuse to resume when the lists or the CoT texts differ from the checkpoint's (a changed case file gets
+    new texts: the cache is keyed by the file's content)."""
+    lists = {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test}
+    for name, ids in (ckpt.get("split") or {}).items():
+        if ids != lists[name]:
+            raise CheckpointError(f"--resume: the {name} cases of {split.root} differ from those {path} was trained "
+                                  f"on ({len(ids)} then, {len(lists[name])} now); restore the lists or start a new run")
+    saved = ckpt.get("pool") or {}
+    for kind in saved if run.cots else ():
+        now = getattr(run.cots, kind)
+        changed = [i for i, text in saved[kind].items() if now.get(i) != text]
+        if changed:
+            raise CheckpointError(f"--resume: the {kind} CoT of case {changed[0]!r} differs from the one {path} was "
+                                  f"trained with ({len(changed)} case(s): a changed case file, cache, prompt or "
+                                  "reasoner); restore it or start a new run")
+
+
+def check_testable(cfg):
+    """Refuse, before training, a CERS run that test.py could not test: no bank features before ref_warmup."""
+    if cfg.references and cfg.ref_warmup >= cfg.max_iters:
+        raise ConfigError(f"config: ref_warmup={cfg.ref_warmup} >= max_iters={cfg.max_iters}: the references would "
+                          "never be used and the checkpoint could not be tested; lower --ref_warmup, set "
+                          "--references=false, or add --no-test")
+
+
+def read_losses(losses, world):
+    """The step's losses as floats, averaged over the ranks: a host-device synchronisation, so called only at
+    log and checkpoint iterations."""
+    values = torch.stack(list(losses.values()))
+    if world.size > 1:
+        dist.all_reduce(values)
+        values /= world.size
+    return values.tolist()
+
+
+def check_finite(values, done, saved, ckpt_path):
+    """Stop the run when a loss is NaN or infinite: the weights are lost from there on, the checkpoint is not."""
+    if not all(math.isfinite(v) for v in values):
+        last = f"{ckpt_path} (iteration {saved})" if saved else "none was written"
+        raise DivergedError(f"iteration {done}: the loss is not finite (loss, sup, sup_a, cons = "
+                            f"{', '.join(f'{v:.4g}' for v in values)}); the run stops. Last good checkpoint: {last}. "
+                            "Lower --lr or check the data, then start again or --resume")
+
+
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, resume=False, progress=True, stop_at=None):
+def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     """Train one experiment; returns the path of the last checkpoint.
 
     stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run).
-    Under torchrun every rank trains on its own batches; rank 0 alone prints, logs and checkpoints."""
+    force: replace a run with another config in cfg.out_dir. Everything is checked (config, checkpoint, data,
+    test files) before the run folder is written. Under torchrun every rank trains on its own batches; rank 0
+    alone prints, logs and checkpoints."""
     world, device = init_world(cfg)
     out = Path(cfg.out_dir)
     progress = progress and world.main
+    ckpt = check_run_folder(cfg, world, resume, force, stop_at)
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"config ({device}, {world.size} process(es)):")
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     split, volumes = data.prepare_data(cfg, world)
+    data.load_volumes(cfg.data_root, [i for i in split.test if i not in volumes], progress=False)  # now, not after
     run = setup(cfg, split, volumes, device, world, progress=progress)
     if world.main:
         print(f"precision: {'bf16 autocast + channels-last 3D' if run.bf16 else 'fp32'}"
@@ -256,12 +351,7 @@ def train(cfg, resume=False, progress=True, stop_at=None):
 
     start, ckpt_path, log_path = 0, out / "ckpt_last.pt", out / "log.csv"
     if resume:
-        if not ckpt_path.exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-        if len(ckpt["ranks"]) != world.size:
-            raise SystemExit(f"--resume: {ckpt_path} was written by {len(ckpt['ranks'])} process(es); "
-                             f"resume it with the same number, not {world.size}")
+        check_same_inputs(run, split, ckpt, ckpt_path)
         run.student.load_state_dict(ckpt["student"])
         run.teacher.load_state_dict(ckpt["teacher"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -274,8 +364,14 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         start = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     columns = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "seconds"]
-    if world.main and not (resume and log_path.exists()):
-        log_path.write_text(",".join(columns) + "\n")
+    if world.main:                                     # the run folder is written only now, after every check
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        if force and not resume:
+            ckpt_path.unlink(missing_ok=True)          # the replaced run's checkpoint would not match config.json
+        if not (resume and log_path.exists()):
+            log_path.write_text(",".join(columns) + "\n")
+    saved = start if resume else None                  # the iteration of the last checkpoint written
 
     run.student.train()
     run.teacher.eval()                                 # the teacher uses its EMA statistics, no dropout
@@ -286,14 +382,14 @@ def train(cfg, resume=False, progress=True, stop_at=None):
         image, label, ids = run.sampler.next()         # (B, 1, X, Y, Z), (Lb, X, Y, Z): labeled first
         losses = train_step(run, it, image, label, ids)
 
-        # log (the only host-device synchronisation; the losses are averaged over the ranks) and checkpoint
+        # log and checkpoint: the only host-device synchronisations; no checkpoint is written from a run whose
+        # loss is no longer finite
         done = it + 1
-        if done % cfg.log_every == 0 or done == cfg.max_iters:
-            values = torch.stack(list(losses.values()))
-            if world.size > 1:
-                dist.all_reduce(values)
-                values /= world.size
-            loss, sup, sup_a, cons = values.tolist()
+        log_now = done % cfg.log_every == 0 or done == cfg.max_iters
+        save_now = done % cfg.ckpt_every == 0 or done == end
+        values = read_losses(losses, world) if log_now or save_now else None
+        if log_now:
+            loss, sup, sup_a, cons = values
             delta = float("nan")
             if world.main and run.bank is not None and it >= cfg.ref_warmup:
                 delta = reference_delta(run, image, ids, it)
@@ -302,7 +398,9 @@ def train(cfg, resume=False, progress=True, stop_at=None):
                 with open(log_path, "a", newline="") as f:
                     csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
             bar.set_postfix(loss=f"{loss:.3f}", sup=f"{sup:.3f}", cons=f"{cons:.4f}", lr=f"{row[1]:.4f}")
-        if done % cfg.ckpt_every == 0 or done == end:
+        if values is not None:
+            check_finite(values, done, saved, ckpt_path)
+        if save_now:
             check_consistent(world, {**{f"teacher.{k}": v for k, v in run.teacher.state_dict().items()},
                                      **({"bank.features": run.bank.features}
                                         if run.bank is not None and run.bank.features is not None else {})})
@@ -313,7 +411,9 @@ def train(cfg, resume=False, progress=True, stop_at=None):
                                 student=run.student.state_dict(), teacher=run.teacher.state_dict(),
                                 optimizer=run.optimizer.state_dict(), ranks=ranks,
                                 bank=run.bank.state_dict() if run.bank is not None else None,
-                                pool={"mask": run.cots.mask, "image": run.cots.image} if run.cots else None)
+                                pool={"mask": run.cots.mask, "image": run.cots.image} if run.cots else None,
+                                split={"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test})
+            saved = done
     bar.close()
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
@@ -363,19 +463,21 @@ TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD"
          ("dice_a_none", "A, no refs %", 100), ("ref_delta", "mean abs dp(A)", 1), ("run_seconds", "minutes", 1 / 60)]
 
 
-def run_ablation(cfg, names, seeds):
+def run_ablation(cfg, names, seeds, force=False):
     """Train and test each ablation of one experiment with each seed, into <out_dir>/ablation/<name>/seed<S>;
-    then print and save the table of every run found there (so later runs add seeds or rows to it)."""
-    for name in names:
-        for seed in seeds:
-            variant = dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed{seed}",
-                                          **ABLATIONS[name])
-            t = time.time()
-            ckpt = train(variant)
-            if main_process():                         # under torchrun, rank 0 tests
-                summary = test.evaluate(ckpt)
-                summary["run_seconds"] = time.time() - t
-                Path(variant.out_dir, "test", "summary.json").write_text(json.dumps(summary, indent=1))
+    then print and save the table of every run found there (so later runs add seeds or rows to it). Every
+    run folder is checked before the first one trains."""
+    variants = [dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed{seed}",
+                                    **ABLATIONS[name]) for name in names for seed in seeds]
+    for variant in variants:
+        check_run_folder(variant, World(), force=force)
+    for variant in variants:
+        t = time.time()
+        ckpt = train(variant, force=force)
+        if main_process():                             # under torchrun, rank 0 tests
+            summary = test.evaluate(ckpt)
+            summary["run_seconds"] = time.time() - t
+            Path(variant.out_dir, "test", "summary.json").write_text(json.dumps(summary, indent=1))
     if main_process():
         table = ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
         print("\n" + table)
@@ -401,27 +503,40 @@ def ablation_table(folder, title):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--resume", action="store_true", help="continue from the experiment's last checkpoint")
+    parser.add_argument("--force", action="store_true", help="replace a run with another config in the run folder")
     parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop after this iteration (resume later with --resume)")
     parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ABLATIONS)}: train and test each")
     parser.add_argument("--seeds", type=int, default=1, help="with --ablation: seeds seed, seed + 1, ... per variant")
     args, overrides = parser.parse_known_args(argv)
     cfg = get_config(args.exp, overrides)
+    if args.resume and args.force:
+        raise ConfigError("--resume continues the run in the folder, --force replaces it: give one of them")
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ConfigError(f"--stop-at={args.stop_at}: give an iteration >= 1")
     if args.ablation:
         names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
         unknown = [n for n in names if n not in ABLATIONS]
         if unknown:
-            raise SystemExit(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
-        run_ablation(cfg, names, [cfg.seed + i for i in range(args.seeds)])
+            raise ConfigError(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
+        if args.resume or args.stop_at is not None:
+            raise ConfigError("--ablation trains each variant from the start: --resume and --stop-at do not apply")
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds={args.seeds}: give a count >= 1")
+        check_testable(cfg)
+        run_ablation(cfg, names, [cfg.seed + i for i in range(args.seeds)], args.force)
         return
-    ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if not args.no_test and args.stop_at is None:
+        check_testable(cfg)
+    ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at, force=args.force)
     if not args.no_test and args.stop_at is None:
         if main_process():                             # under torchrun, rank 0 tests
             test.evaluate(ckpt)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(main))

@@ -7,7 +7,8 @@ import torch
 
 import test as T
 import train
-from config import get_config
+from checkpoint import CheckpointError
+from config import ConfigError, get_config
 
 
 # a seconds-long CERS run on the tiny data: references from iteration 2, bank refreshed every 2
@@ -29,9 +30,9 @@ def test_overrides_are_checked_by_type():
     assert (cfg.max_iters, cfg.lr, cfg.patch_size, cfg.amp) == (10, 0.5, (96, 96, 64), False)
     assert cfg.num_labeled == 8 and cfg.out_dir == "runs/LA_8" and cfg.bank_stride == (96, 96, 64)
     for bad in (["--max_iters=ten"], ["--no_such_key=1"], ["--amp=maybe"], ["--patch_size=100,96,64"], ["max_iters"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(ConfigError):
             get_config("LA_8", bad)
-    with pytest.raises(SystemExit, match="unknown experiment"):
+    with pytest.raises(ConfigError, match="unknown experiment"):
         get_config("LA_9")
 
 
@@ -143,7 +144,7 @@ def test_retrieve_explain_queries_with_the_checkpoint(tiny_la, tmp_path, capsys)
     out = tmp_path / "run"
     args = ["--exp", "PHANTOM_8", f"--data_root={tiny_la}", "--phantom=false", "--num_labeled=2",
             "--patch_size=32,32,16", f"--out_dir={out}", "--k_coarse=4", "--k_fine=2", "--explain", "CASE06"]
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
         retrieve.main(args)                                           # a test mask is never read instead
     train.train(tiny_cfg(tiny_la, out), progress=False)
     retrieve.main(args)
