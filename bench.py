@@ -75,7 +75,8 @@ def bench_data(cfg, n_unlabeled):
         source = f"SYNTHETIC phantom volumes {shape} (no data at the experiment's data_root)"
     split = data.load_split(cfg.data_root, cfg.num_labeled)
     split.unlabeled, split.test = split.unlabeled[:n_unlabeled], split.test[:1]
-    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, progress=False)
+    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, progress=False,
+                                 factor=cfg.downsample)
     return split, volumes, source
 
 

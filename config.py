@@ -34,6 +34,7 @@ class Config:
     phantom_shape: tuple = (96, 96, 64)  # phantom volume size (X, Y, Z)
     phantom_cases: tuple = (40, 10)   # phantom (train, test) case counts
     num_labeled: int = 8              # the first N IDs of train.list are labeled (LA_N)
+    downsample: int = 1               # read volumes on a grid this many times coarser (block means; LA_8_LOW)
     patch_size: tuple = (112, 112, 80)  # training patch and sliding window, each side divisible by 16
     batch_size: int = 4               # patches per step: labeled_bs labeled + the rest unlabeled
     labeled_bs: int = 2
@@ -124,6 +125,11 @@ EXPERIMENTS = {
                       patch_size=(48, 48, 32), base_filters=8, max_iters=250, rampup_iters=100,
                       stride_xy=16, stride_z=8, log_every=10, ckpt_every=50, bank_refresh=25,
                       lr=0.03),
+    # real LA on 2 CPU cores: the LA_8 split read on a 3x coarser grid (1.9 mm voxels, volumes about
+    # 49-81 x 44-53 x 29), PHANTOM_8's network and schedule; scored on that grid and on the original one
+    "LA_8_LOW": dict(num_labeled=8, downsample=3, patch_size=(48, 48, 32), base_filters=8, max_iters=250,
+                     rampup_iters=100, stride_xy=16, stride_z=8, log_every=10, ckpt_every=50, bank_refresh=25,
+                     lr=0.03),
 }
 
 
@@ -171,7 +177,7 @@ CHECKS = {  # key: (test, what the value must be); every key of Config, applied 
     "exp": name, "data_root": name, "out_dir": name, "phantom": flag,
     "phantom_shape": (lambda v: len(v) == 3 and min(v) >= 16, "three sizes of at least 16 voxels, e.g. 64,64,48"),
     "phantom_cases": (lambda v: len(v) == 2 and min(v) >= 1, "two counts >= 1 (train, test), e.g. 40,10"),
-    "num_labeled": (lambda v: v >= 1, "a count >= 1 (and at most the IDs in train.list)"),
+    "downsample": count, "num_labeled": (lambda v: v >= 1, "a count >= 1 (and at most the IDs in train.list)"),
     "patch_size": (lambda v: len(v) == 3 and all(p > 0 and p % 16 == 0 for p in v),
                    "three sides, each a positive multiple of 16, e.g. 112,112,80"),
     "batch_size": count, "labeled_bs": count, "base_filters": count,

@@ -133,9 +133,42 @@ def load_split(root, num_labeled):
     return Split(root, train[:num_labeled], train[num_labeled:], test)
 
 
-def load_volumes(root, ids, progress=True):
-    """Read every case once: {ID: (image, label)} as numpy arrays (a few seconds for all 100 LA cases)."""
-    return {i: read_case(case_path(root, i)) for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+def load_volumes(root, ids, progress=True, factor=1):
+    """Read every case once: {ID: (image, label)} as numpy arrays (a few seconds for all 100 LA cases), on a
+    grid `factor` times coarser than the files' when factor > 1 (see downsample)."""
+    return {i: downsample(*read_case(case_path(root, i)), factor)
+            for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+
+
+# ----------------------------------------------------------------------------- a coarser grid (LA_8_LOW)
+
+def downsample(image, label, factor):
+    """(image, label) (X, Y, Z) on a grid `factor` times coarser: the image by block means, the label by majority
+    vote (a block is foreground when at least half of its voxels are). The far edge of an axis that does not
+    fill a whole block (at most factor - 1 voxels) is dropped; upsample_probabilities puts it back as
+    background. factor 1 returns the arrays unchanged."""
+    if factor == 1:
+        return image, label
+    if min(image.shape) < factor:
+        raise DataError(f"volume of shape {image.shape} is smaller than the downsampling factor {factor}")
+    n = [s // factor for s in image.shape]
+    whole = tuple(slice(0, k * factor) for k in n)
+
+    def blocks(a):                                   # (X, Y, Z) -> (X/f, Y/f, Z/f) block means
+        return a[whole].astype(np.float32).reshape(n[0], factor, n[1], factor, n[2], factor).mean((1, 3, 5))
+    return blocks(image), (blocks(label) >= 0.5).astype(np.uint8)
+
+
+def upsample_probabilities(prob, factor, shape):
+    """Probabilities (K, x, y, z) of a downsampled grid back on the original grid `shape` (X, Y, Z): trilinear
+    interpolation of the block centres, then zeros for the edge downsample dropped. Returns (K, X, Y, Z)."""
+    if factor == 1:
+        return prob
+    up = torch.nn.functional.interpolate(torch.as_tensor(prob)[None], scale_factor=factor, mode="trilinear",
+                                         align_corners=False)[0]                       # (K, x*f, y*f, z*f)
+    out = np.zeros((prob.shape[0], *shape), np.float32)
+    out[:, :up.shape[1], :up.shape[2], :up.shape[3]] = up.numpy()
+    return out
 
 
 def ensure_phantom(cfg, world=World()):
@@ -152,7 +185,7 @@ def prepare_data(cfg, world=World()):
     ensure_phantom(cfg, world)
     split = load_split(cfg.data_root, cfg.num_labeled)
     ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
-    return split, load_volumes(cfg.data_root, ids, progress=world.main)
+    return split, load_volumes(cfg.data_root, ids, progress=world.main, factor=cfg.downsample)
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -454,7 +454,7 @@ def main(argv=None):
                   f"content {r.get('content_hash', 'unknown (not reused)')} | {r.get('created')}\n{r['text']}")
         return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
     split, volumes = data.prepare_data(cfg)  # writes the phantom first when the experiment asks for it
-    volumes.update(data.load_volumes(cfg.data_root, split.test))
+    volumes.update(data.load_volumes(cfg.data_root, split.test, factor=cfg.downsample))
     build_pool(cfg, split, volumes)
 
 

@@ -349,7 +349,7 @@ def main(argv=None):
     split = data.load_split(cfg.data_root, cfg.num_labeled)
     if args.explain and args.explain not in split.labeled + split.unlabeled + split.test:
         raise ConfigError(f"--explain: case {args.explain!r} is in neither train.list nor test.list of {cfg.data_root}")
-    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test)
+    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, factor=cfg.downsample)
     texts = pool.build_pool(cfg, split, volumes)
     bank = ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
     if args.filter_report:

@@ -134,7 +134,7 @@ def load_references(cfg, ckpt, device):
     if not cfg.references:
         return None, None
     split = data.load_split(cfg.data_root, cfg.num_labeled)
-    volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False)
+    volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False, factor=cfg.downsample)
     bank = ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
     bank.load_state_dict(ckpt["bank"])
     bank.index_queries(ckpt["pool"]["image"])
@@ -170,12 +170,22 @@ def predictor(model, cfg, case_id, bank=None, fast=False, generator=None):
 def plot_references(png, model, bank, image_cots, cfg, case_id, device):
     """references.png for the case's first window (at the volume's origin), explained by retrieve.select,
     the readable twin of the device path that chose the references during testing."""
-    image, _ = data.read_case(data.case_path(cfg.data_root, case_id))
+    image, _ = data.downsample(*data.read_case(data.case_path(cfg.data_root, case_id)), cfg.downsample)
     box = (0, 0, 0, *cfg.patch_size)
     window = crop(image, box)                                  # (*patch), zero outside the volume
     mask = (model.predict_b(torch.from_numpy(window)[None, None].to(device)).argmax(1) == 1).cpu().numpy()
     selection = retrieve.select(bank, morphology_batch(mask), [image_cots[case_id]], [case_id], cfg)
     return retrieve.plot_explanation(png, window, [box], bank, selection, max_rows=1)
+
+
+def score(prob, gt, lcc):
+    """The metrics of the mean of both decoders' probabilities prob[:2] (K, X, Y, Z) > 0.5 (largest component
+    only with lcc) against gt, and each decoder's own Dice."""
+    pred = prob[:2].mean(0) > 0.5
+    if lcc:
+        pred = largest_component(pred)
+    return {**{k: f(pred, gt) for k, f in METRICS.items()}, "dice_a": dice(prob[0] > 0.5, gt),
+            "dice_b": dice(prob[1] > 0.5, gt)}
 
 
 def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sensitivity=True):
@@ -185,7 +195,10 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     morphology and the case's image-only CoT select references, then decoder A fuses their context. With
     `sensitivity` decoder A is also scored with random bank entries in place of the retrieved references
     and with none, and the mean |change| of its foreground probability (retrieved vs random) is reported:
-    whether decoder A uses what its references contain (DESIGN.md §5)."""
+    whether decoder A uses what its references contain (DESIGN.md §5). A model trained on a coarser grid
+    (cfg.downsample > 1) predicts on that grid and is scored there ("low_" keys) and, its probabilities
+    brought back to the original grid (data.upsample_probabilities), against the original labels (the
+    reported metrics, comparable with the protocol's)."""
     device = torch.device(device) if device else resolve_device(Config())
     model, cfg, ckpt = load_checkpoint(ckpt_path, device)
     bank, image_cots = load_references(cfg, ckpt, device)
@@ -198,18 +211,17 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     sensitivity = sensitivity and bank is not None
     rows, shown, seconds = [], [], []
     for n, case_id in enumerate(tqdm(split.test, desc="testing", disable=not progress, leave=False)):
-        image, label = data.read_case(data.case_path(cfg.data_root, case_id))
+        image, label = data.read_case(data.case_path(cfg.data_root, case_id))       # the original grid
+        low_image, low_label = data.downsample(image, label, cfg.downsample)       # the model's grid
         generator = torch.Generator(device).manual_seed(cfg.seed + n) if sensitivity else None
         t = time.time()
-        prob = sliding_window(predictor(model, cfg, case_id, bank, fast, generator), image, cfg.patch_size,
-                              cfg.stride_xy, cfg.stride_z, cfg.window_batch, device)   # (K, X, Y, Z)
+        prob = sliding_window(predictor(model, cfg, case_id, bank, fast, generator), low_image, cfg.patch_size,
+                              cfg.stride_xy, cfg.stride_z, cfg.window_batch, device)   # (K, x, y, z)
         seconds.append(time.time() - t)
+        low = score(prob, low_label.astype(bool), lcc) if cfg.downsample > 1 else {}
+        prob = data.upsample_probabilities(prob, cfg.downsample, image.shape)       # (K, X, Y, Z)
         gt = label.astype(bool)
-        pred = prob[:2].mean(0) > 0.5                                    # mean of both decoders
-        if lcc:
-            pred = largest_component(pred)
-        row = {"case": case_id, **{k: f(pred, gt) for k, f in METRICS.items()},
-               "dice_a": dice(prob[0] > 0.5, gt), "dice_b": dice(prob[1] > 0.5, gt)}
+        row = {"case": case_id, **score(prob, gt, lcc), **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
         if sensitivity:                                 # decoder A with random references, without references
             row.update(dice_a_random=dice(prob[2] > 0.5, gt), dice_a_none=dice(prob[3] > 0.5, gt),
                        ref_delta=float(np.abs(prob[0] - prob[2]).mean()))
@@ -245,6 +257,11 @@ def print_table(rows, summary, cfg, iteration, lcc):
     print(f"{'mean ± std':24s} {100 * m['dice']['mean']:5.2f}±{100 * m['dice']['std']:<5.2f} "
           f"{100 * m['jaccard']['mean']:5.2f}±{100 * m['jaccard']['std']:<5.2f} "
           f"{m['hd95']['mean']:5.2f}±{m['hd95']['std']:<5.2f} {m['asd']['mean']:5.2f}±{m['asd']['std']:<5.2f}")
+    if cfg.downsample > 1:
+        low = {k: summary[f"low_{k}"]["mean"] for k in ("dice", "jaccard", "hd95", "asd")}
+        print(f"the table is on the original grid (the prediction upsampled {cfg.downsample}x); on the model's "
+              f"{cfg.downsample}x coarser grid: Dice {100 * low['dice']:.2f} %, Jaccard {100 * low['jaccard']:.2f} %, "
+              f"95HD {low['hd95']:.2f}, ASD {low['asd']:.2f} (voxels of that grid)")
     print(f"decoder A alone: Dice {100 * summary['dice_a']['mean']:.2f} %, decoder B alone: "
           f"{100 * summary['dice_b']['mean']:.2f} %; {summary['seconds_per_volume']:.2f} s per volume"
           + (" (with the sensitivity passes)" if summary["sensitivity"] else ""))
