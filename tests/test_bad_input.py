@@ -1,0 +1,176 @@
+"""The bad-input corpus (issue: every refusal clear and early, nothing overwritten, resume that checks what it
+resumes). Each case runs an entry point as a user would (config.cli around its main) on a tiny LA-layout set
+next to a finished run, and checks the exit status, that the one-line message names the problem, and that
+the finished run's folder is byte for byte what it was."""
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import pool
+import test as T
+import train
+from config import cli
+from conftest import ROOT, write_la
+from test_train import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A tiny LA-layout set and a finished CERS run on it (4 iterations): (data root, run folder)."""
+    base = tmp_path_factory.mktemp("bad")
+    root = write_la(base / "LA")
+    out = base / "run"
+    assert cli(train.main, ["--exp", "PHANTOM_8", *tiny_overrides(root, out)]) == 0
+    return root, out
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under folder."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, main, argv, *words):
+    """Run main(argv) as the command line does: exit status 2, and the message on stderr is one line (after
+    any progress bars) naming every word, with no traceback."""
+    capsys.readouterr()
+    assert cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    message = err[err.index("error: "):].split("\r")[0]
+    assert message.rstrip("\n").count("\n") == 0, message
+    for word in words:
+        assert word in message, (word, message)
+    return message
+
+
+def run_args(root, out, *extra, **overrides):
+    return ["--exp", "PHANTOM_8", *tiny_overrides(root, out, **overrides), *extra]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("max_iters", "0"), ("max_iters", "-5"), ("log_every", "0"), ("sharpen_t", "0"), ("patch_size", "0,0,0"),
+    ("window_batch", "0"), ("dropout", "1.5"), ("device", "gpu"), ("lr", "nan"), ("lr", "inf"), ("k_fine", "0"),
+    ("max_refs_per_case", "0"), ("downsample", "0"), ("tau", "1.5")])
+def test_config_values_are_checked_before_anything_is_written(finished, capsys, key, value):
+    root, out = finished
+    before = snapshot(out)
+    refused(capsys, train.main, run_args(root, out, **{key: value}), f"{key}={value}")
+    assert snapshot(out) == before
+
+
+def test_abbreviations_and_unknown_flags_are_refused(finished, capsys):
+    root, out = finished
+    before = snapshot(out)
+    refused(capsys, train.main, run_args(root, out, "--resum"), "--resum", "never abbreviated")
+    assert snapshot(out) == before
+
+
+def test_a_finished_run_is_not_replaced_by_another_config(finished, capsys, tmp_path):
+    root, out = finished
+    before = snapshot(out)
+    refused(capsys, train.main, run_args(root, out, lr="0.5"), "lr=", "--force")
+    assert snapshot(out) == before
+    copy = tmp_path / "copy"                        # with --force it is replaced (on a copy of the run)
+    shutil.copytree(out, copy)
+    assert cli(train.main, run_args(root, copy, "--force", "--no-test", lr="0.5")) == 0
+    assert '"lr": 0.5' in (copy / "config.json").read_text()
+
+
+@pytest.mark.parametrize("key,value", [("patch_size", "48,32,16"), ("base_filters", "8"), ("references", "false")])
+def test_resume_compares_the_config_key_by_key(finished, capsys, key, value):
+    root, out = finished
+    before = snapshot(out)
+    refused(capsys, train.main, run_args(root, out, "--resume", max_iters="6", **{key: value}), key, "--resume")
+    assert snapshot(out) == before
+
+
+def test_resume_with_nothing_left_is_refused(finished, capsys):
+    root, out = finished
+    before = snapshot(out)
+    refused(capsys, train.main, run_args(root, out, "--resume"), "nothing to train")
+    assert snapshot(out) == before
+
+
+def test_a_truncated_checkpoint_is_named(finished, capsys, tmp_path):
+    root, out = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ckpt = copy / "ckpt_last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    before = snapshot(copy)
+    refused(capsys, T.main, ["--ckpt", str(ckpt)], "ckpt_last.pt", "truncated")
+    refused(capsys, train.main, run_args(root, copy, "--resume", max_iters="6"), "ckpt_last.pt", "truncated")
+    assert snapshot(copy) == before
+
+
+@pytest.mark.parametrize("damage", ["leak", "broken_test_file", "bad_label"])
+def test_bad_data_is_refused_before_training(finished, capsys, tmp_path, damage):
+    root, out = finished
+    data_copy = tmp_path / "LA"
+    shutil.copytree(root, data_copy)
+    test_ids = (data_copy / "test.list").read_text().split()
+    if damage == "leak":                            # a test ID also in train.list
+        with open(data_copy / "train.list", "a") as f:
+            f.write(test_ids[0] + "\n")
+        words = (test_ids[0], "also in train.list")
+    elif damage == "broken_test_file":              # found now, not after training
+        (data_copy / "2018LA_Seg_Training Set" / test_ids[1] / "mri_norm2.h5").write_bytes(b"not hdf5")
+        words = (test_ids[1], "unreadable h5")
+    else:
+        path = data_copy / "2018LA_Seg_Training Set" / test_ids[1] / "mri_norm2.h5"
+        with h5py.File(path, "r+") as f:
+            label = f["label"][()]
+            label[0, 0, 0] = 7
+            f["label"][...] = label
+        words = (test_ids[1], "label values")
+    before = snapshot(out)
+    refused(capsys, train.main, run_args(data_copy, out, "--force"), *words)
+    assert snapshot(out) == before                  # even --force writes nothing before the data is checked
+
+
+def test_lists_with_a_byte_order_mark_and_crlf_are_read(finished, tmp_path):
+    root, _ = finished
+    data_copy = tmp_path / "LA"
+    shutil.copytree(root, data_copy)
+    for name in ("train.list", "test.list"):
+        ids = (data_copy / name).read_text().split()
+        (data_copy / name).write_bytes("\ufeff".encode() + "\r\n".join(ids).encode() + b"\r\n")
+    assert cli(train.main, run_args(data_copy, tmp_path / "run", "--no-test", max_iters="2")) == 0
+
+
+def test_a_loss_that_stops_being_finite_stops_the_run(finished, capsys, tmp_path):
+    root, _ = finished
+    err = refused(capsys, train.main, run_args(root, tmp_path / "run", "--no-test", lr="1e30", max_iters="8",
+                                                 ckpt_every="1"),
+                  "not finite", "Last good checkpoint")
+    assert "iteration" in err
+
+
+def test_a_changed_case_file_gets_new_cot_texts(tmp_path):
+    root = write_la(tmp_path / "LA")
+    args = ["--exp", "PHANTOM_8", f"--data_root={root}", "--phantom=false", "--num_labeled=2"]
+    case = (root / "train.list").read_text().split()[0]
+    assert cli(pool.main, args) == 0
+    first = pool.CotCache(root / "cot_cache.jsonl")
+    path = root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5"
+    with h5py.File(path, "r+") as f:
+        f["image"][...] = np.flip(f["image"][()], 0) * 3.0
+    assert cli(pool.main, args) == 0
+    again = pool.CotCache(root / "cot_cache.jsonl")
+    new = {k for k in again.records if k not in first.records}
+    assert {k[0] for k in new} == {case} and {k[1] for k in new} == {"mask", "image"}
+
+
+def test_the_user_sees_one_line_and_no_traceback(tmp_path):
+    """The command line itself: a project error is one line on stderr and exit status 2."""
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--exp", "PHANTOM_8", "--dropout=1.5",
+                           f"--out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "dropout=1.5" in done.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
