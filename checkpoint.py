@@ -7,7 +7,8 @@ the student back with load_checkpoint, which builds the network from the saved c
 
 --resume continues a run only with the config it was trained with: config_changes() lists the keys that
 differ, and only the keys in RESUMABLE (how long, how often to log and save, where and how fast to run,
-how to test, how to reach the LLM) may change.
+how to test, how to reach the LLM) may change. check_run_folder runs before a run reads or writes anything:
+it opens the checkpoint --resume continues, or refuses to replace a run with another config without --force.
 """
 import dataclasses
 import json
@@ -113,3 +114,45 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def check_run_folder(cfg, world, resume=False, force=False, stop_at=None):
+    """Before anything is read or written: for --resume, the checkpoint it continues (readable, same number of
+    processes, config compared key by key, iterations left); for a new run, a refusal to replace a run with
+    another config in cfg.out_dir unless force. Returns the checkpoint dict to resume, or None."""
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "ckpt_last.pt"
+    ckpt = None
+    if resume:
+        if not ckpt_path.exists():
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} (train without --resume first)")
+        ckpt = read_checkpoint(ckpt_path)                  # RNG states must stay on the CPU
+        if len(ckpt["ranks"]) != world.size:
+            raise CheckpointError(f"--resume: {ckpt_path} was written by {len(ckpt['ranks'])} process(es); "
+                                  f"resume it with the same number, not {world.size}")
+        check_resumable(ckpt, cfg, ckpt_path)
+    elif not force:
+        check_not_replacing(cfg, out)
+    if stop_at is not None and stop_at <= (ckpt["iter"] if ckpt else 0):
+        raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {ckpt['iter'] if ckpt else 0}")
+    return ckpt
+
+
+def check_not_replacing(cfg, out):
+    """Refuse a new run in a folder that holds a run with another config (its checkpoint, else its config.json)."""
+    ckpt_path, record = out / "ckpt_last.pt", out / "config.json"
+    what = ckpt_path if ckpt_path.exists() else record if record.exists() else None
+    if what is None:
+        return
+    advice = "train elsewhere with --out_dir=..., continue it with --resume, or replace it with --force"
+    try:
+        saved = read_checkpoint(what)["config"] if what == ckpt_path else json.loads(record.read_text())
+        changes = [c for c in config_changes(saved, cfg, what) if c[0] != "out_dir"]
+    except (CersError, ValueError, TypeError) as e:
+        raise ConfigError(f"{out} holds a run whose config cannot be read ({e}); {advice}") from None
+    if changes:
+        listed = ", ".join(f"{k}={show(a)} there, {show(b)} here" for k, a, b in changes[:4])
+        raise ConfigError(f"{out} holds a run with another config ({listed}"
+                          f"{', ...' if len(changes) > 4 else ''}; from {what.name}); {advice}")

@@ -11,7 +11,8 @@ spacing. Where medpy raises on empty masks, this module scores instead:
     exactly one mask empty:  Dice 0, Jaccard 0, 95HD and ASD = the volume's diagonal in voxels
                              (the largest distance possible; an empty prediction is never flattered)
 
-The reported checkpoint is the last one; nothing here looks at the test set to choose it.
+The reported checkpoint is the last one; nothing here looks at the test set to choose it. plot_curves
+draws a run's training log (train.py calls it at the end).
 """
 import argparse
 import csv
@@ -297,6 +298,31 @@ def plot_cases(cases, png):
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def plot_curves(log_path, png):
+    """Training curves from the CSV log: losses (decoder A's supervised part too), the reference sensitivity
+    (mean |change| of decoder A's probability, retrieved vs random references), consistency weight, lr."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    it = [float(r["iter"]) for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
+    for key in ("loss", "sup", "sup_a", "cons"):
+        axes[0].plot(it, [float(r[key]) for r in rows], label=key)
+    axes[0].set_yscale("log"), axes[0].legend(), axes[0].set_title("losses")
+    axes[1].plot(it, [float(r["ref_delta"]) for r in rows]), axes[1].set_title("decoder A: retrieved vs random refs")
+    axes[2].plot(it, [float(r["cons_w"]) for r in rows]), axes[2].set_title("consistency weight")
+    axes[3].plot(it, [float(r["lr"]) for r in rows]), axes[3].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None):

@@ -34,9 +34,9 @@ import data
 import pool
 import test
 from bank import ReferenceBank
-from checkpoint import (CheckpointError, check_resumable, config_changes, read_checkpoint, rng_state,
-                        save_checkpoint, seed_everything, set_rng_state)
-from config import EXPERIMENTS, CersError, Config, ConfigError, cli, get_config, show
+from checkpoint import (CheckpointError, check_run_folder, rng_state, save_checkpoint, seed_everything,
+                        set_rng_state)
+from config import EXPERIMENTS, CersError, Config, ConfigError, cli, get_config
 from distributed import World, average_buffers, check_consistent, gather, init_world, main_first, main_process
 from model import build_model
 from retrieve import decoder_a_probabilities, query_references
@@ -240,46 +240,6 @@ class DivergedError(CersError):
     """The losses stopped being finite; the message names the iteration and the last good checkpoint."""
 
 
-def check_run_folder(cfg, world, resume=False, force=False, stop_at=None):
-    """Before anything is read or written: for --resume, the checkpoint it continues (readable, same number of
-    processes, config compared key by key, iterations left); for a new run, a refusal to replace a run with
-    another config in cfg.out_dir unless force. Returns the checkpoint dict to resume, or None."""
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt_last.pt"
-    ckpt = None
-    if resume:
-        if not ckpt_path.exists():
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} (train without --resume first)")
-        ckpt = read_checkpoint(ckpt_path)                  # RNG states must stay on the CPU
-        if len(ckpt["ranks"]) != world.size:
-            raise CheckpointError(f"--resume: {ckpt_path} was written by {len(ckpt['ranks'])} process(es); "
-                                  f"resume it with the same number, not {world.size}")
-        check_resumable(ckpt, cfg, ckpt_path)
-    elif not force:
-        check_not_replacing(cfg, out)
-    if stop_at is not None and stop_at <= (ckpt["iter"] if ckpt else 0):
-        raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {ckpt['iter'] if ckpt else 0}")
-    return ckpt
-
-
-def check_not_replacing(cfg, out):
-    """Refuse a new run in a folder that holds a run with another config (its checkpoint, else its config.json)."""
-    ckpt_path, record = out / "ckpt_last.pt", out / "config.json"
-    what = ckpt_path if ckpt_path.exists() else record if record.exists() else None
-    if what is None:
-        return
-    advice = "train elsewhere with --out_dir=..., continue it with --resume, or replace it with --force"
-    try:
-        saved = read_checkpoint(what)["config"] if what == ckpt_path else json.loads(record.read_text())
-        changes = [c for c in config_changes(saved, cfg, what) if c[0] != "out_dir"]
-    except (CersError, ValueError, TypeError) as e:
-        raise ConfigError(f"{out} holds a run whose config cannot be read ({e}); {advice}") from None
-    if changes:
-        listed = ", ".join(f"{k}={show(a)} there, {show(b)} here" for k, a, b in changes[:4])
-        raise ConfigError(f"{out} holds a run with another config ({listed}"
-                          f"{', ...' if len(changes) > 4 else ''}; from {what.name}); {advice}")
-
-
 def check_same_inputs(run, split, ckpt, path):
     """Refuse to resume when the lists or the CoT texts differ from the checkpoint's (a changed case file gets
     new texts: the cache is keyed by the file's content)."""
@@ -417,36 +377,11 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     bar.close()
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
-        plot_curves(log_path, out / "curves.png")
+        test.plot_curves(log_path, out / "curves.png")
     if world.size > 1:                                 # the last checkpoint is written when every rank gets past
         dist.barrier()
         dist.destroy_process_group()
     return ckpt_path
-
-
-def plot_curves(log_path, png):
-    """Training curves from the CSV log: losses (decoder A's supervised part too), the reference sensitivity
-    (mean |change| of decoder A's probability, retrieved vs random references), consistency weight, lr."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    it = [float(r["iter"]) for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
-    for key in ("loss", "sup", "sup_a", "cons"):
-        axes[0].plot(it, [float(r[key]) for r in rows], label=key)
-    axes[0].set_yscale("log"), axes[0].legend(), axes[0].set_title("losses")
-    axes[1].plot(it, [float(r["ref_delta"]) for r in rows]), axes[1].set_title("decoder A: retrieved vs random refs")
-    axes[2].plot(it, [float(r["cons_w"]) for r in rows]), axes[2].set_title("consistency weight")
-    axes[3].plot(it, [float(r["lr"]) for r in rows]), axes[3].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("iteration")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 ABLATIONS = {                         # DESIGN §1: what each part of CERS adds, same seeds and iterations
