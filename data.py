@@ -70,34 +70,30 @@ def check_datasets(f, path):
             raise DataError(f"{path}: '{key}' has dtype {f[key].dtype}; expected numbers (image float32, label uint8)")
 
 
-def check_case_file(path):
-    """Open one case file and check its datasets' names, shapes and types without reading the voxels."""
+def open_case(path, read_voxels=True):
+    """Open one case file and check its datasets' names, shapes and types; returns (image, label) as stored,
+    or None without reading the voxels."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: case file not found")
     try:
         with h5py.File(path, "r") as f:
             check_datasets(f, path)
+            return (f["image"][()], f["label"][()]) if read_voxels else None
     except DataError:
         raise
     except Exception as e:  # h5py raises OSError / KeyError / RuntimeError for damaged files
         raise DataError(f"{path}: unreadable h5 file ({type(e).__name__}: {e})") from e
+
+
+def check_case_file(path):
+    """Check one case file's datasets without reading the voxels (load_split does it for every listed case)."""
+    open_case(path, read_voxels=False)
 
 
 def read_case(path):
     """One validated case: image float32 (X, Y, Z) and label uint8 (X, Y, Z) with values in {0, 1}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: case file not found")
-    try:
-        with h5py.File(path, "r") as f:
-            check_datasets(f, path)
-            image = f["image"][()]
-            label = f["label"][()]
-    except DataError:
-        raise
-    except Exception as e:  # h5py raises OSError / KeyError / RuntimeError for damaged files
-        raise DataError(f"{path}: unreadable h5 file ({type(e).__name__}: {e})") from e
+    image, label = open_case(path)
     values = np.unique(label)
     if not np.isin(values, (0, 1)).all():
         raise DataError(f"{path}: label values must be in {{0, 1}}, found {values[:10].tolist()}")
