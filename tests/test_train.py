@@ -1,5 +1,6 @@
 """Config, schedules, losses, the training loop (loss goes down, exact resume) and test.py end to end."""
 import csv
+import json
 import math
 
 import pytest
@@ -181,3 +182,17 @@ def test_references_switch_in_without_a_jump_then_matter(tiny_la, tmp_path, monk
     assert all(v >= 0 for v in after)
     if ref_masks:                                                   # decoder A reads its references' labels
         assert after[-1] > 1e-3, after
+
+
+def test_ablation_table_aggregates_seeds(tmp_path):
+    """Each row is the mean ± std over the seeds of each run's mean; sensitivity columns only where measured."""
+    for seed, dice, delta in ((1, 0.80, 0.002), (2, 0.90, 0.004)):
+        folder = tmp_path / "ref_masks" / f"seed{seed}" / "test"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({
+            "dice": {"mean": dice}, "jaccard": {"mean": 0.7}, "hd95": {"mean": 5.0}, "asd": {"mean": 1.0},
+            "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta}, "run_seconds": 60.0}))
+    table = train.ablation_table(tmp_path, "t").splitlines()
+    row = [c.strip() for c in table[3].split("|")[1:-1]]
+    assert row[:3] == ["ref_masks", "2", "85.00 ± 5.00"] and row[-2] == "3.00 ± 1.00" and row[-1] == "1.00 ± 0.00"
+    assert row[table[1].split("|").index(" A, random refs % ") - 1] == "–" and len(table) == 4
