@@ -218,9 +218,11 @@ class BatchSampler:
 
     def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed, augment=True):
         if not 0 < labeled_bs <= batch_size:
-            raise ValueError(f"need 0 < labeled_bs ({labeled_bs}) <= batch_size ({batch_size})")
+            raise DataError(f"config: need 0 < labeled_bs ({labeled_bs}) <= batch_size ({batch_size})")
         if batch_size > labeled_bs and not unlabeled:
-            raise ValueError("batch_size > labeled_bs needs unlabeled cases")
+            raise DataError(f"num_labeled={len(labeled)} labels every ID of train.list, so the "
+                            f"{batch_size - labeled_bs} unlabeled patches of each batch have no case to come from; "
+                            f"use a smaller --num_labeled, or --labeled_bs={batch_size} for a supervised run on all")
         to = lambda a, dtype: torch.as_tensor(a, dtype=dtype).to(device)
         # unlabeled cases keep no label at all, so no code path can use one by mistake
         self.volumes = {i: (to(volumes[i][0], torch.float32), to(volumes[i][1], torch.uint8) if i in labeled else None)

@@ -134,6 +134,16 @@ def test_bad_data_is_refused_before_training(finished, capsys, tmp_path, damage)
     assert snapshot(out) == before                  # even --force writes nothing before the data is checked
 
 
+def test_every_case_labeled_needs_an_all_labeled_batch(finished, capsys, tmp_path):
+    root, out = finished
+    n = len((root / "train.list").read_text().split())
+    before = snapshot(out)
+    refused(capsys, train.main, run_args(root, out, "--force", num_labeled=str(n)), f"num_labeled={n}", "labeled_bs")
+    assert snapshot(out) == before
+    assert cli(train.main, run_args(root, tmp_path / "run", "--no-test", num_labeled=str(n), labeled_bs="2",
+                                    batch_size="2", max_iters="2", references="false", consistency="0")) == 0
+
+
 def test_lists_with_a_byte_order_mark_and_crlf_are_read(finished, tmp_path):
     root, _ = finished
     data_copy = tmp_path / "LA"
