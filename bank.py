@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 import data
 from cot import CotIndex
-from mcam import References
+from mcam import References, weighted_mask
 from morphology import morphology_batch
 
 # the distinct patches data.rot_flip(x, k, axis) makes: (k, axis) for k in 0..3, axis in {0, 1} gives four,
@@ -211,6 +211,13 @@ class ReferenceBank:
             self._load_patches()
         return References(self.features[idx], torch.as_tensor(weights, device=self.device),
                           self.masks[idx].float() if masks else None, idx)
+
+    def label_transfer(self, indices, weights):
+        """The entries' ground-truth masks averaged with their weights, (B, K) each: (B, X, Y, Z) float, the label
+        an atlas method would transfer to the queries, no network involved."""
+        self._load_patches()
+        return weighted_mask(self.masks[torch.as_tensor(indices, device=self.device)].float(),
+                             torch.as_tensor(weights, device=self.device).float())[:, 0]
 
     def state_dict(self):
         """Everything but the volumes (they come from the data): entries, morphology, texts, features."""

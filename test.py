@@ -150,7 +150,8 @@ def predictor(model, cfg, case_id, bank=None, fast=False, generator=None):
     decoder A and decoder B (K = 2). With a reference bank each batch of windows takes the training path:
     decoder B first, its prediction's morphology and the case's image-only CoT select references, decoder A
     fuses them; with a `generator` decoder A also runs with random bank entries in their place and with no
-    references (K = 4: A, B, A with random references, A without references), for the sensitivity report."""
+    references, and the references' weighted masks come along (K = 6: A, B, A with random references, A
+    without references, the retrieved and the random references' label transfer), for the sensitivity report."""
     swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
 
     def predict(x):
@@ -163,7 +164,8 @@ def predictor(model, cfg, case_id, bank=None, fast=False, generator=None):
                 a = {"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]}
             else:
                 a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator, swaps)
-        return torch.stack([a["retrieved"], b.float().softmax(1)[:, 1], *(a[s] for s in swaps[1:])], 1)
+        extra = [a[s] for s in swaps[1:]] + ([a["retrieved_transfer"], a["random_transfer"]] if generator else [])
+        return torch.stack([a["retrieved"], b.float().softmax(1)[:, 1], *extra], 1)
     return predict
 
 
@@ -225,7 +227,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         row = {"case": case_id, **score(prob, gt, lcc), **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
         if sensitivity:                                 # decoder A with random references, without references
             row.update(dice_a_random=dice(prob[2] > 0.5, gt), dice_a_none=dice(prob[3] > 0.5, gt),
-                       ref_delta=float(np.abs(prob[0] - prob[2]).mean()))
+                       ref_delta=float(np.abs(prob[0] - prob[2]).mean()),
+                       transfer=dice(prob[4] > 0.5, gt), transfer_random=dice(prob[5] > 0.5, gt))
         rows.append(row)
         if len(shown) < 4:
             shown.append((case_id, image, gt, prob[:2]))
@@ -270,6 +273,8 @@ def print_table(rows, summary, cfg, iteration, lcc):
         print(f"reference sensitivity, decoder A Dice: retrieved {100 * summary['dice_a']['mean']:.2f} %, random "
               f"{100 * summary['dice_a_random']['mean']:.2f} %, none {100 * summary['dice_a_none']['mean']:.2f} %; "
               f"mean |change| of its foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
+        print(f"label transfer, the references' weighted masks alone (no network): Dice retrieved "
+              f"{100 * summary['transfer']['mean']:.2f} %, random {100 * summary['transfer_random']['mean']:.2f} %")
     print()
 
 

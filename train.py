@@ -72,6 +72,11 @@ def supervised_loss(logits, label):
     return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
 
 
+def mse(a, b):
+    """Mean squared error; 0 for no unlabeled patches (a batch of labeled patches only), not NaN."""
+    return F.mse_loss(a, b) if a.numel() else a.sum()
+
+
 def sharpen(p, t):
     """Push a foreground probability towards 0 or 1: p^(1/t) / (p^(1/t) + (1 - p)^(1/t))."""
     a, b = p.pow(1.0 / t), (1.0 - p).pow(1.0 / t)
@@ -84,7 +89,7 @@ def transfer_loss(labels, label, target, n_lab):
     unlabeled ones. Returns the two mean squared errors (labeled, unlabeled), every head counted."""
     share = F.adaptive_avg_pool3d(torch.cat([label, target])[:, None].float(), labels.shape[2:])  # (B, 1, d, h, w)
     err = (labels.float() - share).square()                                                       # (B, H, d, h, w)
-    return err[:n_lab].mean(), err[n_lab:].mean()
+    return err[:n_lab].mean(), (err[n_lab:].mean() if len(err) > n_lab else err.sum() * 0)
 
 
 @torch.no_grad()
@@ -200,9 +205,8 @@ def train_step(run, it, image, label, ids):
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
     p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
-    loss_mt = F.mse_loss(p_a, target) + F.mse_loss(p_b, target)
-    loss_cross = (F.mse_loss(p_a, sharpen(p_b, cfg.sharpen_t).detach())
-                  + F.mse_loss(p_b, sharpen(p_a, cfg.sharpen_t).detach()))
+    loss_mt = mse(p_a, target) + mse(p_b, target)
+    loss_cross = mse(p_a, sharpen(p_b, cfg.sharpen_t).detach()) + mse(p_b, sharpen(p_a, cfg.sharpen_t).detach())
     w = consistency_weight(it, cfg)
     loss = loss_sup + w * (loss_mt + loss_cross)
     if labels is not None:                                                  # ref_masks: the transfer learns to match
@@ -395,7 +399,8 @@ ABLATIONS = {                         # DESIGN §1: what each part of CERS adds,
 # the ablation table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
          ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
-         ("dice_a_none", "A, no refs %", 100), ("ref_delta", "mean abs dp(A) x1e-3", 1000), ("run_seconds", "minutes", 1 / 60)]
+         ("dice_a_none", "A, no refs %", 100), ("ref_delta", "mean abs dp(A) x1e-3", 1000),
+         ("transfer", "transfer %", 100), ("transfer_random", "transfer, random %", 100), ("run_seconds", "minutes", 1 / 60)]
 
 
 def run_ablation(cfg, names, seeds, force=False):

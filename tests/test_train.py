@@ -124,6 +124,8 @@ def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "largest connected component ON" in out and "mean ± std" in out
     assert summary["cases"] == 2 and 0.0 <= summary["dice"]["mean"] <= 1.0
+    assert summary["sensitivity"] and all(0.0 <= summary[k]["mean"] <= 1.0 for k in ("transfer", "transfer_random"))
+    assert "label transfer" in out
     for name in ("per_case.csv", "summary.json", "predictions.png", "references.png"):
         assert (tmp_path / "run" / "test" / name).stat().st_size > 0
     T.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "again"), "--device", "cpu"])
@@ -194,5 +196,7 @@ def test_ablation_table_aggregates_seeds(tmp_path):
             "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta}, "run_seconds": 60.0}))
     table = train.ablation_table(tmp_path, "t").splitlines()
     row = [c.strip() for c in table[3].split("|")[1:-1]]
-    assert row[:3] == ["ref_masks", "2", "85.00 ± 5.00"] and row[-2] == "3.00 ± 1.00" and row[-1] == "1.00 ± 0.00"
-    assert row[table[1].split("|").index(" A, random refs % ") - 1] == "–" and len(table) == 4
+    column = lambda head: row[table[1].split("|").index(f" {head} ") - 1]
+    assert row[:3] == ["ref_masks", "2", "85.00 ± 5.00"] and row[-1] == "1.00 ± 0.00"
+    assert column("mean abs dp(A) x1e-3") == "3.00 ± 1.00" and len(table) == 4
+    assert column("A, random refs %") == "–" and column("transfer %") == "–"
