@@ -239,13 +239,13 @@ SWAPS = ("retrieved", "random", "none")  # what decoder A is given in the refere
 
 
 @torch.no_grad()
-def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS):
+def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS, transfer=False):
     """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: with the references
     retrieved for decoder B's prediction logits_b, with as many random bank entries of other cases in their
     place (drawn from `generator`, equal weights, the same case cap), and with none. How far decoder A's
     output moves between them is how much it uses what the references contain (DESIGN.md §5).
 
-    For the swaps with references, "<swap>_transfer" is the references' own answer: their ground-truth masks
+    With `transfer`, for the swaps with references, "<swap>_transfer" is the references' own answer: their ground-truth masks
     averaged with their weights (B, X, Y, Z), the label an atlas method would transfer to the query without
     any network. Scored against the query's label it says whether retrieval finds references whose labels fit
     the query, whatever decoder A makes of them."""
@@ -254,7 +254,7 @@ def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generat
         refs = None if swap == "none" else query_references(
             bank, logits_b, case_ids, cfg, generator, mode="random" if swap == "random" else None)
         out[swap] = model.decode_a(feats, refs).float().softmax(1)[:, 1]
-        if refs is not None:
+        if transfer and refs is not None:
             out[f"{swap}_transfer"] = bank.label_transfer(refs.indices, refs.weights)
     return out
 

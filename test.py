@@ -163,7 +163,8 @@ def predictor(model, cfg, case_id, bank=None, fast=False, generator=None):
             if bank is None:
                 a = {"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]}
             else:
-                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator, swaps)
+                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator, swaps,
+                                                     transfer=generator is not None)
         extra = [a[s] for s in swaps[1:]] + ([a["retrieved_transfer"], a["random_transfer"]] if generator else [])
         return torch.stack([a["retrieved"], b.float().softmax(1)[:, 1], *extra], 1)
     return predict

@@ -302,7 +302,7 @@ def test_refresh_is_ema_and_bank_round_trips(monkeypatch):
         hand_bank(patches=1).load_state_dict(bank.state_dict())
 
 
-def test_label_transfer_is_the_chosen_references_weighted_masks(monkeypatch):
+def test_label_transfer_is_the_chosen_references_weighted_masks():
     """The sensitivity check's label transfer: for retrieved and random references, the weighted mean of
     exactly the masks decoder A was given; none for "none"."""
     rng = np.random.default_rng(0)
@@ -315,7 +315,7 @@ def test_label_transfer_is_the_chosen_references_weighted_masks(monkeypatch):
     model = SimpleNamespace(decode_a=lambda feats, refs: given.append(refs) or torch.zeros(2, 2, 8, 8, 8))
     logits_b = torch.randn(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     out = retrieve.decoder_a_probabilities(model, None, logits_b, ["B", "C"], bank, settings(k_fine=3),
-                                           torch.Generator().manual_seed(1))
+                                           torch.Generator().manual_seed(1), transfer=True)
     assert set(out) == {"retrieved", "random", "none", "retrieved_transfer", "random_transfer"}
     assert given[2] is None and not torch.equal(given[0].indices, given[1].indices)
     for swap, refs in zip(("retrieved", "random"), given):
