@@ -72,9 +72,15 @@ def supervised_loss(logits, label):
     return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
 
 
+def mean(t):
+    """The mean of t, and 0 (still in the graph) when t is empty: a batch of labeled patches only has no
+    unlabeled part, whose losses would otherwise be NaN."""
+    return t.mean() if t.numel() else t.sum()
+
+
 def mse(a, b):
-    """Mean squared error; 0 for no unlabeled patches (a batch of labeled patches only), not NaN."""
-    return F.mse_loss(a, b) if a.numel() else a.sum()
+    """Mean squared error, 0 over no patches."""
+    return mean((a - b).square())
 
 
 def sharpen(p, t):
@@ -89,7 +95,7 @@ def transfer_loss(labels, label, target, n_lab):
     unlabeled ones. Returns the two mean squared errors (labeled, unlabeled), every head counted."""
     share = F.adaptive_avg_pool3d(torch.cat([label, target])[:, None].float(), labels.shape[2:])  # (B, 1, d, h, w)
     err = (labels.float() - share).square()                                                       # (B, H, d, h, w)
-    return err[:n_lab].mean(), (err[n_lab:].mean() if len(err) > n_lab else err.sum() * 0)
+    return mean(err[:n_lab]), mean(err[n_lab:])
 
 
 @torch.no_grad()
