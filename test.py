@@ -230,6 +230,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
             row.update(dice_a_random=dice(prob[2] > 0.5, gt), dice_a_none=dice(prob[3] > 0.5, gt),
                        ref_delta=float(np.abs(prob[0] - prob[2]).mean()),
                        transfer=dice(prob[4] > 0.5, gt), transfer_random=dice(prob[5] > 0.5, gt))
+            row["ref_gain"] = row["dice_a"] - row["dice_a_random"]        # paired: same case, same network
         rows.append(row)
         if len(shown) < 4:
             shown.append((case_id, image, gt, prob[:2]))
@@ -274,6 +275,9 @@ def print_table(rows, summary, cfg, iteration, lcc):
         print(f"reference sensitivity, decoder A Dice: retrieved {100 * summary['dice_a']['mean']:.2f} %, random "
               f"{100 * summary['dice_a_random']['mean']:.2f} %, none {100 * summary['dice_a_none']['mean']:.2f} %; "
               f"mean |change| of its foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
+        gains = np.array([r["ref_gain"] for r in rows])
+        print(f"retrieved vs random, case by case (same network): decoder A's Dice {100 * gains.mean():+.2f} points "
+              f"on average, higher on {(gains > 0).sum()} and lower on {(gains < 0).sum()} of {len(gains)} cases")
         print(f"label transfer, the references' weighted masks alone (no network): Dice retrieved "
               f"{100 * summary['transfer']['mean']:.2f} %, random {100 * summary['transfer_random']['mean']:.2f} %")
     print()

@@ -405,7 +405,8 @@ ABLATIONS = {                         # DESIGN §1: what each part of CERS adds,
 # the ablation table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
          ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
-         ("dice_a_none", "A, no refs %", 100), ("ref_delta", "mean abs dp(A) x1e-3", 1000),
+         ("dice_a_none", "A, no refs %", 100), ("ref_gain", "A: retrieved - random, points", 100),
+         ("ref_delta", "mean abs dp(A) x1e-3", 1000),
          ("transfer", "transfer %", 100), ("transfer_random", "transfer, random %", 100), ("run_seconds", "minutes", 1 / 60)]
 
 
@@ -443,7 +444,7 @@ def ablation_table(folder, title):
         cells = []
         for key, _, scale in TABLE:
             values = [scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key]) for r in runs if key in r]
-            cells.append(f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "–")
+            cells.append(f"{round(np.mean(values), 2) + 0.0:.2f} ± {np.std(values):.2f}" if values else "–")  # no -0.00
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -125,7 +125,9 @@ def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
     assert "largest connected component ON" in out and "mean ± std" in out
     assert summary["cases"] == 2 and 0.0 <= summary["dice"]["mean"] <= 1.0
     assert summary["sensitivity"] and all(0.0 <= summary[k]["mean"] <= 1.0 for k in ("transfer", "transfer_random"))
-    assert "label transfer" in out
+    assert "label transfer" in out and "case by case" in out
+    rows = list(csv.DictReader(open(tmp_path / "run" / "test" / "per_case.csv")))   # the paired gain, per case
+    assert all(math.isclose(float(r["ref_gain"]), float(r["dice_a"]) - float(r["dice_a_random"])) for r in rows)
     for name in ("per_case.csv", "summary.json", "predictions.png", "references.png"):
         assert (tmp_path / "run" / "test" / name).stat().st_size > 0
     T.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "again"), "--device", "cpu"])
@@ -193,10 +195,12 @@ def test_ablation_table_aggregates_seeds(tmp_path):
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps({
             "dice": {"mean": dice}, "jaccard": {"mean": 0.7}, "hd95": {"mean": 5.0}, "asd": {"mean": 1.0},
-            "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta}, "run_seconds": 60.0}))
+            "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta}, "run_seconds": 60.0,
+            "ref_gain": {"mean": delta * 10}}))
     table = train.ablation_table(tmp_path, "t").splitlines()
     row = [c.strip() for c in table[3].split("|")[1:-1]]
     column = lambda head: row[table[1].split("|").index(f" {head} ") - 1]
     assert row[:3] == ["ref_masks", "2", "85.00 ± 5.00"] and row[-1] == "1.00 ± 0.00"
     assert column("mean abs dp(A) x1e-3") == "3.00 ± 1.00" and len(table) == 4
+    assert column("A: retrieved - random, points") == "3.00 ± 1.00"
     assert column("A, random refs %") == "–" and column("transfer %") == "–"
