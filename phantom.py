@@ -33,12 +33,12 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-from config import CASE_DIR, CASE_FILE, CersError, ConfigError, cli
+from config import CASE_DIR, CASE_FILE, EXPERIMENTS, CersError, ConfigError, cli
 
 PARAMS_FILE = "phantom.json"
 VERSION = 3  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
 ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # IDs look like the real ones: 20 upper-case alphanumerics
-SHAPE = (64, 64, 48)  # the default size, PHANTOM_8's: CPU-sized, about 1.6 mm voxels over the LA crop
+SHAPE = EXPERIMENTS["PHANTOM_8"]["phantom_shape"]  # the default size, (64, 64, 48): CPU-sized, about 1.6 mm voxels
 NOMINAL = 64.0      # the anatomy is laid out in voxels of a 64-wide crop (about 1.6 mm); other widths scale it
 VEIN_LABEL = 4.0    # nominal voxels: veins are labeled this far beyond the atrial body, then go on unlabeled
 THIN = 2.5          # nominal voxels: walls up to this thick (atria, vessels) show gaps; the LV's do not
@@ -374,8 +374,9 @@ def preview(root, png, n=4):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset (DESIGN.md §4).", allow_abbrev=False)
     p.add_argument("--out", default="data/phantom", help="dataset root")
-    p.add_argument("--n-train", type=int, default=40)
-    p.add_argument("--n-test", type=int, default=10)
+    n_train, n_test = EXPERIMENTS["PHANTOM_8"]["phantom_cases"]                   # PHANTOM_8's folder by default
+    p.add_argument("--n-train", type=int, default=n_train)
+    p.add_argument("--n-test", type=int, default=n_test)
     p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preview", metavar="PNG", help="also save axial slices of a few cases here")

@@ -97,6 +97,21 @@ def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path):
     assert (tmp_path / "half" / "log.csv").read_text().count("\n") == 6  # header + 5 rows, none lost
 
 
+def test_test_cases_never_change_training(tmp_path):
+    """Training reads the labeled and unlabeled cases only: a phantom with more test cases (the train cases are
+    the same files) gives bit-identical weights, so a run can be re-scored on a larger test set."""
+    ckpts = []
+    for n_test in (1, 3):
+        extra = dict(phantom="true", phantom_cases=f"6,{n_test}", phantom_shape="32,32,16", max_iters=3)
+        ckpts.append(train.train(tiny_cfg(tmp_path / f"data{n_test}", tmp_path / f"run{n_test}", **extra),
+                                 progress=False))
+    a, b = (torch.load(c, weights_only=False) for c in ckpts)
+    assert len(a["split"]["test"]) == 1 and len(b["split"]["test"]) == 3 and a["split"]["test"] == b["split"]["test"][:1]
+    for key in ("student", "teacher"):
+        assert all(torch.equal(t, b[key][name]) for name, t in a[key].items()), key
+    assert torch.equal(a["bank"]["features"], b["bank"]["features"])
+
+
 def test_training_steps_use_the_references(tiny_la, tmp_path, monkeypatch):
     """After the warm-up every step queries the bank; labeled queries never get their own case back."""
     seen = []
