@@ -219,3 +219,13 @@ def test_ablation_table_aggregates_seeds(tmp_path):
     assert column("mean abs dp(A) x1e-3") == "3.00 ± 1.00" and len(table) == 4
     assert column("A: retrieved - random, points") == "3.00 ± 1.00"
     assert column("A, random refs %") == "–" and column("transfer %") == "–"
+
+
+def test_ablation_table_writes_no_negative_zero(tmp_path):
+    """A mean that rounds to zero from below reads 0.00, not -0.00 (retrieved = random to 1e-6)."""
+    folder = tmp_path / "cers" / "seed1" / "test"
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"dice": {"mean": 0.5}, "ref_gain": {"mean": -1e-6}}))
+    table = train.ablation_table(tmp_path, "t").splitlines()
+    row = [c.strip() for c in table[3].split("|")[1:-1]]
+    assert row[table[1].split("|").index(" A: retrieved - random, points ") - 1] == "0.00 ± 0.00"
