@@ -31,7 +31,7 @@ import retrieve
 import test
 import train
 from bank import ReferenceBank
-from config import EXPERIMENTS, Config, ConfigError, cli, get_config, resolve_device
+from config import EXPERIMENTS, Config, ConfigError, cli, fast_paths, get_config, precision, resolve_device
 
 
 def sync(device):
@@ -115,7 +115,7 @@ def bench_variant(cfg, split, volumes, device, steps, warmup):
         case_id = split.test[0]
         image = volumes[case_id][0]
         model = run.student
-        predict = test.predictor(model, cfg, case_id, run.bank, run.bf16)
+        predict = test.predictor(model, cfg, case_id, run.bank, run.bf16, channels_last=run.channels_last)
         result["inference_s"], _ = timed(lambda: test.sliding_window(predict, image, cfg.patch_size, cfg.stride_xy,
                                                                   cfg.stride_z, cfg.window_batch, device), device, 3)
         result["volume"] = list(image.shape)
@@ -197,10 +197,10 @@ def main(argv=None):
 
     plain = bench_variant(dataclasses.replace(cfg, references=False), split, volumes, device, args.steps, args.warmup)
     cers = bench_variant(dataclasses.replace(cfg, references=True), split, volumes, device, args.steps, args.warmup)
-    fast = cfg.amp and device.type == "cuda"
+    bf16, channels_last = fast_paths(cfg, device)
     memory = "peak GPU memory" if device.type == "cuda" else "process peak RSS so far"
     per_iter = cers["step_s"] + cers["refresh_s"] / cfg.bank_refresh   # the refresh, amortised
-    lines = [f"precision: {'bf16 autocast + channels-last 3D' if fast else 'fp32'}"
+    lines = [f"precision: {precision(bf16, channels_last)}"
              f"{', torch.compile' if cfg.compile else ''}",
              f"{'step':28s} {'ms':>8s} {'it/s':>7s} {memory:>24s}",
              f"{'(b) plain dual-decoder MT':28s} {1e3 * plain['step_s']:8.1f} {1 / plain['step_s']:7.2f} "
@@ -222,7 +222,8 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(
-        {"device": str(device), "source": source, "steps": args.steps, "warmup": args.warmup, "fast": fast,
+        {"device": str(device), "source": source, "steps": args.steps, "warmup": args.warmup, "bf16": bf16,
+         "channels_last": channels_last,
          "compile": cfg.compile, "plain": plain, "cers": cers, "ratio": cers["step_s"] / plain["step_s"],
          "projected_s": per_iter * cfg.max_iters}, indent=1))
     return {"plain": plain, "cers": cers}

@@ -31,7 +31,7 @@ import data
 import retrieve
 from bank import ReferenceBank, crop
 from checkpoint import CheckpointError, load_checkpoint
-from config import Config, cli, resolve_device
+from config import Config, cli, fast_paths, resolve_device
 from morphology import morphology_batch
 
 # ----------------------------------------------------------------------------- metrics
@@ -145,7 +145,7 @@ def load_references(cfg, ckpt, device):
     return bank, ckpt["pool"]["image"]
 
 
-def predictor(model, cfg, case_id, bank=None, fast=False, generator=None):
+def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channels_last=None):
     """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities of
     decoder A and decoder B (K = 2). With a reference bank each batch of windows takes the training path:
     decoder B first, its prediction's morphology and the case's image-only CoT select references, decoder A
@@ -153,11 +153,12 @@ def predictor(model, cfg, case_id, bank=None, fast=False, generator=None):
     references, and the references' weighted masks come along (K = 6: A, B, A with random references, A
     without references, the retrieved and the random references' label transfer), for the sensitivity report."""
     swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
+    channels_last = bf16 if channels_last is None else channels_last
 
     def predict(x):
-        if fast:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=fast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             feats = model.encoder(x)
             b = model.decoder_b(feats)
             if bank is None:
@@ -209,8 +210,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     out = Path(out_dir or Path(cfg.out_dir) / "test")
     out.mkdir(parents=True, exist_ok=True)
     split = data.load_split(cfg.data_root, cfg.num_labeled)
-    fast = cfg.amp and device.type == "cuda"                             # bf16 autocast + channels-last 3D
-    if fast:
+    bf16, channels_last = fast_paths(cfg, device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     sensitivity = sensitivity and bank is not None
     rows, shown, seconds = [], [], []
@@ -219,7 +220,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         low_image, low_label = data.downsample(image, label, cfg.downsample)       # the model's grid
         generator = torch.Generator(device).manual_seed(cfg.seed + n) if sensitivity else None
         t = time.time()
-        prob = sliding_window(predictor(model, cfg, case_id, bank, fast, generator), low_image, cfg.patch_size,
+        prob = sliding_window(predictor(model, cfg, case_id, bank, bf16, generator, channels_last), low_image, cfg.patch_size,
                               cfg.stride_xy, cfg.stride_z, cfg.window_batch, device)   # (K, x, y, z)
         seconds.append(time.time() - t)
         low = score(prob, low_label.astype(bool), lcc) if cfg.downsample > 1 else {}

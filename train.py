@@ -36,7 +36,7 @@ import test
 from bank import ReferenceBank
 from checkpoint import (CheckpointError, check_run_folder, rng_state, save_checkpoint, seed_everything,
                         set_rng_state)
-from config import EXPERIMENTS, CersError, Config, ConfigError, cli, get_config
+from config import EXPERIMENTS, CersError, Config, ConfigError, cli, fast_paths, get_config, precision
 from distributed import World, average_buffers, check_consistent, gather, init_world, main_first, main_process
 from model import build_model
 from retrieve import decoder_a_probabilities, query_references
@@ -142,12 +142,13 @@ class Run:
 def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
     """Networks, optimiser, batch sampler, knowledge pool and reference bank for one run.
 
-    fast: bf16 autocast + channels-last 3D; default: cfg.amp on CUDA (the CPU path stays fp32)."""
-    fast = cfg.amp and device.type == "cuda" if fast is None else fast
+    fast: bf16 autocast + channels-last 3D; default: cfg.amp on CUDA. On the CPU, cfg.amp keeps fp32 and
+    still lays activations out channels-last (config.fast_paths)."""
+    bf16, channels_last = fast_paths(cfg, device) if fast is None else (fast, fast)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True          # fixed patch size: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed)                          # the same initial weights on every rank
-    memory_format = torch.channels_last_3d if fast else torch.contiguous_format
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     student = build_model(cfg).to(device, memory_format=memory_format)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
@@ -163,7 +164,7 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, cfg.labeled_bs, cfg.batch_size,
                                 cfg.patch_size, device, cfg.seed + world.rank)
-    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, bf16=fast, channels_last=fast,
+    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, bf16=bf16, channels_last=channels_last,
               ref_gen=torch.Generator(device).manual_seed(cfg.seed + world.rank))
     if cfg.references:                                 # knowledge pool and reference bank
         with main_first(world):
@@ -315,7 +316,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     data.load_volumes(cfg.data_root, [i for i in split.test if i not in volumes], progress=False, factor=cfg.downsample)  # now, not after
     run = setup(cfg, split, volumes, device, world, progress=progress)
     if world.main:
-        print(f"precision: {'bf16 autocast + channels-last 3D' if run.bf16 else 'fp32'}"
+        print(f"precision: {precision(run.bf16, run.channels_last)}"
               + (f"; reference bank: {len(run.bank)} labeled patches, references from iteration {cfg.ref_warmup}"
                  if run.bank is not None else ""))
 
