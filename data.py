@@ -9,7 +9,8 @@ The Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
 `LA_N` labels the first N IDs of train.list; the other 80 - N are unlabeled.
 Volumes are read once and kept in memory (as torch tensors on the training device), and the
 protocol's augmentation (random rot90 + flip in the x-y plane, then a random crop) runs on
-that device, so the training loop never waits for a data loader.
+that device, so the training loop never waits for a data loader. Beyond the protocol, opt-in
+(cfg.unlabeled_mix): the student may see the unlabeled patches of a batch cut and mixed (mix_unlabeled).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,27 @@ def crop(x, start, size):
     """A size-shaped crop of the last three dims starting at `start`."""
     (a, b, c), (p, q, r) = start, size
     return x[..., a:a + p, b:b + q, c:c + r]
+
+
+def mix_box(shape, device):
+    """A random box (1, 1, X, Y, Z) of True inside the patch `shape`, covering 25-75 % of its voxels (CutMix's
+    mask, French et al. 2020: semi-supervised segmentation needs perturbations that cut across objects, since
+    class boundaries do not run through low-density regions of the input)."""
+    side = torch.rand(()) * 0.5 + 0.25                                    # volume share, then each side's
+    size = [max(1, round(float(side ** (1 / 3)) * n)) for n in shape]
+    start = [int(torch.randint(n - m + 1, ())) for n, m in zip(shape, size)]
+    box = torch.zeros(1, 1, *shape, dtype=torch.bool, device=device)
+    crop(box, start, size).fill_(True)                                    # the crop is a view of the box
+    return box
+
+
+def mix_unlabeled(image, target, n_lab):
+    """Unlabeled patch j becomes patch j inside a random box and patch j - 1 outside it; its target alike. The
+    labeled patches are kept as they are. Returns the new image (B, 1, X, Y, Z) and target (Bu, X, Y, Z)."""
+    box = mix_box(image.shape[2:], image.device)                         # (1, 1, X, Y, Z)
+    u = image[n_lab:]
+    mixed = torch.where(box, u, u.roll(1, 0))
+    return torch.cat([image[:n_lab], mixed]), torch.where(box[:, 0], target, target.roll(1, 0))
 
 
 class BatchSampler:

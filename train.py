@@ -204,6 +204,9 @@ def train_step(run, it, image, label, ids):
         t_a = teacher.decode_a(feats, refs_u)
         p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
         target = sharpen(p_teacher, cfg.sharpen_t)
+        if cfg.unlabeled_mix and len(target) > 1:      # the student sees them cut and mixed (references kept)
+            image, target = data.mix_unlabeled(image, target, n_lab)
+            image = image.contiguous(memory_format=run.memory_format)
 
     # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
     with run.autocast():
@@ -401,7 +404,7 @@ ABLATIONS = {                         # DESIGN §1: what each part of CERS adds,
     "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
     "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
     "no_references": {"references": False},            # the plain dual-decoder mean teacher
-    "supervised_only": {"references": False, "consistency": 0.0},  # labeled patches alone
+    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False},  # labeled patches alone
 }
 # the ablation table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),

@@ -161,3 +161,21 @@ def test_low_resolution_real_la(la_root, tmp_path):
     run.student.train()
     losses = train.train_step(run, 0, *run.sampler.next())
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_unlabeled_mix_cuts_images_and_targets_alike():
+    """Each unlabeled patch becomes itself inside one box and its neighbour outside it, and so does its
+    target; the labeled patches stay as they are; the box covers 25-75 % of the patch."""
+    torch.manual_seed(0)
+    n_lab, shape = 2, (8, 6, 4)
+    image = torch.arange(5.0).view(5, 1, 1, 1, 1).expand(5, 1, *shape).clone()   # patch i is all i
+    target = torch.arange(3.0).view(3, 1, 1, 1).expand(3, *shape).clone() / 10    # unlabeled j: j / 10
+    for _ in range(20):
+        mixed, mixed_target = data.mix_unlabeled(image, target, n_lab)
+        assert torch.equal(mixed[:n_lab], image[:n_lab])
+        u = mixed[n_lab:, 0]                                                      # (3, X, Y, Z)
+        own = u == torch.arange(n_lab, 5.0).view(3, 1, 1, 1)                      # inside the box
+        neighbour = u == torch.tensor([4.0, 2.0, 3.0]).view(3, 1, 1, 1)         # patch j - 1 (cyclic)
+        assert (own ^ neighbour).all() and (own == own[0]).all()                  # one box for every patch
+        assert 0.2 <= own[0].float().mean() <= 0.8
+        assert torch.equal(mixed_target, torch.where(own, target, target.roll(1, 0)))
