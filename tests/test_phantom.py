@@ -50,7 +50,8 @@ def test_arrays(tiny):
         assert set(np.unique(label)) == {0, 1} and 0.01 < label.mean() < 0.2
         assert image.shape[2] == SHAPE[2]
         assert all(0.84 * n <= m <= 1.16 * n for m, n in zip(image.shape[:2], SHAPE[:2]))
-        assert image[label == 1].mean() > image[label == 0].mean() + 1        # blood pools are bright
+        # blood pools are bright; from version 4 on, blood-to-tissue contrast goes down to 1.4 : 1 in some cases
+        assert image[label == 1].mean() > image[label == 0].mean() + 0.75
         sizes.add(image.shape)
     assert len(sizes) > 1                                     # sizes vary per case, like the real data
 
@@ -101,7 +102,7 @@ def test_veins_are_labeled_only_near_the_body():
     rng = np.random.default_rng([0, 1])
     size = np.array(phantom.SHAPE)
     grid = [g.astype(np.float32) for g in np.ogrid[:size[0], :size[1], :size[2]]]
-    q = phantom.heart_frame(rng, grid, size, 1.0)
+    q = phantom.heart_frame(rng, grid, size, size[0] / phantom.NOMINAL)   # the anatomy scaled as make_case does
     pools = phantom.anatomy(rng, q, [np.zeros(size, np.float32)] * 3)
     la, veins = pools["la"][0], pools["veins"][0] <= 0
     near, far = veins & (la > 0) & (la <= phantom.VEIN_LABEL), veins & (la > phantom.VEIN_LABEL + 2)
