@@ -123,7 +123,7 @@ def la(n):
 EXPERIMENTS = {
     "LA_4": la(4), "LA_8": la(8), "LA_16": la(16),
     # CPU-sized offline default: small synthetic volumes (48 x 48 x 32, about 2.1 mm), 8 of 80 training cases
-    # labeled as in LA_8, a narrower V-Net, 32^3 patches; 1200 iterations (about 5 minutes on 2 cores).
+    # labeled as in LA_8, a narrower V-Net, 32^3 patches; 1200 iterations (about 7 minutes on 2 cores).
     # The unlabeled losses work through cut-and-mixed unlabeled patches at full weight: with plain consistency
     # the mean teacher was not above supervised-only here (README, "The phantom"). 50 test cases: paired
     # comparisons on one network, such as decoder A with retrieved against random references, need them
@@ -278,6 +278,6 @@ def fast_paths(cfg, device):
 
 
 def precision(bf16, channels_last):
-    """How a run computes, for the logs: 'bf16 autocast + channels-last 3D', 'fp32, channels-last 3D', 'fp32'."""
+    """How a run computes, for the logs: 'bf16 autocast + channels-last 3D', 'fp32 + channels-last 3D', 'fp32'."""
     return ("bf16 autocast" if bf16 else "fp32") + (" + channels-last 3D" if channels_last else "")
 

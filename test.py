@@ -220,8 +220,9 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         low_image, low_label = data.downsample(image, label, cfg.downsample)       # the model's grid
         generator = torch.Generator(device).manual_seed(cfg.seed + n) if sensitivity else None
         t = time.time()
-        prob = sliding_window(predictor(model, cfg, case_id, bank, bf16, generator, channels_last), low_image, cfg.patch_size,
-                              cfg.stride_xy, cfg.stride_z, cfg.window_batch, device)   # (K, x, y, z)
+        predict = predictor(model, cfg, case_id, bank, bf16, generator, channels_last)
+        prob = sliding_window(predict, low_image, cfg.patch_size, cfg.stride_xy, cfg.stride_z, cfg.window_batch,
+                              device)                                                    # (K, x, y, z)
         seconds.append(time.time() - t)
         low = score(prob, low_label.astype(bool), lcc) if cfg.downsample > 1 else {}
         prob = data.upsample_probabilities(prob, cfg.downsample, image.shape)       # (K, X, Y, Z)
