@@ -145,7 +145,7 @@ def load_references(cfg, ckpt, device):
     return bank, ckpt["pool"]["image"]
 
 
-def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channels_last=None):
+def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channels_last=False):
     """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities of
     decoder A and decoder B (K = 2). With a reference bank each batch of windows takes the training path:
     decoder B first, its prediction's morphology and the case's image-only CoT select references, decoder A
@@ -153,7 +153,6 @@ def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channe
     references, and the references' weighted masks come along (K = 6: A, B, A with random references, A
     without references, the retrieved and the random references' label transfer), for the sensitivity report."""
     swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
-    channels_last = bf16 if channels_last is None else channels_last
 
     def predict(x):
         if channels_last:
