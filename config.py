@@ -56,6 +56,9 @@ class Config:
     teacher_noise: float = 0.1        # std of the Gaussian noise on the teacher's input (clamped at 2 std)
     unlabeled_mix: bool = False       # the student sees pairs of unlabeled patches cut and mixed (CutMix), the
                                       # teacher's targets mixed alike (False: the student sees them as they are)
+    mix_labeled: bool = False         # each unlabeled patch is cut and mixed with a labeled one instead (bidirectional
+                                      # copy-paste), its target the ground truth where the labeled patch shows and
+                                      # the teacher's hard labels elsewhere, under the supervised loss
     seed: int = 1337
     # knowledge pool (pool.py)
     cot_backend: str = "auto"         # "auto" | "llm" | "descriptors"; auto = llm when llm_url is set
@@ -195,7 +198,7 @@ CHECKS = {  # key: (test, what the value must be); every key of Config, applied 
     "weight_decay": non_negative, "ema_decay": fraction, "consistency": non_negative,
     "rampup_iters": (lambda v: v >= 0, "a whole number >= 0"),
     "sharpen_t": (lambda v: 0 < v <= 1, "a temperature in (0, 1] (1: no sharpening)"),
-    "teacher_noise": non_negative, "unlabeled_mix": flag,
+    "teacher_noise": non_negative, "unlabeled_mix": flag, "mix_labeled": flag,
     "seed": (lambda v: 0 <= v < 2 ** 32, "a whole number in [0, 2^32)"),
     "cot_backend": (lambda v: v in ("auto", "llm", "descriptors"), "one of auto, llm, descriptors"),
     "llm_url": (lambda v: v == "" or v.startswith(("http://", "https://")), "empty or an http(s):// URL"),

@@ -10,7 +10,8 @@ The Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
 Volumes are read once and kept in memory (as torch tensors on the training device), and the
 protocol's augmentation (random rot90 + flip in the x-y plane, then a random crop) runs on
 that device, so the training loop never waits for a data loader. Beyond the protocol, opt-in
-(cfg.unlabeled_mix): the student may see the unlabeled patches of a batch cut and mixed (mix_unlabeled).
+(cfg.unlabeled_mix, cfg.mix_labeled): the student may see the unlabeled patches of a batch cut and mixed
+with each other (mix_unlabeled) or with the labeled ones (mix_with_labeled).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,19 @@ def mix_unlabeled(image, target, n_lab):
     u = image[n_lab:]
     mixed = torch.where(box, u, u.roll(1, 0))
     return torch.cat([image[:n_lab], mixed]), torch.where(box[:, 0], target, target.roll(1, 0))
+
+
+def mix_with_labeled(image, target, label, n_lab):
+    """Bidirectional copy-paste (Bai et al. 2023): unlabeled patch j is cut and mixed with labeled patch
+    j mod n_lab, the labeled one inside a random box for even j and outside it for odd j, so both sides of
+    the box carry ground truth in turn; its target takes the label where the labeled patch shows. The
+    labeled patches are kept as they are. Returns the new image (B, 1, X, Y, Z) and target (Bu, X, Y, Z)."""
+    box = mix_box(image.shape[2:], image.device)                         # (1, 1, X, Y, Z)
+    j = torch.arange(len(image) - n_lab, device=image.device)
+    partner = j % n_lab
+    shows = (j % 2 == 0).view(-1, 1, 1, 1, 1) == box                     # (Bu, 1, X, Y, Z): the labeled patch
+    mixed = torch.where(shows, image[partner], image[n_lab:])
+    return torch.cat([image[:n_lab], mixed]), torch.where(shows[:, 0], label[partner].to(target.dtype), target)
 
 
 class BatchSampler:

@@ -204,9 +204,11 @@ def train_step(run, it, image, label, ids):
         t_a = teacher.decode_a(feats, refs_u)
         p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
         target = sharpen(p_teacher, cfg.sharpen_t)
-        if cfg.unlabeled_mix and len(target) > 1:      # the student sees them cut and mixed (references kept)
+        if cfg.mix_labeled and n_lab and len(target):  # the student sees them cut and mixed (references kept)
+            image, target = data.mix_with_labeled(image, target, label, n_lab)
+        elif cfg.unlabeled_mix and len(target) > 1:
             image, target = data.mix_unlabeled(image, target, n_lab)
-            image = image.contiguous(memory_format=run.memory_format)
+        image = image.contiguous(memory_format=run.memory_format)
 
     # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
     with run.autocast():
@@ -215,7 +217,11 @@ def train_step(run, it, image, label, ids):
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
     p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
-    loss_mt = mse(p_a, target) + mse(p_b, target)
+    if cfg.mix_labeled and len(target):    # copy-paste: part ground truth, so the labeled loss on hard targets
+        hard = (target > 0.5).long()
+        loss_mt = supervised_loss(logits_a[n_lab:], hard) + supervised_loss(logits_b[n_lab:], hard)
+    else:
+        loss_mt = mse(p_a, target) + mse(p_b, target)
     loss_cross = mse(p_a, sharpen(p_b, cfg.sharpen_t).detach()) + mse(p_b, sharpen(p_a, cfg.sharpen_t).detach())
     w = consistency_weight(it, cfg)
     loss = loss_sup + w * (loss_mt + loss_cross)
@@ -404,7 +410,7 @@ ABLATIONS = {                         # DESIGN §1: what each part of CERS adds,
     "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
     "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
     "no_references": {"references": False},            # the plain dual-decoder mean teacher
-    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False},  # labeled patches alone
+    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False},  # labeled patches alone
 }
 # the ablation table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),

@@ -179,3 +179,26 @@ def test_unlabeled_mix_cuts_images_and_targets_alike():
         assert (own ^ neighbour).all() and (own == own[0]).all()                  # one box for every patch
         assert 0.2 <= own[0].float().mean() <= 0.8
         assert torch.equal(mixed_target, torch.where(own, target, target.roll(1, 0)))
+
+
+def test_mix_with_labeled_pastes_each_way_with_the_ground_truth():
+    """Unlabeled patch j is mixed with labeled patch j mod n_lab: the labeled one inside the box for even j,
+    outside it for odd j (one box for all); the target is the label where the labeled patch shows and the
+    teacher's target elsewhere; the labeled patches stay as they are."""
+    torch.manual_seed(0)
+    n_lab, shape = 2, (8, 6, 4)
+    image = torch.arange(5.0).view(5, 1, 1, 1, 1).expand(5, 1, *shape).clone()   # patch i is all i
+    target = torch.full((3, *shape), 0.5)
+    label = torch.stack([torch.zeros(shape, dtype=torch.long), torch.ones(shape, dtype=torch.long)])
+    for _ in range(20):
+        mixed, mixed_target = data.mix_with_labeled(image, target, label, n_lab)
+        assert torch.equal(mixed[:n_lab], image[:n_lab]) and mixed_target.dtype == target.dtype
+        u = mixed[n_lab:, 0]                                                      # (3, X, Y, Z)
+        partner = torch.tensor([0.0, 1.0, 0.0]).view(3, 1, 1, 1)                 # labeled patch j mod 2
+        shows = u == partner
+        assert (shows | (u == torch.arange(n_lab, 5.0).view(3, 1, 1, 1))).all()  # partner or itself
+        box = shows[0]
+        assert torch.equal(shows[1], ~box) and torch.equal(shows[2], box)        # inside, outside, inside
+        assert 0.2 <= box.float().mean() <= 0.8
+        expected = torch.where(shows, partner.expand_as(target), target)         # label j mod 2 is all j mod 2
+        assert torch.equal(mixed_target, expected)

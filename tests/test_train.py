@@ -83,10 +83,10 @@ def test_a_few_iterations_lower_the_supervised_loss(tiny_la, tmp_path):
     assert sup[-1] < 0.7 * sup[0], sup
 
 
-@pytest.mark.parametrize("mix", ["false", "true"])
+@pytest.mark.parametrize("mix", [{"unlabeled_mix": "false"}, {"unlabeled_mix": "true"}, {"mix_labeled": "true"}])
 def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path, mix):
-    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, unlabeled_mix=mix), progress=False)
-    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, unlabeled_mix=mix)
+    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, **mix), progress=False)
+    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, **mix)
     train.train(half, progress=False, stop_at=3)                      # interrupted after the bank's first fill
     resumed = train.train(half, resume=True, progress=False)
     a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
