@@ -204,7 +204,7 @@ def train_step(run, it, image, label, ids):
         t_a = teacher.decode_a(feats, refs_u)
         p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
         target = sharpen(p_teacher, cfg.sharpen_t)
-        if cfg.mix_labeled and n_lab and len(target):  # the student sees them cut and mixed (references kept)
+        if cfg.mix_labeled and len(target):            # the student sees them cut and mixed (references kept)
             image, target = data.mix_with_labeled(image, target, label, n_lab)
         elif cfg.unlabeled_mix and len(target) > 1:
             image, target = data.mix_unlabeled(image, target, n_lab)
