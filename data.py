@@ -11,7 +11,8 @@ Volumes are read once and kept in memory (as torch tensors on the training devic
 protocol's augmentation (random rot90 + flip in the x-y plane, then a random crop) runs on
 that device, so the training loop never waits for a data loader. Beyond the protocol, opt-in
 (cfg.unlabeled_mix, cfg.mix_labeled): the student may see the unlabeled patches of a batch cut and mixed
-with each other (mix_unlabeled) or with the labeled ones (mix_with_labeled).
+with each other (mix_unlabeled) or with the labeled ones (mix_with_labeled), and (cfg.strong_view) with
+their appearance changed (strong_view) while the teacher sees them as they are.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import phantom
@@ -242,6 +244,47 @@ def mix_with_labeled(image, target, label, n_lab):
     shows = (j % 2 == 0).view(-1, 1, 1, 1, 1) == box                     # (Bu, 1, X, Y, Z): the labeled patch
     mixed = torch.where(shows, image[partner], image[n_lab:])
     return torch.cat([image[:n_lab], mixed]), torch.where(shows[:, 0], label[partner].to(target.dtype), target)
+
+
+def blur(x, sigma):
+    """Gaussian blur of (B, 1, X, Y, Z) with one sigma (voxels) per patch, a host tensor (B,) (so the kernel's
+    radius is known without waiting for the device), as three separable 1D passes."""
+    r = max(1, int(torch.ceil(3 * sigma.max())))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma.clamp_min(1e-3)[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)               # (B, 2r + 1)
+    b = len(x)
+    x = x.transpose(0, 1)                                                 # (1, B, X, Y, Z): one group per patch
+    for dim in range(3):
+        shape = [b, 1, 1, 1, 1]
+        shape[2 + dim] = 2 * r + 1
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - dim):2 * (2 - dim) + 2] = [r, r]
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(shape), groups=b)
+    return x.transpose(0, 1)
+
+
+def strong_view(x):
+    """The student's strong view of unlabeled patches (B, 1, X, Y, Z): the appearance changes that vary
+    between scanners and sessions, drawn per patch (weak-to-strong consistency, as in FixMatch, Sohn et al.
+    2020): partial-volume blur (sigma 0-1.2 voxels), a smooth multiplicative bias field (up to +-35 %), an
+    intensity response (gamma 0.6-1.6) and Gaussian noise (std up to 0.15 of the patch's intensity range:
+    heavy, edges stay but texture drowns). Geometry is untouched, so the teacher's targets from the weak
+    view still fit voxel for voxel. The patch keeps its mean and std."""
+    b, shape = len(x), x.shape[2:]
+    rand = lambda lo, hi: torch.rand(b, 1, 1, 1, 1, device=x.device) * (hi - lo) + lo
+    lo = x.amin((1, 2, 3, 4), keepdim=True)
+    hi = x.amax((1, 2, 3, 4), keepdim=True)
+    y = (x - lo) / (hi - lo).clamp_min(1e-6)                              # [0, 1] per patch
+    y = blur(y, torch.rand(b) * 1.2)                                      # drawn on the host
+    field = F.interpolate(torch.randn(b, 1, 3, 3, 3, device=x.device), size=shape, mode="trilinear",
+                          align_corners=True)
+    y = y * torch.exp(rand(0.0, 0.35) * field)
+    y = y.clamp_min(0) ** torch.exp(rand(-0.5, 0.5))                      # gamma about 0.6-1.6
+    y = y + torch.randn_like(y) * rand(0.0, 0.15)
+    mean, std = x.mean((1, 2, 3, 4), keepdim=True), x.std((1, 2, 3, 4), keepdim=True)
+    y_mean, y_std = y.mean((1, 2, 3, 4), keepdim=True), y.std((1, 2, 3, 4), keepdim=True)
+    return ((y - y_mean) / y_std.clamp_min(1e-6) * std + mean).to(x.dtype)
 
 
 class BatchSampler:

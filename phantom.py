@@ -39,7 +39,7 @@ from config import CASE_DIR, CASE_FILE, EXPERIMENTS, CersError, ConfigError, cli
 PARAMS_FILE = "phantom.json"
 VERSION = 4  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
 ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # IDs look like the real ones: 20 upper-case alphanumerics
-SHAPE = EXPERIMENTS["PHANTOM_8"]["phantom_shape"]  # the default size, (64, 64, 48): CPU-sized, about 1.6 mm voxels
+SHAPE = EXPERIMENTS["PHANTOM_8"]["phantom_shape"]  # the default size, (48, 48, 32): CPU-sized, about 2.1 mm voxels
 NOMINAL = 64.0      # the anatomy is laid out in voxels of a 64-wide crop (about 1.6 mm); other widths scale it
 VEIN_LABEL = 4.0    # nominal voxels: veins are labeled this far beyond the atrial body, then go on unlabeled
 THIN = 2.5          # nominal voxels: walls up to this thick (atria, vessels) show gaps; the LV's do not

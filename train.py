@@ -179,6 +179,8 @@ def train_step(run, it, image, label, ids):
     SGD step, EMA teacher. Returns the losses as device tensors (reading them is the caller's choice)."""
     cfg, student, teacher, bank = run.cfg, run.student, run.teacher, run.bank
     n_lab = cfg.labeled_bs
+    if cfg.strong_labeled:                                                 # appearance augmentation, labeled only
+        image = torch.cat([data.strong_view(image[:n_lab]), image[n_lab:]])
     image = image.contiguous(memory_format=run.memory_format)              # (B, 1, X, Y, Z)
 
     # 1. references (after the warm-up): the bank follows the teacher's encoder every bank_refresh
@@ -208,6 +210,8 @@ def train_step(run, it, image, label, ids):
             image, target = data.mix_with_labeled(image, target, label, n_lab)
         elif cfg.unlabeled_mix and len(target) > 1:
             image, target = data.mix_unlabeled(image, target, n_lab)
+        if cfg.strong_view and len(target):
+            image = torch.cat([image[:n_lab], data.strong_view(image[n_lab:])])
         image = image.contiguous(memory_format=run.memory_format)
 
     # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
@@ -410,7 +414,8 @@ ABLATIONS = {                         # DESIGN §1: what each part of CERS adds,
     "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
     "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
     "no_references": {"references": False},            # the plain dual-decoder mean teacher
-    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False},  # labeled patches alone
+    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False,
+                        "strong_view": False},  # labeled patches alone
 }
 # the ablation table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),

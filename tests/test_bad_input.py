@@ -140,10 +140,10 @@ def test_every_case_labeled_needs_an_all_labeled_batch(finished, capsys, tmp_pat
     before = snapshot(out)
     refused(capsys, train.main, run_args(root, out, "--force", num_labeled=str(n)), f"num_labeled={n}", "labeled_bs")
     assert snapshot(out) == before
-    for mix in ("false", "true"):                   # copy-paste has no unlabeled patch to mix either
+    for mix in ("false", "true"):                   # copy-paste and the strong view have no unlabeled patch either
         assert cli(train.main, run_args(root, tmp_path / f"run_{mix}", "--no-test", num_labeled=str(n), labeled_bs="2",
                                         batch_size="2", max_iters="2", references="false", consistency="0",
-                                        mix_labeled=mix)) == 0
+                                        mix_labeled=mix, strong_view=mix)) == 0
 
 
 def test_lists_with_a_byte_order_mark_and_crlf_are_read(finished, tmp_path):

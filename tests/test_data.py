@@ -1,4 +1,6 @@
 """The LA loader: real and synthetic files, every bad input's error, augmentation alignment, batches."""
+import math
+
 import h5py
 import numpy as np
 import pytest
@@ -202,3 +204,36 @@ def test_mix_with_labeled_pastes_each_way_with_the_ground_truth():
         assert 0.2 <= box.float().mean() <= 0.8
         expected = torch.where(shows, partner.expand_as(target), target)         # label j mod 2 is all j mod 2
         assert torch.equal(mixed_target, expected)
+
+
+def test_blur_is_a_normalised_gaussian_and_sigma_zero_keeps_the_patch():
+    delta = torch.zeros(2, 1, 9, 9, 9)
+    delta[:, :, 4, 4, 4] = 1
+    out = data.blur(delta, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(out[0], delta[0])                                        # sigma 0: unchanged
+    g = out[1, 0]
+    assert abs(float(g.sum()) - 1) < 1e-5
+    assert torch.allclose(g, g.flip(0)) and torch.allclose(g, g.permute(1, 2, 0))  # symmetric, isotropic
+    assert abs(float(g[5, 4, 4] / g[4, 4, 4]) - math.exp(-0.5)) < 1e-4             # exp(-d^2 / 2 sigma^2), d = 1
+
+
+def test_strong_view_changes_appearance_not_geometry():
+    """Each patch gets its own blur, bias, gamma and noise, keeps its mean and std, and a bright ball stays
+    where it was (the teacher's targets still fit)."""
+    torch.manual_seed(0)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(16.0)] * 3, indexing="ij"))
+    centers = torch.tensor([[5.0, 6, 7], [10, 9, 8], [8, 8, 8]])
+    balls = torch.stack([((grid - c.view(3, 1, 1, 1)) ** 2).sum(0) < 16 for c in centers]).float()
+    x = (balls + 0.05 * torch.randn_like(balls)).unsqueeze(1)                      # (3, 1, 16, 16, 16)
+    y = data.strong_view(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.allclose(y.mean((1, 2, 3, 4)), x.mean((1, 2, 3, 4)), atol=1e-4)
+    assert torch.allclose(y.std((1, 2, 3, 4)), x.std((1, 2, 3, 4)), atol=1e-4)
+    change = (y - x).abs().mean((1, 2, 3, 4))
+    assert (change > 0.02).all() and len(set(change.tolist())) == 3                 # changed, each its own way
+    for ball, before, patch in zip(balls, x[:, 0], y[:, 0]):
+        contrast = lambda p: p[ball > 0].mean() - p[ball == 0].mean()
+        assert contrast(patch) > 0.5 * contrast(before)                            # the ball still stands out
+        weight = (patch - patch.min()) * ball
+        com = (grid * weight).sum((1, 2, 3)) / weight.sum()
+        assert torch.allclose(com, (grid * ball).sum((1, 2, 3)) / ball.sum(), atol=0.5)

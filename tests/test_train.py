@@ -83,7 +83,8 @@ def test_a_few_iterations_lower_the_supervised_loss(tiny_la, tmp_path):
     assert sup[-1] < 0.7 * sup[0], sup
 
 
-@pytest.mark.parametrize("mix", [{"unlabeled_mix": "false"}, {"unlabeled_mix": "true"}, {"mix_labeled": "true"}])
+@pytest.mark.parametrize("mix", [{"unlabeled_mix": "false"}, {"unlabeled_mix": "true"}, {"mix_labeled": "true"},
+                                 {"unlabeled_mix": "true", "strong_view": "true"}])
 def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path, mix):
     full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, **mix), progress=False)
     half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, **mix)
@@ -132,6 +133,24 @@ def test_training_steps_use_the_references(tiny_la, tmp_path, monkeypatch):
             assert own not in refs
     saved = torch.load(ckpt, weights_only=False)
     assert set(saved["pool"]["image"]) >= set(case_ids) and saved["bank"]["features"].shape[1] == 64
+
+
+@pytest.mark.parametrize("flags, sizes", [({"strong_view": "false"}, []), ({"strong_view": "true"}, [2]),
+                                           ({"strong_view": "true", "strong_labeled": "true"}, [2, 2]),
+                                           ({"strong_view": "false", "strong_labeled": "true"}, [2])])
+def test_strong_view_goes_to_the_patches_asked_for(tiny_la, tmp_path, monkeypatch, flags, sizes):
+    """strong_view changes the student's unlabeled patches (after the teacher saw them), strong_labeled the
+    labeled ones; the batch here is 2 labeled + 2 unlabeled, so each call's size says which part it got."""
+    seen = []
+    view = train.data.strong_view
+
+    def spy(x):
+        seen.append(len(x))
+        return view(x)
+
+    monkeypatch.setattr(train.data, "strong_view", spy)
+    train.train(tiny_cfg(tiny_la, tmp_path / "run", references="false", max_iters=2, **flags), progress=False)
+    assert seen == sizes * 2                                          # the same calls in each of 2 iterations
 
 
 def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
