@@ -139,8 +139,8 @@ def test_training_steps_use_the_references(tiny_la, tmp_path, monkeypatch):
                                            ({"strong_view": "true", "strong_labeled": "true"}, [2, 2]),
                                            ({"strong_view": "false", "strong_labeled": "true"}, [2])])
 def test_strong_view_goes_to_the_patches_asked_for(tiny_la, tmp_path, monkeypatch, flags, sizes):
-    """strong_view changes the student's unlabeled patches (after the teacher saw them), strong_labeled the
-    labeled ones; the batch here is 2 labeled + 2 unlabeled, so each call's size says which part it got."""
+    """strong_view changes the unlabeled patches, strong_labeled the labeled ones, each once a step; the batch
+    here is 2 labeled + 2 unlabeled, and a batch-sized call (4) would mean both parts at once."""
     seen = []
     view = train.data.strong_view
 
