@@ -73,7 +73,7 @@ def bench_data(cfg, n_unlabeled):
         cfg.data_root = phantom.write_phantom(Path(tempfile.mkdtemp()) / "synthetic", cfg.num_labeled + n_unlabeled,
                                               1, shape, seed=0)
         source = f"SYNTHETIC phantom volumes {shape} (no data at the experiment's data_root)"
-    split = data.load_split(cfg.data_root, cfg.num_labeled)
+    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     split.unlabeled, split.test = split.unlabeled[:n_unlabeled], split.test[:1]
     volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, progress=False,
                                  factor=cfg.downsample)

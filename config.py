@@ -35,6 +35,9 @@ class Config:
     phantom_cases: tuple = (40, 10)   # phantom (train, test) case counts
     num_labeled: int = 8              # the first N IDs of train.list are labeled (LA_N)
     downsample: int = 1               # read volumes on a grid this many times coarser (block means; LA_8_LOW)
+    cache_dir: str = "data/cache"     # coarser volumes kept here, keyed by file content and factor ("" = none)
+    val_cases: int = 0                # hold the last N IDs of train.list out as a validation split, scored in
+                                      # place of test.list (for tuning; 0 = the protocol, test.list scored)
     patch_size: tuple = (112, 112, 80)  # training patch and sliding window, each side divisible by 16
     batch_size: int = 4               # patches per step: labeled_bs labeled + the rest unlabeled
     labeled_bs: int = 2
@@ -191,7 +194,8 @@ CHECKS = {  # key: (test, what the value must be); every key of Config, applied 
     "exp": name, "data_root": name, "out_dir": name, "phantom": flag,
     "phantom_shape": (lambda v: len(v) == 3 and min(v) >= 16, "three sizes of at least 16 voxels, e.g. 64,64,48"),
     "phantom_cases": (lambda v: len(v) == 2 and min(v) >= 1, "two counts >= 1 (train, test), e.g. 40,10"),
-    "downsample": count, "num_labeled": (lambda v: v >= 1, "a count >= 1 (and at most the IDs in train.list)"),
+    "downsample": count, "cache_dir": (lambda v: v == v.strip(), "a folder, or empty for no cache"),
+    "val_cases": (lambda v: v >= 0, "a whole number >= 0 (IDs held out of train.list)"), "num_labeled": (lambda v: v >= 1, "a count >= 1 (and at most the IDs in train.list)"),
     "patch_size": (lambda v: len(v) == 3 and all(p > 0 and p % 16 == 0 for p in v),
                    "three sides, each a positive multiple of 16, e.g. 112,112,80"),
     "batch_size": count, "labeled_bs": count, "base_filters": count,

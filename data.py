@@ -14,6 +14,10 @@ that device, so the training loop never waits for a data loader. Beyond the prot
 with each other (mix_unlabeled) or with the labeled ones (mix_with_labeled), and (cfg.strong_view) with
 their appearance changed (strong_view) while the teacher sees them as they are.
 """
+import hashlib
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,34 +114,94 @@ def read_case(path):
 class Split:
     root: Path
     labeled: list    # the first N IDs of train.list
-    unlabeled: list  # the rest of train.list
-    test: list       # test.list
+    unlabeled: list  # the rest of train.list (less the validation cases)
+    test: list       # the cases scored: test.list, or the validation cases when val_cases > 0
+    scored: str = "test"  # "test" or "validation": which list `test` holds
 
 
-def load_split(root, num_labeled):
-    """The LA_N split of a dataset root; every listed case must have its h5 file."""
+def load_split(root, num_labeled, val_cases=0):
+    """The LA_N split of a dataset root; every listed case must have its h5 file.
+
+    val_cases > 0 holds the last `val_cases` IDs of train.list out of training and scores them in place of
+    test.list, which is then not read at all: schedules and thresholds are tuned there, never on the test list
+    (docs/design.md §3). The labeled cases stay the first N IDs of train.list."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data root not found (for LA, put the UA-MT data/LA folder here)")
-    train, test = read_list(root / "train.list"), read_list(root / "test.list")
-    leaked = sorted(set(test) & set(train), key=test.index)
-    if leaked:
-        raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. {leaked[0]!r}: a test case "
-                        "must never be trained on; remove it from one of the lists")
+    train = read_list(root / "train.list")
+    if val_cases:
+        if not 1 <= num_labeled <= len(train) - val_cases:
+            raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} with val_cases={val_cases} needs at "
+                            f"least {num_labeled + val_cases} IDs; the list has {len(train)}")
+        test, train, scored = train[-val_cases:], train[:-val_cases], "validation"
+    else:
+        test, scored = read_list(root / "test.list"), "test"
+        leaked = sorted(set(test) & set(train), key=test.index)
+        if leaked:
+            raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. {leaked[0]!r}: a "
+                            "test case must never be trained on; remove it from one of the lists")
     if not 1 <= num_labeled <= len(train):
         raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} but the list has {len(train)} IDs")
     for case_id in train + test:
         if not case_path(root, case_id).is_file():
             raise DataError(f"{case_path(root, case_id)}: listed ID '{case_id}' has no h5 file")
         check_case_file(case_path(root, case_id))
-    return Split(root, train[:num_labeled], train[num_labeled:], test)
+    return Split(root, train[:num_labeled], train[num_labeled:], test, scored)
 
 
-def load_volumes(root, ids, progress=True, factor=1):
-    """Read every case once: {ID: (image, label)} as numpy arrays (a few seconds for all 100 LA cases), on a
-    grid `factor` times coarser than the files' when factor > 1 (see downsample)."""
-    return {i: downsample(*read_case(case_path(root, i)), factor)
-            for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+def load_volumes(root, ids, progress=True, factor=1, cache_dir=""):
+    """Read every case once: {ID: (image, label)} as numpy arrays, on a grid `factor` times coarser than the
+    files' when factor > 1 (see downsample). Coarser volumes are kept in `cache_dir` (when given), keyed by the
+    source file's content and the factor, so later runs skip reading and resampling them."""
+    def one(case_id):
+        path = case_path(root, case_id)
+        if factor == 1 or not cache_dir:
+            return downsample(*read_case(path), factor)
+        return cached_downsample(path, factor, Path(cache_dir))
+    return {i: one(i) for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+
+
+CACHE_VERSION = 1   # bump when downsample() changes what it computes: older cache files are then not read
+
+
+def cache_file(path, factor, cache_dir):
+    """The cache file of one case file on a grid `factor` times coarser: named by the source's content hash."""
+    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    return Path(cache_dir) / f"{digest}-x{factor}-v{CACHE_VERSION}.npz", digest
+
+
+def read_cached(file, digest, factor):
+    """(image, label) of a cache file that is whole and was made from `digest` at `factor`, else None (a missing,
+    truncated or foreign file: the caller rebuilds it)."""
+    try:
+        with np.load(file) as z:
+            ok = (str(z["source"]) == digest and int(z["factor"]) == factor and z["image"].dtype == np.float32
+                  and z["label"].dtype == np.uint8 and z["image"].shape == z["label"].shape and z["image"].ndim == 3)
+            return (z["image"], z["label"]) if ok else None
+    except FileNotFoundError:
+        return None
+    except Exception:   # a truncated or damaged zip raises BadZipFile, EOFError, ValueError, OSError, KeyError
+        print(f"note: {file}: damaged volume cache entry; rebuilding it", file=sys.stderr)
+        return None
+
+
+def cached_downsample(path, factor, cache_dir):
+    """downsample(read_case(path), factor), from the cache when a valid entry exists; written there otherwise
+    (atomically: a killed run leaves the old state, never a partial file under the final name)."""
+    file, digest = cache_file(path, factor, cache_dir)
+    hit = read_cached(file, digest, factor)
+    if hit is not None:
+        return hit
+    image, label = downsample(*read_case(path), factor)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{file.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, image=image, label=label, source=digest, factor=factor)
+        os.replace(tmp, file)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return image, label
 
 
 # ----------------------------------------------------------------------------- a coarser grid (LA_8_LOW)
@@ -183,9 +247,10 @@ def prepare_data(cfg, world=World()):
     """The split and the in-memory volumes (the phantom is written first when the config asks for it).
     With references on, the test cases are read too: the knowledge pool describes every image."""
     ensure_phantom(cfg, world)
-    split = load_split(cfg.data_root, cfg.num_labeled)
+    split = load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
-    return split, load_volumes(cfg.data_root, ids, progress=world.main, factor=cfg.downsample)
+    return split, load_volumes(cfg.data_root, ids, progress=world.main, factor=cfg.downsample,
+                               cache_dir=cfg.cache_dir)
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -353,7 +353,7 @@ def main(argv=None):
         parser.error("give --explain ID or --filter-report")
     cfg = get_config(args.exp, overrides)
     data.ensure_phantom(cfg)
-    split = data.load_split(cfg.data_root, cfg.num_labeled)
+    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     if args.explain and args.explain not in split.labeled + split.unlabeled + split.test:
         raise ConfigError(f"--explain: case {args.explain!r} is in neither train.list nor test.list of {cfg.data_root}")
     volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, factor=cfg.downsample)

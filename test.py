@@ -134,8 +134,9 @@ def load_references(cfg, ckpt, device):
     """The reference bank and CoT texts a CERS checkpoint was trained with (None, None for a plain network)."""
     if not cfg.references:
         return None, None
-    split = data.load_split(cfg.data_root, cfg.num_labeled)
-    volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False, factor=cfg.downsample)
+    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
+    volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False, factor=cfg.downsample,
+                                cache_dir=cfg.cache_dir)
     bank = ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
     bank.load_state_dict(ckpt["bank"])
     bank.index_queries(ckpt["pool"]["image"])
@@ -208,7 +209,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     bank, image_cots = load_references(cfg, ckpt, device)
     out = Path(out_dir or Path(cfg.out_dir) / "test")
     out.mkdir(parents=True, exist_ok=True)
-    split = data.load_split(cfg.data_root, cfg.num_labeled)
+    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     bf16, channels_last = fast_paths(cfg, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -242,11 +243,11 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         writer.writerows(rows)
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                for k in rows[0] if k != "case"}
-    summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows),
+    summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows), scored=split.scored,
                    seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
                    config=dataclasses.asdict(cfg))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print_table(rows, summary, cfg, ckpt["iter"], lcc)
+    print_table(rows, summary, cfg, ckpt["iter"], lcc, split.scored)
     figures = [plot_cases(shown, out / "predictions.png")]
     if bank is not None:                                # why the first test case's first window got its references
         figures.append(plot_references(out / "references.png", model, bank, image_cots, cfg, split.test[0], device))
@@ -254,9 +255,9 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     return summary
 
 
-def print_table(rows, summary, cfg, iteration, lcc):
+def print_table(rows, summary, cfg, iteration, lcc, scored="test"):
     print(f"\n{cfg.exp}: last checkpoint (iteration {iteration}), "
-          f"largest connected component {'ON' if lcc else 'off'}, {len(rows)} test cases")
+          f"largest connected component {'ON' if lcc else 'off'}, {len(rows)} {scored} cases")
     print(f"{'case':24s} {'Dice %':>8s} {'Jacc %':>8s} {'95HD':>8s} {'ASD':>8s}")
     for r in rows:
         print(f"{r['case']:24s} {100 * r['dice']:8.2f} {100 * r['jaccard']:8.2f} {r['hd95']:8.2f} {r['asd']:8.2f}")

@@ -326,7 +326,8 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
         print(f"config ({device}, {world.size} process(es)):")
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
     split, volumes = data.prepare_data(cfg, world)
-    data.load_volumes(cfg.data_root, [i for i in split.test if i not in volumes], progress=False, factor=cfg.downsample)  # now, not after
+    data.load_volumes(cfg.data_root, [i for i in split.test if i not in volumes], progress=False,
+                      factor=cfg.downsample, cache_dir=cfg.cache_dir)       # now, not after training
     run = setup(cfg, split, volumes, device, world, progress=progress)
     if world.main:
         print(f"precision: {precision(run.bf16, run.channels_last)}"
