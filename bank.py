@@ -45,15 +45,6 @@ def grid_boxes(shape, patch, stride):
             for x in starts[0] for y in starts[1] for z in starts[2]]
 
 
-def crop(volume, box):
-    """The box of a volume (X, Y, Z), zero where the box reaches outside it (the training-crop padding rule)."""
-    lo, hi = np.array(box[:3]), np.array(box[3:])
-    out = np.zeros(hi - lo, volume.dtype)
-    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)
-    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[tuple(slice(i, j) for i, j in zip(a, b))]
-    return out
-
-
 class ReferenceBank:
     """Labeled patches: case ID, orientation, crop box, morphology vector (from the ground truth), the case's
     mask CoT, and per entry a reference feature map, stacked as `features` (N, C, d, h, w), and the crop's
@@ -91,7 +82,7 @@ class ReferenceBank:
             for v in range(len(ORIENTATIONS)):
                 label = orient(volumes[cid][1], v)
                 vboxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
-                morph.append(morphology_batch(np.stack([crop(label, b) > 0 for b in vboxes])))
+                morph.append(morphology_batch(np.stack([data.padded_crop(label, b) > 0 for b in vboxes])))
                 case_ids += [cid] * len(vboxes)
                 variants += [v] * len(vboxes)
                 boxes += vboxes
@@ -114,13 +105,13 @@ class ReferenceBank:
         for cid, v in dict.fromkeys(zip(self.case_ids, self.variants)):
             vol_image, vol_label = (orient(x, v) for x in self.volumes[cid])
             for i in np.flatnonzero((np.array(self.case_ids) == cid) & (self.variants == v)):
-                image[i], label[i] = crop(vol_image, self.boxes[i]), crop(vol_label, self.boxes[i])
+                image[i], label[i] = data.padded_crop(vol_image, self.boxes[i]), data.padded_crop(vol_label, self.boxes[i])
         return np.stack(image), np.stack(label)
 
     def patch(self, i):
         """Entry i's image and ground-truth patches (X, Y, Z) numpy, cut from its oriented volume."""
         image, label = (orient(v, self.variants[i]) for v in self.volumes[self.case_ids[i]])
-        return crop(image, self.boxes[i]), crop(label, self.boxes[i])
+        return data.padded_crop(image, self.boxes[i]), data.padded_crop(label, self.boxes[i])
 
     def _index(self):
         """Stage-1 and stage-2 structures, built once: scaler + kNN on morphology, BM25 on distinct texts,

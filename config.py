@@ -1,8 +1,8 @@
 """The one place for experiment settings: the Config dataclass, the named experiments, `--key=value`
-overrides checked by type, and the checks a config must pass (STYLE.md, "Config in one place").
+overrides checked by type, and the checks a config must pass (docs/design.md §2).
 
-Every entry point (train.py, test.py, pool.py, retrieve.py, bench.py) reads its config from here
-(DESIGN.md §3 for the LA protocol the LA_N experiments follow, §4 for the offline PHANTOM_8):
+Every entry point (train.py, test.py, pool.py, explain.py, bench.py) reads its config from here
+(docs/design.md §3 for the LA protocol the LA_N experiments follow, §4 for the offline PHANTOM_8):
 
     cfg = get_config("LA_8", ["--max_iters=2000", "--k_fine=2"])
 
@@ -10,7 +10,8 @@ The resolved config is printed at the start of training and stored in every chec
 rebuilds the network from the checkpoint's copy instead of re-typing arguments.
 
 Bad input is refused early with a CersError (ConfigError here; DataError, CheckpointError, LLMError above)
-whose message names the file, the key and the value; cli() shows it as one line on stderr.
+whose message names the file, the key and the value; cli() shows it as one line on stderr, on a line of its
+own even when a progress bar was open.
 """
 import difflib
 import math
@@ -20,6 +21,7 @@ import typing
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 CASE_DIR = "2018LA_Seg_Training Set"  # the LA layout: <data_root>/<CASE_DIR>/<ID>/<CASE_FILE> (spaces included)
 CASE_FILE = "mri_norm2.h5"
@@ -121,9 +123,18 @@ def cli(main, argv=None):
     try:
         main(argv)
     except CersError as e:
+        close_progress_bars()
         print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     return 0
+
+
+def close_progress_bars():
+    """Close the progress bars an error left open, each keeping its last state on its own line: the error's
+    message then starts a line of its own (else it lands on the bar's line, and the bar's clean-up follows)."""
+    for bar in sorted(getattr(tqdm, "_instances", ()), key=lambda bar: -abs(bar.pos)):   # innermost first
+        bar.leave = True
+        bar.close()
 
 
 def la(n):

@@ -277,6 +277,17 @@ def crop(x, start, size):
     return x[..., a:a + p, b:b + q, c:c + r]
 
 
+def padded_crop(volume, box):
+    """The box (x0, y0, z0, x1, y1, z1) of a numpy volume (X, Y, Z), zero where the box reaches outside it (the
+    padding rule of the training crops): the bank's patches and the patches explained. crop() is the torch
+    view inside a tensor that sampling and inference use."""
+    lo, hi = np.array(box[:3]), np.array(box[3:])
+    out = np.zeros(hi - lo, volume.dtype)
+    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)
+    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[tuple(slice(i, j) for i, j in zip(a, b))]
+    return out
+
+
 def mix_box(shape, device):
     """A random box (1, 1, X, Y, Z) of True inside the patch `shape`, covering 25-75 % of its voxels (CutMix's
     mask, French et al. 2020: semi-supervised segmentation needs perturbations that cut across objects, since

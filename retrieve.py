@@ -1,4 +1,4 @@
-"""Semantic-aware reference selection: morphology kNN, then BM25 CoT consistency (DESIGN.md §1.2, §5).
+"""Semantic-aware reference selection: morphology kNN, then BM25 CoT consistency (docs/design.md §6).
 
 For a query patch, references come from the bank (bank.py) in two stages:
 
@@ -14,13 +14,9 @@ features (teacher encoder bottleneck, EMA-refreshed) feed MCAM (mcam.py).
 select() runs on the host and explains itself; select_device() makes the same picks on
 the training device without host-device synchronisation, from BM25 scores that
 bank.index_queries() computes once per (query case, distinct bank text); query_references()
-is the whole query as training and testing run it.
-
-    python retrieve.py --exp LA_8 --explain ID   # why these references, plus a PNG
+is the whole query as training and testing run it. format_explanation and plot_explanation show why a
+selection chose what it did; explain.py is their command line.
 """
-import argparse
-import dataclasses
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data
-import pool
-from bank import ReferenceBank, crop, grid_boxes
-from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, cli, get_config
+from data import padded_crop
 from morphology import morphology_batch, morphology_torch
 
 MODES = ("both", "morph", "cot", "random")  # ablations: both stages, morphology only, CoT only, random
@@ -218,7 +210,7 @@ def select_device(bank, morph, rows, cfg, generator=None, mode=None):
 # the query as training and testing run it
 
 def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
-    """DESIGN §1.2 at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> references.
+    """Reference selection (docs/design.md §6) at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> references.
 
     logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
     labeled query never retrieves its own patches); mode: cfg.retrieval unless given ("random" for the
@@ -243,7 +235,7 @@ def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generat
     """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: with the references
     retrieved for decoder B's prediction logits_b, with as many random bank entries of other cases in their
     place (drawn from `generator`, equal weights, the same case cap), and with none. How far decoder A's
-    output moves between them is how much it uses what the references contain (DESIGN.md §5).
+    output moves between them is how much it uses what the references contain (docs/design.md §6, §10).
 
     With `transfer`, for the swaps with references, "<swap>_transfer" is the references' own answer: their ground-truth masks
     averaged with their weights (B, X, Y, Z), the label an atlas method would transfer to the query without
@@ -285,7 +277,7 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
     fig = Figure(figsize=(2.2 * (k + 1), 2.4 * rows))
     axes = fig.subplots(rows, k + 1, squeeze=False)
     for r in range(rows):
-        patch = crop(image, boxes[r])
+        patch = padded_crop(image, boxes[r])
         axes[r, 0].imshow(patch[:, :, patch.shape[2] // 2].T, cmap="gray")
         where = tuple(int(v) for v in boxes[r][:3])
         axes[r, 0].set_title(f"query {sel.explain[r]['case_id']}\nbox {where}", fontsize=8)
@@ -300,75 +292,3 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
-
-
-# -----------------------------------------------------------------------------
-
-def query_masks(cfg, image, label, boxes, labeled):
-    """The query patches' masks (n, X, Y, Z): decoder B of the experiment's last checkpoint, as in training
-    and testing; without a checkpoint, the ground truth of a labeled case. Other masks are never read."""
-    ckpt = Path(cfg.out_dir) / "ckpt_last.pt"
-    if ckpt.is_file():
-        model, _, _ = load_checkpoint(ckpt, "cpu")
-        x = torch.from_numpy(np.stack([crop(image, b) for b in boxes])[:, None])   # (n, 1, X, Y, Z)
-        with torch.no_grad():
-            return (model.predict_b(x).argmax(1) == 1).numpy()
-    if not labeled:
-        raise CheckpointError(f"no checkpoint at {ckpt}: train first, or explain a labeled case (its mask is known)")
-    print(f"no checkpoint at {ckpt}: the labeled case's ground truth stands in for decoder B's prediction")
-    return np.stack([crop(label, b) > 0 for b in boxes])
-
-
-def filter_report(bank, image_texts, cfg, taus=(0.5, 0.6, 0.7, 0.8, 0.9)):
-    """How much the CoT filter acts (DESIGN.md §5), as lines of text. Every bank entry is a query: its
-    ground-truth morphology, its case's image CoT, its own case excluded. Per tau: the share of the
-    morphology candidates the BM25 stage rejects as hard negatives, the queries left with no survivor,
-    the slots the fill rule fills and the distinct cases among the references."""
-    ids = bank.case_ids
-    lines = [f"{len(set(bank.texts))} distinct mask CoTs for {len(set(ids))} labeled cases, "
-             f"{len(set(image_texts.values()))} distinct image CoTs for {len(image_texts)} cases; queries: the "
-             f"{len(bank)} bank entries (ground-truth morphology, own case excluded), k_coarse {cfg.k_coarse}, "
-             f"k_fine {cfg.k_fine}, at most {cfg.max_refs_per_case} per case"]
-    for tau in taus:
-        sel = select(bank, bank.morph, [image_texts[c] for c in ids], ids, dataclasses.replace(cfg, tau=tau))
-        rejected = np.mean([rec["hard_negative"].mean() for rec in sel.explain])
-        cases = np.mean([len({bank.case_ids[i] for i, w in zip(row, ws) if w > 0})
-                         for row, ws in zip(sel.indices, sel.weights)])
-        lines.append(f"tau {tau:.2f}: {100 * rejected:5.1f} % of candidates rejected, "
-                     f"{100 * np.mean(sel.n_filled == cfg.k_fine):5.1f} % of queries with no survivor, "
-                     f"{sel.n_filled.mean():.2f} of {cfg.k_fine} slots filled, "
-                     f"{cases:.2f} distinct cases among the references")
-    return lines
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Explain reference selection for one case, or report how "
-                                                 "much the CoT filter acts.", allow_abbrev=False)
-    parser.add_argument("--exp", default="LA_8", help="named experiment (config.py)")
-    parser.add_argument("--explain", metavar="ID", help="case ID whose patches are the queries")
-    parser.add_argument("--filter-report", action="store_true",
-                        help="the share of morphology candidates the CoT filter rejects, for several tau")
-    args, overrides = parser.parse_known_args(argv)
-    if not (args.explain or args.filter_report):
-        parser.error("give --explain ID or --filter-report")
-    cfg = get_config(args.exp, overrides)
-    data.ensure_phantom(cfg)
-    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
-    if args.explain and args.explain not in split.labeled + split.unlabeled + split.test:
-        raise ConfigError(f"--explain: case {args.explain!r} is in neither train.list nor test.list of {cfg.data_root}")
-    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, factor=cfg.downsample)
-    texts = pool.build_pool(cfg, split, volumes)
-    bank = ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
-    if args.filter_report:
-        print("\n".join(filter_report(bank, texts.image, cfg)))
-        return
-    image, label = volumes[args.explain]
-    boxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
-    morph = morphology_batch(query_masks(cfg, image, label, boxes, args.explain in split.labeled))
-    sel = select(bank, morph, [texts.image[args.explain]] * len(boxes), [args.explain] * len(boxes), cfg)
-    print(format_explanation(bank, sel, boxes))
-    print("figure:", plot_explanation(Path(cfg.out_dir) / f"explain_{args.explain}.png", image, boxes, bank, sel))
-
-
-if __name__ == "__main__":
-    sys.exit(cli(main))

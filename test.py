@@ -1,4 +1,4 @@
-"""Sliding-window inference and the field's metrics (DESIGN.md §3, Test).
+"""Sliding-window inference and the field's metrics (docs/design.md §10).
 
     python test.py                          # runs/LA_8/ckpt_last.pt on the LA test list
     python test.py --exp PHANTOM_8 --lcc    # keep the largest connected component
@@ -11,8 +11,7 @@ spacing. Where medpy raises on empty masks, this module scores instead:
     exactly one mask empty:  Dice 0, Jaccard 0, 95HD and ASD = the volume's diagonal in voxels
                              (the largest distance possible; an empty prediction is never flattered)
 
-The reported checkpoint is the last one; nothing here looks at the test set to choose it. plot_curves
-draws a run's training log (train.py calls it at the end).
+The reported checkpoint is the last one; nothing here looks at the test set to choose it.
 """
 import argparse
 import csv
@@ -20,6 +19,7 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import data
 import retrieve
-from bank import ReferenceBank, crop
+from bank import ReferenceBank
 from checkpoint import CheckpointError, load_checkpoint
 from config import Config, cli, fast_paths, resolve_device
 from morphology import morphology_batch
@@ -96,6 +96,31 @@ METRICS = {"dice": dice, "jaccard": jaccard, "hd95": hd95, "asd": asd}
 
 # ----------------------------------------------------------------------------- inference
 
+@dataclass
+class Probabilities:
+    """The foreground probabilities (X, Y, Z) of one volume, one field per output of predictor(): what is
+    scored, and what the reference-sensitivity report compares (None where it is not computed)."""
+    a: np.ndarray                          # decoder A, with the retrieved references when there is a bank
+    b: np.ndarray                          # decoder B
+    a_random: np.ndarray = None            # decoder A with random bank entries in place of its references
+    a_none: np.ndarray = None              # decoder A without references
+    transfer: np.ndarray = None            # the retrieved references' weighted masks alone (no network)
+    transfer_random: np.ndarray = None     # the random references' weighted masks alone
+
+    @property
+    def mean(self):
+        """The reported prediction's probability: the mean of both decoders'."""
+        return (self.a + self.b) / 2
+
+    @classmethod
+    def unstack(cls, prob):
+        """The fields of sliding_window's (K, X, Y, Z) average of predictor()'s outputs, which are stacked in
+        the order of the fields."""
+        return cls(**dict(zip(OUTPUTS, prob)))
+
+
+OUTPUTS = [field.name for field in dataclasses.fields(Probabilities)]
+
 
 def window_starts(size, patch, stride):
     """Window origins along one axis: every `stride`, the last one flush with the end."""
@@ -147,12 +172,12 @@ def load_references(cfg, ckpt, device):
 
 
 def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channels_last=False):
-    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities of
-    decoder A and decoder B (K = 2). With a reference bank each batch of windows takes the training path:
-    decoder B first, its prediction's morphology and the case's image-only CoT select references, decoder A
-    fuses them; with a `generator` decoder A also runs with random bank entries in their place and with no
-    references, and the references' weighted masks come along (K = 6: A, B, A with random references, A
-    without references, the retrieved and the random references' label transfer), for the sensitivity report."""
+    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities, the
+    fields of Probabilities in their order: decoder A's and decoder B's (K = 2). With a reference bank each
+    batch of windows takes the training path: decoder B first, its prediction's morphology and the case's
+    image-only CoT select references, decoder A fuses them; with a `generator` decoder A also runs with random
+    bank entries in their place and with no references, and the references' weighted masks come along
+    (K = 6), for the sensitivity report."""
     swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
 
     def predict(x):
@@ -164,10 +189,13 @@ def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channe
             if bank is None:
                 a = {"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]}
             else:
-                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator, swaps,
-                                                     transfer=generator is not None)
-        extra = [a[s] for s in swaps[1:]] + ([a["retrieved_transfer"], a["random_transfer"]] if generator else [])
-        return torch.stack([a["retrieved"], b.float().softmax(1)[:, 1], *extra], 1)
+                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator,
+                                                     swaps, transfer=generator is not None)
+        out = {"a": a["retrieved"], "b": b.float().softmax(1)[:, 1]}
+        if generator is not None:
+            out.update(a_random=a["random"], a_none=a["none"], transfer=a["retrieved_transfer"],
+                       transfer_random=a["random_transfer"])
+        return torch.stack([out[name] for name in OUTPUTS if name in out], 1)
     return predict
 
 
@@ -177,20 +205,20 @@ def plot_references(png, model, bank, image_cots, cfg, case_id, device):
     the readable twin of the device path that chose the references during testing."""
     image, _ = data.downsample(*data.read_case(data.case_path(cfg.data_root, case_id)), cfg.downsample)
     box = (0, 0, 0, *cfg.patch_size)
-    window = crop(image, box)                                  # (*patch), zero outside the volume
+    window = data.padded_crop(image, box)                           # (*patch), zero outside the volume
     mask = (model.predict_b(torch.from_numpy(window)[None, None].to(device)).argmax(1) == 1).cpu().numpy()
     selection = retrieve.select(bank, morphology_batch(mask), [image_cots[case_id]], [case_id], cfg)
     return retrieve.plot_explanation(png, window, [box], bank, selection, max_rows=1)
 
 
 def score(prob, gt, lcc):
-    """The metrics of the mean of both decoders' probabilities prob[:2] (K, X, Y, Z) > 0.5 (largest component
-    only with lcc) against gt, and each decoder's own Dice."""
-    pred = prob[:2].mean(0) > 0.5
+    """The metrics of the mean of both decoders' Probabilities > 0.5 (largest component only with lcc) against
+    gt, and each decoder's own Dice."""
+    pred = prob.mean > 0.5
     if lcc:
         pred = largest_component(pred)
-    return {**{k: f(pred, gt) for k, f in METRICS.items()}, "dice_a": dice(prob[0] > 0.5, gt),
-            "dice_b": dice(prob[1] > 0.5, gt)}
+    return {**{k: f(pred, gt) for k, f in METRICS.items()}, "dice_a": dice(prob.a > 0.5, gt),
+            "dice_b": dice(prob.b > 0.5, gt)}
 
 
 def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sensitivity=True):
@@ -200,7 +228,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     morphology and the case's image-only CoT select references, then decoder A fuses their context. With
     `sensitivity` decoder A is also scored with random bank entries in place of the retrieved references
     and with none, and the mean |change| of its foreground probability (retrieved vs random) is reported:
-    whether decoder A uses what its references contain (DESIGN.md §5). A model trained on a coarser grid
+    whether decoder A uses what its references contain (docs/design.md §10). A model trained on a coarser grid
     (cfg.downsample > 1) predicts on that grid and is scored there ("low_" keys) and, its probabilities
     brought back to the original grid (data.upsample_probabilities), against the original labels (the
     reported metrics, comparable with the protocol's)."""
@@ -221,21 +249,21 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         generator = torch.Generator(device).manual_seed(cfg.seed + n) if sensitivity else None
         t = time.time()
         predict = predictor(model, cfg, case_id, bank, bf16, generator, channels_last)
-        prob = sliding_window(predict, low_image, cfg.patch_size, cfg.stride_xy, cfg.stride_z, cfg.window_batch,
-                              device)                                                    # (K, x, y, z)
+        stack = sliding_window(predict, low_image, cfg.patch_size, cfg.stride_xy, cfg.stride_z,
+                               cfg.window_batch, device)                                 # (K, x, y, z)
         seconds.append(time.time() - t)
-        low = score(prob, low_label.astype(bool), lcc) if cfg.downsample > 1 else {}
-        prob = data.upsample_probabilities(prob, cfg.downsample, image.shape)       # (K, X, Y, Z)
+        low = score(Probabilities.unstack(stack), low_label.astype(bool), lcc) if cfg.downsample > 1 else {}
+        prob = Probabilities.unstack(data.upsample_probabilities(stack, cfg.downsample, image.shape))
         gt = label.astype(bool)
         row = {"case": case_id, **score(prob, gt, lcc), **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
         if sensitivity:                                 # decoder A with random references, without references
-            row.update(dice_a_random=dice(prob[2] > 0.5, gt), dice_a_none=dice(prob[3] > 0.5, gt),
-                       ref_delta=float(np.abs(prob[0] - prob[2]).mean()),
-                       transfer=dice(prob[4] > 0.5, gt), transfer_random=dice(prob[5] > 0.5, gt))
+            row.update(dice_a_random=dice(prob.a_random > 0.5, gt), dice_a_none=dice(prob.a_none > 0.5, gt),
+                       ref_delta=float(np.abs(prob.a - prob.a_random).mean()),
+                       transfer=dice(prob.transfer > 0.5, gt), transfer_random=dice(prob.transfer_random > 0.5, gt))
             row["ref_gain"] = row["dice_a"] - row["dice_a_random"]        # paired: same case, same network
         rows.append(row)
         if len(shown) < 4:
-            shown.append((case_id, image, gt, prob[:2]))
+            shown.append((case_id, image, gt, Probabilities(prob.a, prob.b)))
 
     with open(out / "per_case.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -294,7 +322,7 @@ def plot_cases(cases, png):
     fig, axes = plt.subplots(len(cases), 4, figsize=(12, 3.1 * len(cases)), squeeze=False)
     for row, (case_id, image, gt, prob) in zip(axes, cases):
         z = int(np.argwhere(gt)[:, 2].mean()) if gt.any() else gt.shape[2] // 2
-        preds = {"decoder A": prob[0] > 0.5, "decoder B": prob[1] > 0.5, "mean (reported)": prob.mean(0) > 0.5}
+        preds = {"decoder A": prob.a > 0.5, "decoder B": prob.b > 0.5, "mean (reported)": prob.mean > 0.5}
         row[0].imshow(image[:, :, z].T, cmap="gray")
         row[0].set_title(f"{case_id[:12]} z={z}", fontsize=8)
         for ax, (name, pred) in zip(row[1:], preds.items()):
@@ -310,31 +338,6 @@ def plot_cases(cases, png):
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
-
-
-def plot_curves(log_path, png):
-    """Training curves from the CSV log: losses (decoder A's supervised part too), the reference sensitivity
-    (mean |change| of decoder A's probability, retrieved vs random references), consistency weight, lr."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    it = [float(r["iter"]) for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
-    for key in ("loss", "sup", "sup_a", "cons"):
-        axes[0].plot(it, [float(r[key]) for r in rows], label=key)
-    axes[0].set_yscale("log"), axes[0].legend(), axes[0].set_title("losses")
-    axes[1].plot(it, [float(r["ref_delta"]) for r in rows]), axes[1].set_title("decoder A: retrieved vs random refs")
-    axes[2].plot(it, [float(r["cons_w"]) for r in rows]), axes[2].set_title("consistency weight")
-    axes[3].plot(it, [float(r["lr"]) for r in rows]), axes[3].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("iteration")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):

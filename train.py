@@ -1,21 +1,23 @@
-"""The dual-decoder mean-teacher training loop with CERS references (DESIGN.md §1.5, §3).
+"""The dual-decoder mean-teacher training loop with CERS references (docs/design.md §9).
 
     python train.py --exp LA_8                      # the LA protocol, 8 labeled scans
     python train.py --exp PHANTOM_8                 # offline default: synthetic data, CPU-sized
     python train.py --exp LA_8 --max_iters=2000     # any config key, checked by type
     python train.py --exp LA_8 --resume             # continue from runs/LA_8/ckpt_last.pt
     python train.py --exp LA_8 --force              # replace a run with another config in runs/LA_8
+    python train.py --exp LA_8 --ablation all --seeds 3   # train and test each ablation (ablate.py)
 
 Labeled patches: Dice + cross-entropy on both decoders. Unlabeled patches: both student decoders
 follow the teacher's sharpened prediction, and each other's (cross-decoder consistency), with a
-sigmoid ramp-up. The teacher is an exponential moving average (EMA) of the student.
+sigmoid ramp-up. The teacher is an exponential moving average (EMA) of the student. Decoder A fuses
+the references that reasoning selects (retrieve.py). The extensions beyond the paper are one call each
+in train_step (extensions.py); the losses are in losses.py, the log in runlog.py.
 
-Read top to bottom: schedules and losses, the run's state (setup), one step (train_step), the loop
-(train), ablations and the command line. Settings come from config.py.
+Read top to bottom: schedules and the EMA, the run's state (setup), one step (train_step), the loop
+(train) and the command line. Settings come from config.py.
 """
 import argparse
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -24,24 +26,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import ablate
 import data
+import extensions
 import pool
+import runlog
 import test
 from bank import ReferenceBank
 from checkpoint import (CheckpointError, check_run_folder, rng_state, save_checkpoint, seed_everything,
                         set_rng_state)
 from config import EXPERIMENTS, CersError, Config, ConfigError, cli, fast_paths, get_config, precision
-from distributed import World, average_buffers, check_consistent, gather, init_world, main_first, main_process
+from distributed import (World, average_buffers, check_consistent, gather, init_world, main_first,
+                         main_process)
+from losses import mse, sharpen, supervised_loss
 from model import build_model
 from retrieve import decoder_a_probabilities, query_references
 
-# ----------------------------------------------------------------------------- schedules and losses
+# ----------------------------------------------------------------------------- schedules and the EMA
 
 def lr_at(it, cfg):
     """Poly decay: lr * (1 - it / max_iters) ** 0.9."""
@@ -57,45 +62,8 @@ def sigmoid_rampup(current, length):
 
 
 def consistency_weight(it, cfg):
+    """The weight of the unlabeled losses: consistency times the sigmoid ramp-up."""
     return cfg.consistency * sigmoid_rampup(it, cfg.rampup_iters)
-
-
-def dice_loss(prob, target, eps=1e-5):
-    """1 - soft Dice of the foreground probability (B, X, Y, Z) against a {0, 1} target."""
-    inter = (prob * target).sum()
-    return 1.0 - (2.0 * inter + eps) / (prob.sum() + target.sum() + eps)
-
-
-def supervised_loss(logits, label):
-    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z) and label (Lb, X, Y, Z)."""
-    prob = logits.float().softmax(1)[:, 1]
-    return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
-
-
-def mean(t):
-    """The mean of t, and 0 (still in the graph) when t is empty: a batch of labeled patches only has no
-    unlabeled part, whose losses would otherwise be NaN."""
-    return t.mean() if t.numel() else t.sum()
-
-
-def mse(a, b):
-    """Mean squared error, 0 over no patches."""
-    return mean((a - b).square())
-
-
-def sharpen(p, t):
-    """Push a foreground probability towards 0 or 1: p^(1/t) / (p^(1/t) + (1 - p)^(1/t))."""
-    a, b = p.pow(1.0 / t), (1.0 - p).pow(1.0 / t)
-    return a / (a + b)
-
-
-def transfer_loss(labels, label, target, n_lab):
-    """How far the labels the fusion transferred from the references (B, H, d, h, w) are from the query's own
-    foreground share on the same grid: the ground truth for the labeled patches, the teacher's target for the
-    unlabeled ones. Returns the two mean squared errors (labeled, unlabeled), every head counted."""
-    share = F.adaptive_avg_pool3d(torch.cat([label, target])[:, None].float(), labels.shape[2:])  # (B, 1, d, h, w)
-    err = (labels.float() - share).square()                                                       # (B, H, d, h, w)
-    return mean(err[:n_lab]), mean(err[n_lab:])
 
 
 @torch.no_grad()
@@ -121,7 +89,8 @@ class Run:
     device: torch.device
     world: World
     student: torch.nn.Module
-    net: torch.nn.Module               # what the step calls: the student, or its DistributedDataParallel wrapper
+    net: torch.nn.Module               # what the step calls: the student, or its DistributedDataParallel
+                                       # wrapper
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
     sampler: data.BatchSampler
@@ -161,11 +130,12 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
     if world.size > 1:                                 # before the warm-up the MCAM parameters get no gradient
         net = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=cfg.references)
     torch.manual_seed(cfg.seed + world.rank)           # each rank its own noise and dropout
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, cfg.labeled_bs, cfg.batch_size,
                                 cfg.patch_size, device, cfg.seed + world.rank)
-    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, bf16=bf16, channels_last=channels_last,
-              ref_gen=torch.Generator(device).manual_seed(cfg.seed + world.rank))
+    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, bf16=bf16,
+              channels_last=channels_last, ref_gen=torch.Generator(device).manual_seed(cfg.seed + world.rank))
     if cfg.references:                                 # knowledge pool and reference bank
         with main_first(world):
             run.cots = pool.build_pool(cfg, split, volumes, progress=progress and world.main)
@@ -175,12 +145,13 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
 
 
 def train_step(run, it, image, label, ids):
-    """One iteration on a batch (labeled patches first): teacher targets, references, student losses,
-    SGD step, EMA teacher. Returns the losses as device tensors (reading them is the caller's choice)."""
+    """One iteration on a batch (labeled patches first): references, teacher targets, student losses, SGD
+    step, EMA teacher. Each extension beyond the paper is one call to extensions.py, which hands the batch or
+    the loss back unchanged when its switch is off. Returns the losses as device tensors (reading them is the
+    caller's choice)."""
     cfg, student, teacher, bank = run.cfg, run.student, run.teacher, run.bank
     n_lab = cfg.labeled_bs
-    if cfg.strong_labeled:                                                 # appearance augmentation, labeled only
-        image = torch.cat([data.strong_view(image[:n_lab]), image[n_lab:]])
+    image = extensions.strong_labeled_view(image, n_lab, cfg)             # strong_labeled
     image = image.contiguous(memory_format=run.memory_format)              # (B, 1, X, Y, Z)
 
     # 1. references (after the warm-up): the bank follows the teacher's encoder every bank_refresh
@@ -206,32 +177,24 @@ def train_step(run, it, image, label, ids):
         t_a = teacher.decode_a(feats, refs_u)
         p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
         target = sharpen(p_teacher, cfg.sharpen_t)
-        if cfg.mix_labeled and len(target):            # the student sees them cut and mixed (references kept)
-            image, target = data.mix_with_labeled(image, target, label, n_lab)
-        elif cfg.unlabeled_mix and len(target) > 1:
-            image, target = data.mix_unlabeled(image, target, n_lab)
-        if cfg.strong_view and len(target):
-            image = torch.cat([image[:n_lab], data.strong_view(image[n_lab:])])
+        # what the student sees of the unlabeled patches (the references stay those of the patches as drawn)
+        image, target = extensions.mixed(image, target, label, n_lab, cfg)  # unlabeled_mix, mix_labeled
+        image = extensions.strong_unlabeled_view(image, n_lab, cfg)          # strong_view
         image = image.contiguous(memory_format=run.memory_format)
 
     # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
     with run.autocast():
-        logits_a, logits_b, labels = run.net(image, refs)                  # (B, 2, X, Y, Z) each; (B, H, ..)
+        logits_a, logits_b, transferred = run.net(image, refs)             # (B, 2, X, Y, Z) each; (B, H, ..)
     sup_a = supervised_loss(logits_a[:n_lab], label)
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
     p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
-    if cfg.mix_labeled and len(target):    # copy-paste: part ground truth, so the labeled loss on hard targets
-        hard = (target > 0.5).long()
-        loss_mt = supervised_loss(logits_a[n_lab:], hard) + supervised_loss(logits_b[n_lab:], hard)
-    else:
-        loss_mt = mse(p_a, target) + mse(p_b, target)
+    loss_mt = mse(p_a, target) + mse(p_b, target)                          # the mean teacher
+    loss_mt = extensions.copy_paste_loss(loss_mt, logits_a[n_lab:], logits_b[n_lab:], target, cfg)  # mix_labeled
     loss_cross = mse(p_a, sharpen(p_b, cfg.sharpen_t).detach()) + mse(p_b, sharpen(p_a, cfg.sharpen_t).detach())
     w = consistency_weight(it, cfg)
     loss = loss_sup + w * (loss_mt + loss_cross)
-    if labels is not None:                                                  # ref_masks: the transfer learns to match
-        lab_loss, unl_loss = transfer_loss(labels, label.float(), target, n_lab)
-        loss = loss + cfg.transfer_weight * (lab_loss + w * unl_loss)
+    loss = loss + extensions.transfer_loss(transferred, label, target, n_lab, w, cfg)  # ref_masks
 
     # 4. SGD step with the scheduled learning rate, then the teacher follows
     for group in run.optimizer.param_groups:
@@ -241,7 +204,8 @@ def train_step(run, it, image, label, ids):
     run.optimizer.step()
     ema_update(teacher, student, cfg.ema_decay, it)
     average_buffers(teacher, run.world)
-    return {"loss": loss.detach(), "sup": loss_sup.detach(), "sup_a": sup_a.detach(), "cons": (loss_mt + loss_cross).detach()}
+    return {"loss": loss.detach(), "sup": loss_sup.detach(), "sup_a": sup_a.detach(),
+            "cons": (loss_mt + loss_cross).detach()}
 
 
 @torch.no_grad()
@@ -252,8 +216,9 @@ def reference_delta(run, image, ids, it):
     student = run.student.eval()
     with run.autocast():
         feats = student.encoder(image.contiguous(memory_format=run.memory_format))
-        p = decoder_a_probabilities(student, feats, student.decoder_b(feats), ids, run.bank, run.cfg,
-                                    torch.Generator(run.device).manual_seed(run.cfg.seed + it), ("retrieved", "random"))
+        generator = torch.Generator(run.device).manual_seed(run.cfg.seed + it)
+        p = decoder_a_probabilities(student, feats, student.decoder_b(feats), ids, run.bank, run.cfg, generator,
+                                    ("retrieved", "random"))
     run.student.train()
     return float((p["retrieved"] - p["random"]).abs().mean())
 
@@ -348,14 +313,12 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
             run.bank.load_state_dict(ckpt["bank"])
         start = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
-    columns = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "seconds"]
     if world.main:                                     # the run folder is written only now, after every check
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         if force and not resume:
             ckpt_path.unlink(missing_ok=True)          # the replaced run's checkpoint would not match config.json
-        if not (resume and log_path.exists()):
-            log_path.write_text(",".join(columns) + "\n")
+        runlog.start_log(log_path, resume_at=start if resume else None)   # without rows after the checkpoint
     saved = start if resume else None                  # the iteration of the last checkpoint written
 
     run.student.train()
@@ -378,10 +341,10 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
             delta = float("nan")
             if world.main and run.bank is not None and it >= cfg.ref_warmup:
                 delta = reference_delta(run, image, ids, it)
-            row = [done, lr_at(it, cfg), loss, sup, sup_a, cons, consistency_weight(it, cfg), delta, time.time() - t0]
+            row = [done, lr_at(it, cfg), loss, sup, sup_a, cons, consistency_weight(it, cfg), delta,
+                   time.time() - t0]                   # runlog.COLUMNS
             if world.main:
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+                runlog.append_row(log_path, row)
             bar.set_postfix(loss=f"{loss:.3f}", sup=f"{sup:.3f}", cons=f"{cons:.4f}", lr=f"{row[1]:.4f}")
         if values is not None:
             check_finite(values, done, saved, ckpt_path)
@@ -402,67 +365,18 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     bar.close()
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
-        test.plot_curves(log_path, out / "curves.png")
+        runlog.plot_curves(log_path, out / "curves.png")
     if world.size > 1:                                 # the last checkpoint is written when every rank gets past
         dist.barrier()
         dist.destroy_process_group()
     return ckpt_path
 
 
-ABLATIONS = {                         # DESIGN §1: what each part of CERS adds, same seeds and iterations
-    "cers": {},                                        # full CERS, as configured
-    "ref_masks": {"ref_masks": True},                  # references carry their masks (beyond the paper)
-    "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
-    "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
-    "no_references": {"references": False},            # the plain dual-decoder mean teacher
-    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False,
-                        "strong_view": False},  # labeled patches alone
-}
-# the ablation table: (summary key, heading, scale); the sensitivity columns exist for runs with references
-TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
-         ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
-         ("dice_a_none", "A, no refs %", 100), ("ref_gain", "A: retrieved - random, points", 100),
-         ("ref_delta", "mean abs dp(A) x1e-3", 1000),
-         ("transfer", "transfer %", 100), ("transfer_random", "transfer, random %", 100), ("run_seconds", "minutes", 1 / 60)]
-
-
-def run_ablation(cfg, names, seeds, force=False):
-    """Train and test each ablation of one experiment with each seed, into <out_dir>/ablation/<name>/seed<S>;
-    then print and save the table of every run found there (so later runs add seeds or rows to it). Every
-    run folder is checked before the first one trains."""
-    variants = [dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed{seed}",
-                                    **ABLATIONS[name]) for name in names for seed in seeds]
-    for variant in variants:
-        check_run_folder(variant, World(), force=force)
-    for variant in variants:
-        t = time.time()
-        ckpt = train(variant, force=force)
-        if main_process():                             # under torchrun, rank 0 tests
-            summary = test.evaluate(ckpt)
-            summary["run_seconds"] = time.time() - t
-            Path(variant.out_dir, "test", "summary.json").write_text(json.dumps(summary, indent=1))
-    if main_process():
-        table = ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
-        print("\n" + table)
-        Path(cfg.out_dir, "ablation", "table.md").write_text(table + "\n")
-
-
-def ablation_table(folder, title):
-    """A markdown table of every ablation run under `folder`: per variant, the mean ± std over its seeds of
-    each run's mean over the test cases (the std is the seed spread)."""
-    lines = [f"{title}; last checkpoints; mean ± std over seeds",
-             "| variant | seeds | " + " | ".join(head for _, head, _ in TABLE) + " |",
-             "|---|---|" + "---|" * len(TABLE)]
-    for name in ABLATIONS:
-        runs = [json.loads(p.read_text()) for p in sorted(Path(folder, name).glob("seed*/test/summary.json"))]
-        if not runs:
-            continue
-        cells = []
-        for key, _, scale in TABLE:
-            values = [scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key]) for r in runs if key in r]
-            cells.append(f"{round(np.mean(values), 2) + 0.0:.2f} ± {np.std(values):.2f}" if values else "–")  # no -0.00
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def train_and_test(cfg, force=False):
+    """Train one experiment, then test its last checkpoint; returns the test summary (under torchrun rank 0
+    tests, and the other ranks return None)."""
+    ckpt = train(cfg, force=force)
+    return test.evaluate(ckpt) if main_process() else None
 
 
 def main(argv=None):
@@ -473,7 +387,8 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace a run with another config in the run folder")
     parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop after this iteration (resume later with --resume)")
-    parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ABLATIONS)}: train and test each")
+    parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ablate.ABLATIONS)}: train and "
+                        "test each (ablate.py)")
     parser.add_argument("--seeds", type=int, default=1, help="with --ablation: seeds seed, seed + 1, ... per variant")
     args, overrides = parser.parse_known_args(argv)
     cfg = get_config(args.exp, overrides)
@@ -482,16 +397,13 @@ def main(argv=None):
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at={args.stop_at}: give an iteration >= 1")
     if args.ablation:
-        names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
-        unknown = [n for n in names if n not in ABLATIONS]
-        if unknown:
-            raise ConfigError(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
+        names = ablate.ablation_names(args.ablation)
         if args.resume or args.stop_at is not None:
             raise ConfigError("--ablation trains each variant from the start: --resume and --stop-at do not apply")
         if args.seeds < 1:
             raise ConfigError(f"--seeds={args.seeds}: give a count >= 1")
         check_testable(cfg)
-        run_ablation(cfg, names, [cfg.seed + i for i in range(args.seeds)], args.force)
+        ablate.run_ablation(cfg, names, [cfg.seed + i for i in range(args.seeds)], train_and_test, args.force)
         return
     if not args.no_test and args.stop_at is None:
         check_testable(cfg)

@@ -186,3 +186,21 @@ def test_the_user_sees_one_line_and_no_traceback(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and "dropout=1.5" in done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_an_error_under_a_progress_bar_starts_its_own_line(tmp_path):
+    """A case file refused while the cases are read, with the progress bar open: the bar is closed first, so
+    the error starts at column 0 of its own line and nothing of the bar follows it."""
+    root = write_la(tmp_path / "LA")
+    case = (root / "train.list").read_text().split()[3]
+    with h5py.File(root / "2018LA_Seg_Training Set" / case / "mri_norm2.h5", "r+") as f:
+        label = f["label"][()]
+        label[0, 0, 0] = 7
+        f["label"][...] = label
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--exp", "PHANTOM_8", f"--data_root={root}",
+                           "--phantom=false", "--num_labeled=2", "--device=cpu", f"--out_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, timeout=120)
+    err = done.stderr.decode()
+    lines = err.split("\n")
+    assert done.returncode == 2 and "reading cases" in err and err.endswith("\n") and lines[-1] == "", err
+    assert lines[-2].startswith(f"error: {root}") and "\r" not in lines[-2] and "label values" in lines[-2], err

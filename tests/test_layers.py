@@ -1,6 +1,6 @@
-"""The layering (DESIGN.md §2, STYLE.md "Files form layers"): every project file imports only from files in
-lower layers, so there is no import cycle and each file can be read with only what lies below it; and
-importing any of them has no side effects."""
+"""The layering (docs/design.md §2): every project file imports only from files in lower layers, so there is no
+import cycle and each file can be read with only what lies below it; and importing any of them has no side
+effects."""
 import ast
 import json
 import subprocess
@@ -10,18 +10,16 @@ from conftest import ROOT
 
 # bottom to top; files in one layer do not import each other
 LAYERS = [
-    ["config"],                          # settings, experiments, overrides, the LA layout names
-    ["distributed"],                     # one process or torchrun's N
-    ["phantom"],                         # writes the synthetic LA-layout dataset
-    ["data"],                            # reads LA-layout data, augmentation, batches
-    ["mcam"],                            # reference fusion and MCAM
-    ["model"],                           # the dual-decoder V-Net
-    ["checkpoint", "morphology", "cot"],  # checkpoints; mask and image descriptors; CoT text and BM25
-    ["bank", "pool"],                    # the reference bank; the CoT knowledge pool
-    ["retrieve"],                        # reference selection
-    ["test"],                            # inference and metrics
-    ["train"],                           # the training loop
-    ["bench"],                           # timings
+    ["config", "cot", "losses", "mcam", "morphology", "runlog"],  # settings and errors; CoT text and BM25; the
+                                                                  # losses; fusion and MCAM; shape and image
+                                                                  # descriptors; the training log
+    ["distributed", "model", "phantom"],     # one process or torchrun's N; the dual-decoder V-Net; the phantom
+    ["checkpoint", "data"],                  # checkpoints; LA-layout reading, augmentation, batches
+    ["ablate", "bank", "extensions", "pool", "retrieve"],  # ablation variants and table; the reference bank;
+                                                           # the extensions; the CoT knowledge pool; selection
+    ["explain", "test"],                     # why these references; inference and metrics
+    ["train"],                               # the training loop
+    ["bench"],                               # timings
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

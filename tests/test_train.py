@@ -1,4 +1,5 @@
-"""Config, schedules, losses, the training loop (loss goes down, exact resume) and test.py end to end."""
+"""Config, schedules, losses, extensions, the training loop (loss goes down, exact resume), ablation tables
+and test.py end to end."""
 import csv
 import json
 import math
@@ -6,6 +7,9 @@ import math
 import pytest
 import torch
 
+import ablate
+import extensions
+import losses
 import test as T
 import train
 from checkpoint import CheckpointError
@@ -57,12 +61,52 @@ def test_losses_known_answers():
     label = torch.zeros(1, 4, 4, 4, dtype=torch.long)
     label[0, :2] = 1
     perfect = torch.stack([1 - label, label], 1).float() * 40 - 20     # confident and right
-    assert train.supervised_loss(perfect, label) < 1e-6
-    assert train.dice_loss(torch.zeros(1, 4, 4, 4), label.float()) == pytest.approx(1.0, abs=1e-4)
+    assert losses.supervised_loss(perfect, label) < 1e-6
+    assert losses.dice_loss(torch.zeros(1, 4, 4, 4), label.float()) == pytest.approx(1.0, abs=1e-4)
     p = torch.tensor([0.2, 0.5, 0.9])
-    assert torch.allclose(train.sharpen(p, 1.0), p)
-    s = train.sharpen(p, 0.1)
+    assert torch.allclose(losses.sharpen(p, 1.0), p)
+    s = losses.sharpen(p, 0.1)
     assert s[0] < 1e-5 and s[1] == 0.5 and s[2] > 0.99999
+    assert losses.mse(torch.zeros(0), torch.zeros(0)) == 0.0                 # no unlabeled patches: 0, not NaN
+
+
+def test_extensions_switched_off_change_nothing():
+    """Each extension hands back what it was given when its switch is off, and acts when it is on."""
+    torch.manual_seed(0)
+    image, target = torch.rand(4, 1, 16, 16, 16), torch.rand(2, 16, 16, 16)        # 2 labeled + 2 unlabeled
+    label = (torch.rand(2, 16, 16, 16) > 0.5).long()
+    logits_a, logits_b, loss_mt = torch.randn(2, 2, 16, 16, 16), torch.randn(2, 2, 16, 16, 16), torch.tensor(0.3)
+    off = get_config("LA_8")                                         # the LA protocol: every extension off
+    assert extensions.strong_labeled_view(image, 2, off) is image
+    assert extensions.strong_unlabeled_view(image, 2, off) is image
+    assert all(a is b for a, b in zip(extensions.mixed(image, target, label, 2, off), (image, target)))
+    assert extensions.copy_paste_loss(loss_mt, logits_a, logits_b, target, off) is loss_mt
+    assert extensions.transfer_loss(None, label, target, 2, 1.0, off) == 0.0
+    on = get_config("LA_8", ["--strong_labeled=true", "--strong_view=true", "--mix_labeled=true"])
+    labeled_view = extensions.strong_labeled_view(image, 2, on)
+    assert not torch.equal(labeled_view[:2], image[:2]) and torch.equal(labeled_view[2:], image[2:])
+    unlabeled_view = extensions.strong_unlabeled_view(image, 2, on)
+    assert torch.equal(unlabeled_view[:2], image[:2]) and not torch.equal(unlabeled_view[2:], image[2:])
+    mixed, mixed_target = extensions.mixed(image, target, label, 2, on)   # part of each comes from a labeled one
+    assert torch.equal(mixed[:2], image[:2]) and not torch.equal(mixed_target, target)
+    hard = (target > 0.5).long()
+    assert extensions.copy_paste_loss(loss_mt, logits_a, logits_b, target, on) == pytest.approx(
+        float(losses.supervised_loss(logits_a, hard) + losses.supervised_loss(logits_b, hard)))
+
+
+def test_the_transfer_loss_compares_with_the_foreground_share():
+    """ref_masks: the transferred labels (B, H, d, h, w) against each patch's foreground share on their grid,
+    the unlabeled part weighted by the consistency weight."""
+    cfg = get_config("LA_8", ["--transfer_weight=2.0"])
+    label = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    label[0, :2] = 1                                                 # share 1 in the first half of x, 0 after
+    target = torch.full((1, 4, 4, 4), 0.5)
+    share = torch.stack([label[0].float(), target[0]])[:, None, ::2, ::2, ::2]     # (2, 1, 2, 2, 2)
+    exact = share.expand(2, 3, 2, 2, 2)                              # three heads, each transferring the share
+    assert extensions.transfer_loss(exact, label, target, 1, 0.5, cfg) == 0.0
+    off_by = exact + torch.tensor([0.1, 0.2]).view(2, 1, 1, 1, 1)  # labeled off by 0.1, unlabeled by 0.2
+    assert float(extensions.transfer_loss(off_by, label, target, 1, 0.5, cfg)) == pytest.approx(
+        2.0 * (0.1 ** 2 + 0.5 * 0.2 ** 2))
 
 
 def test_ema_update_moves_the_teacher():
@@ -142,13 +186,13 @@ def test_strong_view_goes_to_the_patches_asked_for(tiny_la, tmp_path, monkeypatc
     """strong_view changes the unlabeled patches, strong_labeled the labeled ones, each once a step; the batch
     here is 2 labeled + 2 unlabeled, and a batch-sized call (4) would mean both parts at once."""
     seen = []
-    view = train.data.strong_view
+    view = extensions.data.strong_view
 
     def spy(x):
         seen.append(len(x))
         return view(x)
 
-    monkeypatch.setattr(train.data, "strong_view", spy)
+    monkeypatch.setattr(extensions.data, "strong_view", spy)
     train.train(tiny_cfg(tiny_la, tmp_path / "run", references="false", max_iters=2, **flags), progress=False)
     assert seen == sizes * 2                                          # the same calls in each of 2 iterations
 
@@ -179,15 +223,15 @@ def test_sliding_window_handles_odd_and_small_volumes():
 
 
 def test_retrieve_explain_queries_with_the_checkpoint(tiny_la, tmp_path, capsys):
-    """retrieve.py --explain: a test case needs a trained decoder B for its query; then it explains and draws."""
-    import retrieve
+    """explain.py --explain: a test case needs a trained decoder B for its query; then it explains and draws."""
+    import explain
     out = tmp_path / "run"
     args = ["--exp", "PHANTOM_8", f"--data_root={tiny_la}", "--phantom=false", "--num_labeled=2",
             "--patch_size=32,32,16", f"--out_dir={out}", "--k_coarse=4", "--k_fine=2", "--explain", "CASE06"]
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        retrieve.main(args)                                           # a test mask is never read instead
+        explain.main(args)                                            # a test mask is never read instead
     train.train(tiny_cfg(tiny_la, out), progress=False)
-    retrieve.main(args)
+    explain.main(args)
     assert "CASE06" in capsys.readouterr().out
     assert (out / "explain_CASE06.png").stat().st_size > 0
 
@@ -197,17 +241,17 @@ def test_references_switch_in_without_a_jump_then_matter(tiny_la, tmp_path, monk
     """At the first iteration with references, decoder A with them is decoder A without them, bit for bit (the
     reference path starts as the identity); with the references' masks, a few iterations later decoder A's
     output depends on which references it gets: the log's retrieved-vs-random change is clearly above zero.
-    (Without masks it stays near zero on this data: see the README's ablation.)"""
+    (Without masks it stays near zero on this data: docs/results.md §2.3.)"""
     import model
     first = []
     forward = model.DualDecoderVNet.forward
 
     def spy(self, x, refs=None):
-        a, b, labels = forward(self, x, refs)
+        a, b, transferred = forward(self, x, refs)
         if refs is not None and not first:              # the switch: compare with no references
             with torch.no_grad():
                 first.append(torch.equal(a, self.decode_a(self.encoder(x))))
-        return a, b, labels
+        return a, b, transferred
 
     monkeypatch.setattr(model.DualDecoderVNet, "forward", spy)
     cfg = tiny_cfg(tiny_la, tmp_path / "run", max_iters=14, ref_warmup=4, dropout=0.0, lr=0.05,
@@ -232,7 +276,7 @@ def test_ablation_table_aggregates_seeds(tmp_path):
             "dice": {"mean": dice}, "jaccard": {"mean": 0.7}, "hd95": {"mean": 5.0}, "asd": {"mean": 1.0},
             "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta}, "run_seconds": 60.0,
             "ref_gain": {"mean": delta * 10}}))
-    table = train.ablation_table(tmp_path, "t").splitlines()
+    table = ablate.ablation_table(tmp_path, "t").splitlines()
     row = [c.strip() for c in table[3].split("|")[1:-1]]
     column = lambda head: row[table[1].split("|").index(f" {head} ") - 1]
     assert row[:3] == ["ref_masks", "2", "85.00 ± 5.00"] and row[-1] == "1.00 ± 0.00"
@@ -246,6 +290,6 @@ def test_ablation_table_writes_no_negative_zero(tmp_path):
     folder = tmp_path / "cers" / "seed1" / "test"
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({"dice": {"mean": 0.5}, "ref_gain": {"mean": -1e-6}}))
-    table = train.ablation_table(tmp_path, "t").splitlines()
+    table = ablate.ablation_table(tmp_path, "t").splitlines()
     row = [c.strip() for c in table[3].split("|")[1:-1]]
     assert row[table[1].split("|").index(" A: retrieved - random, points ") - 1] == "0.00 ± 0.00"

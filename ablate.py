@@ -1,0 +1,84 @@
+"""Ablations (docs/design.md §9): what each part of CERS adds, with the same seeds and iterations.
+
+    python train.py --exp PHANTOM_8 --ablation cers,no_references --seeds 3
+
+Each named variant is the experiment with a few keys changed; each is trained and tested per seed into
+<out_dir>/ablation/<name>/seed<S>, and the table of every run found there (mean ± std over seeds of each run's
+mean over the test cases) is printed and written to <out_dir>/ablation/table.md. train.py's command line runs
+this with its train-and-test function, so this file needs neither training nor testing code.
+"""
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from checkpoint import check_run_folder
+from config import ConfigError
+from distributed import World, main_process
+
+ABLATIONS = {
+    "cers": {},                                        # full CERS, as configured
+    "ref_masks": {"ref_masks": True},                  # references carry their masks (beyond the paper)
+    "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
+    "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
+    "no_references": {"references": False},            # the plain dual-decoder mean teacher
+    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False,
+                        "strong_view": False},         # labeled patches alone
+}
+# the table: (summary key, heading, scale); the sensitivity columns exist for runs with references
+TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
+         ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
+         ("dice_a_none", "A, no refs %", 100), ("ref_gain", "A: retrieved - random, points", 100),
+         ("ref_delta", "mean abs dp(A) x1e-3", 1000), ("transfer", "transfer %", 100),
+         ("transfer_random", "transfer, random %", 100), ("run_seconds", "minutes", 1 / 60)]
+
+
+def ablation_names(text):
+    """The variants named by --ablation: 'all' or a comma list of ABLATIONS' keys."""
+    names = list(ABLATIONS) if text == "all" else text.split(",")
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
+    return names
+
+
+def run_ablation(cfg, names, seeds, train_and_test, force=False):
+    """Train and test each ablation of one experiment with each seed (train_and_test(cfg, force) -> the test
+    summary, None on the ranks that do not test); then print and save the table of every run found under
+    <out_dir>/ablation (so later runs add seeds or rows to it). Every run folder is checked before the first
+    one trains."""
+    variants = [dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed{seed}",
+                                    **ABLATIONS[name]) for name in names for seed in seeds]
+    for variant in variants:
+        check_run_folder(variant, World(), force=force)
+    for variant in variants:
+        t = time.time()
+        summary = train_and_test(variant, force)
+        if summary is not None:
+            summary["run_seconds"] = time.time() - t
+            Path(variant.out_dir, "test", "summary.json").write_text(json.dumps(summary, indent=1))
+    if main_process():
+        table = ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
+        print("\n" + table)
+        Path(cfg.out_dir, "ablation", "table.md").write_text(table + "\n")
+
+
+def ablation_table(folder, title):
+    """A markdown table of every ablation run under `folder`: per variant, the mean ± std over its seeds of
+    each run's mean over the test cases (the std is the seed spread)."""
+    lines = [f"{title}; last checkpoints; mean ± std over seeds",
+             "| variant | seeds | " + " | ".join(head for _, head, _ in TABLE) + " |",
+             "|---|---|" + "---|" * len(TABLE)]
+    for name in ABLATIONS:
+        runs = [json.loads(p.read_text()) for p in sorted(Path(folder, name).glob("seed*/test/summary.json"))]
+        if not runs:
+            continue
+        cells = []
+        for key, _, scale in TABLE:
+            values = [scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key]) for r in runs if key in r]
+            # + 0.0 turns a mean that rounds to -0.00 into 0.00
+            cells.append(f"{round(np.mean(values), 2) + 0.0:.2f} ± {np.std(values):.2f}" if values else "–")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
