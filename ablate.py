@@ -3,9 +3,9 @@
     python train.py --exp PHANTOM_8 --ablation cers,no_references --seeds 3
 
 Each named variant is the experiment with a few keys changed; each is trained and tested per seed into
-<out_dir>/ablation/<name>/seed<S>, and the table of every run found there (mean ± std over seeds of each run's
-mean over the test cases) is printed and written to <out_dir>/ablation/table.md. train.py's command line runs
-this with its train-and-test function, so this file needs neither training nor testing code.
+<out_dir>/ablation/<name>/seed<S>, and the table of every run found there (mean ± std over seeds of each
+run's mean over the test cases) is printed and written to <out_dir>/ablation/table.md. train.py's command
+line runs this with its train-and-test function, so this file needs neither training nor testing code.
 """
 import dataclasses
 import json
@@ -77,8 +77,9 @@ def ablation_table(folder, title):
             continue
         cells = []
         for key, _, scale in TABLE:
-            values = [scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key]) for r in runs if key in r]
-            # + 0.0 turns a mean that rounds to -0.00 into 0.00
-            cells.append(f"{round(np.mean(values), 2) + 0.0:.2f} ± {np.std(values):.2f}" if values else "–")
+            values = [scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key])
+                      for r in runs if key in r]
+            mean = round(np.mean(values), 2) + 0.0 if values else None     # + 0.0: a -0.00 reads 0.00
+            cells.append(f"{mean:.2f} ± {np.std(values):.2f}" if values else "–")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -1,17 +1,16 @@
-"""The reference bank (DESIGN.md §5): the labeled patches reference selection chooses from.
+"""The reference bank (docs/design.md §7): the labeled patches reference selection chooses from.
 
-Every labeled volume is cut into a grid of patch-size crops, in each of the four orientations the
-training augmentation gives a patch (data.rot_flip: a rotation by k x 90 degrees in the x-y plane, then
-a flip, yields four distinct patches). Queries are augmented patches; holding every orientation makes
-the bank comparable with them: the morphology vector (centroid, extents) of a rotated query meets
-entries laid out the same way, so a retrieved reference's mask and its position-encoded tokens line
-up with the query's. Each entry keeps its case ID, orientation, crop box (in the oriented volume),
-morphology vector (of the ground truth inside the crop), the case's mask CoT, the crop's ground-truth
-mask and a reference feature map: the teacher encoder's bottleneck of the crop, refreshed as an
-exponential moving average while the teacher trains. The bank also holds what selection reads at every step, built once: the
-standardised morphology with a kd-tree (stage 1 of retrieve.select), BM25 over its distinct texts
-(stage 2), and device copies with per-(query case, text) BM25 tables for retrieve.select_device.
-"""
+Every labeled volume is cut into a grid of patch-size crops, in each of the four orientations the training
+augmentation gives a patch (data.rot_flip: a rotation by k x 90 degrees in the x-y plane, then a flip, yields
+four distinct patches). Queries are augmented patches; holding every orientation makes the bank comparable
+with them: the morphology vector (centroid, extents) of a rotated query meets entries laid out the same way,
+so a retrieved reference's mask and its position-encoded tokens line up with the query's. Each entry keeps its
+case ID, orientation, crop box (in the oriented volume), morphology vector (of the ground truth inside the
+crop), the case's mask CoT, the crop's ground-truth mask and a reference feature map: the teacher encoder's
+bottleneck of the crop, refreshed as an exponential moving average while the teacher trains. The bank also
+holds what selection reads at every step, built once: the standardised morphology with a kd-tree (stage 1 of
+retrieve.select), BM25 over its distinct texts (stage 2), and device copies with per-(query case, text) BM25
+tables for retrieve.select_device. """
 import numpy as np
 import torch
 from sklearn.neighbors import NearestNeighbors
@@ -28,12 +27,14 @@ ORIENTATIONS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def orient(volume, variant):
-    """A volume (X, Y, Z) numpy in one of the ORIENTATIONS, exactly as data.rot_flip turns a training patch."""
+    """A volume (X, Y, Z) numpy in one of the ORIENTATIONS, exactly as data.rot_flip turns a training
+    patch."""
     return data.rot_flip(torch.from_numpy(np.ascontiguousarray(volume)), *ORIENTATIONS[variant]).numpy()
 
 def grid_boxes(shape, patch, stride):
-    """Crop boxes (x0, y0, z0, x1, y1, z1) covering a volume: starts every `stride` plus one flush with the far
-    edge; an axis shorter than the patch gets one box centred on it (it reaches outside, read as zeros)."""
+    """Crop boxes (x0, y0, z0, x1, y1, z1) covering a volume: starts every `stride` plus one flush with the
+    far edge; an axis shorter than the patch gets one box centred on it (it reaches outside, read as
+    zeros)."""
     starts = []
     for size, p, s in zip(shape, patch, stride):
         if size <= p:
@@ -58,9 +59,9 @@ class ReferenceBank:
         self.variants = np.zeros(n, np.int64) if variants is None else np.asarray(variants, np.int64)
         if n == 0 or not len(self.boxes) == len(self.morph) == len(self.texts) == len(self.variants) == n \
                 or self.morph.ndim != 2:
-            raise ValueError(f"reference bank: got {n} case IDs, {len(self.boxes)} boxes, {len(self.variants)} "
-                             f"orientations, morphology {self.morph.shape} and {len(self.texts)} texts; need N > 0 "
-                             "of each, morphology (N, M)")
+            raise ValueError(f"reference bank: got {n} case IDs, {len(self.boxes)} boxes, "
+                             f"{len(self.variants)} orientations, morphology {self.morph.shape} and "
+                             f"{len(self.texts)} texts; need N > 0 of each, morphology (N, M)")
         if not np.isfinite(self.morph).all():
             raise ValueError("reference bank: morphology vectors contain NaN or inf")
         self.volumes = volumes or {}  # case ID -> (image, label) (X, Y, Z), cut by refresh()
@@ -91,7 +92,8 @@ class ReferenceBank:
                    variants, device)
 
     def _load_patches(self):
-        """Cut every entry's image and ground truth and move them to the device, once: the patches never move."""
+        """Cut every entry's image and ground truth and move them to the device, once: the patches never
+        move."""
         if self.crops is None:
             if not self.volumes:
                 raise RuntimeError("reference bank has no volumes to cut: build it with ReferenceBank.build")
@@ -100,12 +102,14 @@ class ReferenceBank:
             self.masks = torch.from_numpy(label.astype(np.uint8)).to(self.device)  # (N, X, Y, Z)
 
     def _cut(self):
-        """Every entry's image and ground-truth patches (N, X, Y, Z), each volume oriented once per orientation."""
+        """Every entry's image and ground-truth patches (N, X, Y, Z), each volume oriented once per
+        orientation."""
         image, label = [None] * len(self), [None] * len(self)
         for cid, v in dict.fromkeys(zip(self.case_ids, self.variants)):
             vol_image, vol_label = (orient(x, v) for x in self.volumes[cid])
             for i in np.flatnonzero((np.array(self.case_ids) == cid) & (self.variants == v)):
-                image[i], label[i] = data.padded_crop(vol_image, self.boxes[i]), data.padded_crop(vol_label, self.boxes[i])
+                image[i] = data.padded_crop(vol_image, self.boxes[i])
+                label[i] = data.padded_crop(vol_label, self.boxes[i])
         return np.stack(image), np.stack(label)
 
     def patch(self, i):
@@ -133,9 +137,9 @@ class ReferenceBank:
         self.index_queries(self.query_texts)  # BM25 depends on the bank's texts: redo it (or keep it empty)
 
     def index_queries(self, case_texts):
-        """Precompute, for select_device, what a query brings: case_texts maps every case of the pool (labeled,
-        unlabeled, test) to its query CoT, fixed for the run, so each (query case, distinct bank text) BM25
-        score is computed once here instead of on the host at every step. On the bank's device:
+        """Precompute, for select_device, what a query brings: case_texts maps every case of the pool
+        (labeled, unlabeled, test) to its query CoT, fixed for the run, so each (query case, distinct bank
+        text) BM25 score is computed once here instead of on the host at every step. On the bank's device:
         query_bm25 (n_cases, n_docs) raw BM25 scores, query_code (n_cases,) the case's code in the bank (-1:
         not in the bank, nothing to exclude), query_others (n_cases,) its number of other-case entries;
         query_row maps a case ID to its row. _index() calls this again, so the tables follow the bank."""
@@ -144,8 +148,9 @@ class ReferenceBank:
         self.query_row = {c: r for r, c in enumerate(ids)}
         codes = np.array([self.code_of.get(c, -1) for c in ids], np.int64)
         others = len(self) - np.where(codes >= 0, self.case_count[np.maximum(codes, 0)], 0)
-        scores = self.cot.scores([self.query_texts[c] for c in ids], np.arange(len(self.cot.texts)))  # (docs, cases)
-        self.query_bm25 = torch.as_tensor(scores.T, dtype=torch.float32, device=self.device)  # (n_cases, n_docs)
+        texts = [self.query_texts[c] for c in ids]
+        scores = self.cot.scores(texts, np.arange(len(self.cot.texts)))                     # (docs, cases)
+        self.query_bm25 = torch.as_tensor(scores.T, dtype=torch.float32, device=self.device)  # (cases, docs)
         self.query_code = torch.as_tensor(codes, device=self.device)  # (n_cases,)
         self.query_others = torch.as_tensor(others, device=self.device)  # (n_cases,)
 
@@ -171,7 +176,8 @@ class ReferenceBank:
 
     def neighbours(self, morph, codes, k):
         """Stage 1: the k morphologically nearest entries of other cases for each query (code -1: no case).
-        Asks for k + (size of the query's case) neighbours so exclusion still leaves k when the bank has them."""
+        Asks for k + (size of the query's case) neighbours so exclusion still leaves k when the bank has
+        them."""
         extra = max([self.case_count[c] for c in codes if c >= 0], default=0)
         z = (morph - self.scaler.mean_) / self.scaler.scale_  # scaler.transform without its input checks
         dist, idx = self.knn.kneighbors(z, n_neighbors=min(len(self), k + extra))
@@ -188,7 +194,8 @@ class ReferenceBank:
         if self.features is None:
             self.features = new
         elif self.features.shape != new.shape:
-            raise ValueError(f"encoder gives features {tuple(new.shape)}, the bank holds {tuple(self.features.shape)}")
+            raise ValueError(f"encoder gives features {tuple(new.shape)}, the bank holds "
+                             f"{tuple(self.features.shape)}")
         else:
             self.features.mul_(momentum).add_(new, alpha=1 - momentum)
 
@@ -204,8 +211,8 @@ class ReferenceBank:
                           self.masks[idx].float() if masks else None, idx)
 
     def label_transfer(self, indices, weights):
-        """The entries' ground-truth masks averaged with their weights, (B, K) each: (B, X, Y, Z) float, the label
-        an atlas method would transfer to the queries, no network involved."""
+        """The entries' ground-truth masks averaged with their weights, (B, K) each: (B, X, Y, Z) float, the
+        label an atlas method would transfer to the queries, no network involved."""
         self._load_patches()
         return weighted_mask(self.masks[torch.as_tensor(indices, device=self.device)].float(),
                              torch.as_tensor(weights, device=self.device).float())[:, 0]
@@ -217,12 +224,14 @@ class ReferenceBank:
                 "texts": self.texts, "features": self.features}
 
     def load_state_dict(self, state):
-        """Restore a saved bank onto this one, which must hold the same patches (cases, orientations, boxes)."""
+        """Restore a saved bank onto this one, which must hold the same patches (cases, orientations,
+        boxes)."""
         boxes, variants = np.asarray(state["boxes"]), np.asarray(state["variants"])
         if list(state["case_ids"]) != self.case_ids or not (np.array_equal(boxes, self.boxes)
                                                            and np.array_equal(variants, self.variants)):
-            raise ValueError(f"saved reference bank ({len(state['case_ids'])} patches) does not match the bank built "
-                             f"from the data ({len(self)} patches): different labeled cases, patch size or stride")
+            raise ValueError(f"saved reference bank ({len(state['case_ids'])} patches) does not match the "
+                             f"bank built from the data ({len(self)} patches): different labeled cases, "
+                             "patch size or stride")
         self.morph, self.texts = np.asarray(state["morph"], np.float32), list(state["texts"])
         self._index()
         self.features = None if state["features"] is None else state["features"].to(self.device)

@@ -1,7 +1,7 @@
 """How fast one training step is: full CERS against the plain dual-decoder mean teacher.
 
     python bench.py --exp PHANTOM_8              # CPU-sized
-    python bench.py --exp LA_8                   # real LA patches when data/LA is there, synthetic volumes otherwise
+    python bench.py --exp LA_8                   # real LA patches when data/LA is there, else synthetic ones
     python bench.py --exp LA_8 --steps 50 --compile=true   # bench options, then any config key
     python bench.py --retrieval                  # reference selection alone, on synthetic banks of 10^2..10^5
 
@@ -70,8 +70,8 @@ def bench_data(cfg, n_unlabeled):
         source = f"{'phantom' if cfg.phantom else 'real'} data at {cfg.data_root}"
     else:
         shape = tuple(p + m for p, m in zip(cfg.patch_size, (80, 32, 8)))     # about an LA volume's size
-        cfg.data_root = phantom.write_phantom(Path(tempfile.mkdtemp()) / "synthetic", cfg.num_labeled + n_unlabeled,
-                                              1, shape, seed=0)
+        cfg.data_root = phantom.write_phantom(Path(tempfile.mkdtemp()) / "synthetic",
+                                              cfg.num_labeled + n_unlabeled, 1, shape, seed=0)
         source = f"SYNTHETIC phantom volumes {shape} (no data at the experiment's data_root)"
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     split.unlabeled, split.test = split.unlabeled[:n_unlabeled], split.test[:1]
@@ -89,10 +89,10 @@ def bench_variant(cfg, split, volumes, device, steps, warmup):
     run.student.train()
     run.teacher.eval()
     result = {}
-    it = cfg.ref_warmup + 1 if cfg.references else 0                # past the warm-up: every step uses references
+    it = cfg.ref_warmup + 1 if cfg.references else 0            # past the warm-up: every step uses references
     if run.bank is not None:
-        refresh = lambda: run.bank.refresh(lambda x: run.teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1],
-                                           cfg.bank_momentum)
+        encode = lambda x: run.teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1]
+        refresh = lambda: run.bank.refresh(encode, cfg.bank_momentum)
         with torch.no_grad(), run.autocast():
             result["refresh_s"], _ = timed(refresh, device, 3)
 
@@ -107,17 +107,19 @@ def bench_variant(cfg, split, volumes, device, steps, warmup):
     if run.bank is not None:                                          # reference selection alone, on a batch
         image, _, ids = run.sampler.next()
         with torch.no_grad(), run.autocast():
-            logits_b = run.teacher.decoder_b(run.teacher.encoder(image.contiguous(memory_format=run.memory_format)))
-            result["retrieval_s"], _ = timed(lambda: retrieve.query_references(run.bank, logits_b, ids, cfg, run.ref_gen),
-                                             device, steps)
+            feats = run.teacher.encoder(image.contiguous(memory_format=run.memory_format))
+            logits_b = run.teacher.decoder_b(feats)
+            query = lambda: retrieve.query_references(run.bank, logits_b, ids, cfg, run.ref_gen)
+            result["retrieval_s"], _ = timed(query, device, steps)
         result["ref_delta"] = train.reference_delta(run, image, ids, it)
         run.student.eval()
         case_id = split.test[0]
         image = volumes[case_id][0]
         model = run.student
         predict = test.predictor(model, cfg, case_id, run.bank, run.bf16, channels_last=run.channels_last)
-        result["inference_s"], _ = timed(lambda: test.sliding_window(predict, image, cfg.patch_size, cfg.stride_xy,
-                                                                  cfg.stride_z, cfg.window_batch, device), device, 3)
+        infer = lambda: test.sliding_window(predict, image, cfg.patch_size, cfg.stride_xy, cfg.stride_z,
+                                            cfg.window_batch, device)
+        result["inference_s"], _ = timed(infer, device, 3)
         result["volume"] = list(image.shape)
     return result
 
@@ -128,8 +130,8 @@ def synthetic_bank(n, patches_per_case=8, morph_dim=13, seed=0, device="cpu"):
     """A bank of n entries without images: cases are clusters in morphology space, each with its own text
     of 4 fields x 12 words from a 2000-word vocabulary (Zipf-like use), shared by the case's patches."""
     rng = np.random.default_rng(seed)
-    vocab = ["".join(rng.choice(list("bcdfghklmnprstv"), 3)) + rng.choice(["al", "ic", "ous", "ing", "ed", "ar"])
-             for _ in range(2000)]
+    vocab = ["".join(rng.choice(list("bcdfghklmnprstv"), 3))
+             + rng.choice(["al", "ic", "ous", "ing", "ed", "ar"]) for _ in range(2000)]
     cdf = np.cumsum(1 / np.arange(1, len(vocab) + 1))
 
     def text():
@@ -157,15 +159,16 @@ def retrieval_benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=
         bank, text = synthetic_bank(n, seed=seed, device=device)
         rng = np.random.default_rng(seed + 1)
         morph = bank.morph[rng.integers(0, n, batch)] + 0.1 * rng.normal(size=(batch, bank.morph.shape[1]))
-        ids = [bank.case_ids[int(rng.integers(0, n))] if i % 2 == 0 else f"unlabeled{i}" for i in range(batch)]
+        ids = [bank.case_ids[int(rng.integers(0, n))] if i % 2 == 0 else f"unlabeled{i}"
+               for i in range(batch)]
         case_texts = {c: text() for c in ids}
         texts = [case_texts[c] for c in ids]
         bank.index_queries(case_texts)
         own = [c if c in bank.code_of else None for c in ids]
         numpy_s, cpu_s = timed(lambda: retrieve.select(bank, morph, texts, own, cfg), device, runs, warmup)
         morph_dev = torch.as_tensor(morph, dtype=torch.float32, device=device)  # (B, M)
-        device_s, device_cpu_s = timed(lambda: retrieve.select_device(bank, morph_dev, bank.query_rows(ids), cfg),
-                                       device, runs, warmup)
+        on_device = lambda: retrieve.select_device(bank, morph_dev, bank.query_rows(ids), cfg)
+        device_s, device_cpu_s = timed(on_device, device, runs, warmup)
         result[n] = {"select": numpy_s, "select_device": device_s}
         print(f"bank {n:>7} entries ({len(bank.cot.texts)} distinct texts), {batch} queries: select "
               f"{1e3 * numpy_s:.2f} ms wall ({1e3 * cpu_s:.2f} ms CPU), select_device on {device.type} "
@@ -174,13 +177,17 @@ def retrieval_benchmark(sizes=(100, 10_000, 100_000), batch=4, runs=200, warmup=
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (cuDNN autotuning, compilation)")
-    parser.add_argument("--unlabeled", type=int, default=8, help="unlabeled cases to load (they do not change the step)")
-    parser.add_argument("--retrieval", action="store_true", help="time reference selection on synthetic banks and exit")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="timed steps per variant (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps first (cuDNN autotuning, compilation)")
+    parser.add_argument("--unlabeled", type=int, default=8,
+                        help="unlabeled cases to load (they do not change the step)")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="time reference selection on synthetic banks and exit")
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.unlabeled < 0:
         raise ConfigError(f"bench: need --steps >= 1, --warmup >= 0 and --unlabeled >= 0, got {args.steps}, "
@@ -190,13 +197,15 @@ def main(argv=None):
     cfg = get_config(args.exp, overrides)
     device = resolve_device(cfg)
     split, volumes, source = bench_data(cfg, args.unlabeled)
-    print(f"bench {cfg.exp} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"{source}: {len(split.labeled)} labeled + {len(split.unlabeled)} unlabeled cases, "
-          f"patch {cfg.patch_size}, batch {cfg.labeled_bs} + {cfg.batch_size - cfg.labeled_bs}, "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"bench {cfg.exp} on {device} ({name}), {source}: {len(split.labeled)} labeled + "
+          f"{len(split.unlabeled)} unlabeled cases, patch {cfg.patch_size}, batch {cfg.labeled_bs} + "
+          f"{cfg.batch_size - cfg.labeled_bs}, "
           f"{args.warmup} warm-up + {args.steps} timed steps per variant")
 
-    plain = bench_variant(dataclasses.replace(cfg, references=False), split, volumes, device, args.steps, args.warmup)
-    cers = bench_variant(dataclasses.replace(cfg, references=True), split, volumes, device, args.steps, args.warmup)
+    variant = lambda refs: bench_variant(dataclasses.replace(cfg, references=refs), split, volumes, device,
+                                         args.steps, args.warmup)
+    plain, cers = variant(False), variant(True)
     bf16, channels_last = fast_paths(cfg, device)
     memory = "peak GPU memory" if device.type == "cuda" else "process peak RSS so far"
     per_iter = cers["step_s"] + cers["refresh_s"] / cfg.bank_refresh   # the refresh, amortised
@@ -212,12 +221,15 @@ def main(argv=None):
              f"{100 * cers['retrieval_s'] / cers['step_s']:.1f} % of the CERS step",
              f"bank refresh ({len(split.labeled)} labeled volumes): {1e3 * cers['refresh_s']:.0f} ms, every "
              f"{cfg.bank_refresh} steps = {1e3 * cers['refresh_s'] / cfg.bank_refresh:.1f} ms per step",
-             f"decoder A's reference sensitivity after {args.warmup + args.steps} steps from scratch: mean |change| "
-             f"of its foreground probability, retrieved vs random references, {cers['ref_delta']:.2e}",
-             f"sliding-window inference (CERS, volume {tuple(cers['volume'])}, stride {cfg.stride_xy}/{cfg.stride_z}, "
-             f"{cfg.window_batch} windows per batch): {cers['inference_s']:.2f} s per volume",
+             f"decoder A's reference sensitivity after {args.warmup + args.steps} steps from scratch: mean "
+             f"|change| of its foreground probability, retrieved vs random references, "
+             f"{cers['ref_delta']:.2e}",
+             f"sliding-window inference (CERS, volume {tuple(cers['volume'])}, stride "
+             f"{cfg.stride_xy}/{cfg.stride_z}, {cfg.window_batch} windows per batch): "
+             f"{cers['inference_s']:.2f} s per volume",
              f"projected {cfg.max_iters} iterations: CERS {per_iter * cfg.max_iters / 60:.1f} min, "
-             f"plain {plain['step_s'] * cfg.max_iters / 60:.1f} min (steps only: no data loading, pool, tests)"]
+             f"plain {plain['step_s'] * cfg.max_iters / 60:.1f} min (steps only: no data loading, pool, "
+             "tests)"]
     print("\n".join(lines))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

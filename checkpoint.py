@@ -1,8 +1,8 @@
 """Checkpoints: written atomically, read back into a network rebuilt from the config they carry.
 
-A checkpoint holds everything a run needs to continue exactly (STYLE.md, "Checkpoints resume"):
+A checkpoint holds everything a run needs to continue exactly (docs/design.md §12):
 student, teacher, optimiser, iteration, every rank's sampler and random states, the reference bank,
-the CoT texts and the whole config. train.py writes and resumes them; test.py and retrieve.py read
+the CoT texts and the whole config. train.py writes and resumes them; test.py and explain.py read
 the student back with load_checkpoint, which builds the network from the saved config.
 
 --resume continues a run only with the config it was trained with: config_changes() lists the keys that

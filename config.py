@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-CASE_DIR = "2018LA_Seg_Training Set"  # the LA layout: <data_root>/<CASE_DIR>/<ID>/<CASE_FILE> (spaces included)
+CASE_DIR = "2018LA_Seg_Training Set"  # the LA layout: <data_root>/<CASE_DIR>/<ID>/<CASE_FILE> (with spaces)
 CASE_FILE = "mri_norm2.h5"
 
 
@@ -31,13 +31,13 @@ CASE_FILE = "mri_norm2.h5"
 class Config:
     exp: str = "LA_8"                 # experiment name; outputs go to runs/<exp>
     # data
-    data_root: str = "data/LA"        # LA layout: '2018LA_Seg_Training Set/<ID>/mri_norm2.h5', train.list, test.list
+    data_root: str = "data/LA"        # LA layout: <CASE_DIR>/<ID>/<CASE_FILE>, train.list, test.list
     phantom: bool = False             # write a synthetic LA-layout dataset to data_root when it is missing
     phantom_shape: tuple = (96, 96, 64)  # phantom volume size (X, Y, Z)
     phantom_cases: tuple = (40, 10)   # phantom (train, test) case counts
     num_labeled: int = 8              # the first N IDs of train.list are labeled (LA_N)
     downsample: int = 1               # read volumes on a grid this many times coarser (block means; LA_8_LOW)
-    cache_dir: str = "data/cache"     # coarser volumes kept here, keyed by file content and factor ("" = none)
+    cache_dir: str = "data/cache"     # coarser volumes kept here, keyed by file content and factor ("": none)
     val_cases: int = 0                # hold the last N IDs of train.list out as a validation split, scored in
                                       # place of test.list (for tuning; 0 = the protocol, test.list scored)
     patch_size: tuple = (112, 112, 80)  # training patch and sliding window, each side divisible by 16
@@ -47,7 +47,8 @@ class Config:
     base_filters: int = 16            # V-Net width (16 in the LA protocol)
     n_classes: int = 2
     dropout: float = 0.5              # Dropout3d at the bottleneck and before the heads
-    references: bool = True           # decoder A fuses reasoning-selected reference context (False: plain dual-decoder MT)
+    references: bool = True           # decoder A fuses reasoning-selected reference context (False: the plain
+                                      # dual-decoder mean teacher)
     mcam_gates: bool = True           # coordinate-attention gates in MCAM (False: context added ungated)
     # optimisation
     max_iters: int = 15000            # training iterations
@@ -59,15 +60,17 @@ class Config:
     rampup_iters: int = 6000          # sigmoid ramp-up length (the protocol's 40 x 150 iterations)
     sharpen_t: float = 0.1            # temperature of the sharpened consistency targets
     teacher_noise: float = 0.1        # std of the Gaussian noise on the teacher's input (clamped at 2 std)
-    unlabeled_mix: bool = False       # the student sees pairs of unlabeled patches cut and mixed (CutMix), the
-                                      # teacher's targets mixed alike (False: the student sees them as they are)
-    mix_labeled: bool = False         # each unlabeled patch is cut and mixed with a labeled one instead (bidirectional
-                                      # copy-paste), its target the ground truth where the labeled patch shows and
-                                      # the teacher's hard labels elsewhere, under the supervised loss
-    strong_view: bool = False         # the student sees the unlabeled patches blurred, bias-fielded, gamma-changed
-                                      # and noisier than the teacher does (weak-to-strong consistency)
-    strong_labeled: bool = False      # the labeled patches get that strong view too (appearance augmentation of
-                                      # the supervised loss; a control for what the strong view does without labels)
+    # the extensions beyond the paper (extensions.py), each off unless an experiment turns it on
+    unlabeled_mix: bool = False       # the student sees pairs of unlabeled patches cut and mixed (CutMix),
+                                      # the teacher's targets mixed alike (False: it sees them as they are)
+    mix_labeled: bool = False         # each unlabeled patch is cut and mixed with a labeled one instead
+                                      # (bidirectional copy-paste), its target the ground truth where the
+                                      # labeled patch shows and the teacher's hard labels elsewhere, under the
+                                      # supervised loss
+    strong_view: bool = False         # the student sees the unlabeled patches blurred, bias-fielded, gamma-
+                                      # changed and noisier than the teacher does (weak-to-strong consistency)
+    strong_labeled: bool = False      # the labeled patches get that strong view too (appearance augmentation
+                                      # of the supervised loss; a control: the strong view without labels)
     seed: int = 1337
     # knowledge pool (pool.py)
     cot_backend: str = "auto"         # "auto" | "llm" | "descriptors"; auto = llm when llm_url is set
@@ -89,11 +92,11 @@ class Config:
     tau: float = 0.6                  # normalised BM25 score under which a candidate is a hard negative
     max_refs_per_case: int = 1        # at most this many references from one case (diverse references)
     ref_temperature: float = 1.0      # softmax temperature of the reference weights
-    ref_masks: bool = False           # references carry their masks into decoder A (an extension beyond the paper)
-    transfer_weight: float = 1.0      # with ref_masks: weight of the loss that teaches the fusion to transfer labels
+    ref_masks: bool = False           # references carry their masks into decoder A (beyond the paper)
+    transfer_weight: float = 1.0      # with ref_masks: weight of the transfer loss (extensions.py)
     retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
     bank_momentum: float = 0.9        # EMA momentum of the bank feature refresh
-    ref_warmup: int = 0               # iterations before references are used (the path starts as the identity)
+    ref_warmup: int = 0               # iterations before references are used (the path starts as identity)
     bank_refresh: int = 200           # refresh bank features from the teacher every this many iterations
     # testing
     stride_xy: int = 18               # sliding-window stride in x and y
@@ -109,8 +112,8 @@ class Config:
 
 
 class CersError(Exception):
-    """Bad input or a refused operation (config, data, checkpoint, endpoint). The message names the file, the key
-    and the value and says what to do; entry points print it alone (cli). Any other exception is a bug."""
+    """Bad input or a refused operation (config, data, checkpoint, endpoint). The message names the file, the
+    key and the value and says what to do; entry points print it alone (cli). Any other exception is a bug."""
 
 
 class ConfigError(CersError, ValueError):
@@ -131,7 +134,8 @@ def cli(main, argv=None):
 
 def close_progress_bars():
     """Close the progress bars an error left open, each keeping its last state on its own line: the error's
-    message then starts a line of its own (else it lands on the bar's line, and the bar's clean-up follows)."""
+    message then starts a line of its own (else it lands on the bar's line, and the bar's clean-up follows
+    it)."""
     for bar in sorted(getattr(tqdm, "_instances", ()), key=lambda bar: -abs(bar.pos)):   # innermost first
         bar.leave = True
         bar.close()
@@ -143,18 +147,18 @@ def la(n):
 
 EXPERIMENTS = {
     "LA_4": la(4), "LA_8": la(8), "LA_16": la(16),
-    # CPU-sized offline default: small synthetic volumes (48 x 48 x 32, about 2.1 mm), 8 of 80 training cases
-    # labeled as in LA_8, a narrower V-Net, 32^3 patches; 1200 iterations (about 7 minutes on 2 cores).
-    # The unlabeled losses at full weight, through cut-and-mixed unlabeled patches that the student sees in a
-    # strong view (5 seeds, mean teacher: 76.8 % against 75.9 without the strong view and 71.1 supervised-only;
-    # README, "The phantom"). 50 test cases: paired comparisons on one network, such as decoder A with
-    # retrieved against random references, need them
-    "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(48, 48, 32), phantom_cases=(80, 50),
-                      num_labeled=8, patch_size=(32, 32, 32), base_filters=8, max_iters=1200, rampup_iters=480,
-                      stride_xy=8, stride_z=8, log_every=20, ckpt_every=200, bank_refresh=50,
-                      lr=0.03, consistency=1.0, unlabeled_mix=True, strong_view=True),
+    # CPU-sized offline default (docs/design.md §4): small synthetic volumes (48 x 48 x 32, about 2.1 mm),
+    # 8 of 80 training cases labeled as in LA_8, a narrower V-Net, 32^3 patches, 1200 iterations. The
+    # unlabeled losses at full weight, through cut-and-mixed unlabeled patches that the student sees in a
+    # strong view (what each adds, and the run time: docs/results.md §1.1, §2.1, §3.1). 50 test cases:
+    # paired comparisons on one network, such as decoder A with retrieved against random references, need them
+    "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(48, 48, 32),
+                      phantom_cases=(80, 50), num_labeled=8, patch_size=(32, 32, 32), base_filters=8,
+                      max_iters=1200, rampup_iters=480, stride_xy=8, stride_z=8, log_every=20, ckpt_every=200,
+                      bank_refresh=50, lr=0.03, consistency=1.0, unlabeled_mix=True, strong_view=True),
     # real LA on 2 CPU cores: the LA_8 split read on a 3x coarser grid (1.9 mm voxels, volumes about
-    # 49-81 x 44-53 x 29), 8 filters, 48 x 48 x 32 patches, 250 iterations; scored on that grid and the original
+    # 49-81 x 44-53 x 29), 8 filters, 48 x 48 x 32 patches, 250 iterations; scored on that grid and the
+    # original one
     "LA_8_LOW": dict(num_labeled=8, downsample=3, patch_size=(48, 48, 32), base_filters=8, max_iters=250,
                      rampup_iters=100, stride_xy=16, stride_z=8, log_every=10, ckpt_every=50, bank_refresh=25,
                      lr=0.03, consistency=0.1),
@@ -203,10 +207,12 @@ non_negative = (lambda v: finite(v) and v >= 0, "a finite number >= 0")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 CHECKS = {  # key: (test, what the value must be); every key of Config, applied by check_config
     "exp": name, "data_root": name, "out_dir": name, "phantom": flag,
-    "phantom_shape": (lambda v: len(v) == 3 and min(v) >= 16, "three sizes of at least 16 voxels, e.g. 64,64,48"),
+    "phantom_shape": (lambda v: len(v) == 3 and min(v) >= 16,
+                      "three sizes of at least 16 voxels, e.g. 64,64,48"),
     "phantom_cases": (lambda v: len(v) == 2 and min(v) >= 1, "two counts >= 1 (train, test), e.g. 40,10"),
     "downsample": count, "cache_dir": (lambda v: v == v.strip(), "a folder, or empty for no cache"),
-    "val_cases": (lambda v: v >= 0, "a whole number >= 0 (IDs held out of train.list)"), "num_labeled": (lambda v: v >= 1, "a count >= 1 (and at most the IDs in train.list)"),
+    "val_cases": (lambda v: v >= 0, "a whole number >= 0 (IDs held out of train.list)"),
+    "num_labeled": (lambda v: v >= 1, "a count >= 1 (and at most the IDs in train.list)"),
     "patch_size": (lambda v: len(v) == 3 and all(p > 0 and p % 16 == 0 for p in v),
                    "three sides, each a positive multiple of 16, e.g. 112,112,80"),
     "batch_size": count, "labeled_bs": count, "base_filters": count,
@@ -255,8 +261,8 @@ def has_type(value, hint):
 
 
 def check_config(cfg):
-    """Fill derived defaults, then check every key against its meaning (CHECKS) and the keys against each other;
-    the first problem is a ConfigError naming the key, the value and what it must be."""
+    """Fill derived defaults, then check every key against its meaning (CHECKS) and the keys against each
+    other; the first problem is a ConfigError naming the key, the value and what it must be."""
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.exp}"
     cfg.bank_stride = tuple(cfg.bank_stride) or tuple(cfg.patch_size)
     for key, hint in typing.get_type_hints(Config).items():
@@ -279,11 +285,10 @@ def check_config(cfg):
 
 
 def resolve_device(cfg):
-    """The torch device of cfg.device ("auto": cuda when available); a device this machine lacks is refused."""
+    """The torch device of a checked config's device ("auto": cuda when available); a device this machine
+    lacks is refused."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not DEVICE.fullmatch(cfg.device):
-        raise ConfigError(f"config: device={cfg.device} must be {CHECKS['device'][1]}")
     device = torch.device(cfg.device)
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"config: device={cfg.device} but PyTorch sees {torch.cuda.device_count()} CUDA "
@@ -295,13 +300,13 @@ def resolve_device(cfg):
 
 def fast_paths(cfg, device):
     """(bf16 autocast, channels-last 3D layout) for cfg.amp on this device. bf16 on CUDA only: CPUs without
-    bf16 units run it slower than fp32. Channels-last on both: on 2 CPU cores the plain step runs about 1.45
-    times faster in it, the CERS step as much with 48 x 48 x 32 patches and no slower with 32^3 (README,
-    "Measured figures")."""
+    bf16 units run it slower than fp32. Channels-last on both: the CPU step runs faster in it
+    (docs/results.md §3.2)."""
     return cfg.amp and device.type == "cuda", cfg.amp
 
 
 def precision(bf16, channels_last):
-    """How a run computes, for the logs: 'bf16 autocast + channels-last 3D', 'fp32 + channels-last 3D', 'fp32'."""
+    """How a run computes, for the logs: 'bf16 autocast + channels-last 3D', 'fp32 + channels-last 3D',
+    'fp32'."""
     return ("bf16 autocast" if bf16 else "fp32") + (" + channels-last 3D" if channels_last else "")
 

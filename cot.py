@@ -1,4 +1,4 @@
-"""Chain-of-thought text (DESIGN.md §1.1, §1.2): the four-part format every reasoner writes, and BM25 over it.
+"""Chain-of-thought text (docs/design.md §5): the four-part format every reasoner writes, and BM25 over it.
 
     Texture: ...  Boundary: ...  Context: ...  Summary: ...
 
@@ -24,7 +24,8 @@ HEADING = re.compile(r"^[ \t>#*\-]*(?:\d+[.)][ \t]*)?[*_]*[ \t]*(texture|boundar
 
 
 def parse_cot(text):
-    """The four fields {texture, boundary, context, summary} of a CoT reply; ValueError when one is missing or empty.
+    """The four fields {texture, boundary, context, summary} of a CoT reply; ValueError when one is missing or
+    empty.
 
     Tolerates a preamble, markdown, numbering, any order and extra whitespace; after the last
     field, text beyond a blank line (closing chatter) is dropped."""
@@ -46,9 +47,10 @@ def format_cot(fields):
     return "\n".join(f"{f.capitalize()}: {fields[f]}" for f in FIELDS)
 
 
-# ----------------------------------------------------------------------------- tokenizer for radiology CoT text
+# ----------------------------------------------------------------------------- a tokenizer for radiology CoT
 
-FIELD_LABEL = re.compile(r"\b(?:texture|boundary|context|summary)\s*:", re.IGNORECASE)  # structure, not evidence
+# the field labels are structure, not evidence
+FIELD_LABEL = re.compile(r"\b(?:texture|boundary|context|summary)\s*:", re.IGNORECASE)
 WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one match; '/' separates
 STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below between
@@ -60,7 +62,8 @@ until up upon very via was were what when where which while who whom why will wi
 # inflection suffixes, longest first: stripped repeatedly so that enhancing / enhanced / enhancement
 # and heterogeneous / heterogeneity / heterogeneously meet at one stem
 SUFFIXES = ("ations", "ation", "ments", "ment", "ness", "ities", "ity", "ously", "ous", "ative", "ating",
-            "ated", "ate", "ively", "ive", "ingly", "ing", "edly", "ed", "ies", "ly", "al", "ic", "es", "s", "e", "y")
+            "ated", "ate", "ively", "ive", "ingly", "ing", "edly", "ed", "ies", "ly", "al", "ic", "es", "s",
+            "e", "y")
 
 
 @lru_cache(maxsize=1 << 16)
@@ -95,7 +98,7 @@ def tokenize(text):
     return list(_tokens(text or ""))
 
 
-# ----------------------------------------------------------------------------- BM25 over the pool's distinct CoT texts
+# ----------------------------------------------------------------------------- BM25 over distinct CoT texts
 
 class CotIndex:
     """BM25 over distinct texts. Many bank entries share their case's CoT, so each text is one document:
@@ -134,7 +137,8 @@ class CotIndex:
         return scipy.sparse.csr_matrix((data, (rows, cols)), shape=(len(freqs), len(self.vocab)))
 
     def query_matrix(self, texts):
-        """(vocab, B) counts of each query's indexed terms; repeated query words count repeatedly, as in BM25."""
+        """(vocab, B) counts of each query's indexed terms; repeated query words count repeatedly, as in
+        BM25."""
         q = np.zeros((len(self.vocab), len(texts)))
         for i, text in enumerate(texts):
             for term in self.tokenizer(text or ""):

@@ -1,4 +1,4 @@
-"""LA-format data: reading, splits, augmentation and semi-supervised batches (DESIGN.md §3).
+"""LA-format data: reading, splits, augmentation and semi-supervised batches (docs/design.md §3).
 
 The Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
 
@@ -41,22 +41,25 @@ def case_path(root, case_id):
 
 
 def read_list(path):
-    """The IDs of a train.list / test.list file, one a line; blank lines, a byte-order mark and Windows line ends
-    are tolerated, an ID that is not one plain folder name is refused (shown with its invisible characters)."""
+    """The IDs of a train.list / test.list file, one a line; blank lines, a byte-order mark and Windows line
+    ends are tolerated, an ID that is not one plain folder name is refused (shown with its invisible
+    characters)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as plain UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as plain "
+                        "UTF-8") from None
     ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DataError(f"{path}: list file is empty")
     for case_id in ids:
-        if not case_id.isprintable() or any(c.isspace() or c in "/\\" for c in case_id) or case_id in (".", ".."):
-            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no spaces, "
-                            "slashes or invisible characters)")
+        odd = any(c.isspace() or c in "/\\" for c in case_id) or case_id in (".", "..")
+        if odd or not case_id.isprintable():
+            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no "
+                            "spaces, slashes or invisible characters)")
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise DataError(f"{path}: list has duplicate IDs: {', '.join(map(ascii, repeated[:5]))}")
@@ -75,7 +78,8 @@ def check_datasets(f, path):
         raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
     for key, kinds in (("image", "iuf"), ("label", "biuf")):
         if f[key].dtype.kind not in kinds:
-            raise DataError(f"{path}: '{key}' has dtype {f[key].dtype}; expected numbers (image float32, label uint8)")
+            raise DataError(f"{path}: '{key}' has dtype {f[key].dtype}; expected numbers (image float32, "
+                            "label uint8)")
 
 
 def open_case(path, read_voxels=True):
@@ -95,7 +99,8 @@ def open_case(path, read_voxels=True):
 
 
 def check_case_file(path):
-    """Check one case file's datasets without reading the voxels (load_split does it for every listed case)."""
+    """Check one case file's datasets without reading the voxels (load_split does it for every listed
+    case)."""
     open_case(path, read_voxels=False)
 
 
@@ -130,17 +135,18 @@ def load_split(root, num_labeled, val_cases=0):
         raise DataError(f"{root}: data root not found (for LA, put the UA-MT data/LA folder here)")
     train = read_list(root / "train.list")
     if val_cases:
-        if not 1 <= num_labeled <= len(train) - val_cases:
-            raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} with val_cases={val_cases} needs at "
-                            f"least {num_labeled + val_cases} IDs; the list has {len(train)}")
+        if num_labeled > len(train) - val_cases:          # (num_labeled >= 1: config.check_config)
+            raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} with val_cases={val_cases} "
+                            f"needs at least {num_labeled + val_cases} IDs; the list has {len(train)}")
         test, train, scored = train[-val_cases:], train[:-val_cases], "validation"
     else:
         test, scored = read_list(root / "test.list"), "test"
         leaked = sorted(set(test) & set(train), key=test.index)
         if leaked:
-            raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. {leaked[0]!r}: a "
-                            "test case must never be trained on; remove it from one of the lists")
-    if not 1 <= num_labeled <= len(train):
+            raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. "
+                            f"{leaked[0]!r}: a test case must never be trained on; remove it from one of the "
+                            "lists")
+    if num_labeled > len(train):
         raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} but the list has {len(train)} IDs")
     for case_id in train + test:
         if not case_path(root, case_id).is_file():
@@ -151,8 +157,8 @@ def load_split(root, num_labeled, val_cases=0):
 
 def load_volumes(root, ids, progress=True, factor=1, cache_dir=""):
     """Read every case once: {ID: (image, label)} as numpy arrays, on a grid `factor` times coarser than the
-    files' when factor > 1 (see downsample). Coarser volumes are kept in `cache_dir` (when given), keyed by the
-    source file's content and the factor, so later runs skip reading and resampling them."""
+    files' when factor > 1 (see downsample). Coarser volumes are kept in `cache_dir` (when given), keyed by
+    the source file's content and the factor, so later runs skip reading and resampling them."""
     def one(case_id):
         path = case_path(root, case_id)
         if factor == 1 or not cache_dir:
@@ -165,22 +171,24 @@ CACHE_VERSION = 1   # bump when downsample() changes what it computes: older cac
 
 
 def cache_file(path, factor, cache_dir):
-    """The cache file of one case file on a grid `factor` times coarser: named by the source's content hash."""
+    """The cache file of one case file on a grid `factor` times coarser: named by the source's content
+    hash."""
     digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
     return Path(cache_dir) / f"{digest}-x{factor}-v{CACHE_VERSION}.npz", digest
 
 
 def read_cached(file, digest, factor):
-    """(image, label) of a cache file that is whole and was made from `digest` at `factor`, else None (a missing,
-    truncated or foreign file: the caller rebuilds it)."""
+    """(image, label) of a cache file that is whole and was made from `digest` at `factor`, else None (a
+    missing, truncated or foreign file: the caller rebuilds it)."""
     try:
         with np.load(file) as z:
             ok = (str(z["source"]) == digest and int(z["factor"]) == factor and z["image"].dtype == np.float32
-                  and z["label"].dtype == np.uint8 and z["image"].shape == z["label"].shape and z["image"].ndim == 3)
+                  and z["label"].dtype == np.uint8 and z["image"].shape == z["label"].shape
+                  and z["image"].ndim == 3)
             return (z["image"], z["label"]) if ok else None
     except FileNotFoundError:
         return None
-    except Exception:   # a truncated or damaged zip raises BadZipFile, EOFError, ValueError, OSError, KeyError
+    except Exception:  # a truncated or damaged zip raises BadZipFile, EOFError, ValueError, OSError, KeyError
         print(f"note: {file}: damaged volume cache entry; rebuilding it", file=sys.stderr)
         return None
 
@@ -207,9 +215,9 @@ def cached_downsample(path, factor, cache_dir):
 # ----------------------------------------------------------------------------- a coarser grid (LA_8_LOW)
 
 def downsample(image, label, factor):
-    """(image, label) (X, Y, Z) on a grid `factor` times coarser: the image by block means, the label by majority
-    vote (a block is foreground when at least half of its voxels are). The far edge of an axis that does not
-    fill a whole block (at most factor - 1 voxels) is dropped; upsample_probabilities puts it back as
+    """(image, label) (X, Y, Z) on a grid `factor` times coarser: the image by block means, the label by
+    majority vote (a block is foreground when at least half of its voxels are). The far edge of an axis that
+    does not fill a whole block (at most factor - 1 voxels) is dropped; upsample_probabilities puts it back as
     background. factor 1 returns the arrays unchanged."""
     if factor == 1:
         return image, label
@@ -265,7 +273,8 @@ def pad_to(x, size):
 
 
 def rot_flip(x, k, axis):
-    """The protocol's x-y plane augmentation of (..., X, Y, Z): rotate by k * 90 degrees, flip along x (0) or y (1).
+    """The protocol's x-y plane augmentation of (..., X, Y, Z): rotate by k * 90 degrees, flip along x (0) or
+    y (1).
 
     Image and label are stacked into one tensor before this, so they cannot drift apart."""
     return torch.flip(torch.rot90(x, k, dims=(-3, -2)), dims=(axis - 3,))
@@ -278,13 +287,14 @@ def crop(x, start, size):
 
 
 def padded_crop(volume, box):
-    """The box (x0, y0, z0, x1, y1, z1) of a numpy volume (X, Y, Z), zero where the box reaches outside it (the
-    padding rule of the training crops): the bank's patches and the patches explained. crop() is the torch
-    view inside a tensor that sampling and inference use."""
+    """The box (x0, y0, z0, x1, y1, z1) of a numpy volume (X, Y, Z), zero where the box reaches outside it
+    (the padding rule of the training crops): the bank's patches and the patches explained. crop() is the
+    torch view inside a tensor that sampling and inference use."""
     lo, hi = np.array(box[:3]), np.array(box[3:])
     out = np.zeros(hi - lo, volume.dtype)
     a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)
-    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[tuple(slice(i, j) for i, j in zip(a, b))]
+    inside = tuple(slice(i, j) for i, j in zip(a, b))                      # the part of the box in the volume
+    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[inside]
     return out
 
 
@@ -319,7 +329,8 @@ def mix_with_labeled(image, target, label, n_lab):
     partner = j % n_lab
     shows = (j % 2 == 0).view(-1, 1, 1, 1, 1) == box                     # (Bu, 1, X, Y, Z): the labeled patch
     mixed = torch.where(shows, image[partner], image[n_lab:])
-    return torch.cat([image[:n_lab], mixed]), torch.where(shows[:, 0], label[partner].to(target.dtype), target)
+    mixed_target = torch.where(shows[:, 0], label[partner].to(target.dtype), target)
+    return torch.cat([image[:n_lab], mixed]), mixed_target
 
 
 def blur(x, sigma):
@@ -330,7 +341,7 @@ def blur(x, sigma):
     k = torch.exp(-0.5 * (t / sigma.clamp_min(1e-3)[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)               # (B, 2r + 1)
     b = len(x)
-    x = x.transpose(0, 1)                                                 # (1, B, X, Y, Z): one group per patch
+    x = x.transpose(0, 1)                                               # (1, B, X, Y, Z): one group per patch
     for dim in range(3):
         shape = [b, 1, 1, 1, 1]
         shape[2 + dim] = 2 * r + 1
@@ -364,23 +375,25 @@ def strong_view(x):
 
 
 class BatchSampler:
-    """Endless semi-supervised batches: `labeled_bs` labeled + (`batch_size` - `labeled_bs`) unlabeled patches.
+    """Endless semi-supervised batches: `labeled_bs` labeled + (`batch_size` - `labeled_bs`) unlabeled
+    patches.
 
     Each part cycles through its cases in a fresh random order per pass, so the few labeled
     cases are seen evenly. All randomness comes from one generator whose state is saved in
     checkpoints, so a resumed run draws exactly the batches an uninterrupted one would.
     """
 
-    def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed, augment=True):
-        if not 0 < labeled_bs <= batch_size:
-            raise DataError(f"config: need 0 < labeled_bs ({labeled_bs}) <= batch_size ({batch_size})")
-        if batch_size > labeled_bs and not unlabeled:
+    def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed,
+                 augment=True):
+        if batch_size > labeled_bs and not unlabeled:     # (labeled_bs <= batch_size: config.check_config)
             raise DataError(f"num_labeled={len(labeled)} labels every ID of train.list, so the "
-                            f"{batch_size - labeled_bs} unlabeled patches of each batch have no case to come from; "
-                            f"use a smaller --num_labeled, or --labeled_bs={batch_size} for a supervised run on all")
+                            f"{batch_size - labeled_bs} unlabeled patches of each batch have no case to come "
+                            f"from; use a smaller --num_labeled, or --labeled_bs={batch_size} for a "
+                            "supervised run on all")
         to = lambda a, dtype: torch.as_tensor(a, dtype=dtype).to(device)
         # unlabeled cases keep no label at all, so no code path can use one by mistake
-        self.volumes = {i: (to(volumes[i][0], torch.float32), to(volumes[i][1], torch.uint8) if i in labeled else None)
+        self.volumes = {i: (to(volumes[i][0], torch.float32),
+                            to(volumes[i][1], torch.uint8) if i in labeled else None)
                         for i in labeled + unlabeled}
         self.parts = [(list(labeled), labeled_bs), (list(unlabeled), batch_size - labeled_bs)]
         self.patch, self.augment = tuple(patch), augment
@@ -404,7 +417,8 @@ class BatchSampler:
     def sample(self, case_id):
         """One augmented patch of a case: image (1, X, Y, Z) and label (X, Y, Z), or None when unlabeled."""
         image, label = self.volumes[case_id]
-        both = torch.stack([image, label.float() if label is not None else torch.zeros_like(image)])  # (2, X, Y, Z)
+        mask = label.float() if label is not None else torch.zeros_like(image)
+        both = torch.stack([image, mask])                                              # (2, X, Y, Z)
         if self.augment:
             both = rot_flip(both, self._randint(4), self._randint(2))
         both = pad_to(both, self.patch)

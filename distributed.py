@@ -72,7 +72,8 @@ def check_consistent(world, tensors):
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     differ = [name for name, a, b in zip(tensors, low.tolist(), high.tolist()) if a != b]
     if differ:
-        raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. {differ[:3]}")
+        raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. "
+                           f"{differ[:3]}")
 
 
 def main_process():

@@ -1,7 +1,7 @@
 """Why a case got its references, and how much the CoT filter acts (docs/design.md §6): the command line of
 reference selection.
 
-    python explain.py --exp LA_8 --explain ID      # every candidate's distance, BM25 score and fate, plus a PNG
+    python explain.py --exp LA_8 --explain ID      # each candidate's distance, BM25 score and fate; a PNG
     python explain.py --exp LA_8 --filter-report   # the share of candidates the CoT filter rejects, per tau
 
 A query patch's shape comes from decoder B of the experiment's last checkpoint, as in training and testing;
@@ -30,7 +30,8 @@ def query_masks(cfg, image, label, boxes, labeled):
     ckpt = Path(cfg.out_dir) / "ckpt_last.pt"
     if ckpt.is_file():
         model, _, _ = load_checkpoint(ckpt, "cpu")
-        x = torch.from_numpy(np.stack([data.padded_crop(image, b) for b in boxes])[:, None])   # (n, 1, X, Y, Z)
+        patches = np.stack([data.padded_crop(image, b) for b in boxes])                # (n, X, Y, Z)
+        x = torch.from_numpy(patches[:, None])                                          # (n, 1, X, Y, Z)
         with torch.no_grad():
             return (model.predict_b(x).argmax(1) == 1).numpy()
     if not labeled:
@@ -47,9 +48,9 @@ def filter_report(bank, image_texts, cfg, taus=(0.5, 0.6, 0.7, 0.8, 0.9)):
     fills and the distinct cases among the references."""
     ids = bank.case_ids
     lines = [f"{len(set(bank.texts))} distinct mask CoTs for {len(set(ids))} labeled cases, "
-             f"{len(set(image_texts.values()))} distinct image CoTs for {len(image_texts)} cases; queries: the "
-             f"{len(bank)} bank entries (ground-truth morphology, own case excluded), k_coarse {cfg.k_coarse}, "
-             f"k_fine {cfg.k_fine}, at most {cfg.max_refs_per_case} per case"]
+             f"{len(set(image_texts.values()))} distinct image CoTs for {len(image_texts)} cases; queries: "
+             f"the {len(bank)} bank entries (ground-truth morphology, own case excluded), k_coarse "
+             f"{cfg.k_coarse}, k_fine {cfg.k_fine}, at most {cfg.max_refs_per_case} per case"]
     for tau in taus:
         sel = select(bank, bank.morph, [image_texts[c] for c in ids], ids, dataclasses.replace(cfg, tau=tau))
         rejected = np.mean([rec["hard_negative"].mean() for rec in sel.explain])
@@ -78,7 +79,8 @@ def main(argv=None):
     if args.explain and args.explain not in split.labeled + split.unlabeled + split.test:
         raise ConfigError(f"--explain: case {args.explain!r} is in neither train.list nor test.list of "
                           f"{cfg.data_root}")
-    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test, factor=cfg.downsample)
+    volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test,
+                                factor=cfg.downsample)
     texts = pool.build_pool(cfg, split, volumes)
     bank = ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
     if args.filter_report:
@@ -89,7 +91,8 @@ def main(argv=None):
     morph = morphology_batch(query_masks(cfg, image, label, boxes, args.explain in split.labeled))
     sel = select(bank, morph, [texts.image[args.explain]] * len(boxes), [args.explain] * len(boxes), cfg)
     print(format_explanation(bank, sel, boxes))
-    print("figure:", plot_explanation(Path(cfg.out_dir) / f"explain_{args.explain}.png", image, boxes, bank, sel))
+    png = Path(cfg.out_dir) / f"explain_{args.explain}.png"
+    print("figure:", plot_explanation(png, image, boxes, bank, sel))
 
 
 if __name__ == "__main__":

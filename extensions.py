@@ -11,7 +11,8 @@ off, so removing an extension is deleting its function and its call:
     copy_paste_loss         mix_labeled       the supervised loss on the copy-pasted patches' hard targets
     transfer_loss           ref_masks         the labels the fusion transfers learn the query's own
 
-The data-side operations (cutting, mixing, the strong view) live in data.py beside the protocol's augmentation.
+The operations on the patches (cutting, mixing, the strong view) live in data.py beside the protocol's
+augmentation.
 """
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,8 @@ def dice_loss(prob, target, eps=1e-5):
 
 
 def supervised_loss(logits, label):
-    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z) and label (Lb, X, Y, Z)."""
+    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z) and label
+    (Lb, X, Y, Z)."""
     prob = logits.float().softmax(1)[:, 1]
     return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
 

@@ -1,4 +1,4 @@
-"""Reference-context fusion and the multi-scale coordinate attention module, MCAM (DESIGN.md §1.3).
+"""Reference-context fusion and the multi-scale coordinate attention module, MCAM (docs/design.md §8).
 
 Reasoning chooses which labeled references the network looks at (retrieve.py); this file turns the
 chosen references into a context stream and fuses it into decoder A (model.py):
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 class References(NamedTuple):
     """What decoder A is given for a batch: the chosen bank entries and what it knows of them."""
-    features: torch.Tensor                  # (B, K, C, d, h, w) bank features (the teacher encoder's bottleneck)
+    features: torch.Tensor                  # (B, K, C, d, h, w) bank features (teacher encoder's bottleneck)
     weights: torch.Tensor                   # (B, K) retrieval weights, rows sum to 1 (filled slots weigh 0)
     masks: Optional[torch.Tensor] = None    # (B, K, X, Y, Z) float {0, 1} ground truth (ref_masks), else None
     indices: Optional[torch.Tensor] = None  # (B, K) bank entries, for logs and explanations
@@ -51,7 +51,8 @@ def position_encoding(d, h, w, dim, device):
     Parameter-free, so every patch size gets an encoding."""
     n = dim // 6
     freq = 100.0 ** (-torch.arange(n, device=device) / max(n, 1))                     # (n,)
-    grid = torch.meshgrid(*[torch.arange(s, device=device, dtype=torch.float32) for s in (d, h, w)], indexing="ij")
+    axes = [torch.arange(s, device=device, dtype=torch.float32) for s in (d, h, w)]
+    grid = torch.meshgrid(*axes, indexing="ij")
     angles = [axis.reshape(-1, 1) * freq for axis in grid]                             # 3 x (N, n)
     enc = torch.cat([fn(a) for a in angles for fn in (torch.sin, torch.cos)], 1)       # (N, 6n)
     return F.pad(enc, (0, dim - 6 * n))                                                # (N, dim)
@@ -59,8 +60,8 @@ def position_encoding(d, h, w, dim, device):
 
 def axis_profiles(t):
     """Averages of t (B, C, X, Y, Z) over all spatial axes but one: (B, C, X), (B, C, Y), (B, C, Z)."""
-    t_xy = t.mean(4)                                                                   # (B, C, X, Y), shared
-    return t_xy.mean(3), t_xy.mean(2), t.mean((2, 3))                                  # (B, C, X), (B, C, Y), (B, C, Z)
+    t_xy = t.mean(4)                                            # (B, C, X, Y), shared
+    return t_xy.mean(3), t_xy.mean(2), t.mean((2, 3))           # (B, C, X), (B, C, Y), (B, C, Z)
 
 
 def weighted_mask(masks, weights):
@@ -102,8 +103,8 @@ class ReferenceFusion(nn.Module):
         (B, K, X, Y, Z) the references' ground truth when built with masks.
 
         Returns the context (B, C, d, h, w) in x's memory format, which the context stream keeps up
-        the decoder (mixing layouts in MCAM's full-resolution arithmetic costs about 25 % on CPU), and
-        the transferred labels (B, H, d, h, w) float32 (None without masks)."""
+        the decoder (MCAM's full-resolution arithmetic runs slower on mixed layouts on the CPU,
+        docs/results.md §3.4), and the transferred labels (B, H, d, h, w) float32 (None without masks)."""
         B, C, d, h, w = x.shape
         K, N, H = refs.shape[1], d * h * w, self.heads
         if refs.shape != (B, K, C, d, h, w) or weights.shape != (B, K):
@@ -114,20 +115,22 @@ class ReferenceFusion(nn.Module):
                              f"{None if masks is None else tuple(masks.shape)} for refs {tuple(refs.shape)}")
         pos = position_encoding(d, h, w, C, x.device)                                  # (N, C)
         xq = self.norm_q(x.flatten(2).transpose(1, 2))                                 # (B, N, C)
-        kv = self.norm_kv(refs.flatten(3).transpose(2, 3).reshape(B, K * N, C))        # (B, K*N, C), reference-major
+        kv = self.norm_kv(refs.flatten(3).transpose(2, 3).reshape(B, K * N, C))        # (B, K*N, C), K-major
         q = self.q(xq + pos).view(B, N, H, C // H).transpose(1, 2)                     # (B, H, N, C/H)
         k = self.k(kv + pos.repeat(K, 1)).view(B, K * N, H, C // H).transpose(1, 2)    # (B, H, K*N, C/H)
         v = self.v(kv).view(B, K * N, H, C // H).transpose(1, 2)                       # (B, H, K*N, C/H)
-        if masks is not None:                            # each reference token's foreground share, a value channel
-            share = F.adaptive_avg_pool3d(masks.flatten(0, 1)[:, None].float(), (d, h, w))  # (B*K, 1, d, h, w)
+        if masks is not None:                   # each reference token's foreground share, a value channel
+            per_ref = masks.flatten(0, 1)[:, None].float()                             # (B*K, 1, X, Y, Z)
+            share = F.adaptive_avg_pool3d(per_ref, (d, h, w))                          # (B*K, 1, d, h, w)
             share = share.reshape(B, 1, K * N, 1).expand(B, H, K * N, 1)               # (B, H, K*N, 1)
             v = torch.cat([v, share.to(v.dtype)], 3)                                   # (B, H, K*N, C/H + 1)
         # log-weight bias per reference token; a weight of 0 becomes log(1e-30) = -69, i.e. no attention
         bias = weights.float().clamp_min(1e-30).log().repeat_interleave(N, 1)          # (B, K*N)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None].to(q.dtype))  # (B, H, N, C/H [+1])
+        attn_bias = bias[:, None, None].to(q.dtype)                                    # (B, 1, 1, K*N)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)               # (B, H, N, C/H [+1])
         labels = None
         if masks is not None:
-            a, labels = a[..., :-1], a[..., -1]                                        # (B, H, N, C/H), (B, H, N)
+            a, labels = a[..., :-1], a[..., -1]                                        # (B,H,N,C/H), (B,H,N)
             labels = labels.float().unflatten(2, (d, h, w))                            # (B, H, d, h, w)
         a = self.out(a.transpose(1, 2).reshape(B, N, C))                               # (B, N, C)
         xt = x.flatten(2).transpose(1, 2)                                              # (B, N, C)
@@ -136,7 +139,7 @@ class ReferenceFusion(nn.Module):
         cl = torch.channels_last_3d
         layout = cl if x.is_contiguous(memory_format=cl) else torch.contiguous_format
         context = context.transpose(1, 2).unflatten(2, (d, h, w)).contiguous(memory_format=layout)
-        return context, labels                                                         # (B, C, d, h, w), (B, H, ..)
+        return context, labels                                     # (B, C, d, h, w), (B, H, d, h, w) or None
 
 
 class MCAM(nn.Module):
@@ -162,7 +165,7 @@ class MCAM(nn.Module):
         self.proj = nn.Conv3d(ctx_channels, channels, 1)
         if gated:
             mid = max(8, width // 4)
-            self.squeeze = nn.Sequential(nn.Conv1d(channels + width, mid, 1),         # shared by the three axes
+            self.squeeze = nn.Sequential(nn.Conv1d(channels + width, mid, 1),     # shared by the three axes
                                          nn.GroupNorm(math.gcd(mid, 4), mid), nn.SiLU())
             self.gate_x, self.gate_y, self.gate_z = (nn.Conv1d(mid, width, 1) for _ in range(3))
         self.inject = nn.Conv3d(width, channels, 1)
@@ -193,9 +196,10 @@ class MCAM(nn.Module):
         gates = None
         if self.gated:
             # pooling the concatenation [dec, m] equals concatenating the pooled parts: no 2C-channel volume
-            profiles = [torch.cat(p, 1) for p in zip(axis_profiles(dec), axis_profiles(m))]  # (B, C + W, X|Y|Z)
+            pairs = zip(axis_profiles(dec), axis_profiles(m))
+            profiles = [torch.cat(p, 1) for p in pairs]                                # (B, C + W, X|Y|Z)
             s = self.squeeze(torch.cat(profiles, 2))                                   # (B, mid, X+Y+Z)
-            sx, sy, sz = s.split((X, Y, Z), 2)                                         # (B, mid, X), (.., Y), (.., Z)
+            sx, sy, sz = s.split((X, Y, Z), 2)                                         # (B, mid, X|Y|Z)
             W = m.shape[1]
             gx = torch.sigmoid(self.gate_x(sx)).view(B, W, X, 1, 1)                    # (B, W, X, 1, 1)
             gy = torch.sigmoid(self.gate_y(sy)).view(B, W, 1, Y, 1)                    # (B, W, 1, Y, 1)

@@ -1,4 +1,4 @@
-"""The dual-decoder V-Net (DESIGN.md §1.4).
+"""The dual-decoder V-Net (docs/design.md §8).
 
 A V-Net encoder (Milletari et al. 2016, as configured by UA-MT / MC-Net for LA: 16 base filters,
 batch norm, dropout at the bottleneck and before the head) is shared by two decoders that differ
@@ -28,7 +28,8 @@ def conv_stage(c_in, c_out, n_convs):
     """n_convs x (3x3x3 convolution, batch norm, ReLU)."""
     layers = []
     for i in range(n_convs):
-        layers += [nn.Conv3d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True)]
+        layers += [nn.Conv3d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.BatchNorm3d(c_out),
+                   nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -38,7 +39,8 @@ def down(c_in, c_out):
 
 
 def up(c_in, c_out, mode):
-    """Double the resolution: 'deconv' (transposed convolution) or 'trilinear' (interpolation + 3x3x3 conv)."""
+    """Double the resolution: 'deconv' (transposed convolution) or 'trilinear' (interpolation + 3x3x3
+    conv)."""
     if mode == "deconv":
         first = nn.ConvTranspose3d(c_in, c_out, 2, stride=2)
     else:
@@ -76,7 +78,8 @@ class Decoder(nn.Module):
         super().__init__()
         ch = [f, 2 * f, 4 * f, 8 * f, 16 * f]
         self.ups = nn.ModuleList([up(ch[i + 1], ch[i], mode) for i in reversed(range(4))])
-        self.stages = nn.ModuleList([conv_stage(ch[i], ch[i], n) for i, n in zip(reversed(range(4)), (3, 3, 2, 1))])
+        self.stages = nn.ModuleList([conv_stage(ch[i], ch[i], n)
+                                     for i, n in zip(reversed(range(4)), (3, 3, 2, 1))])
         self.mcams = mcams
         self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv3d(f, n_classes, 1)
@@ -101,7 +104,7 @@ class DualDecoderVNet(nn.Module):
         self.decoder_a = Decoder(base_filters, n_classes, "deconv", dropout, mcams)
         self.decoder_b = Decoder(base_filters, n_classes, "trilinear", dropout)
         self.fusion = fusion  # mcam.ReferenceFusion, or None for the plain dual-decoder network
-        if fusion is not None and fusion.masks:       # weight of the references' label vote in decoder A's logits
+        if fusion is not None and fusion.masks:   # weight of the references' label vote in decoder A's logits
             self.prior_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, refs=None):
@@ -117,10 +120,11 @@ class DualDecoderVNet(nn.Module):
         """Decoder A on encoder features, fusing the references' context when there are references."""
         labels = mask = context = None
         if refs is not None and self.fusion is not None:
-            context, labels = self.fusion(feats[-1], refs.features, refs.weights, refs.masks)  # (B, 16f, ..), (B, H, ..)
-            mask = None if refs.masks is None else mcam.weighted_mask(refs.masks, refs.weights)  # (B, 1, X, Y, Z)
+            # context (B, 16f, d, h, w); the transferred labels (B, H, d, h, w) with masks, else None
+            context, labels = self.fusion(feats[-1], refs.features, refs.weights, refs.masks)
+            mask = None if refs.masks is None else mcam.weighted_mask(refs.masks, refs.weights)  # (B,1,X,Y,Z)
         logits = self.decoder_a(feats, context, labels, mask)
-        if mask is not None:                         # the references' labels vote: atlas prior, learned weight
+        if mask is not None:                        # the references' labels vote: atlas prior, learned weight
             logits = logits + self.prior_scale * prior_logits(mask)
         return (logits, labels) if return_labels else logits
 

@@ -1,5 +1,5 @@
-"""Descriptors of masks and images: the morphology vector of reference selection (DESIGN.md §5) and the
-image statistics the CoT reasoners put into words (DESIGN.md §1.1).
+"""Descriptors of masks and images: the morphology vector of reference selection (docs/design.md §6) and
+the image statistics the CoT reasoners put into words (docs/design.md §4).
 
     morphology_batch   shape statistics of binary masks, numpy: pool entries, explanations, the CPU step
     morphology_torch   the same vector on the training device without host-device synchronisation
@@ -20,12 +20,16 @@ FACE6 = ndimage.generate_binary_structure(3, 1)  # voxels are neighbours when th
 MORPH_NAMES = (
     "fg_fraction",                             # foreground voxels / patch voxels
     "extent_x", "extent_y", "extent_z",        # bounding-box size / patch size, per axis
-    "axis_ratio_mid", "axis_ratio_min",        # principal-axis lengths over the longest (1 round, 0 flat or thin)
-    "surface_to_volume",                       # mask-background faces per foreground voxel; the patch cut is no surface
-    "centroid_x", "centroid_y", "centroid_z",  # centroid offset from the patch centre / patch size, in [-0.5, 0.5]
+    "axis_ratio_mid", "axis_ratio_min",        # principal-axis lengths over the longest (1 round, 0 flat or
+                                               # thin)
+    "surface_to_volume",                       # mask-background faces per foreground voxel; the patch cut is
+                                               # no surface
+    "centroid_x", "centroid_y", "centroid_z",  # centroid offset from the patch centre / patch size, in
+                                               # [-0.5, 0.5]
     "components",                              # face-connected components
     "largest_share",                           # share of the foreground in the largest component
-    "border_contact",                          # share of the six patch faces the mask touches (a cut-off target)
+    "border_contact",                          # share of the six patch faces the mask touches (a cut-off
+                                               # target)
 )
 MORPH_DIM = len(MORPH_NAMES)
 
@@ -44,8 +48,10 @@ def morphology_batch(masks):
     safe = np.maximum(n, 1)
     cx, cy, cz = (np.arange(s, dtype=np.float64) for s in m.shape[1:])
     mean = np.stack([px @ cx, py @ cy, pz @ cz], 1) / safe[:, None]    # (B, 3)
-    sxy, sxz, syz = (np.einsum("bij,i,j->b", p, a, b) for p, a, b in ((pxy, cx, cy), (pxz, cx, cz), (pyz, cy, cz)))
-    second = np.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2], 1).reshape(B, 3, 3)
+    sxy, sxz, syz = (np.einsum("bij,i,j->b", p, a, b)
+                     for p, a, b in ((pxy, cx, cy), (pxz, cx, cz), (pyz, cy, cz)))
+    second = np.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2],
+                      1).reshape(B, 3, 3)
     # covariance of voxels taken as unit cubes (+1/12): a box's axis ratios are exactly its side ratios
     cov = second / safe[:, None, None] - mean[:, :, None] * mean[:, None, :] + np.eye(3) / 12
     ev = np.linalg.eigvalsh(cov)[:, ::-1]                              # (B, 3), longest axis first
@@ -68,7 +74,8 @@ def morphology_batch(masks):
     start = np.concatenate([[0], top[:-1]])
     sizes = np.bincount(labels.ravel(), minlength=top[-1] + 1)
     largest = np.array([sizes[a + 1:b + 1].max(initial=0) for a, b in zip(start, top)], dtype=np.float64)
-    out = np.stack([n / shape.prod(), *extents, *ratios.T, faces / safe, *((mean - (shape - 1) / 2) / shape).T,
+    centroid = (mean - (shape - 1) / 2) / shape                        # (B, 3)
+    out = np.stack([n / shape.prod(), *extents, *ratios.T, faces / safe, *centroid.T,
                     top - start, largest / safe, np.mean(touches, 0)], 1)
     out[n == 0] = 0
     return out.astype(np.float32)
@@ -86,7 +93,8 @@ LABEL_ROUNDS = 6
 
 
 def morphology_torch(masks, rounds=LABEL_ROUNDS, return_converged=False):
-    """morphology_batch on the device: descriptors (B, MORPH_DIM) float32 of masks (B, X, Y, Z), where they are.
+    """morphology_batch on the device: descriptors (B, MORPH_DIM) float32 of masks (B, X, Y, Z), where they
+    are.
 
     Training describes the teacher's predictions on every step: nothing here reads a value back or
     takes a shape from the data, so the GPU never waits for the host. Faces are counted as neighbour
@@ -100,8 +108,10 @@ def morphology_torch(masks, rounds=LABEL_ROUNDS, return_converged=False):
     safe = n.clamp(min=1)
     cx, cy, cz = (torch.arange(s, **f64) for s in shape)
     mean = torch.stack([px @ cx, py @ cy, pz @ cz], 1) / safe[:, None]     # (B, 3)
-    sxy, sxz, syz = (torch.einsum("bij,i,j->b", p, a, b) for p, a, b in ((pxy, cx, cy), (pxz, cx, cz), (pyz, cy, cz)))
-    second = torch.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2], 1).reshape(B, 3, 3)
+    sxy, sxz, syz = (torch.einsum("bij,i,j->b", p, a, b)
+                     for p, a, b in ((pxy, cx, cy), (pxz, cx, cz), (pyz, cy, cz)))
+    second = torch.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2],
+                         1).reshape(B, 3, 3)
     cov = second / safe[:, None, None] - mean[:, :, None] * mean[:, None, :] + torch.eye(3, **f64) / 12
     ev = eigvalsh3(cov)                                                     # (B, 3), longest axis first
     ratios = (ev[:, 1:] / ev[:, :1]).clamp(0, 1).sqrt()                     # (B, 2)
@@ -111,7 +121,8 @@ def morphology_torch(masks, rounds=LABEL_ROUNDS, return_converged=False):
         low, high = torch.where(occupied, at, p.shape[1]).amin(1), torch.where(occupied, at, -1).amax(1)
         extents.append((high - low + 1).double() / p.shape[1])
         touches += [occupied[:, 0], occupied[:, -1]]
-    faces = sum((m.narrow(a, 1, s - 1) != m.narrow(a, 0, s - 1)).sum((1, 2, 3)) for a, s in enumerate(shape, 1))
+    faces = sum((m.narrow(a, 1, s - 1) != m.narrow(a, 0, s - 1)).sum((1, 2, 3))
+                for a, s in enumerate(shape, 1))
     count, largest, converged = components_torch(m, rounds, return_converged)
     out = torch.stack([n / shape.numel(), *extents, *ratios.T, faces / safe,
                        *((mean[:, i] - (s - 1) / 2) / s for i, s in enumerate(shape)),
@@ -145,7 +156,7 @@ def components_torch(m, rounds, return_converged=False):
     has extra roots: too many components, too small a largest one, never mixed with another's."""
     B, V = m.shape[0], m[0].numel()
     flat = torch.arange(V, device=m.device).reshape(m.shape[1:])           # (X, Y, Z) own flat index
-    heads = []                                                              # per axis (B, V): run's first voxel + 1
+    heads = []                                                        # per axis (B, V): run's first voxel + 1
     for d in (1, 2, 3):
         starts = m.clone()
         starts.narrow(d, 1, m.shape[d] - 1).logical_and_(~m.narrow(d, 0, m.shape[d] - 1))
@@ -184,14 +195,15 @@ def otsu(values, bins=256):
     w0 = np.cumsum(hist.astype(np.float64))
     w1 = w0[-1] - w0
     m0 = np.cumsum(hist * (edges[:-1] + edges[1:]) / 2)
-    return float(edges[1:][np.argmax(w0 * w1 * (m0 / np.maximum(w0, 1) - (m0[-1] - m0) / np.maximum(w1, 1)) ** 2)])
+    between = w0 * w1 * (m0 / np.maximum(w0, 1) - (m0[-1] - m0) / np.maximum(w1, 1)) ** 2
+    return float(edges[1:][np.argmax(between)])
 
 
 def neighbours(m, combine):
     """m combined with its six face neighbours: np.logical_or dilates, np.logical_and erodes.
 
-    Slicing is ten times faster than scipy's binary morphology on whole volumes; outside the
-    volume counts as the voxel itself."""
+    Slicing, not scipy's binary morphology, which is slower on whole volumes (docs/results.md §3.4);
+    outside the volume counts as the voxel itself."""
     out = m.copy()
     for a in range(3):
         lo, hi = [slice(None)] * 3, [slice(None)] * 3
@@ -219,25 +231,26 @@ def image_stats(image, mask=None):
     body = x > otsu(x)
     bright = x > otsu(x[body])
     tissue = body & ~bright
-    step = max(_median(x[bright]) - _median(x[tissue]), EPS)                  # bright-vs-tissue intensity step
-    grad = np.sqrt(sum(g * g for g in np.gradient(x)))                        # (X, Y, Z) gradient magnitude
+    step = max(_median(x[bright]) - _median(x[tissue]), EPS)                 # bright-vs-tissue intensity step
+    grad = np.sqrt(sum(g * g for g in np.gradient(x)))                       # (X, Y, Z) gradient magnitude
     smooth = ndimage.gaussian_filter(x, SMOOTH_SIGMA, truncate=2.0)
     core = neighbours(bright, np.logical_and)
     sizes = np.bincount(ndimage.label(bright, FACE6)[0].ravel())[1:]
     stats = {
         "contrast": step / max(_std(x[tissue]), EPS),                         # a contrast-to-noise ratio
         "noise": 1.4826 / np.sqrt(2) * _median(np.abs(np.diff(x, axis=0))[body[1:]]) / step,  # robust sigma
-        "heterogeneity": _std(smooth[core]) / step,                           # slow variation in bright structures
-        "edge_sharpness": 2 * _median(grad[bright & ~core]) / step,           # 1 for an ideal step edge
+        "heterogeneity": _std(smooth[core]) / step,                      # slow variation in bright structures
+        "edge_sharpness": 2 * _median(grad[bright & ~core]) / step,      # 1 for an ideal step edge
         "bright_fraction": float(bright.mean()),
         "bright_structures": int((sizes >= MIN_BLOB * x.size).sum()),
-        "largest_share": float(sizes.max() / sizes.sum()) if sizes.size else 0.0,  # 1: one connected bright pool
+        # 1: one connected bright pool
+        "largest_share": float(sizes.max() / sizes.sum()) if sizes.size else 0.0,
     }
     if mask is None:
         return stats
     m = np.asarray(mask).astype(bool, copy=False)
     inner, ring = neighbours(m, np.logical_and), neighbours(m, np.logical_or)
-    shell = ring & ~m                                                         # the first voxels outside the target
+    shell = ring & ~m                                                    # the first voxels outside the target
     for _ in range(RING - 1):
         ring = neighbours(ring, np.logical_or)
     shape = dict(zip(MORPH_NAMES, morphology(m)))
@@ -246,8 +259,8 @@ def image_stats(image, mask=None):
             "target_contrast": (_median(x[m]) - _median(x[ring & ~m])) / step,  # target vs its neighbourhood
             "target_heterogeneity": _std(smooth[inner]) / step,
             "boundary_sharpness": 2 * _median(grad[m & ~inner]) / step,
-            "lookalike_share": float((bright & ~m).sum() / max(bright.sum(), 1)),  # bright tissue that is not target
-            "lookalike_contact": float(bright[shell].mean()) if shell.any() else 0.0,  # border open to bright tissue
+            "lookalike_share": float((bright & ~m).sum() / max(bright.sum(), 1)),  # bright tissue not target
+            "lookalike_contact": float(bright[shell].mean()) if shell.any() else 0.0,  # border open to bright
             "target_fraction": float(m.mean()),
             # a digital sphere has about 1.5 * 4 pi r^2 faces: 1 = sphere-like, lower = lobulated
             "target_sphericity": float(6 * np.pi * radius**2 / max(shape["surface_to_volume"] * m.sum(), 1)),

@@ -1,4 +1,4 @@
-"""Synthetic left-atrium phantoms written in the exact LA layout (DESIGN.md §3, §4).
+"""Synthetic left-atrium phantoms written in the exact LA layout (docs/design.md §3, §4; docs/phantom.md).
 
 The offline default: a fresh machine has no LA data, so this writes look-alike cases that every
 loader, test and experiment can use unchanged:
@@ -39,11 +39,11 @@ from config import CASE_DIR, CASE_FILE, EXPERIMENTS, CersError, ConfigError, cli
 PARAMS_FILE = "phantom.json"
 VERSION = 4  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
 ID_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # IDs look like the real ones: 20 upper-case alphanumerics
-SHAPE = EXPERIMENTS["PHANTOM_8"]["phantom_shape"]  # the default size, (48, 48, 32): CPU-sized, about 2.1 mm voxels
-NOMINAL = 64.0      # the anatomy is laid out in voxels of a 64-wide crop (about 1.6 mm); other widths scale it
-VEIN_LABEL = 4.0    # nominal voxels: veins are labeled this far beyond the atrial body, then go on unlabeled
-THIN = 2.5          # nominal voxels: walls up to this thick (atria, vessels) show gaps; the LV's do not
-INSET = 0.7         # nominal voxels: the label edge lies this far inside the blood, as in the challenge masks
+SHAPE = EXPERIMENTS["PHANTOM_8"]["phantom_shape"]  # the default size, (48, 48, 32): CPU-sized, 2.1 mm voxels
+NOMINAL = 64.0     # the anatomy is laid out in voxels of a 64-wide crop (about 1.6 mm); other widths scale it
+VEIN_LABEL = 4.0   # nominal voxels: veins are labeled this far beyond the atrial body, then go on unlabeled
+THIN = 2.5         # nominal voxels: walls up to this thick (atria, vessels) show gaps; the LV's do not
+INSET = 0.7        # nominal voxels: the label edge lies this far inside the blood, as in the challenge masks
 LA_RADII = (17.0, 11.0, 13.0)  # nominal LA body semi-axes (x left, y posterior, z up): about 7 % of the crop
 
 
@@ -59,7 +59,7 @@ def smooth_field(rng, grid, scale, n_modes=6):
     w = rng.normal(0.0, np.pi / (2 * scale), (3, n_modes))
     phase = rng.uniform(0, 2 * np.pi, (3, n_modes))
     ex, ey, ez = (np.exp(1j * (w[i, :, None] * grid[i].ravel() + phase[i, :, None])).astype(np.complex64)
-                  for i in range(3))                                                         # (K, X) (K, Y) (K, Z)
+                  for i in range(3))                                                    # (K, X) (K, Y) (K, Z)
     xy = (ex[:, :, None] * ey[:, None, :]).reshape(n_modes, -1)                               # (K, X*Y)
     field = np.concatenate([xy.real, -xy.imag]).T @ np.concatenate([ez.real, ez.imag])        # Re(xy^T ez)
     return field.reshape(ex.shape[1], ey.shape[1], ez.shape[1]) * np.float32(np.sqrt(2.0 / n_modes))
@@ -79,10 +79,11 @@ def reach(radii, direction):
 
 
 def ellipsoid(q, center, radii, wobble):
-    """A deformed ellipsoid: its radius in each direction is scaled by (1 + wobble), wobble a (X, Y, Z) field."""
+    """A deformed ellipsoid: its radius in each direction is scaled by (1 + wobble), wobble a (X, Y, Z)
+    field."""
     d = [qi - np.float32(c) for qi, c in zip(q, center)]
     r = np.sqrt(sum((di / np.float32(ri)) ** 2 for di, ri in zip(d, radii)))   # 1 on the undeformed surface
-    along = np.sqrt(sum(di * di for di in d)) / np.maximum(r, 1e-3)          # the radius in this voxel's direction
+    along = np.sqrt(sum(di * di for di in d)) / np.maximum(r, 1e-3)     # the radius in this voxel's direction
     return (r - 1.0 - wobble) * along
 
 
@@ -114,7 +115,7 @@ def anatomy(rng, q, wobble):
     Returns {name: (signed distance (X, Y, Z), wall thickness)}."""
     u = rng.uniform
     la_r = np.array(LA_RADII) * u(0.75, 1.3, 3)
-    atrial_wall = u(0.8, 1.6)                                            # thin: LGE shows it faintly, with gaps
+    atrial_wall = u(0.8, 1.6)                                          # thin: LGE shows it faintly, with gaps
     pools = {"la": (ellipsoid(q, (0, 0, 0), la_r, 0.15 * wobble[0]), atrial_wall)}
     # four pulmonary veins leave the back of the LA to the left and right, above and below
     veins = []
@@ -129,7 +130,8 @@ def anatomy(rng, q, wobble):
     # the appendage: a thin finger from the front-left roof, curling forward and down
     d = unit([0.8 + u(-0.2, 0.2), -0.8 + u(-0.2, 0.2), 0.4 + u(-0.2, 0.2)])
     s = d * reach(la_r, d)
-    path = np.array([0.7 * s, s + 3 * d, s + 6 * d + [2, -3, 1], s + 7 * d + [3, -4, -4]]) + u(-1.5, 1.5, (4, 3))
+    path = (np.array([0.7 * s, s + 3 * d, s + 6 * d + [2, -3, 1], s + 7 * d + [3, -4, -4]])
+            + u(-1.5, 1.5, (4, 3)))
     pools["appendage"] = (tube(q, path, np.array([3.8, 3.0, 2.3, 1.3]) * u(0.8, 1.2)), atrial_wall)
     # the left ventricle, in front, left and below, opening into the LA at the mitral plane (no wall)
     d = unit([u(0.2, 0.7), -1.0, u(-1.1, -0.6)])
@@ -142,7 +144,8 @@ def anatomy(rng, q, wobble):
     center = d * (reach(la_r, d) + reach(ra_r, d) + u(0.5, 2.5))
     pools["ra"] = (ellipsoid(q, center, ra_r, 0.1 * wobble[2]), atrial_wall)
     r = u(4.0, 5.5)
-    pools["svc"] = (tube(q, np.array([center + [2, 3, 6], center + [3, 5, 40]]), np.array([r, r])), u(1.0, 2.0))
+    pools["svc"] = (tube(q, np.array([center + [2, 3, 6], center + [3, 5, 40]]), np.array([r, r])),
+                    u(1.0, 2.0))
     # the ascending aorta rises in front of the LA, from the LV outflow; sometimes touching it
     r, x = u(5.5, 7.5), u(-6.0, 2.0)
     y = -la_r[1] * np.sqrt(max(1 - (x / la_r[0]) ** 2, 0.3)) - r - u(-2.0, 2.0)
@@ -171,7 +174,7 @@ def heart_frame(rng, grid, size, scale):
     the crop off it; the heart turns up to 0.7 rad in the axial plane and tilts up to 0.5 rad out of it (the
     augmentation turns only in the axial plane); its size varies from -30 % to +40 %. Version 2 had 6 %,
     0.4 and 0.15 rad and +-12 %, and eight labeled cases covered it; version 3 had 0.3 rad and -20 / +25 %
-    (README, "Do the labels count?")."""
+    (docs/phantom.md, "Versions")."""
     center = np.asarray(size) / 2 + rng.uniform(-0.1, 0.1, 3) * size
     a, b, c = rng.uniform(-0.7, 0.7), rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
@@ -194,7 +197,7 @@ def paint(rng, grid, pools, s):
     field = lambda scale: smooth_field(rng, grid, scale * s)
     blood_d = np.minimum.reduce([d for d, _ in pools.values()])
     blood = blood_d <= 0
-    tissue = 1.0 / u(1.4, 4.0)                                           # blood-to-tissue contrast varies most
+    tissue = 1.0 / u(1.4, 4.0)                                          # blood-to-tissue contrast varies most
     image = tissue * (1 + 0.2 * field(1.5) + 0.1 * field(6))            # mediastinal tissue, mottled
     fat = (blood_d > 0) & (blood_d <= u(3, 6)) & (field(3) > u(0.0, 0.8))
     image[fat] = u(0.45, 0.7) * (1 + 0.15 * field(1.5))[fat]              # epicardial fat: bright, not blood
@@ -203,10 +206,10 @@ def paint(rng, grid, pools, s):
     thin, thick = np.zeros_like(blood), np.zeros_like(blood)
     for d, thickness in pools.values():
         (thick if thickness > THIN else thin)[...] |= (d > 0) & (d <= thickness)
-    wall = ~blood & (thick | (thin & (field(3) < u(0.6, 1.4))))          # thin walls are not seen everywhere
-    image[wall] = tissue * u(0.2, 0.5)                                   # nulled myocardium: darker than tissue
+    wall = ~blood & (thick | (thin & (field(3) < u(0.6, 1.4))))        # thin walls are not seen everywhere
+    image[wall] = tissue * u(0.2, 0.5)                                 # nulled myocardium: darker than tissue
     scar = wall & (field(3) > u(0.4, 1.4))
-    image[scar] = u(0.5, 0.8)                                            # late enhancement: bright wall patches
+    image[scar] = u(0.5, 0.8)                                          # late enhancement: bright wall patches
     image[blood] = (1 + u(0.03, 0.12) * field(5))[blood]                # heterogeneous blood-pool enhancement
     return image, blood, wall
 
@@ -218,7 +221,8 @@ def make_case(rng, shape):
     veins up to VEIN_LABEL, INSET inside their blood), and boolean parts for tests and summaries:
     "target" (the label), "atrium" (the blood the label stands for), "other" (every other blood
     voxel: other pools and the veins' continuation), "wall" (dark walls outside the atrium)."""
-    size = np.array([round(shape[0] * rng.uniform(0.85, 1.15)), round(shape[1] * rng.uniform(0.85, 1.15)), shape[2]])
+    size = np.array([round(shape[0] * rng.uniform(0.85, 1.15)), round(shape[1] * rng.uniform(0.85, 1.15)),
+                     shape[2]])
     grid = [g.astype(np.float32) for g in np.ogrid[:size[0], :size[1], :size[2]]]
     s = shape[0] / NOMINAL                                               # voxels per nominal voxel
     q = heart_frame(rng, grid, size, s)
@@ -231,8 +235,8 @@ def make_case(rng, shape):
     image *= np.exp(u(0.05, 0.35) * smooth_field(rng, grid, 30 * s))                # coil bias field
     sigma = u(0.02, 0.12)                                                         # noise, relative to blood
     noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * sigma
-    image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)                      # magnitude of complex data
-    image = image ** u(0.6, 1.6)                                                  # scanner's intensity response
+    image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)                    # magnitude of complex data
+    image = image ** u(0.6, 1.6)                                                # scanner's intensity response
     image = ((image - image.mean()) / image.std()).astype(np.float32)
     target, atrium = own <= -INSET, own <= 0
     return image, target.astype(np.uint8), {"target": target, "atrium": atrium, "other": blood & ~atrium,
@@ -246,8 +250,8 @@ def phantom_params(n_train, n_test, shape, seed):
     if n_train < 1 or n_test < 1 or len(shape) != 3 or min(shape) < 16:
         raise ConfigError(f"phantom: need n_train, n_test >= 1 and a 3D shape of at least 16 voxels a side, "
                          f"got n_train={n_train}, n_test={n_test}, shape={tuple(shape)}")
-    return {"n_train": int(n_train), "n_test": int(n_test), "shape": [int(v) for v in shape], "seed": int(seed),
-            "version": VERSION}
+    return {"n_train": int(n_train), "n_test": int(n_test), "shape": [int(v) for v in shape],
+            "seed": int(seed), "version": VERSION}
 
 
 def numbered_case(seed, i, shape):
@@ -313,7 +317,8 @@ def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
 
 
 def read_cases(root):
-    """(image, boolean label) of every case in train.list, then test.list, of an LA-layout root, one at a time."""
+    """(image, boolean label) of every case in train.list, then test.list, of an LA-layout root, one at a
+    time."""
     root = Path(root)
     for name in ("train.list", "test.list"):
         for case_id in (root / name).read_text().split():
@@ -353,7 +358,8 @@ def preview(root, png, n=4):
     root = Path(root)
     ids = (root / "train.list").read_text().split()[:n]
     levels = (0.25, 0.5, 0.75)                                           # of the label's z range
-    fig, axes = plt.subplots(len(levels), len(ids), figsize=(2.6 * len(ids), 2.6 * len(levels)), squeeze=False)
+    fig, axes = plt.subplots(len(levels), len(ids), figsize=(2.6 * len(ids), 2.6 * len(levels)),
+                             squeeze=False)
     for j, cid in enumerate(ids):
         with h5py.File(root / CASE_DIR / cid / CASE_FILE, "r") as f:
             image, label = f["image"][()], f["label"][()]
@@ -374,21 +380,23 @@ def preview(root, png, n=4):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset (DESIGN.md §4).", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset (docs/phantom.md).",
+                                allow_abbrev=False)
     p.add_argument("--out", default="data/phantom", help="dataset root")
-    n_train, n_test = EXPERIMENTS["PHANTOM_8"]["phantom_cases"]                   # PHANTOM_8's folder by default
+    n_train, n_test = EXPERIMENTS["PHANTOM_8"]["phantom_cases"]                # PHANTOM_8's folder by default
     p.add_argument("--n-train", type=int, default=n_train)
     p.add_argument("--n-test", type=int, default=n_test)
     p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preview", metavar="PNG", help="also save axial slices of a few cases here")
-    p.add_argument("--threshold-dice", metavar="ROOT", help="only measure the best global threshold Dice of the "
-                                                            "LA-layout dataset at ROOT (real LA or a phantom)")
+    p.add_argument("--threshold-dice", metavar="ROOT",
+                   help="only measure the best global threshold Dice of the LA-layout dataset at ROOT "
+                        "(real LA or a phantom)")
     args = p.parse_args(argv)
     if args.threshold_dice:
         r = threshold_dice(args.threshold_dice)
-        return print(f"{args.threshold_dice}: best global threshold {r['threshold']:.3f}, Dice {r['dice']:.3f} "
-                     f"(mean over cases), pooled over all voxels {r['pooled']:.3f}")
+        return print(f"{args.threshold_dice}: best global threshold {r['threshold']:.3f}, Dice "
+                     f"{r['dice']:.3f} (mean over cases), pooled over all voxels {r['pooled']:.3f}")
     t0 = time.time()
     root = write_phantom(args.out, args.n_train, args.n_test, args.shape, args.seed)
     summary = json.loads((root / PARAMS_FILE).read_text())["summary"]
@@ -396,7 +404,8 @@ def main(argv=None):
     print(f"foreground fraction {summary['foreground_fraction']:.3f}; mean z-scored intensity: target "
           f"{summary['target']:.2f}, other blood {summary['other_blood']:.2f}, wall {summary['wall']:.2f}, "
           f"rest {summary['rest']:.2f}")
-    print(f"intensity alone: the best global threshold gives Dice {summary['threshold_dice']:.3f} (mean over cases)")
+    print(f"intensity alone: the best global threshold gives Dice {summary['threshold_dice']:.3f} (mean over "
+          "cases)")
     if args.preview:
         preview(root, args.preview)
         print(f"preview: {args.preview}")

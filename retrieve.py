@@ -37,7 +37,8 @@ class Selection:
     indices: np.ndarray   # (B, k_fine) int64 bank entries
     weights: np.ndarray   # (B, k_fine) float32, rows sum to 1; filled slots weigh 0
     n_filled: np.ndarray  # (B,) slots not held by a candidate that passed the CoT filter (see select)
-    explain: list         # per query: candidates, morphology distances, BM25, normalised score, hard negatives
+    explain: list         # per query: candidates, morphology distances, BM25, normalised score, hard
+                          # negatives
 
 
 def _softmax(x):
@@ -78,7 +79,8 @@ def select(bank, morph, texts, case_ids, cfg, rng=None, mode=None):
     if mode not in MODES:
         raise ValueError(f"retrieval={mode!r}: expected one of {MODES}")
     if not len(morph) == len(texts) == len(case_ids):
-        raise ValueError(f"select: {len(morph)} morphology vectors, {len(texts)} texts, {len(case_ids)} case IDs")
+        raise ValueError(f"select: {len(morph)} morphology vectors, {len(texts)} texts, {len(case_ids)} case "
+                         "IDs")
     k = cfg.k_fine
     codes = [bank.code_of.get(c, -1) for c in case_ids]
     morph = np.asarray(morph, np.float32).reshape(len(codes), -1)
@@ -114,8 +116,8 @@ def select(bank, morph, texts, case_ids, cfg, rng=None, mode=None):
         indices[i] = np.resize(cand[keep], k)
         weights[i, :len(w)] = w
         n_filled.append(k - survivors)
-        explain.append(dict(case_id=case_ids[i], mode=mode, candidates=cand, distance=dist, bm25=raw, score=score,
-                            hard_negative=score < cfg.tau))
+        explain.append(dict(case_id=case_ids[i], mode=mode, candidates=cand, distance=dist, bm25=raw,
+                            score=score, hard_negative=score < cfg.tau))
     return Selection(indices, weights, np.array(n_filled), explain)
 
 
@@ -130,7 +132,8 @@ def first_k(value, k, largest=False):
     the position (for largest: n - 1 - position)."""
     n = value.shape[-1]
     pos = torch.arange(n, device=value.device)
-    key = value.float().contiguous().view(torch.int32).long() * n + (n - 1 - pos if largest else pos)  # (B, n)
+    bits = value.float().contiguous().view(torch.int32).long()                     # (B, n)
+    key = bits * n + (n - 1 - pos if largest else pos)                             # (B, n)
     return key.topk(k, dim=-1, largest=largest).indices
 
 
@@ -150,7 +153,8 @@ def stage1_key(bank, morph, codes, mode, generator):
 
 def under_cap(cases, ok, cap):
     """(B, n) bool: candidate j (positions best first) is allowed and fewer than `cap` allowed candidates of
-    its case come before it: capped() for whole batches, in fixed shapes. cases (B, n) case codes, ok (B, n)."""
+    its case come before it: capped() for whole batches, in fixed shapes. cases (B, n) case codes,
+    ok (B, n)."""
     n = cases.shape[1]
     same = cases[:, :, None] == cases[:, None, :]                                   # (B, n, n)
     before = torch.ones(n, n, dtype=torch.bool, device=cases.device).tril(-1)      # (n, n): j < i
@@ -193,7 +197,7 @@ def select_device(bank, morph, rows, cfg, generator=None, mode=None):
         score = raw / best.clamp(min=torch.finfo(raw.dtype).tiny)  # best 1; all 0 when the best is 0
         passed = valid & (score >= cfg.tau)  # (B, k1) not hard negatives
         ranked = first_k(score.masked_fill(~passed, -1.0), k1, largest=True)  # (B, k1) survivors best first
-        some = passed.any(1, keepdim=True)  # (B, 1); no survivor: stage-1 order, equal weights, as in select()
+        some = passed.any(1, keepdim=True)  # (B, 1); none survives: stage-1 order, equal weights (select())
         order = torch.where(some, ranked, order)
         ok = torch.where(some, passed.gather(1, ranked), ok)
         logit = torch.where(some, score / cfg.ref_temperature, logit)
@@ -210,7 +214,8 @@ def select_device(bank, morph, rows, cfg, generator=None, mode=None):
 # the query as training and testing run it
 
 def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
-    """Reference selection (docs/design.md §6) at work, on the device: decoder B's prediction -> morphology -> kNN + BM25 -> references.
+    """Reference selection (docs/design.md §6) at work, on the device: decoder B's prediction ->
+    morphology -> kNN + BM25 -> references.
 
     logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
     labeled query never retrieves its own patches); mode: cfg.retrieval unless given ("random" for the
@@ -218,10 +223,10 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
     masks (B, K, X, Y, Z) when cfg.ref_masks, and the chosen bank entries (B, K).
     On CUDA nothing here waits for the GPU (morphology_torch, select_device), so the step
     keeps the GPU queue full; both are tested against their numpy twins."""
-    masks = logits_b[:, 1] > logits_b[:, 0]                              # (B, X, Y, Z): argmax == 1, cheaper
-    if masks.is_cuda:                                                     # (B, M), the query morphology
+    masks = logits_b[:, 1] > logits_b[:, 0]                            # (B, X, Y, Z): argmax == 1, cheaper
+    if masks.is_cuda:                                                   # (B, M), the query morphology
         morph = morphology_torch(masks)
-    else:                                                                 # no GPU to keep busy: numpy is faster
+    else:                                                               # no GPU to keep busy: numpy is faster
         morph = torch.from_numpy(morphology_batch(masks.numpy()))
     indices, weights = select_device(bank, morph, bank.query_rows(case_ids), cfg, generator, mode)
     return bank.references(indices, weights, masks=cfg.ref_masks)
@@ -231,16 +236,17 @@ SWAPS = ("retrieved", "random", "none")  # what decoder A is given in the refere
 
 
 @torch.no_grad()
-def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS, transfer=False):
+def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS,
+                            transfer=False):
     """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: with the references
     retrieved for decoder B's prediction logits_b, with as many random bank entries of other cases in their
     place (drawn from `generator`, equal weights, the same case cap), and with none. How far decoder A's
     output moves between them is how much it uses what the references contain (docs/design.md §6, §10).
 
-    With `transfer`, for the swaps with references, "<swap>_transfer" is the references' own answer: their ground-truth masks
-    averaged with their weights (B, X, Y, Z), the label an atlas method would transfer to the query without
-    any network. Scored against the query's label it says whether retrieval finds references whose labels fit
-    the query, whatever decoder A makes of them."""
+    With `transfer`, for the swaps with references, "<swap>_transfer" is the references' own answer: their
+    ground-truth masks averaged with their weights (B, X, Y, Z), the label an atlas method would transfer to
+    the query without any network. Scored against the query's label it says whether retrieval finds
+    references whose labels fit the query, whatever decoder A makes of them."""
     out = {}
     for swap in swaps:
         refs = None if swap == "none" else query_references(
@@ -260,18 +266,22 @@ def format_explanation(bank, sel, boxes=None):
     lines = []
     for i, rec in enumerate(sel.explain):
         where = f" box {tuple(int(v) for v in boxes[i][:3])}" if boxes is not None else ""
-        lines.append(f"query {i} (case {rec['case_id']}{where}), mode {rec['mode']}, {sel.n_filled[i]} filled slot(s)")
-        lines.append(f"  {'entry':>6} {'case':<14} {'box start':<16} {'dist':>6} {'bm25':>7} {'score':>6}  fate")
+        lines.append(f"query {i} (case {rec['case_id']}{where}), mode {rec['mode']}, {sel.n_filled[i]} "
+                     "filled slot(s)")
+        lines.append(f"  {'entry':>6} {'case':<14} {'box start':<16} {'dist':>6} {'bm25':>7} {'score':>6}"
+                     "  fate")
         for j, c in enumerate(rec["candidates"][:64]):
-            fate = (f"chosen, weight {sel.weights[i][sel.indices[i] == c].sum():.3f}" if c in sel.indices[i] else
-                    "hard negative" if rec["hard_negative"][j] else "not needed")
-            lines.append(f"  {c:>6} {bank.case_ids[c]:<14} {str(tuple(int(v) for v in bank.boxes[c][:3])):<16} "
-                         f"{rec['distance'][j]:>6.2f} {rec['bm25'][j]:>7.2f} {rec['score'][j]:>6.2f}  {fate}")
+            fate = (f"chosen, weight {sel.weights[i][sel.indices[i] == c].sum():.3f}" if c in sel.indices[i]
+                    else "hard negative" if rec["hard_negative"][j] else "not needed")
+            start = str(tuple(int(v) for v in bank.boxes[c][:3]))
+            lines.append(f"  {c:>6} {bank.case_ids[c]:<14} {start:<16} {rec['distance'][j]:>6.2f} "
+                         f"{rec['bm25'][j]:>7.2f} {rec['score'][j]:>6.2f}  {fate}")
     return "\n".join(lines)
 
 
 def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
-    """PNG: each query patch's middle axial slice, then its chosen references' slices with score and weight."""
+    """PNG: each query patch's middle axial slice, then its chosen references' slices with score and
+    weight."""
     from matplotlib.figure import Figure
     rows, k = min(max_rows, len(boxes)), sel.indices.shape[1]
     fig = Figure(figsize=(2.2 * (k + 1), 2.4 * rows))

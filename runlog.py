@@ -15,8 +15,8 @@ COLUMNS = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", 
 
 
 def start_log(path, resume_at=None):
-    """A new log holding the header only; or, resuming from the checkpoint of iteration `resume_at`, the log as
-    it was at that iteration: the rows after it are dropped (a new log when none is there)."""
+    """A new log holding the header only; or, resuming from the checkpoint of iteration `resume_at`, the log
+    as it was at that iteration: the rows after it are dropped (a new log when none is there)."""
     path = Path(path)
     if resume_at is None or not path.exists():
         path.write_text(",".join(COLUMNS) + "\n")
@@ -41,7 +41,7 @@ def replace_text(path, text):
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
-        if path.exists():                              # mkstemp's file is private: keep the file's permissions
+        if path.exists():                             # mkstemp's file is private: keep the file's permissions
             shutil.copymode(path, tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -75,7 +75,8 @@ def plot_curves(log_path, png):
     for key in ("loss", "sup", "sup_a", "cons"):
         axes[0].plot(it, [float(r[key]) for r in rows], label=key)
     axes[0].set_yscale("log"), axes[0].legend(), axes[0].set_title("losses")
-    axes[1].plot(it, [float(r["ref_delta"]) for r in rows]), axes[1].set_title("decoder A: retrieved vs random refs")
+    axes[1].plot(it, [float(r["ref_delta"]) for r in rows])
+    axes[1].set_title("decoder A: retrieved vs random refs")
     axes[2].plot(it, [float(r["cons_w"]) for r in rows]), axes[2].set_title("consistency weight")
     axes[3].plot(it, [float(r["lr"]) for r in rows]), axes[3].set_title("learning rate")
     for ax in axes:

@@ -31,7 +31,7 @@ import data
 import retrieve
 from bank import ReferenceBank
 from checkpoint import CheckpointError, load_checkpoint
-from config import Config, cli, fast_paths, resolve_device
+from config import Config, check_config, cli, fast_paths, resolve_device
 from morphology import morphology_batch
 
 # ----------------------------------------------------------------------------- metrics
@@ -51,11 +51,13 @@ def jaccard(pred, gt):
 
 def _border(mask):
     """The one-voxel surface of a mask: the mask minus its 6-connected erosion (as medpy)."""
-    return mask ^ ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), iterations=1)
+    faces = ndimage.generate_binary_structure(3, 1)
+    return mask ^ ndimage.binary_erosion(mask, structure=faces, iterations=1)
 
 
 def surface_distances(a, b):
-    """Distance of every surface voxel of `a` to the nearest surface voxel of `b` (medpy's __surface_distances).
+    """Distance of every surface voxel of `a` to the nearest surface voxel of `b` (medpy's
+    __surface_distances).
     Both masks are cut to their joint bounding box plus one voxel first, which changes no distance."""
     where = np.argwhere(a | b)
     box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(where.min(0), where.max(0)))
@@ -132,13 +134,15 @@ def window_starts(size, patch, stride):
 def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, device):
     """Average the per-window probabilities over the whole volume.
 
-    predict(x (N, 1, *patch)) -> foreground probabilities (N, K, *patch) for K outputs (e.g. the two decoders).
+    predict(x (N, 1, *patch)) -> foreground probabilities (N, K, *patch) for K outputs (e.g. the two
+    decoders).
     image is (X, Y, Z) numpy; returns (K, X, Y, Z) numpy. Volumes smaller than the patch are zero-padded."""
     x = torch.as_tensor(image, dtype=torch.float32, device=device)
     padded = data.pad_to(x, patch)                                       # (X', Y', Z')
     size = padded.shape
     starts = [(a, b, c) for a in window_starts(size[0], patch[0], stride_xy)
-              for b in window_starts(size[1], patch[1], stride_xy) for c in window_starts(size[2], patch[2], stride_z)]
+              for b in window_starts(size[1], patch[1], stride_xy)
+              for c in window_starts(size[2], patch[2], stride_z)]
     total = count = None
     for i in range(0, len(starts), window_batch):
         chunk = starts[i:i + window_batch]
@@ -152,11 +156,13 @@ def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, dev
             data.crop(count, s, patch).add_(1)
     mean = total / count                                                 # (K, X', Y', Z')
     lo = [(p - s) // 2 for p, s in zip(size, image.shape)]                # undo the symmetric padding
-    return mean[:, lo[0]:lo[0] + image.shape[0], lo[1]:lo[1] + image.shape[1], lo[2]:lo[2] + image.shape[2]].cpu().numpy()
+    X, Y, Z = image.shape
+    return mean[:, lo[0]:lo[0] + X, lo[1]:lo[1] + Y, lo[2]:lo[2] + Z].cpu().numpy()
 
 
 def load_references(cfg, ckpt, device):
-    """The reference bank and CoT texts a CERS checkpoint was trained with (None, None for a plain network)."""
+    """The reference bank and CoT texts a CERS checkpoint was trained with (None, None for a plain
+    network)."""
     if not cfg.references:
         return None, None
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
@@ -166,8 +172,8 @@ def load_references(cfg, ckpt, device):
     bank.load_state_dict(ckpt["bank"])
     bank.index_queries(ckpt["pool"]["image"])
     if bank.features is None:
-        raise CheckpointError("checkpoint: the reference bank has no features (stopped before the reference warm-up); "
-                              "train past ref_warmup first")
+        raise CheckpointError("checkpoint: the reference bank has no features (stopped before the reference "
+                              "warm-up); train past ref_warmup first")
     return bank, ckpt["pool"]["image"]
 
 
@@ -189,8 +195,8 @@ def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channe
             if bank is None:
                 a = {"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]}
             else:
-                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator,
-                                                     swaps, transfer=generator is not None)
+                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg,
+                                                     generator, swaps, transfer=generator is not None)
         out = {"a": a["retrieved"], "b": b.float().softmax(1)[:, 1]}
         if generator is not None:
             out.update(a_random=a["random"], a_none=a["none"], transfer=a["retrieved_transfer"],
@@ -228,8 +234,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     morphology and the case's image-only CoT select references, then decoder A fuses their context. With
     `sensitivity` decoder A is also scored with random bank entries in place of the retrieved references
     and with none, and the mean |change| of its foreground probability (retrieved vs random) is reported:
-    whether decoder A uses what its references contain (docs/design.md §10). A model trained on a coarser grid
-    (cfg.downsample > 1) predicts on that grid and is scored there ("low_" keys) and, its probabilities
+    whether decoder A uses what its references contain (docs/design.md §10). A model trained on a coarser
+    grid (cfg.downsample > 1) predicts on that grid and is scored there ("low_" keys) and, its probabilities
     brought back to the original grid (data.upsample_probabilities), against the original labels (the
     reported metrics, comparable with the protocol's)."""
     device = torch.device(device) if device else resolve_device(Config())
@@ -255,11 +261,13 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         low = score(Probabilities.unstack(stack), low_label.astype(bool), lcc) if cfg.downsample > 1 else {}
         prob = Probabilities.unstack(data.upsample_probabilities(stack, cfg.downsample, image.shape))
         gt = label.astype(bool)
-        row = {"case": case_id, **score(prob, gt, lcc), **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
+        row = {"case": case_id, **score(prob, gt, lcc),
+               **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
         if sensitivity:                                 # decoder A with random references, without references
             row.update(dice_a_random=dice(prob.a_random > 0.5, gt), dice_a_none=dice(prob.a_none > 0.5, gt),
                        ref_delta=float(np.abs(prob.a - prob.a_random).mean()),
-                       transfer=dice(prob.transfer > 0.5, gt), transfer_random=dice(prob.transfer_random > 0.5, gt))
+                       transfer=dice(prob.transfer > 0.5, gt),
+                       transfer_random=dice(prob.transfer_random > 0.5, gt))
             row["ref_gain"] = row["dice_a"] - row["dice_a_random"]        # paired: same case, same network
         rows.append(row)
         if len(shown) < 4:
@@ -271,14 +279,15 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         writer.writerows(rows)
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                for k in rows[0] if k != "case"}
-    summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows), scored=split.scored,
-                   seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
+    summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows),
+                   scored=split.scored, seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
                    config=dataclasses.asdict(cfg))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print_table(rows, summary, cfg, ckpt["iter"], lcc, split.scored)
     figures = [plot_cases(shown, out / "predictions.png")]
-    if bank is not None:                                # why the first test case's first window got its references
-        figures.append(plot_references(out / "references.png", model, bank, image_cots, cfg, split.test[0], device))
+    if bank is not None:                           # why the first test case's first window got its references
+        figures.append(plot_references(out / "references.png", model, bank, image_cots, cfg, split.test[0],
+                                       device))
     print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, " + ", ".join(str(f) for f in figures))
     return summary
 
@@ -288,28 +297,33 @@ def print_table(rows, summary, cfg, iteration, lcc, scored="test"):
           f"largest connected component {'ON' if lcc else 'off'}, {len(rows)} {scored} cases")
     print(f"{'case':24s} {'Dice %':>8s} {'Jacc %':>8s} {'95HD':>8s} {'ASD':>8s}")
     for r in rows:
-        print(f"{r['case']:24s} {100 * r['dice']:8.2f} {100 * r['jaccard']:8.2f} {r['hd95']:8.2f} {r['asd']:8.2f}")
+        print(f"{r['case']:24s} {100 * r['dice']:8.2f} {100 * r['jaccard']:8.2f} {r['hd95']:8.2f} "
+              f"{r['asd']:8.2f}")
     m = {k: summary[k] for k in ("dice", "jaccard", "hd95", "asd")}
     print(f"{'mean ± std':24s} {100 * m['dice']['mean']:5.2f}±{100 * m['dice']['std']:<5.2f} "
           f"{100 * m['jaccard']['mean']:5.2f}±{100 * m['jaccard']['std']:<5.2f} "
-          f"{m['hd95']['mean']:5.2f}±{m['hd95']['std']:<5.2f} {m['asd']['mean']:5.2f}±{m['asd']['std']:<5.2f}")
+          f"{m['hd95']['mean']:5.2f}±{m['hd95']['std']:<5.2f} "
+          f"{m['asd']['mean']:5.2f}±{m['asd']['std']:<5.2f}")
+    pct = {k: 100 * v["mean"] for k, v in summary.items() if isinstance(v, dict) and "mean" in v}  # in %
     if cfg.downsample > 1:
         low = {k: summary[f"low_{k}"]["mean"] for k in ("dice", "jaccard", "hd95", "asd")}
-        print(f"the table is on the original grid (the prediction upsampled {cfg.downsample}x); on the model's "
-              f"{cfg.downsample}x coarser grid: Dice {100 * low['dice']:.2f} %, Jaccard {100 * low['jaccard']:.2f} %, "
-              f"95HD {low['hd95']:.2f}, ASD {low['asd']:.2f} (voxels of that grid)")
-    print(f"decoder A alone: Dice {100 * summary['dice_a']['mean']:.2f} %, decoder B alone: "
-          f"{100 * summary['dice_b']['mean']:.2f} %; {summary['seconds_per_volume']:.2f} s per volume"
+        print(f"the table is on the original grid (the prediction upsampled {cfg.downsample}x); on the "
+              f"model's {cfg.downsample}x coarser grid: Dice {100 * low['dice']:.2f} %, Jaccard "
+              f"{100 * low['jaccard']:.2f} %, 95HD {low['hd95']:.2f}, ASD {low['asd']:.2f} (voxels of that "
+              "grid)")
+    print(f"decoder A alone: Dice {pct['dice_a']:.2f} %, decoder B alone: "
+          f"{pct['dice_b']:.2f} %; {summary['seconds_per_volume']:.2f} s per volume"
           + (" (with the sensitivity passes)" if summary["sensitivity"] else ""))
     if summary["sensitivity"]:
-        print(f"reference sensitivity, decoder A Dice: retrieved {100 * summary['dice_a']['mean']:.2f} %, random "
-              f"{100 * summary['dice_a_random']['mean']:.2f} %, none {100 * summary['dice_a_none']['mean']:.2f} %; "
-              f"mean |change| of its foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
+        print(f"reference sensitivity, decoder A Dice: retrieved {pct['dice_a']:.2f} %, random "
+              f"{pct['dice_a_random']:.2f} %, none {pct['dice_a_none']:.2f} %; mean |change| of its "
+              f"foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
         gains = np.array([r["ref_gain"] for r in rows])
-        print(f"retrieved vs random, case by case (same network): decoder A's Dice {100 * gains.mean():+.2f} points "
-              f"on average, higher on {(gains > 0).sum()} and lower on {(gains < 0).sum()} of {len(gains)} cases")
+        print(f"retrieved vs random, case by case (same network): decoder A's Dice {100 * gains.mean():+.2f} "
+              f"points on average, higher on {(gains > 0).sum()} and lower on {(gains < 0).sum()} of "
+              f"{len(gains)} cases")
         print(f"label transfer, the references' weighted masks alone (no network): Dice retrieved "
-              f"{100 * summary['transfer']['mean']:.2f} %, random {100 * summary['transfer_random']['mean']:.2f} %")
+              f"{pct['transfer']:.2f} %, random {pct['transfer_random']:.2f} %")
     print()
 
 
@@ -341,8 +355,8 @@ def plot_cases(cases, png):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", default="LA_8", help="experiment whose last checkpoint is tested")
     parser.add_argument("--ckpt", help="checkpoint path (default runs/<exp>/ckpt_last.pt)")
     parser.add_argument("--lcc", action="store_true", help="keep the largest connected component")
@@ -354,7 +368,9 @@ def main(argv=None):
     ckpt = Path(args.ckpt or Path("runs") / args.exp / "ckpt_last.pt")
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: no checkpoint (train first: python train.py --exp {args.exp})")
-    device = resolve_device(Config(device=args.device)) if args.device else None   # refuses an unknown device
+    device = None
+    if args.device:                                    # checked as a config key, then sought on this machine
+        device = resolve_device(check_config(Config(device=args.device)))
     evaluate(ckpt, lcc=args.lcc, out_dir=args.out, device=device, sensitivity=not args.no_sensitivity)
 
 

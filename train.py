@@ -127,7 +127,7 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
             for part in (net.encoder, net.decoder_a, net.decoder_b):
                 part.compile()
     net = student
-    if world.size > 1:                                 # before the warm-up the MCAM parameters get no gradient
+    if world.size > 1:                                # before the warm-up the MCAM parameters get no gradient
         net = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=cfg.references)
     torch.manual_seed(cfg.seed + world.rank)           # each rank its own noise and dropout
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -166,8 +166,9 @@ def train_step(run, it, image, label, ids):
 
     # 2. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened)
     with torch.no_grad(), run.autocast():
-        t_in = image if use_refs else image[n_lab:]                        # labeled patches query references too
-        noise = (torch.randn_like(t_in) * cfg.teacher_noise).clamp(-2 * cfg.teacher_noise, 2 * cfg.teacher_noise)
+        t_in = image if use_refs else image[n_lab:]                     # labeled patches query references too
+        sigma = cfg.teacher_noise
+        noise = (torch.randn_like(t_in) * sigma).clamp(-2 * sigma, 2 * sigma)
         feats = teacher.encoder(t_in + noise)
         t_b = teacher.decoder_b(feats)                                     # (B or Bu, 2, X, Y, Z)
         refs = refs_u = None
@@ -189,9 +190,11 @@ def train_step(run, it, image, label, ids):
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
     p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
-    loss_mt = mse(p_a, target) + mse(p_b, target)                          # the mean teacher
-    loss_mt = extensions.copy_paste_loss(loss_mt, logits_a[n_lab:], logits_b[n_lab:], target, cfg)  # mix_labeled
-    loss_cross = mse(p_a, sharpen(p_b, cfg.sharpen_t).detach()) + mse(p_b, sharpen(p_a, cfg.sharpen_t).detach())
+    # the mean teacher (with mix_labeled: the supervised loss on the copy-pasted patches' hard targets)
+    loss_mt = mse(p_a, target) + mse(p_b, target)
+    loss_mt = extensions.copy_paste_loss(loss_mt, logits_a[n_lab:], logits_b[n_lab:], target, cfg)
+    sharp_a, sharp_b = sharpen(p_a, cfg.sharpen_t).detach(), sharpen(p_b, cfg.sharpen_t).detach()
+    loss_cross = mse(p_a, sharp_b) + mse(p_b, sharp_a)                     # cross-decoder consistency
     w = consistency_weight(it, cfg)
     loss = loss_sup + w * (loss_mt + loss_cross)
     loss = loss + extensions.transfer_loss(transferred, label, target, n_lab, w, cfg)  # ref_masks
@@ -217,13 +220,13 @@ def reference_delta(run, image, ids, it):
     with run.autocast():
         feats = student.encoder(image.contiguous(memory_format=run.memory_format))
         generator = torch.Generator(run.device).manual_seed(run.cfg.seed + it)
-        p = decoder_a_probabilities(student, feats, student.decoder_b(feats), ids, run.bank, run.cfg, generator,
-                                    ("retrieved", "random"))
+        p = decoder_a_probabilities(student, feats, student.decoder_b(feats), ids, run.bank, run.cfg,
+                                    generator, ("retrieved", "random"))
     run.student.train()
     return float((p["retrieved"] - p["random"]).abs().mean())
 
 
-# ----------------------------------------------------------------------------- checks before a run writes anything
+# ----------------------------------------------------------------------------- checks before a run writes
 
 class DivergedError(CersError):
     """The losses stopped being finite; the message names the iteration and the last good checkpoint."""
@@ -235,24 +238,25 @@ def check_same_inputs(run, split, ckpt, path):
     lists = {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test}
     for name, ids in (ckpt.get("split") or {}).items():
         if ids != lists[name]:
-            raise CheckpointError(f"--resume: the {name} cases of {split.root} differ from those {path} was trained "
-                                  f"on ({len(ids)} then, {len(lists[name])} now); restore the lists or start a new run")
+            raise CheckpointError(f"--resume: the {name} cases of {split.root} differ from those {path} was "
+                                  f"trained on ({len(ids)} then, {len(lists[name])} now); restore the lists "
+                                  "or start a new run")
     saved = ckpt.get("pool") or {}
     for kind in saved if run.cots else ():
         now = getattr(run.cots, kind)
         changed = [i for i, text in saved[kind].items() if now.get(i) != text]
         if changed:
-            raise CheckpointError(f"--resume: the {kind} CoT of case {changed[0]!r} differs from the one {path} was "
-                                  f"trained with ({len(changed)} case(s): a changed case file, cache, prompt or "
-                                  "reasoner); restore it or start a new run")
+            raise CheckpointError(f"--resume: the {kind} CoT of case {changed[0]!r} differs from the one "
+                                  f"{path} was trained with ({len(changed)} case(s): a changed case file, "
+                                  "cache, prompt or reasoner); restore it or start a new run")
 
 
 def check_testable(cfg):
     """Refuse, before training, a CERS run that test.py could not test: no bank features before ref_warmup."""
     if cfg.references and cfg.ref_warmup >= cfg.max_iters:
-        raise ConfigError(f"config: ref_warmup={cfg.ref_warmup} >= max_iters={cfg.max_iters}: the references would "
-                          "never be used and the checkpoint could not be tested; lower --ref_warmup, set "
-                          "--references=false, or add --no-test")
+        raise ConfigError(f"config: ref_warmup={cfg.ref_warmup} >= max_iters={cfg.max_iters}: the references "
+                          "would never be used and the checkpoint could not be tested; lower --ref_warmup, "
+                          "set --references=false, or add --no-test")
 
 
 def read_losses(losses, world):
@@ -266,12 +270,13 @@ def read_losses(losses, world):
 
 
 def check_finite(values, done, saved, ckpt_path):
-    """Stop the run when a loss is NaN or infinite: the weights are lost from there on, the checkpoint is not."""
+    """Stop the run when a loss is NaN or infinite: the weights are lost from there on, the checkpoint is
+    not."""
     if not all(math.isfinite(v) for v in values):
         last = f"{ckpt_path} (iteration {saved})" if saved else "none was written"
         raise DivergedError(f"iteration {done}: the loss is not finite (loss, sup, sup_a, cons = "
-                            f"{', '.join(f'{v:.4g}' for v in values)}); the run stops. Last good checkpoint: {last}. "
-                            "Lower --lr or check the data, then start again or --resume")
+                            f"{', '.join(f'{v:.4g}' for v in values)}); the run stops. Last good checkpoint: "
+                            f"{last}. Lower --lr or check the data, then start again or --resume")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -296,8 +301,8 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     run = setup(cfg, split, volumes, device, world, progress=progress)
     if world.main:
         print(f"precision: {precision(run.bf16, run.channels_last)}"
-              + (f"; reference bank: {len(run.bank)} labeled patches, references from iteration {cfg.ref_warmup}"
-                 if run.bank is not None else ""))
+              + (f"; reference bank: {len(run.bank)} labeled patches, references from iteration "
+                 f"{cfg.ref_warmup}" if run.bank is not None else ""))
 
     start, ckpt_path, log_path = 0, out / "ckpt_last.pt", out / "log.csv"
     if resume:
@@ -317,7 +322,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         if force and not resume:
-            ckpt_path.unlink(missing_ok=True)          # the replaced run's checkpoint would not match config.json
+            ckpt_path.unlink(missing_ok=True)      # the replaced run's checkpoint would not match config.json
         runlog.start_log(log_path, resume_at=start if resume else None)   # without rows after the checkpoint
     saved = start if resume else None                  # the iteration of the last checkpoint written
 
@@ -360,13 +365,14 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
                                 optimizer=run.optimizer.state_dict(), ranks=ranks,
                                 bank=run.bank.state_dict() if run.bank is not None else None,
                                 pool={"mask": run.cots.mask, "image": run.cots.image} if run.cots else None,
-                                split={"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test})
+                                split={"labeled": split.labeled, "unlabeled": split.unlabeled,
+                                       "test": split.test})
             saved = done
     bar.close()
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
         runlog.plot_curves(log_path, out / "curves.png")
-    if world.size > 1:                                 # the last checkpoint is written when every rank gets past
+    if world.size > 1:                              # the last checkpoint is written when every rank gets past
         dist.barrier()
         dist.destroy_process_group()
     return ckpt_path
@@ -380,16 +386,19 @@ def train_and_test(cfg, force=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
-    parser.add_argument("--resume", action="store_true", help="continue from the experiment's last checkpoint")
-    parser.add_argument("--force", action="store_true", help="replace a run with another config in the run folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the experiment's last checkpoint")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a run with another config in the run folder")
     parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop after this iteration (resume later with --resume)")
-    parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ablate.ABLATIONS)}: train and "
-                        "test each (ablate.py)")
-    parser.add_argument("--seeds", type=int, default=1, help="with --ablation: seeds seed, seed + 1, ... per variant")
+    parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ablate.ABLATIONS)}: train "
+                        "and test each (ablate.py)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="with --ablation: seeds seed, seed + 1, ... per variant")
     args, overrides = parser.parse_known_args(argv)
     cfg = get_config(args.exp, overrides)
     if args.resume and args.force:
@@ -399,7 +408,8 @@ def main(argv=None):
     if args.ablation:
         names = ablate.ablation_names(args.ablation)
         if args.resume or args.stop_at is not None:
-            raise ConfigError("--ablation trains each variant from the start: --resume and --stop-at do not apply")
+            raise ConfigError("--ablation trains each variant from the start: --resume and --stop-at do not "
+                              "apply")
         if args.seeds < 1:
             raise ConfigError(f"--seeds={args.seeds}: give a count >= 1")
         check_testable(cfg)

@@ -55,8 +55,8 @@ def run_args(root, out, *extra, **overrides):
 
 @pytest.mark.parametrize("key,value", [
     ("max_iters", "0"), ("max_iters", "-5"), ("log_every", "0"), ("sharpen_t", "0"), ("patch_size", "0,0,0"),
-    ("window_batch", "0"), ("dropout", "1.5"), ("device", "gpu"), ("lr", "nan"), ("lr", "inf"), ("k_fine", "0"),
-    ("max_refs_per_case", "0"), ("downsample", "0"), ("tau", "1.5")])
+    ("window_batch", "0"), ("dropout", "1.5"), ("device", "gpu"), ("lr", "nan"), ("lr", "inf"),
+    ("k_fine", "0"), ("max_refs_per_case", "0"), ("downsample", "0"), ("tau", "1.5")])
 def test_config_values_are_checked_before_anything_is_written(finished, capsys, key, value):
     root, out = finished
     before = snapshot(out)
@@ -82,11 +82,13 @@ def test_a_finished_run_is_not_replaced_by_another_config(finished, capsys, tmp_
     assert '"lr": 0.5' in (copy / "config.json").read_text()
 
 
-@pytest.mark.parametrize("key,value", [("patch_size", "48,32,16"), ("base_filters", "8"), ("references", "false")])
+@pytest.mark.parametrize("key,value", [("patch_size", "48,32,16"), ("base_filters", "8"),
+                                       ("references", "false")])
 def test_resume_compares_the_config_key_by_key(finished, capsys, key, value):
     root, out = finished
     before = snapshot(out)
-    refused(capsys, train.main, run_args(root, out, "--resume", max_iters="6", **{key: value}), key, "--resume")
+    refused(capsys, train.main, run_args(root, out, "--resume", max_iters="6", **{key: value}), key,
+            "--resume")
     assert snapshot(out) == before
 
 
@@ -138,12 +140,13 @@ def test_every_case_labeled_needs_an_all_labeled_batch(finished, capsys, tmp_pat
     root, out = finished
     n = len((root / "train.list").read_text().split())
     before = snapshot(out)
-    refused(capsys, train.main, run_args(root, out, "--force", num_labeled=str(n)), f"num_labeled={n}", "labeled_bs")
+    refused(capsys, train.main, run_args(root, out, "--force", num_labeled=str(n)), f"num_labeled={n}",
+            "labeled_bs")
     assert snapshot(out) == before
-    for mix in ("false", "true"):                   # copy-paste and the strong view have no unlabeled patch either
-        assert cli(train.main, run_args(root, tmp_path / f"run_{mix}", "--no-test", num_labeled=str(n), labeled_bs="2",
-                                        batch_size="2", max_iters="2", references="false", consistency="0",
-                                        mix_labeled=mix, strong_view=mix)) == 0
+    for mix in ("false", "true"):              # copy-paste and the strong view have no unlabeled patch either
+        assert cli(train.main, run_args(root, tmp_path / f"run_{mix}", "--no-test", num_labeled=str(n),
+                                        labeled_bs="2", batch_size="2", max_iters="2", references="false",
+                                        consistency="0", mix_labeled=mix, strong_view=mix)) == 0
 
 
 def test_lists_with_a_byte_order_mark_and_crlf_are_read(finished, tmp_path):
@@ -182,7 +185,8 @@ def test_a_changed_case_file_gets_new_cot_texts(tmp_path):
 def test_the_user_sees_one_line_and_no_traceback(tmp_path):
     """The command line itself: a project error is one line on stderr and exit status 2."""
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--exp", "PHANTOM_8", "--dropout=1.5",
-                           f"--out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           f"--out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0 and "dropout=1.5" in done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
@@ -197,10 +201,10 @@ def test_an_error_under_a_progress_bar_starts_its_own_line(tmp_path):
         label = f["label"][()]
         label[0, 0, 0] = 7
         f["label"][...] = label
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--exp", "PHANTOM_8", f"--data_root={root}",
-                           "--phantom=false", "--num_labeled=2", "--device=cpu", f"--out_dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, capture_output=True, timeout=120)
-    err = done.stderr.decode()
-    lines = err.split("\n")
-    assert done.returncode == 2 and "reading cases" in err and err.endswith("\n") and lines[-1] == "", err
-    assert lines[-2].startswith(f"error: {root}") and "\r" not in lines[-2] and "label values" in lines[-2], err
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--exp", "PHANTOM_8",
+                           f"--data_root={root}", "--phantom=false", "--num_labeled=2", "--device=cpu",
+                           f"--out_dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, timeout=120)
+    err = done.stderr.decode()           # bytes as written: a bar redraws its line after a carriage return
+    *before, last, end = err.split("\n")
+    assert done.returncode == 2 and "reading cases" in err and end == "", err
+    assert last.startswith(f"error: {root}") and "\r" not in last and "label values" in last, err

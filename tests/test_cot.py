@@ -12,12 +12,15 @@ from llm_server import GOOD
 
 # hand-written CoTs: A looks like the query but reasons differently; B and C reason like the query
 COT = {
-    "A": "Texture: Homogeneous cystic fluid signal. Boundary: Sharp, well-circumscribed smooth capsule with crisp "
-         "high contrast. Context: Isolated, away from other structures. Summary: Smooth well-defined cyst.",
-    "B": "Texture: Heterogeneous necrotic core with irregular enhancement. Boundary: Ill-defined infiltrative margins "
-         "blurred into edema. Context: Adjacent vessels mimic the enhancing rim. Summary: Irregular infiltrative mass.",
-    "C": "Texture: Heterogeneously enhancing, partly necrotic. Boundary: Indistinct, infiltrating borders with "
-         "blurring into surrounding edema. Context: Vessels nearby. Summary: Infiltrative necrotic lesion.",
+    "A": "Texture: Homogeneous cystic fluid signal. Boundary: Sharp, well-circumscribed smooth capsule with "
+         "crisp high contrast. Context: Isolated, away from other structures. Summary: Smooth well-defined "
+         "cyst.",
+    "B": "Texture: Heterogeneous necrotic core with irregular enhancement. Boundary: Ill-defined "
+         "infiltrative margins blurred into edema. Context: Adjacent vessels mimic the enhancing rim. "
+         "Summary: Irregular infiltrative mass.",
+    "C": "Texture: Heterogeneously enhancing, partly necrotic. Boundary: Indistinct, infiltrating borders "
+         "with blurring into surrounding edema. Context: Vessels nearby. Summary: Infiltrative necrotic "
+         "lesion.",
     "D": "Texture: Mildly heterogeneous. Boundary: Partly indistinct margins. Context: Near the ventricle. "
          "Summary: Lesion with partly indistinct margins.",
 }
@@ -77,7 +80,8 @@ def test_tokenizer_handles_radiology_text():
     ill = tokenize("ill-defined")  # split and joined, so 'illdefined' and 'ill defined' both meet it
     assert ill == tokenize("ill") + tokenize("defined") + tokenize("illdefined")
     assert tokenize("iso-intense")[-1] == tokenize("isointense")[0]
-    assert tokenize("boundary is sharp") == tokenize("Boundary") + tokenize("sharp")  # the word, not the label
+    # the word, not the label
+    assert tokenize("boundary is sharp") == tokenize("Boundary") + tokenize("sharp")
     assert tokenize("") == [] and tokenize(None) == []
 
 
@@ -123,4 +127,4 @@ def test_same_diagnosis_precision_on_real_cots(brisc_csv):
     ours = precision_at_5(rows, tokenize)
     plain = precision_at_5(rows, lambda t: re.findall(r"[a-z0-9]+", t.lower()))
     print(f"same-diagnosis precision@5: radiology tokenizer {ours:.3f}, plain tokens {plain:.3f}")
-    assert ours > 0.55, (ours, plain)  # measured 0.615 (plain tokens 0.625) on the 300-image fixture
+    assert ours > 0.55, (ours, plain)  # the measured figures: docs/results.md §2.4

@@ -202,7 +202,7 @@ def test_mix_with_labeled_pastes_each_way_with_the_ground_truth():
         box = shows[0]
         assert torch.equal(shows[1], ~box) and torch.equal(shows[2], box)        # inside, outside, inside
         assert 0.2 <= box.float().mean() <= 0.8
-        expected = torch.where(shows, partner.expand_as(target), target)         # label j mod 2 is all j mod 2
+        expected = torch.where(shows, partner.expand_as(target), target)        # label j mod 2 is all j mod 2
         assert torch.equal(mixed_target, expected)
 
 
@@ -214,7 +214,7 @@ def test_blur_is_a_normalised_gaussian_and_sigma_zero_keeps_the_patch():
     g = out[1, 0]
     assert abs(float(g.sum()) - 1) < 1e-5
     assert torch.allclose(g, g.flip(0)) and torch.allclose(g, g.permute(1, 2, 0))  # symmetric, isotropic
-    assert abs(float(g[5, 4, 4] / g[4, 4, 4]) - math.exp(-0.5)) < 1e-4             # exp(-d^2 / 2 sigma^2), d = 1
+    assert abs(float(g[5, 4, 4] / g[4, 4, 4]) - math.exp(-0.5)) < 1e-4             # exp(-d^2 / 2 s^2), d = 1
 
 
 def test_strong_view_changes_appearance_not_geometry():
@@ -230,7 +230,7 @@ def test_strong_view_changes_appearance_not_geometry():
     assert torch.allclose(y.mean((1, 2, 3, 4)), x.mean((1, 2, 3, 4)), atol=1e-4)
     assert torch.allclose(y.std((1, 2, 3, 4)), x.std((1, 2, 3, 4)), atol=1e-4)
     change = (y - x).abs().mean((1, 2, 3, 4))
-    assert (change > 0.02).all() and len(set(change.tolist())) == 3                 # changed, each its own way
+    assert (change > 0.02).all() and len(set(change.tolist())) == 3                # changed, each its own way
     for ball, before, patch in zip(balls, x[:, 0], y[:, 0]):
         contrast = lambda p: p[ball > 0].mean() - p[ball == 0].mean()
         assert contrast(patch) > 0.5 * contrast(before)                            # the ball still stands out

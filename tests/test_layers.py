@@ -1,5 +1,5 @@
-"""The layering (docs/design.md §2): every project file imports only from files in lower layers, so there is no
-import cycle and each file can be read with only what lies below it; and importing any of them has no side
+"""The layering (docs/design.md §2): every project file imports only from files in lower layers, so there is
+no import cycle and each file can be read with only what lies below it; and importing any of them has no side
 effects."""
 import ast
 import json
@@ -10,11 +10,11 @@ from conftest import ROOT
 
 # bottom to top; files in one layer do not import each other
 LAYERS = [
-    ["config", "cot", "losses", "mcam", "morphology", "runlog"],  # settings and errors; CoT text and BM25; the
-                                                                  # losses; fusion and MCAM; shape and image
-                                                                  # descriptors; the training log
-    ["distributed", "model", "phantom"],     # one process or torchrun's N; the dual-decoder V-Net; the phantom
-    ["checkpoint", "data"],                  # checkpoints; LA-layout reading, augmentation, batches
+    ["config", "cot", "losses", "mcam", "morphology", "runlog"],  # settings and errors; CoT text and BM25;
+                                                                  # the losses; fusion and MCAM; shape and
+                                                                  # image descriptors; the training log
+    ["distributed", "model", "phantom"],    # one process or torchrun's N; the dual-decoder V-Net; the phantom
+    ["checkpoint", "data"],                 # checkpoints; LA-layout reading, augmentation, batches
     ["ablate", "bank", "extensions", "pool", "retrieve"],  # ablation variants and table; the reference bank;
                                                            # the extensions; the CoT knowledge pool; selection
     ["explain", "test"],                     # why these references; inference and metrics
@@ -90,7 +90,8 @@ def test_importing_has_no_side_effects(tmp_path):
             f"import {', '.join(modules)}\n"
             "import json, torch\n"
             "print(json.dumps([torch.cuda.is_initialized(), 'matplotlib' in sys.modules]))")
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stderr == "" and json.loads(run.stdout) == [False, False]
     assert list(tmp_path.iterdir()) == []

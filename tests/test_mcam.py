@@ -29,11 +29,11 @@ def inputs(patch, f=4, B=2, K=3, seed=1):
     """Bottleneck x, references (with random masks), and decoder features (scales 1/8 .. 1) for a patch."""
     g = torch.Generator().manual_seed(seed)
     low = [p // 16 for p in patch]
-    x = torch.randn(B, 16 * f, *low, generator=g)                                    # (B, 16f, X/16, Y/16, Z/16)
-    refs = References(torch.randn(B, K, 16 * f, *low, generator=g),                  # (B, K, 16f, X/16, ..)
-                      torch.softmax(torch.randn(B, K, generator=g), 1),              # (B, K)
-                      (torch.rand(B, K, *patch, generator=g) < 0.3).float())         # (B, K, X, Y, Z)
-    decs = [torch.randn(B, c, *[p // s for p in patch], generator=g)                 # (B, c, X/s, Y/s, Z/s)
+    x = torch.randn(B, 16 * f, *low, generator=g)                                 # (B, 16f, X/16, Y/16, Z/16)
+    refs = References(torch.randn(B, K, 16 * f, *low, generator=g),               # (B, K, 16f, X/16, ..)
+                      torch.softmax(torch.randn(B, K, generator=g), 1),           # (B, K)
+                      (torch.rand(B, K, *patch, generator=g) < 0.3).float())      # (B, K, X, Y, Z)
+    decs = [torch.randn(B, c, *[p // s for p in patch], generator=g)              # (B, c, X/s, Y/s, Z/s)
             for c, s in zip([8 * f, 4 * f, 2 * f, f], [8, 4, 2, 1])]
     return x, refs, decs
 
@@ -116,9 +116,9 @@ def test_mcam_computes_the_documented_formula():
             args = (labels, mask) if with_masks else (None, None)
             out, c, gates = mcam(dec, ctx, *args, return_gates=True)
             up = F.interpolate(ctx, size=dec.shape[2:], mode="trilinear", align_corners=False)
-            assert torch.allclose(c, mcam.proj(up), atol=1e-5)   # project-then-upsample == upsample-then-project
+            assert torch.allclose(c, mcam.proj(up), atol=1e-5)   # project, upsample == upsample, project
             m = c
-            if with_masks:                                       # label maps: upsampled labels, block-mean mask
+            if with_masks:                                     # label maps: upsampled labels, block-mean mask
                 pooled = mask.reshape(2, 1, 8, 4, 6, 4, 4, 4).mean((3, 5, 7))
                 m = torch.cat([c, labels.expand(2, HEADS, 8, 6, 4), pooled], 1)
             gate = gates[0] * gates[1] * gates[2] if gated else 1.0
@@ -143,8 +143,8 @@ def test_retrieval_weight_scales_a_references_attention():
     # weight w scales a reference's attention by w: weight 2/3 on A equals A listed twice at 1/3
     w2 = torch.tensor([[2 / 3, 1 / 3]]).expand(2, 2)
     w3 = torch.full((2, 3), 1 / 3)
-    assert torch.allclose(fuse(fusion, x, torch.cat([a, b], 1), w2), fuse(fusion, x, torch.cat([a, a, b], 1), w3),
-                          atol=1e-5)
+    assert torch.allclose(fuse(fusion, x, torch.cat([a, b], 1), w2),
+                          fuse(fusion, x, torch.cat([a, a, b], 1), w3), atol=1e-5)
     # a zero weight removes a reference; only the ratios of the weights matter
     one_hot = torch.tensor([[1.0, 0.0, 0.0]]).expand(2, 3)
     assert torch.allclose(fuse(fusion, x, refs, one_hot), fuse(fusion, x, a, torch.ones(2, 1)), atol=1e-5)
@@ -184,7 +184,8 @@ def test_transferred_labels_read_the_references_masks():
 
 def test_weighted_mask():
     masks = torch.stack([torch.ones(4, 4, 2), torch.zeros(4, 4, 2)])[None]   # (1, 2, 4, 4, 2)
-    assert torch.allclose(weighted_mask(masks, torch.tensor([[0.25, 0.75]])), torch.full((1, 1, 4, 4, 2), 0.25))
+    assert torch.allclose(weighted_mask(masks, torch.tensor([[0.25, 0.75]])),
+                          torch.full((1, 1, 4, 4, 2), 0.25))
 
 
 def test_channels_last_3d_gives_the_same_output():

@@ -46,5 +46,5 @@ def test_prior_is_the_references_vote_with_a_learned_weight():
     feats = net.encoder(x)
     with torch.no_grad():
         net.prior_scale.fill_(0.7)
-    shift = net.decode_a(feats, refs) - net.decode_a(feats)                # injections still zero: only the vote
+    shift = net.decode_a(feats, refs) - net.decode_a(feats)             # injections still zero: only the vote
     assert torch.allclose(shift, 0.7 * prior_logits(weighted_mask(refs.masks, refs.weights)), atol=1e-5)

@@ -35,11 +35,11 @@ def test_morphology_sphere():
     d = dict(zip(MORPH_NAMES, morphology(ball((48, 48, 40), (24, 24, 20), r))))
     assert d["fg_fraction"] == pytest.approx(4 / 3 * np.pi * r ** 3 / (48 * 48 * 40), rel=0.03)
     assert (d["extent_x"], d["extent_z"]) == pytest.approx((25 / 48, 25 / 40))
-    assert d["axis_ratio_mid"] == pytest.approx(1, abs=1e-3) and d["axis_ratio_min"] == pytest.approx(1, abs=1e-3)
+    assert (d["axis_ratio_mid"], d["axis_ratio_min"]) == pytest.approx((1, 1), abs=1e-3)
     # a digital sphere has about 1.5 x 4 pi r^2 faces: faces / volume ~ 4.5 / r
     assert d["surface_to_volume"] == pytest.approx(4.5 / r, rel=0.1)
     centroid = [d[f"centroid_{a}"] for a in "xyz"]
-    assert centroid == pytest.approx([0.5 / 48, 0.5 / 48, 0.5 / 40], abs=1e-6)  # centre voxel 24 vs (48 - 1) / 2
+    assert centroid == pytest.approx([0.5 / 48, 0.5 / 48, 0.5 / 40], abs=1e-6)  # voxel 24 vs (48 - 1) / 2
     assert (d["components"], d["largest_share"], d["border_contact"]) == (1, 1, 0)
 
 
@@ -52,7 +52,8 @@ def test_morphology_box_exact():
     assert (d["axis_ratio_mid"], d["axis_ratio_min"]) == pytest.approx((0.5, 0.25))  # side ratios, exactly
     # the face on the patch cut (x = 0) is not surface
     assert d["surface_to_volume"] == pytest.approx((2 * 200 + 2 * 100 + 50) / 1000)
-    assert [d[f"centroid_{a}"] for a in "xyz"] == pytest.approx([(9.5 - 19.5) / 40, (14.5 - 14.5) / 30, (7 - 9.5) / 20])
+    assert [d[f"centroid_{a}"] for a in "xyz"] == pytest.approx([(9.5 - 19.5) / 40, (14.5 - 14.5) / 30,
+                                                                 (7 - 9.5) / 20])
     assert d["border_contact"] == pytest.approx(1 / 6)
 
 
@@ -128,7 +129,8 @@ def made_masks(shape=(40, 36, 28)):
     box[0:25, 10:, 3:] = True
     noise = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=shape), 1.5) > 0.15
     return np.stack([np.zeros(shape, bool), np.ones(shape, bool), ball(shape, (20, 18, 14), 9), box,
-                     ball(shape, (10, 10, 10), 6) | ball(shape, (28, 26, 20), 4), helix(shape, 3, 9, 7), noise])
+                     ball(shape, (10, 10, 10), 6) | ball(shape, (28, 26, 20), 4), helix(shape, 3, 9, 7),
+                     noise])
 
 
 def assert_same_morphology(masks, **kw):
@@ -191,7 +193,7 @@ def test_too_few_rounds_are_reported():
     assert_same_morphology(masks)                                           # the default budget settles both
 
 
-# LA cases and grid crops that need the most propagation rounds (3) of all 100 cases (see morphology.LABEL_ROUNDS)
+# LA cases and grid crops that need the most propagation rounds (3) of all 100 cases (morphology.LABEL_ROUNDS)
 HARD_LA_CROPS = (("A11O45O3NAXWM7T2H8CH", (5, 6)), ("SN4LF8SGBSRQUPTDSX78", (4, 5)))
 
 

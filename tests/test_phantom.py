@@ -1,4 +1,5 @@
-"""The synthetic LA-layout phantom: layout, arrays, determinism, anatomy and label rules, difficulty, rewrite rules."""
+"""The synthetic LA-layout phantom: layout, arrays, determinism, anatomy and label rules, difficulty, rewrite
+rules."""
 import json
 
 import h5py
@@ -19,7 +20,8 @@ def read(root, case_id):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return phantom.write_phantom(tmp_path_factory.mktemp("ph") / "phantom", n_train=4, n_test=2, shape=SHAPE, seed=3)
+    return phantom.write_phantom(tmp_path_factory.mktemp("ph") / "phantom", n_train=4, n_test=2, shape=SHAPE,
+                                 seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def test_layout_and_lists(tiny):
         assert len(case_id) == 20 and case_id.isalnum() and case_id == case_id.upper()
     split = data.load_split(tiny, 2)                          # the project's reader accepts it as LA data
     assert split.labeled == train[:2] and split.test == test
-    assert json.loads((tiny / phantom.PARAMS_FILE).read_text())["params"] == phantom.phantom_params(4, 2, SHAPE, 3)
+    params = json.loads((tiny / phantom.PARAMS_FILE).read_text())["params"]
+    assert params == phantom.phantom_params(4, 2, SHAPE, 3)
     assert not list(tiny.parent.glob(".phantom.*"))          # no temp folders left beside it
 
 
@@ -50,7 +53,7 @@ def test_arrays(tiny):
         assert set(np.unique(label)) == {0, 1} and 0.01 < label.mean() < 0.2
         assert image.shape[2] == SHAPE[2]
         assert all(0.84 * n <= m <= 1.16 * n for m, n in zip(image.shape[:2], SHAPE[:2]))
-        # blood pools are bright; from version 4 on, blood-to-tissue contrast goes down to 1.4 : 1 in some cases
+      # blood pools are bright; from version 4 on, blood-to-tissue contrast goes down to 1.4 : 1 in some cases
         assert image[label == 1].mean() > image[label == 0].mean() + 0.75
         sizes.add(image.shape)
     assert len(sizes) > 1                                     # sizes vary per case, like the real data
@@ -102,7 +105,7 @@ def test_veins_are_labeled_only_near_the_body():
     rng = np.random.default_rng([0, 1])
     size = np.array(phantom.SHAPE)
     grid = [g.astype(np.float32) for g in np.ogrid[:size[0], :size[1], :size[2]]]
-    q = phantom.heart_frame(rng, grid, size, size[0] / phantom.NOMINAL)   # the anatomy scaled as make_case does
+    q = phantom.heart_frame(rng, grid, size, size[0] / phantom.NOMINAL)   # scaled as make_case does
     pools = phantom.anatomy(rng, q, [np.zeros(size, np.float32)] * 3)
     la, veins = pools["la"][0], pools["veins"][0] <= 0
     near, far = veins & (la > 0) & (la <= phantom.VEIN_LABEL), veins & (la > phantom.VEIN_LABEL + 2)
@@ -139,7 +142,7 @@ def test_threshold_dice_known_answer(tmp_path):
     (tmp_path / "train.list").write_text("C0\n")
     (tmp_path / "test.list").write_text("C1\n")
     r = phantom.threshold_dice(tmp_path)
-    assert r["dice"] == pytest.approx(2 / 3) and r["pooled"] == pytest.approx(2 / 3) and 0 <= r["threshold"] < 2
+    assert (r["dice"], r["pooled"]) == pytest.approx((2 / 3, 2 / 3)) and 0 <= r["threshold"] < 2
 
 
 def test_intensity_alone_does_not_find_the_atrium(tmp_path):
@@ -194,13 +197,14 @@ def test_refuses_other_folders_and_bad_parameters(tmp_path):
         phantom.write_phantom(tmp_path, n_train=1, n_test=1, shape=(24, 24, 16))
     for bad in (dict(n_test=0), dict(shape=(24, 24)), dict(shape=(24, 24, 8))):
         with pytest.raises(ValueError, match="phantom: need"):
-            phantom.ensure_phantom(tmp_path / "new", **{"n_train": 1, "n_test": 1, "shape": (24, 24, 16), **bad})
+            phantom.ensure_phantom(tmp_path / "new",
+                                   **{"n_train": 1, "n_test": 1, "shape": (24, 24, 16), **bad})
 
 
 def test_cli_writes_previews_and_measures(tmp_path, capsys):
     png = tmp_path / "preview.png"
-    phantom.main(["--out", str(tmp_path / "ph"), "--n-train", "2", "--n-test", "1", "--shape", "24", "24", "16",
-                  "--preview", str(png)])
+    phantom.main(["--out", str(tmp_path / "ph"), "--n-train", "2", "--n-test", "1", "--shape", "24", "24",
+                  "16", "--preview", str(png)])
     out = capsys.readouterr().out
     assert "foreground fraction" in out and "global threshold gives Dice" in out and png.stat().st_size > 1000
     phantom.main(["--threshold-dice", str(tmp_path / "ph")])

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import bank as bank_py
 import data
 import retrieve
-from bank import ORIENTATIONS, ReferenceBank, crop, grid_boxes, orient
+from bank import ORIENTATIONS, ReferenceBank, grid_boxes, orient
 from bench import retrieval_benchmark, synthetic_bank
 from config import Config
 from morphology import MORPH_DIM, morphology_batch
@@ -24,7 +23,8 @@ from test_cot import COT, QUERY
 
 def settings(**kw):
     """A config for selection: these retrieval settings, no case cap unless a test sets one."""
-    base = dict(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=0, max_refs_per_case=99)
+    base = dict(k_coarse=16, k_fine=4, tau=0.5, ref_temperature=1.0, retrieval="both", seed=0,
+                max_refs_per_case=99)
     return dataclasses.replace(Config(), **{**base, **kw})
 
 
@@ -34,8 +34,8 @@ def hand_bank(patches=2, with_images=False):
     ids = [c for c in COT for _ in range(patches)]
     morph = [[where[c] + 0.01 * j, 0.0, 0.1 * j] for j, c in enumerate(ids)]
     rng = np.random.default_rng(0)
-    volumes = {c: (rng.normal(size=(8, 8, 8)).astype(np.float32), (rng.random((8, 8, 8)) < 0.3).astype(np.uint8))
-               for c in COT}
+    volumes = {c: (rng.normal(size=(8, 8, 8)).astype(np.float32),
+                   (rng.random((8, 8, 8)) < 0.3).astype(np.uint8)) for c in COT}
     boxes = [(0, 0, 0, 8, 8, 8)] * len(ids)
     return ReferenceBank(ids, boxes, morph, [COT[c] for c in ids], volumes if with_images else None)
 
@@ -66,14 +66,16 @@ def test_hard_negative_is_dropped():
     a = np.array([bank.case_ids[c] == "A" for c in rec["candidates"]])
     assert rec["hard_negative"][a].all()  # ... but it reasons differently
     assert {bank.case_ids[i] for i in sel.indices[0]} <= {"B", "C"} and sel.n_filled[0] == 0
-    morph_only = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=6, k_fine=2, retrieval="morph"))
+    morph_only = select(bank, np.zeros((1, 3)), [QUERY], [None],
+                        settings(k_coarse=6, k_fine=2, retrieval="morph"))
     assert {bank.case_ids[i] for i in morph_only.indices[0]} == {"A"}
 
 
 def test_weights_are_softmax_of_scores():
     bank = hand_bank()
     for temp in (1.0, 0.1):
-        sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=8, k_fine=3, tau=0.0, ref_temperature=temp))
+        sel = select(bank, np.zeros((1, 3)), [QUERY], [None],
+                     settings(k_coarse=8, k_fine=3, tau=0.0, ref_temperature=temp))
         rec = sel.explain[0]
         s = np.array([rec["score"][list(rec["candidates"]).index(i)] for i in sel.indices[0]])
         np.testing.assert_allclose(sel.weights[0], np.exp(s / temp) / np.exp(s / temp).sum(), rtol=1e-6)
@@ -90,7 +92,7 @@ def test_fill_rule():
     sel = select(bank, np.zeros((1, 3)), ["Summary: zebra quokka."], [None], settings(k_coarse=4, k_fine=3))
     assert [bank.case_ids[i] for i in sel.indices[0]] == ["A", "B", "C"] and sel.n_filled[0] == 3
     np.testing.assert_allclose(sel.weights[0], [1 / 3] * 3)
-    # fewer candidates than k_fine (leave-one-case-out on a 4-case bank): survivors repeat, weights still sum to 1
+    # fewer candidates than k_fine (leave-one-case-out on a 4-case bank): survivors repeat, weights sum to 1
     sel = select(bank, np.zeros((1, 3)), [QUERY], ["B"], settings(k_coarse=4, k_fine=5, tau=0.0))
     assert sel.n_filled[0] == 2 and np.isclose(sel.weights[0].sum(), 1) and (sel.weights[0][3:] == 0).all()
     assert list(sel.indices[0][3:]) == list(sel.indices[0][:2])
@@ -104,16 +106,19 @@ def test_case_cap_gives_diverse_references():
             cfg = settings(k_coarse=12, k_fine=3, tau=0.0, retrieval=mode, max_refs_per_case=cap)
             sel = select(bank, np.zeros((2, 3)), [QUERY, QUERY], [None, "B"], cfg)
             for row, weights in zip(sel.indices, sel.weights):
-                picked = Counter(bank.case_ids[i] for i, w in zip(row, weights) if w > 0)  # filled slots weigh 0
+                # filled slots weigh 0
+                picked = Counter(bank.case_ids[i] for i, w in zip(row, weights) if w > 0)
                 assert max(picked.values()) <= cap and sum(picked.values()) == 3, (cap, mode, picked)
-    nearest = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=12, k_fine=3, retrieval="morph",
-                                                                     max_refs_per_case=1))
+    nearest = select(bank, np.zeros((1, 3)), [QUERY], [None],
+                     settings(k_coarse=12, k_fine=3, retrieval="morph", max_refs_per_case=1))
     assert [bank.case_ids[i] for i in nearest.indices[0]] == ["A", "B", "C"]    # nearest patch of each case
-    uncapped = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=12, k_fine=3, retrieval="morph"))
+    uncapped = select(bank, np.zeros((1, 3)), [QUERY], [None],
+                      settings(k_coarse=12, k_fine=3, retrieval="morph"))
     assert [bank.case_ids[i] for i in uncapped.indices[0]] == ["A", "A", "A"]
     # a query of case B: only C's patches pass tau (A and D are hard negatives), so the cap leaves one
     # reference and the two other slots repeat it with weight 0, rather than taking a hard negative
-    sel = select(bank, np.zeros((1, 3)), [QUERY], ["B"], settings(k_coarse=12, k_fine=3, tau=0.5, max_refs_per_case=1))
+    sel = select(bank, np.zeros((1, 3)), [QUERY], ["B"],
+                 settings(k_coarse=12, k_fine=3, tau=0.5, max_refs_per_case=1))
     assert [bank.case_ids[i] for i in sel.indices[0]] == ["C"] * 3 and sel.n_filled[0] == 2
     np.testing.assert_allclose(sel.weights[0], [1, 0, 0])
 
@@ -144,8 +149,10 @@ def test_unknown_mode_and_lonely_case_fail_loudly():
 def assert_device_matches(bank, morph, case_texts, ids, cfg):
     """select_device == select() for these queries (case IDs indexed with their texts by index_queries):
     the same entries in the same slots, the same weights. Returns select()'s Selection."""
-    expected = select(bank, morph, [case_texts[c] for c in ids], [c if c in bank.code_of else None for c in ids], cfg)
-    indices, weights = select_device(bank, torch.as_tensor(morph, dtype=torch.float32), bank.query_rows(ids), cfg)
+    own = [c if c in bank.code_of else None for c in ids]
+    expected = select(bank, morph, [case_texts[c] for c in ids], own, cfg)
+    morph_t = torch.as_tensor(morph, dtype=torch.float32)
+    indices, weights = select_device(bank, morph_t, bank.query_rows(ids), cfg)
     assert indices.dtype == torch.long and weights.dtype == torch.float32
     np.testing.assert_array_equal(indices.numpy(), expected.indices, err_msg=f"{cfg}")
     np.testing.assert_allclose(weights.numpy(), expected.weights, rtol=1e-5, atol=1e-6, err_msg=f"{cfg}")
@@ -161,8 +168,9 @@ def test_device_path_matches_select_on_hand_banks():
     for bank in (hand_bank(), hand_bank(patches=1)):
         bank.index_queries(case_texts)
         for mode in ("both", "morph", "cot"):
-            for kw in (dict(k_coarse=6, k_fine=2), dict(k_coarse=8, k_fine=3, tau=0.0), dict(k_coarse=4, tau=0.99),
-                       dict(k_coarse=4, k_fine=5, tau=0.0), dict(k_coarse=3, k_fine=9, tau=0.5)):
+            for kw in (dict(k_coarse=6, k_fine=2), dict(k_coarse=8, k_fine=3, tau=0.0),
+                       dict(k_coarse=4, tau=0.99), dict(k_coarse=4, k_fine=5, tau=0.0),
+                       dict(k_coarse=3, k_fine=9, tau=0.5)):
                 for cap in (1, 2, 99):
                     assert_device_matches(bank, morph, case_texts, ids,
                                           settings(retrieval=mode, max_refs_per_case=cap, **kw))
@@ -173,15 +181,18 @@ def test_device_path_matches_select_on_synthetic_bank():
     # ones of cases outside the bank; tau from "nobody survives" through "some" to "everybody"
     bank, text = synthetic_bank(900, patches_per_case=3, seed=3)
     rng = np.random.default_rng(4)
-    ids = [bank.case_ids[i] if j % 2 == 0 else f"unlabeled{j}" for j, i in enumerate(rng.integers(0, len(bank), 120))]
+    ids = [bank.case_ids[i] if j % 2 == 0 else f"unlabeled{j}"
+           for j, i in enumerate(rng.integers(0, len(bank), 120))]
     case_texts = {c: text() for c in ids}
     bank.index_queries(case_texts)
-    morph = bank.morph[rng.integers(0, len(bank), len(ids))] + 0.3 * rng.normal(size=(len(ids), bank.morph.shape[1]))
+    morph = (bank.morph[rng.integers(0, len(bank), len(ids))]
+             + 0.3 * rng.normal(size=(len(ids), bank.morph.shape[1])))
     k = 4
     for mode in ("both", "morph", "cot"):
         filled = {}
         for tau in (1.01, 0.95, 0.5, 0.0):
-            sel = assert_device_matches(bank, morph, case_texts, ids, settings(retrieval=mode, k_fine=k, tau=tau))
+            cfg = settings(retrieval=mode, k_fine=k, tau=tau)
+            sel = assert_device_matches(bank, morph, case_texts, ids, cfg)
             filled[tau] = sel.n_filled
             assert_device_matches(bank, morph, case_texts, ids,
                                   settings(retrieval=mode, k_fine=k, tau=tau, max_refs_per_case=1))
@@ -205,11 +216,13 @@ def test_device_random_draws():
     assert all(len(set(row)) == 6 for row in a.tolist())  # without replacement
     np.testing.assert_allclose(w.numpy(), 1 / 6)
     assert torch.equal(a, b) and not torch.equal(a, c)  # reproducible, and the seed matters
-    assert torch.equal(select_device(bank, morph, rows, cfg)[0], select_device(bank, morph, rows, cfg)[0])  # cfg.seed
+    # without a generator: one seeded with cfg.seed
+    assert torch.equal(select_device(bank, morph, rows, cfg)[0], select_device(bank, morph, rows, cfg)[0])
     # fewer other-case entries than k_fine: all of them, repeated with weight 0, as select() does
     small = hand_bank(patches=1)
     small.index_queries({"B": QUERY})
-    idx, w = select_device(small, torch.zeros(1, 3), small.query_rows(["B"]), settings(retrieval="random", k_fine=5))
+    idx, w = select_device(small, torch.zeros(1, 3), small.query_rows(["B"]),
+                           settings(retrieval="random", k_fine=5))
     assert sorted(small.case_ids[i] for i in idx[0, :3].tolist()) == ["A", "C", "D"]
     assert idx[0, 3:].tolist() == idx[0, :2].tolist()
     np.testing.assert_allclose(w[0].numpy(), [1 / 3, 1 / 3, 1 / 3, 0, 0], rtol=1e-6)
@@ -260,7 +273,7 @@ def test_grid_covers_volume_and_pads_short_axes():
     assert sorted({b[0] for b in boxes}) == [0, 8, 12] and sorted({b[1] for b in boxes}) == [0, 2]
     assert {(b[2], b[5]) for b in boxes} == {(-1, 7)}  # centred on the short axis
     vol = np.arange(20 * 10 * 6, dtype=np.float32).reshape(20, 10, 6) + 1
-    patch = crop(vol, boxes[0])
+    patch = data.padded_crop(vol, boxes[0])
     assert patch.shape == (8, 8, 8)
     assert (patch[:, :, 0] == 0).all() and (patch[:, :, 7] == 0).all()
     np.testing.assert_array_equal(patch[:, :, 1:7], vol[:8, :8])
@@ -276,7 +289,7 @@ def test_refresh_is_ema_and_bank_round_trips(monkeypatch):
     assert first.shape == (8, 3, 2, 2, 2)
     expected = torch.stack([torch.from_numpy(bank.patch(i)[0]) for i in range(len(bank))])
     torch.testing.assert_close(first, encoder(1.0)(expected[:, None]))
-    monkeypatch.setattr(bank_py, "crop", None)  # the patches were cut once, by the first refresh
+    monkeypatch.setattr(data, "padded_crop", None)  # the patches were cut once, by the first refresh
     bank.refresh(encoder(3.0), momentum=0.9)
     torch.testing.assert_close(bank.features, 0.9 * first + 0.1 * 3 * first)
     monkeypatch.undo()
@@ -306,9 +319,10 @@ def test_label_transfer_is_the_chosen_references_weighted_masks():
     """The sensitivity check's label transfer: for retrieved and random references, the weighted mean of
     exactly the masks decoder A was given; none for "none"."""
     rng = np.random.default_rng(0)
-    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32), (rng.random((16, 16, 8)) < 0.3).astype(np.uint8))
-               for c in COT}
-    bank = ReferenceBank.build(SimpleNamespace(patch_size=(8, 8, 8), bank_stride=(8, 8, 8)), volumes, list(COT), COT)
+    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32),
+                   (rng.random((16, 16, 8)) < 0.3).astype(np.uint8)) for c in COT}
+    grid = SimpleNamespace(patch_size=(8, 8, 8), bank_stride=(8, 8, 8))
+    bank = ReferenceBank.build(grid, volumes, list(COT), COT)
     bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 4), momentum=0.9)
     bank.index_queries({"B": QUERY, "C": QUERY})
     given = []
@@ -329,7 +343,8 @@ def test_orientations_are_the_training_augmentations():
     """The bank's four orientations are exactly the distinct patches data.rot_flip makes of a volume."""
     volume = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
     banked = {orient(volume, v).tobytes() for v in range(len(ORIENTATIONS))}
-    trained = {data.rot_flip(torch.from_numpy(volume), k, a).numpy().tobytes() for k in range(4) for a in range(2)}
+    trained = {data.rot_flip(torch.from_numpy(volume), k, a).numpy().tobytes()
+               for k in range(4) for a in range(2)}
     assert banked == trained and len(banked) == 4
 
 
@@ -349,14 +364,15 @@ def test_build_from_volumes():
     assert bank.morph.shape == (len(bank), MORPH_DIM)
     for i in range(len(bank)):  # each entry: the ground truth of its box in its oriented volume
         image, label = (orient(v, bank.variants[i]) for v in volumes[bank.case_ids[i]])
-        np.testing.assert_array_equal(bank.patch(i)[1], crop(label, bank.boxes[i]))
+        np.testing.assert_array_equal(bank.patch(i)[1], data.padded_crop(label, bank.boxes[i]))
         assert bank.texts[i] == COT["B" if bank.case_ids[i] == "c1" else "C"]
     crops = np.stack([bank.patch(i)[1] > 0 for i in range(len(bank))])  # ground truth, zero-padded
     np.testing.assert_allclose(bank.morph, morphology_batch(crops))
     bank.refresh(lambda x: x[:, :, ::4, ::4, ::4], momentum=0.9)
     assert bank.features.shape == (len(bank), 1, 2, 2, 2)
     np.testing.assert_array_equal(bank.masks.numpy(), crops)
-    np.testing.assert_array_equal(bank.crops[:, 0].numpy(), np.stack([bank.patch(i)[0] for i in range(len(bank))]))
+    np.testing.assert_array_equal(bank.crops[:, 0].numpy(),
+                                  np.stack([bank.patch(i)[0] for i in range(len(bank))]))
 
 
 # ----------------------------------------------------------------------------- explanation and speed
@@ -366,7 +382,8 @@ def test_explanation_text_and_figure(tmp_path):
     sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=6, k_fine=2))
     text = retrieve.format_explanation(bank, sel)
     assert "hard negative" in text and "chosen, weight" in text
-    path = retrieve.plot_explanation(tmp_path / "explain.png", bank.volumes["A"][0], [(0, 0, 0, 8, 8, 8)], bank, sel)
+    image = bank.volumes["A"][0]
+    path = retrieve.plot_explanation(tmp_path / "explain.png", image, [(0, 0, 0, 8, 8, 8)], bank, sel)
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -382,7 +399,8 @@ def test_cot_filter_rejects_other_diagnoses_more_on_real_cots(brisc_csv):
     with open(brisc_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     ids = [f"img{i}" for i in range(len(rows))]
-    bank = ReferenceBank(ids, np.zeros((len(rows), 6)), np.zeros((len(rows), 3)), [r["cot_mask"] for r in rows])
+    bank = ReferenceBank(ids, np.zeros((len(rows), 6)), np.zeros((len(rows), 3)),
+                         [r["cot_mask"] for r in rows])
     diagnosis = np.array([r["diagnosis"] for r in rows])
     for tau in (0.5, 0.6):
         sel = select(bank, np.zeros((len(rows), 3)), [r["cot_no_mask"] for r in rows], ids,
@@ -394,6 +412,7 @@ def test_cot_filter_rejects_other_diagnoses_more_on_real_cots(brisc_csv):
             other.append(rec["hard_negative"][~alike].mean())
         print(f"tau {tau}: rejected {100 * np.mean(same):.1f} % of same-diagnosis, "
               f"{100 * np.mean(other):.1f} % of other-diagnosis candidates")
-        assert 0.2 < np.mean(same) < 0.95 and np.mean(other) > np.mean(same) + 0.1   # measured 61/80 %, 77/90 %
+        # the measured shares: docs/results.md §2.4
+        assert 0.2 < np.mean(same) < 0.95 and np.mean(other) > np.mean(same) + 0.1
         chosen = diagnosis[sel.indices] == diagnosis[:, None]
         assert chosen.mean() > 0.5                                   # chance is about 1/3

@@ -33,7 +33,8 @@ def first_step_losses(cfg, split, volumes, batch, bf16, channels_last):
 def bf16_autocast_works_on_this_cpu():
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return torch.nn.functional.conv3d(torch.ones(1, 1, 4, 4, 4), torch.ones(2, 1, 3, 3, 3)).dtype == torch.bfloat16
+            out = torch.nn.functional.conv3d(torch.ones(1, 1, 4, 4, 4), torch.ones(2, 1, 3, 3, 3))
+            return out.dtype == torch.bfloat16
     except RuntimeError:
         return False
 
@@ -81,8 +82,9 @@ def test_check_consistent_compares_the_ranks(tmp_path, agree):
 
 
 def test_torchrun_two_processes_train_one_model(tiny_la, tmp_path):
-    """2 CPU processes over gloo: rank 0 alone writes and tests; the checkpoint holds both ranks' sampler states;
-    train.py checks at every checkpoint that the teacher and the bank agree on both ranks (else it fails)."""
+    """2 CPU processes over gloo: rank 0 alone writes and tests; the checkpoint holds both ranks' sampler
+    states; train.py checks at every checkpoint that the teacher and the bank agree on both ranks (else it
+    fails)."""
     out = tmp_path / "run"
     args = tiny_overrides(tiny_la, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

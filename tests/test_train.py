@@ -34,7 +34,8 @@ def test_overrides_are_checked_by_type():
     cfg = get_config("LA_8", ["--max_iters=10", "--lr=0.5", "--patch_size=96,96,64", "--amp=false"])
     assert (cfg.max_iters, cfg.lr, cfg.patch_size, cfg.amp) == (10, 0.5, (96, 96, 64), False)
     assert cfg.num_labeled == 8 and cfg.out_dir == "runs/LA_8" and cfg.bank_stride == (96, 96, 64)
-    for bad in (["--max_iters=ten"], ["--no_such_key=1"], ["--amp=maybe"], ["--patch_size=100,96,64"], ["max_iters"]):
+    for bad in (["--max_iters=ten"], ["--no_such_key=1"], ["--amp=maybe"], ["--patch_size=100,96,64"],
+                ["max_iters"]):
         with pytest.raises(ConfigError):
             get_config("LA_8", bad)
     with pytest.raises(ConfigError, match="unknown experiment"):
@@ -43,8 +44,10 @@ def test_overrides_are_checked_by_type():
 
 def test_la_protocol_settings():
     cfg = get_config("LA_16")
-    assert cfg.num_labeled == 16 and cfg.patch_size == (112, 112, 80) and (cfg.batch_size, cfg.labeled_bs) == (4, 2)
-    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.ema_decay, cfg.max_iters) == (0.01, 0.9, 1e-4, 0.99, 15000)
+    assert cfg.num_labeled == 16 and cfg.patch_size == (112, 112, 80)
+    assert (cfg.batch_size, cfg.labeled_bs) == (4, 2)
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.ema_decay) == (0.01, 0.9, 1e-4, 0.99)
+    assert cfg.max_iters == 15000
     assert (cfg.stride_xy, cfg.stride_z, cfg.base_filters) == (18, 4, 16)
 
 
@@ -67,7 +70,7 @@ def test_losses_known_answers():
     assert torch.allclose(losses.sharpen(p, 1.0), p)
     s = losses.sharpen(p, 0.1)
     assert s[0] < 1e-5 and s[1] == 0.5 and s[2] > 0.99999
-    assert losses.mse(torch.zeros(0), torch.zeros(0)) == 0.0                 # no unlabeled patches: 0, not NaN
+    assert losses.mse(torch.zeros(0), torch.zeros(0)) == 0.0                # no unlabeled patches: 0, not NaN
 
 
 def test_extensions_switched_off_change_nothing():
@@ -75,7 +78,8 @@ def test_extensions_switched_off_change_nothing():
     torch.manual_seed(0)
     image, target = torch.rand(4, 1, 16, 16, 16), torch.rand(2, 16, 16, 16)        # 2 labeled + 2 unlabeled
     label = (torch.rand(2, 16, 16, 16) > 0.5).long()
-    logits_a, logits_b, loss_mt = torch.randn(2, 2, 16, 16, 16), torch.randn(2, 2, 16, 16, 16), torch.tensor(0.3)
+    logits_a, logits_b = torch.randn(2, 2, 16, 16, 16), torch.randn(2, 2, 16, 16, 16)     # unlabeled part
+    loss_mt = torch.tensor(0.3)
     off = get_config("LA_8")                                         # the LA protocol: every extension off
     assert extensions.strong_labeled_view(image, 2, off) is image
     assert extensions.strong_unlabeled_view(image, 2, off) is image
@@ -87,7 +91,7 @@ def test_extensions_switched_off_change_nothing():
     assert not torch.equal(labeled_view[:2], image[:2]) and torch.equal(labeled_view[2:], image[2:])
     unlabeled_view = extensions.strong_unlabeled_view(image, 2, on)
     assert torch.equal(unlabeled_view[:2], image[:2]) and not torch.equal(unlabeled_view[2:], image[2:])
-    mixed, mixed_target = extensions.mixed(image, target, label, 2, on)   # part of each comes from a labeled one
+    mixed, mixed_target = extensions.mixed(image, target, label, 2, on)   # each in part from a labeled one
     assert torch.equal(mixed[:2], image[:2]) and not torch.equal(mixed_target, target)
     hard = (target > 0.5).long()
     assert extensions.copy_paste_loss(loss_mt, logits_a, logits_b, target, on) == pytest.approx(
@@ -102,7 +106,7 @@ def test_the_transfer_loss_compares_with_the_foreground_share():
     label[0, :2] = 1                                                 # share 1 in the first half of x, 0 after
     target = torch.full((1, 4, 4, 4), 0.5)
     share = torch.stack([label[0].float(), target[0]])[:, None, ::2, ::2, ::2]     # (2, 1, 2, 2, 2)
-    exact = share.expand(2, 3, 2, 2, 2)                              # three heads, each transferring the share
+    exact = share.expand(2, 3, 2, 2, 2)                             # three heads, each transferring the share
     assert extensions.transfer_loss(exact, label, target, 1, 0.5, cfg) == 0.0
     off_by = exact + torch.tensor([0.1, 0.2]).view(2, 1, 1, 1, 1)  # labeled off by 0.1, unlabeled by 0.2
     assert float(extensions.transfer_loss(off_by, label, target, 1, 0.5, cfg)) == pytest.approx(
@@ -120,19 +124,20 @@ def test_ema_update_moves_the_teacher():
 
 def test_a_few_iterations_lower_the_supervised_loss(tiny_la, tmp_path):
     torch.manual_seed(0)
-    cfg = tiny_cfg(tiny_la, tmp_path / "run", max_iters=30, lr=0.05, dropout=0.0, consistency=0.0, log_every=5)
+    cfg = tiny_cfg(tiny_la, tmp_path / "run", max_iters=30, lr=0.05, dropout=0.0, consistency=0.0,
+                   log_every=5)
     train.train(cfg, progress=False)
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
     sup = [float(r.split(",")[3]) for r in rows]
     assert sup[-1] < 0.7 * sup[0], sup
 
 
-@pytest.mark.parametrize("mix", [{"unlabeled_mix": "false"}, {"unlabeled_mix": "true"}, {"mix_labeled": "true"},
-                                 {"unlabeled_mix": "true", "strong_view": "true"}])
+@pytest.mark.parametrize("mix", [{"unlabeled_mix": "false"}, {"unlabeled_mix": "true"},
+                                 {"mix_labeled": "true"}, {"unlabeled_mix": "true", "strong_view": "true"}])
 def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path, mix):
     full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, **mix), progress=False)
     half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, **mix)
-    train.train(half, progress=False, stop_at=3)                      # interrupted after the bank's first fill
+    train.train(half, progress=False, stop_at=3)                     # interrupted after the bank's first fill
     resumed = train.train(half, resume=True, progress=False)
     a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
     assert a["iter"] == b["iter"] == 5
@@ -144,15 +149,16 @@ def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path, mix):
 
 
 def test_test_cases_never_change_training(tmp_path):
-    """Training reads the labeled and unlabeled cases only: a phantom with more test cases (the train cases are
-    the same files) gives bit-identical weights, so a run can be re-scored on a larger test set."""
+    """Training reads the labeled and unlabeled cases only: a phantom with more test cases (the train cases
+    are the same files) gives bit-identical weights, so a run can be re-scored on a larger test set."""
     ckpts = []
     for n_test in (1, 3):
         extra = dict(phantom="true", phantom_cases=f"6,{n_test}", phantom_shape="32,32,16", max_iters=3)
         ckpts.append(train.train(tiny_cfg(tmp_path / f"data{n_test}", tmp_path / f"run{n_test}", **extra),
                                  progress=False))
     a, b = (torch.load(c, weights_only=False) for c in ckpts)
-    assert len(a["split"]["test"]) == 1 and len(b["split"]["test"]) == 3 and a["split"]["test"] == b["split"]["test"][:1]
+    assert len(a["split"]["test"]) == 1 and len(b["split"]["test"]) == 3
+    assert a["split"]["test"] == b["split"]["test"][:1]
     for key in ("student", "teacher"):
         assert all(torch.equal(t, b[key][name]) for name, t in a[key].items()), key
     assert torch.equal(a["bank"]["features"], b["bank"]["features"])
@@ -165,7 +171,8 @@ def test_training_steps_use_the_references(tiny_la, tmp_path, monkeypatch):
 
     def spy(bank, logits_b, case_ids, cfg, generator=None, mode=None):
         refs = query(bank, logits_b, case_ids, cfg, generator, mode)
-        seen.append((case_ids, [[bank.case_ids[j] for j in row] for row in refs.indices.tolist()], refs.features.shape))
+        chosen = [[bank.case_ids[j] for j in row] for row in refs.indices.tolist()]
+        seen.append((case_ids, chosen, refs.features.shape))
         return refs
 
     monkeypatch.setattr(train, "query_references", spy)
@@ -203,10 +210,12 @@ def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "largest connected component ON" in out and "mean ± std" in out
     assert summary["cases"] == 2 and 0.0 <= summary["dice"]["mean"] <= 1.0
-    assert summary["sensitivity"] and all(0.0 <= summary[k]["mean"] <= 1.0 for k in ("transfer", "transfer_random"))
+    assert summary["sensitivity"]
+    assert all(0.0 <= summary[k]["mean"] <= 1.0 for k in ("transfer", "transfer_random"))
     assert "label transfer" in out and "case by case" in out
-    rows = list(csv.DictReader(open(tmp_path / "run" / "test" / "per_case.csv")))   # the paired gain, per case
-    assert all(math.isclose(float(r["ref_gain"]), float(r["dice_a"]) - float(r["dice_a_random"])) for r in rows)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "test" / "per_case.csv")))  # the paired gain, per case
+    assert all(math.isclose(float(r["ref_gain"]), float(r["dice_a"]) - float(r["dice_a_random"]))
+               for r in rows)
     for name in ("per_case.csv", "summary.json", "predictions.png", "references.png"):
         assert (tmp_path / "run" / "test" / name).stat().st_size > 0
     T.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "again"), "--device", "cpu"])
@@ -223,7 +232,8 @@ def test_sliding_window_handles_odd_and_small_volumes():
 
 
 def test_retrieve_explain_queries_with_the_checkpoint(tiny_la, tmp_path, capsys):
-    """explain.py --explain: a test case needs a trained decoder B for its query; then it explains and draws."""
+    """explain.py --explain: a test case needs a trained decoder B for its query; then it explains and
+    draws."""
     import explain
     out = tmp_path / "run"
     args = ["--exp", "PHANTOM_8", f"--data_root={tiny_la}", "--phantom=false", "--num_labeled=2",
@@ -268,14 +278,15 @@ def test_references_switch_in_without_a_jump_then_matter(tiny_la, tmp_path, monk
 
 
 def test_ablation_table_aggregates_seeds(tmp_path):
-    """Each row is the mean ± std over the seeds of each run's mean; sensitivity columns only where measured."""
+    """Each row is the mean ± std over the seeds of each run's mean; sensitivity columns only where
+    measured."""
     for seed, dice, delta in ((1, 0.80, 0.002), (2, 0.90, 0.004)):
         folder = tmp_path / "ref_masks" / f"seed{seed}" / "test"
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps({
             "dice": {"mean": dice}, "jaccard": {"mean": 0.7}, "hd95": {"mean": 5.0}, "asd": {"mean": 1.0},
-            "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta}, "run_seconds": 60.0,
-            "ref_gain": {"mean": delta * 10}}))
+            "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta},
+            "run_seconds": 60.0, "ref_gain": {"mean": delta * 10}}))
     table = ablate.ablation_table(tmp_path, "t").splitlines()
     row = [c.strip() for c in table[3].split("|")[1:-1]]
     column = lambda head: row[table[1].split("|").index(f" {head} ") - 1]

@@ -31,7 +31,7 @@ def test_validation_cases_are_never_trained_on(tiny_la, tmp_path):
         sampled = set(run.sampler.volumes) | {i for ids, _ in run.sampler.parts for i in ids}
         assert sampled == set(split.labeled + split.unlabeled)
         assert not sampled & set(split.test)
-        if run.bank is not None:                                          # references come from labeled cases only
+        if run.bank is not None:                                     # references come from labeled cases only
             assert set(run.bank.case_ids) <= set(split.labeled)
 
 
@@ -86,6 +86,7 @@ def test_damaged_volume_cache_entry_is_rebuilt(tiny_la, tmp_path, damage, capsys
                  source="0" * 40, factor=2)
     again = load(tiny_la, ["CASE01"], cache)["CASE01"]
     assert all(np.array_equal(a, b) for a, b in zip(good, again))
-    assert data.read_cached(entry, data.cache_file(data.case_path(tiny_la, "CASE01"), 2, cache)[1], 2) is not None
+    digest = data.cache_file(data.case_path(tiny_la, "CASE01"), 2, cache)[1]
+    assert data.read_cached(entry, digest, 2) is not None
     if damage == "truncate":
         assert "damaged volume cache entry" in capsys.readouterr().err
