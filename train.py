@@ -90,7 +90,6 @@ class Run:
     world: World
     student: torch.nn.Module
     net: torch.nn.Module               # what the step calls: the student, or its DistributedDataParallel
-                                       # wrapper
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
     sampler: data.BatchSampler

@@ -53,7 +53,8 @@ def test_arrays(tiny):
         assert set(np.unique(label)) == {0, 1} and 0.01 < label.mean() < 0.2
         assert image.shape[2] == SHAPE[2]
         assert all(0.84 * n <= m <= 1.16 * n for m, n in zip(image.shape[:2], SHAPE[:2]))
-      # blood pools are bright; from version 4 on, blood-to-tissue contrast goes down to 1.4 : 1 in some cases
+        # blood pools are bright; from version 4 on, blood-to-tissue contrast goes down to 1.4 : 1 in some
+        # cases
         assert image[label == 1].mean() > image[label == 0].mean() + 0.75
         sizes.add(image.shape)
     assert len(sizes) > 1                                     # sizes vary per case, like the real data

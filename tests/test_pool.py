@@ -157,7 +157,7 @@ def test_cache_skips_a_torn_line_and_keys_by_prompt_and_model(tmp_path):
         assert (again.new, again.cached, len(server.requests)) == (0, 3, 3)           # a re-run asks nothing
         records = [json.loads(line) for line in path.read_text().splitlines()]
         assert {tuple(sorted(r)) for r in records} == {("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
-      # a crash mid-write leaves a torn last line: skipped with a warning, the next record starts a fresh line
+        # a crash mid-write leaves a torn last line: skipped with a warning, the next record starts a fresh line
         with open(path, "a") as f:
             f.write(json.dumps(records[0])[:40])
         with pytest.warns(UserWarning, match="cache.jsonl:4: skipping a damaged"):
