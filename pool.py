@@ -1,4 +1,4 @@
-"""Knowledge pool: chain-of-thought texts for every case (DESIGN.md §1.1, §4).
+"""Knowledge pool: chain-of-thought texts for every case (docs/design.md §4, §5).
 
 CERS describes each scan in words before segmenting it: a reasoner writes a short chain of thought
 (CoT) in four parts, `Texture: ... Boundary: ... Context: ... Summary: ...`. Labeled cases are
@@ -6,31 +6,28 @@ described with their mask (the "mask CoT"), every case also from the image alone
 retrieve.py compares the texts with BM25 to drop references that look alike but reason differently.
 Two back ends write the texts:
 
-    llm          an OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, Ollama, llama.cpp),
+    llm          an OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, Ollama, llama.cpp; llm.py),
                  prompted with prompts/*.txt filled in with the measured descriptors
     descriptors  offline and deterministic: the same four parts worded from the measured descriptors
                  through the thresholds in WORDING; the default when no endpoint is configured
 
 Texts are cached in an append-only JSONL file, one record per (case, kind, back end, model, prompt
 hash, content hash): a re-run asks nothing twice, texts of different reasoners or prompts never mix, and
-a case whose image (or, for a mask CoT, mask) changed is described again. Records written before content
-hashes existed are not reused: nothing says what they described.
+a case whose image (or, for a mask CoT, mask) changed is described again.
 
     python pool.py --exp LA_8                                     # offline descriptors back end
     python pool.py --exp LA_8 --backend llm --url http://localhost:8000 --model NAME [--vision]
     python pool.py --exp LA_8 --show ID                           # print one case's cached texts
 """
 import argparse
-import base64
 import hashlib
 import io
 import json
 import os
-import random
 import re
 import sys
+import tempfile
 import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -43,8 +40,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import data
-from config import CersError, ConfigError, cli, get_config
-from cot import format_cot, parse_cot
+from config import CersError, cli, get_config
+from llm import LLMClient, LLMError
 from morphology import image_stats
 
 # ----------------------------------------------------------------------------- prompts
@@ -175,84 +172,6 @@ def montage_png(image, mask=None):
     return buf.getvalue()
 
 
-class LLMError(CersError, RuntimeError):
-    """The endpoint refused, or gave no valid CoT within the retries; never holds the API key."""
-
-
-def _server_message(response):
-    try:
-        error = response.json()["error"]
-        return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:300]
-
-
-def _reply_text(response):
-    try:
-        content = response.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"not a chat completion ({type(e).__name__})") from None
-    if isinstance(content, list):  # some servers send content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
-
-
-@dataclass
-class LLMClient:
-    """An OpenAI-compatible chat-completions endpoint; safe to share between threads."""
-    url: str                                      # base URL, e.g. http://localhost:8000 or https://api.openai.com/v1
-    model: str
-    api_key: str = field(default="", repr=False)  # sent as a bearer token; never printed, logged or stored
-    temperature: float = 0.2
-    timeout: float = 60.0                         # seconds per request
-    retries: int = 5                              # extra attempts after 429, 5xx, timeouts and invalid replies
-    backoff: float = 1.0                          # seconds before the first retry; doubles each time, jittered
-    max_wait: float = 60.0                        # longest single wait, Retry-After included
-
-    def endpoint(self):
-        url = self.url.rstrip("/")
-        if url.endswith("/chat/completions"):
-            return url
-        return url + ("" if url.endswith("/v1") else "/v1") + "/chat/completions"
-
-    def ask(self, prompt, png=None):
-        """The canonical CoT text for one prompt (with an optional PNG), or LLMError."""
-        content = prompt if png is None else [
-            {"type": "text", "text": prompt},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}]
-        body = {"model": self.model, "temperature": self.temperature,
-                "messages": [{"role": "user", "content": content}]}
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        scrub = lambda message: message.replace(self.api_key, "***") if self.api_key else message
-        problem, wait = "", 0.0
-        for attempt in range(self.retries + 1):
-            time.sleep(wait)
-            wait = min(self.max_wait, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)  # jitter spreads clients
-            try:
-                response = requests.post(self.endpoint(), json=body, headers=headers, timeout=self.timeout)
-            except requests.Timeout:
-                problem = f"no answer within {self.timeout:g} s"
-                continue
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-                problem = f"{type(e).__name__} (is the server running?)"
-                continue
-            except requests.RequestException as e:
-                raise LLMError(scrub(f"{self.endpoint()}: {type(e).__name__}: {e}")) from None
-            if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}: {_server_message(response)}"
-                try:
-                    wait = max(0.0, min(float(response.headers["Retry-After"]), self.max_wait))
-                except (KeyError, ValueError):
-                    pass  # no Retry-After, or an HTTP date: keep the backoff
-                continue
-            if response.status_code >= 400:
-                raise LLMError(scrub(f"{self.endpoint()}: HTTP {response.status_code}: {_server_message(response)}"))
-            try:
-                return format_cot(parse_cot(_reply_text(response)))
-            except ValueError as e:
-                problem = f"invalid reply: {e}"
-        raise LLMError(scrub(f"{self.endpoint()}: no valid CoT after {self.retries + 1} attempts; last: {problem}"))
-
 # ----------------------------------------------------------------------------- the cache
 
 
@@ -266,34 +185,70 @@ def content_hash(image, mask=None):
     return digest.hexdigest()[:16]
 
 
+class CacheError(CersError, OSError):
+    """The CoT cache cannot be read or written; the message names the file and the cause."""
+
+
+def cache_path(cfg):
+    return Path(cfg.data_root) / "cot_cache.jsonl"
+
+
+def check_cache_writable(cfg):
+    """Refuse a CoT cache that could not be written, before any data are read: an existing cache file must
+    open for appending, otherwise its nearest existing folder must take a new file (the build creates the
+    rest). Probes with a nameless temporary file, so nothing is left behind. Returns the cache's path."""
+    path = cache_path(cfg)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if path.exists():
+            open(path, "ab").close()
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise CacheError(f"{path}: the CoT cache cannot be written ({e.strerror or e}); "
+                         "make its folder writable or set --data_root") from None
+    return path
+
+
+def valid_record(record):
+    """True for a dict with every key field and the text, each a non-empty string, and a known kind."""
+    return (isinstance(record, dict) and record.get("kind") in KINDS
+            and all(isinstance(record.get(k), str) and record[k] for k in (*CotCache.KEY, "text")))
+
+
 class CotCache:
     """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash, content_hash); the
     newest wins.
 
-    Each record is one line written with flush and fsync, so a crash loses at most the line being
-    written; a damaged line is skipped with a warning and the next record starts on a fresh line.
-    Records without a content hash (from before it was part of the key) are counted in `legacy`, never reused."""
+    Each record is one line appended with fsync; a write that fails is cut back, so the file holds complete
+    records only and a crash loses at most the line being written. Damaged lines (torn, not JSON, or JSON
+    of the wrong shape) are skipped with one warning that counts them, and their texts are asked for again."""
     KEY = ("case_id", "kind", "backend", "model", "prompt_hash", "content_hash")
 
     def __init__(self, path):
-        self.path, self.records, self.legacy = Path(path), {}, []
-        raw = self.path.read_bytes() if self.path.exists() else b""
-        self.torn = bool(raw) and not raw.endswith(b"\n")
+        self.path, self.records = Path(path), {}
+        try:
+            raw = self.path.read_bytes() if self.path.exists() else b""
+        except OSError as e:
+            raise CacheError(f"{self.path}: the CoT cache cannot be read ({e.strerror or e})") from None
+        self.torn, damaged = bool(raw) and not raw.endswith(b"\n"), []
         for number, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                key = tuple(record[k] for k in self.KEY[:-1]) + (record.get("content_hash"),)
-                if not isinstance(record["text"], str):
-                    raise TypeError("text is not a string")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                warnings.warn(f"{self.path}:{number}: skipping a damaged cache record (an interrupted write?)")
-                continue
-            if key[-1] is None:
-                self.legacy.append(record)
+            except ValueError:
+                record = None
+            if valid_record(record):
+                self.records[tuple(record[k] for k in self.KEY)] = record
             else:
-                self.records[key] = record
+                damaged.append(number)
+        if damaged:
+            lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+            warnings.warn(f"{self.path}:{damaged[0]}: skipping {len(damaged)} damaged cache record(s) (line "
+                          f"{lines}; an interrupted write or an edit?); their texts are asked for again")
 
     def get(self, *key):
         return self.records[key]["text"] if key in self.records else None
@@ -302,11 +257,24 @@ class CotCache:
         key = (case_id, kind, backend, model, prompt_hash, content_hash)
         record = {**dict(zip(self.KEY, key)), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "text": text}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = (("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise CacheError(f"{self.path}: cannot add a CoT text to the cache ({e.strerror or e})") from None
+        start = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except OSError as e:
+            os.ftruncate(fd, start)  # keep complete records only
+            raise CacheError(f"{self.path}: cannot add a CoT text to the cache ({e.strerror or e}); the "
+                             f"{len(self.records)} texts cached before are kept, re-run to write the rest") from None
+        finally:
+            os.close(fd)
         self.torn, self.records[key] = False, record
 
 # ----------------------------------------------------------------------------- building the pool
@@ -383,19 +351,14 @@ def build_cots(jobs, cache, backend, context, client=None, vision=False, workers
 
 
 def resolve_backend(cfg):
-    """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise."""
-    backend = cfg.cot_backend
-    if backend == "auto":
-        backend = "llm" if cfg.llm_url else "descriptors"
-        if backend == "descriptors":
-            print("pool: no LLM endpoint configured (llm_url is empty): "
-                  "CoT texts come from the offline descriptors back end")
-    if backend not in ("llm", "descriptors"):
-        raise ConfigError(f"config: cot_backend must be auto, llm or descriptors, got {backend!r}")
-    if backend == "llm" and not (cfg.llm_url and cfg.llm_model):
-        raise ConfigError(f"config: cot_backend=llm needs llm_url and llm_model "
-                          f"(got {cfg.llm_url!r} and {cfg.llm_model!r})")
-    return backend
+    """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise
+    (config.check_config has refused other values, and llm without llm_url and llm_model)."""
+    if cfg.cot_backend != "auto":
+        return cfg.cot_backend
+    if not cfg.llm_url:
+        print("pool: no LLM endpoint configured (llm_url is empty): "
+              "CoT texts come from the offline descriptors back end")
+    return "llm" if cfg.llm_url else "descriptors"
 
 
 def build_pool(cfg, split, volumes, progress=True):
@@ -403,7 +366,8 @@ def build_pool(cfg, split, volumes, progress=True):
 
     `volumes` maps ID -> (image, label); only the labeled cases' labels are read, so unlabeled and
     test masks are never measured, rendered or sent. Raises LLMError after the build when texts
-    failed (the finished ones are cached, so a re-run asks only for the rest)."""
+    failed (the finished ones are cached, so a re-run asks only for the rest), CacheError when the cache
+    cannot be written (check_cache_writable checks that before the data are read)."""
     backend, client = resolve_backend(cfg), None
     if backend == "llm":
         key = os.environ.get(cfg.llm_api_key_env, "")
@@ -414,12 +378,9 @@ def build_pool(cfg, split, volumes, progress=True):
         print("pool: llm_vision has no effect on the descriptors back end")
     jobs = [Job(i, "mask", volumes[i][0], volumes[i][1]) for i in split.labeled]
     jobs += [Job(i, "image", volumes[i][0]) for i in [*split.labeled, *split.unlabeled, *split.test]]
-    path = Path(cfg.data_root) / "cot_cache.jsonl"
+    path = cache_path(cfg)
     context = {"modality": cfg.modality, "anatomy": cfg.anatomy, "target": cfg.target}
     cache = CotCache(path)
-    if cache.legacy:
-        print(f"pool: {path} holds {len(cache.legacy)} records from before content hashes; they are not reused "
-              "(nothing says which file they described), so their cases are described again")
     texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers, progress=progress)
     print(f"pool: {texts.cached} cached, {texts.new} new, {len(texts.failed)} failed "
           f"({backend}, model {client.model if client else WRITER}, cache {path})")
@@ -432,7 +393,7 @@ def build_pool(cfg, split, volumes, progress=True):
 
 def main(argv=None):
     """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID] [--key=value ...]"""
-    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment (DESIGN.md §1.1).",
+    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment (docs/design.md §5).",
                                      allow_abbrev=False)
     parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
     flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model", "temperature": "llm_temperature",
@@ -446,13 +407,14 @@ def main(argv=None):
     overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
     cfg = get_config(args.exp, overrides + ["--llm_vision=True"] * args.vision + rest)
     if args.show:
-        cache = CotCache(Path(cfg.data_root) / "cot_cache.jsonl")
-        records = sorted((r for r in [*cache.records.values(), *cache.legacy] if r["case_id"] == args.show),
+        cache = CotCache(cache_path(cfg))
+        records = sorted((r for r in cache.records.values() if r["case_id"] == args.show),
                          key=lambda r: str(r.get("created")))
         for r in records:
             print(f"--- {r['kind']} CoT | {r['backend']} | {r['model']} | prompt {r['prompt_hash']} | "
-                  f"content {r.get('content_hash', 'unknown (not reused)')} | {r.get('created')}\n{r['text']}")
+                  f"content {r['content_hash']} | {r.get('created')}\n{r['text']}")
         return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
+    check_cache_writable(cfg)
     split, volumes = data.prepare_data(cfg)  # writes the phantom first when the experiment asks for it
     volumes.update(data.load_volumes(cfg.data_root, split.test, factor=cfg.downsample))
     build_pool(cfg, split, volumes)
