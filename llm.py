@@ -112,14 +112,14 @@ class WatchedAdapter(HTTPAdapter):
 @dataclass
 class LLMClient:
     """An OpenAI-compatible chat-completions endpoint; safe to share between threads."""
-    url: str                                      # base URL, e.g. http://localhost:8000 or https://api.openai.com/v1
+    url: str                          # base URL, e.g. http://localhost:8000 or https://api.openai.com/v1
     model: str
-    api_key: str = field(default="", repr=False)  # sent as a bearer token; never printed, logged or stored
+    api_key: str = field(default="", repr=False)  # a bearer token; never printed, logged or stored
     temperature: float = 0.2
-    timeout: float = 60.0                         # seconds for a whole request: connect, headers, body, redirects
-    retries: int = 5                              # extra attempts after transient failures (module docstring)
-    backoff: float = 1.0                          # seconds before the first retry; doubles each time, jittered
-    max_wait: float = 60.0                        # longest single wait, Retry-After included
+    timeout: float = 60.0             # seconds for a whole request: connect, headers, body, redirects
+    retries: int = 5                  # extra attempts after transient failures (module docstring)
+    backoff: float = 1.0              # seconds before the first retry; doubles each time, jittered
+    max_wait: float = 60.0            # longest single wait, Retry-After included
 
     def endpoint(self):
         url = self.url.rstrip("/")
@@ -134,9 +134,9 @@ class LLMClient:
 
     def ask(self, prompt, png=None):
         """The canonical CoT text for one prompt (with an optional PNG attached), or LLMError."""
-        content = prompt if png is None else [
-            {"type": "text", "text": prompt},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}]
+        picture = None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
+        content = prompt if png is None else [{"type": "text", "text": prompt},
+                                              {"type": "image_url", "image_url": {"url": picture}}]
         body = {"model": self.model, "temperature": self.temperature,
                 "messages": [{"role": "user", "content": content}]}
         headers = {"Accept-Encoding": "identity"}  # the size cap counts what arrives, not what it inflates to
@@ -145,7 +145,8 @@ class LLMClient:
         problem, wait = "", 0.0
         for attempt in range(self.retries + 1):
             time.sleep(wait)
-            wait = min(self.max_wait, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)  # jitter spreads clients
+            # the jitter spreads clients that failed together
+            wait = min(self.max_wait, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
             try:
                 status, reply_headers, reply = self.post(body, headers)
                 if status == 429 or status >= 500:
@@ -159,7 +160,7 @@ class LLMClient:
                 return format_cot(parse_cot(reply_text(reply)))
             except Retry as e:
                 problem = str(e)
-            except requests.RequestException as e:  # a malformed URL, header or the like: trying again cannot help
+            except requests.RequestException as e:  # a malformed URL, header or the like: no retry helps
                 raise self.error(f"{type(e).__name__}: {e}") from None
             except ValueError as e:
                 problem = f"invalid reply: {e}"
@@ -207,7 +208,7 @@ class LLMClient:
             raise self.error(f"the reply would be {int(length)} bytes (Content-Length), over the {MAX_REPLY} "
                              "accepted; refused unread", url)
         chunks, size = [], 0
-        # the empty chunk at the end checks the deadline once more: a read the watchdog ended may look complete
+        # the empty chunk at the end checks the deadline once more: a read the watchdog ended can look whole
         for chunk in itertools.chain(response.iter_content(16384), [b""]):
             if time.monotonic() > deadline:
                 raise Retry(f"no complete reply within {self.timeout:g} s")

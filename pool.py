@@ -62,13 +62,15 @@ def render_prompt(template, values):
     """The template with each {name} replaced; an unknown placeholder is an error naming it."""
     def fill(match):
         if match.group(1) not in values:
-            raise KeyError(f"prompt template has placeholder {{{match.group(1)}}}; known: {', '.join(sorted(values))}")
+            raise KeyError(f"prompt template has placeholder {{{match.group(1)}}}; "
+                           f"known: {', '.join(sorted(values))}")
         return str(values[match.group(1)])
     return re.sub(r"\{(\w+)\}", fill, template)
 
 
 def prompt_hash(template, context, vision=False):
-    """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new records."""
+    """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new
+    records."""
     fixed = render_prompt(template, {**context, "descriptors": "{descriptors}"})
     return hashlib.sha256((fixed + ("\n[vision]" if vision else "")).encode()).hexdigest()[:12]
 
@@ -88,27 +90,34 @@ WORDING = {
                                        "moderate contrast against the {wall}",
                                        "it stands out clearly against the {wall}")),
     "edge_sharpness": ((0.75, 0.88), ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")),
-    "boundary_sharpness": ((0.65, 0.80), ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")),
+    "boundary_sharpness": ((0.65, 0.80), ("Blurred, low-gradient", "Moderately defined",
+                                          "Sharp, well-defined")),
     "target_sphericity": ((0.67, 0.72), ("lobulated, irregular", "mildly lobulated", "smooth, compact")),
     "lookalike_contact": ((0.50, 0.66), ("the {wall} separates it from most neighbours",
-                                         "in places it opens into neighbouring {signal} without a visible wall",
-                                         "much of its border opens into neighbouring {signal} with no visible wall")),
+                                         "in places it opens into neighbouring {signal} "
+                                         "without a visible wall",
+                                         "much of its border opens into neighbouring {signal} "
+                                         "with no visible wall")),
     "lookalike_share": ((0.72, 0.80), ("A minority", "Much", "Most")),
     "largest_share": ((0.93, 0.975), ("the bright regions stay mostly separate",
                                       "most bright regions join into a connected {signal}",
-                                      "the bright regions merge into one {signal}, so borders must be inferred")),
+                                      "the bright regions merge into one {signal}, "
+                                      "so borders must be inferred")),
     "bright_structures": ((3, 5), ("few", "several", "many")),
     "bright_fraction": ((0.18, 0.24), ("in a small part", "in a moderate part", "across much")),
 }
 COT = {  # the first three parts; the Summary names the difficulties below
     "mask": "Texture: {target_heterogeneity} {signal} in the {target} with {noise}; {target_contrast}.\n"
-            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; {lookalike_contact}.\n"
-            "Context: {lookalike_share} of the bright tissue lies outside the {target}; the {neighbours} share its "
-            "intensity and {bright_structures} separate bright structures compete with it.\n",
+            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; "
+            "{lookalike_contact}.\n"
+            "Context: {lookalike_share} of the bright tissue lies outside the {target}; "
+            "the {neighbours} share its intensity and {bright_structures} separate bright structures "
+            "compete with it.\n",
     "image": "Texture: {heterogeneity} bright {signal} on {modality} with {noise}; {contrast}.\n"
              "Boundary: {edge_sharpness} edges of bright structures; {largest_share}.\n"
-             "Context: There are {bright_structures} separate bright structures {bright_fraction} of the field of "
-             "view; the {neighbours} share the {signal} intensity and may mimic the {target}.\n",
+             "Context: There are {bright_structures} separate bright structures {bright_fraction} "
+             "of the field of view; the {neighbours} share the {signal} intensity and may mimic "
+             "the {target}.\n",
 }
 DIFFICULTY = {  # statistic: (the difficulty it stands for, the level at which it is one), in order of weight
     "mask": {"target_contrast": ("weak contrast with its surroundings", 0),
@@ -116,7 +125,8 @@ DIFFICULTY = {  # statistic: (the difficulty it stands for, the level at which i
              "lookalike_contact": ("bright neighbours merging with it", 2),
              "target_heterogeneity": ("uneven internal signal", 2), "noise": ("image noise", 2)},
     "image": {"contrast": ("weak contrast", 0), "edge_sharpness": ("blurred edges", 0),
-              "largest_share": ("one merged bright pool", 2), "bright_structures": ("many look-alike structures", 2),
+              "largest_share": ("one merged bright pool", 2),
+              "bright_structures": ("many look-alike structures", 2),
               "heterogeneity": ("uneven signal", 2), "noise": ("image noise", 2)},
 }
 # how the writer names the parts of a target it knows; other targets get the generic words
@@ -126,17 +136,20 @@ GENERIC = {"signal": "signal", "wall": "surrounding tissue", "neighbours": "adja
 
 
 def write_cot(stats, kind, modality, anatomy, target):
-    """A four-part CoT worded from image_stats() through WORDING: deterministic, about 128 tokens, no numbers."""
+    """A four-part CoT worded from image_stats() through WORDING: deterministic, about 128 tokens, no
+    numbers."""
     vocab = {k: w.format(anatomy=anatomy) for k, w in VOCAB.get(target.lower(), GENERIC).items()}
-    levels = {k: int(stats[k] >= lo) + int(stats[k] >= hi) for k, ((lo, hi), _) in WORDING.items() if k in stats}
+    levels = {k: int(stats[k] >= lo) + int(stats[k] >= hi)
+              for k, ((lo, hi), _) in WORDING.items() if k in stats}
     words = {k: WORDING[k][1][lv].format(**vocab) for k, lv in levels.items()}
     hard = [why for k, (why, at) in DIFFICULTY[kind].items() if levels[k] == at]
-    overall = "Clearly depicted" if len(hard) <= 1 else "Moderately challenging" if len(hard) == 2 else "Challenging"
+    overall = ("Clearly depicted" if len(hard) <= 1 else "Moderately challenging" if len(hard) == 2
+               else "Challenging")
     reason = " and ".join(hard[:2]) or f"following its full extent within the {anatomy}"
     return (COT[kind].format(modality=modality, target=target, **vocab, **words)
             + f"Summary: {overall} {target} whose main segmentation difficulty is {reason}.")
 
-# ----------------------------------------------------------------------------- the llm back end
+# ----------------------------------------------------------------------------- the llm back end's picture
 
 RENDER_LOCK = threading.Lock()  # matplotlib is not thread-safe; montages are drawn one at a time
 
@@ -170,7 +183,6 @@ def montage_png(image, mask=None):
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
     return buf.getvalue()
-
 
 # ----------------------------------------------------------------------------- the cache
 
@@ -219,8 +231,8 @@ def valid_record(record):
 
 
 class CotCache:
-    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash, content_hash); the
-    newest wins.
+    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash,
+    content_hash); the newest wins.
 
     Each record is one line appended with fsync; a write that fails is cut back, so the file holds complete
     records only and a crash loses at most the line being written. Damaged lines (torn, not JSON, or JSON
@@ -255,26 +267,24 @@ class CotCache:
 
     def add(self, case_id, kind, backend, model, prompt_hash, content_hash, text):
         key = (case_id, kind, backend, model, prompt_hash, content_hash)
-        record = {**dict(zip(self.KEY, key)), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "text": text}
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = {**dict(zip(self.KEY, key)), "created": created, "text": text}
         line = (("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n").encode()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            with open(self.path, "ab", buffering=0) as f:
+                start = f.seek(0, os.SEEK_END)
+                try:
+                    view = memoryview(line)
+                    while view:  # a raw write may take only part of the line
+                        view = view[f.write(view):]
+                    os.fsync(f.fileno())
+                except OSError:
+                    f.truncate(start)  # keep complete records only
+                    raise
         except OSError as e:
-            raise CacheError(f"{self.path}: cannot add a CoT text to the cache ({e.strerror or e})") from None
-        start = os.fstat(fd).st_size
-        try:
-            written = 0
-            while written < len(line):
-                written += os.write(fd, line[written:])
-            os.fsync(fd)
-        except OSError as e:
-            os.ftruncate(fd, start)  # keep complete records only
-            raise CacheError(f"{self.path}: cannot add a CoT text to the cache ({e.strerror or e}); the "
-                             f"{len(self.records)} texts cached before are kept, re-run to write the rest") from None
-        finally:
-            os.close(fd)
+            raise CacheError(f"{self.path}: cannot add a CoT text to the cache ({e.strerror or e}); "
+                             f"the {len(self.records)} texts cached so far are kept; re-run") from None
         self.torn, self.records[key] = False, record
 
 # ----------------------------------------------------------------------------- building the pool
@@ -282,7 +292,8 @@ class CotCache:
 
 @dataclass
 class Job:
-    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask at all)."""
+    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask
+    at all)."""
     case_id: str
     kind: str
     image: np.ndarray
@@ -290,8 +301,9 @@ class Job:
 
     def __post_init__(self):
         if self.kind not in KINDS or (self.kind == "mask") != (self.mask is not None):
-            raise ValueError(f"{self.case_id}: a CoT job is ('mask', with a mask) or ('image', which takes no mask), "
-                             f"got {self.kind!r} {'with' if self.mask is not None else 'without'} a mask")
+            given = "with" if self.mask is not None else "without"
+            raise ValueError(f"{self.case_id}: a CoT job is ('mask', with a mask) or ('image', which takes "
+                             f"no mask), got {self.kind!r} {given} a mask")
         self.content_hash = content_hash(self.image, self.mask)
 
 
@@ -301,17 +313,19 @@ class CotTexts:
     image: dict = field(default_factory=dict)   # case ID -> image-only CoT
     cached: int = 0                             # texts read from the cache
     new: int = 0                                # texts written in this run
-    failed: dict = field(default_factory=dict)  # (case ID, kind) -> reason; never cached, asked again next run
+    failed: dict = field(default_factory=dict)  # (case ID, kind) -> reason; not cached, asked again next run
 
 
 def build_cots(jobs, cache, backend, context, client=None, vision=False, workers=1, prompt_dir=PROMPT_DIR,
                progress=True):
-    """The texts of `jobs` (Job): cached ones read, the others written by `workers` threads and cached as they finish.
+    """The texts of `jobs` (Job): cached ones read, the others written by `workers` threads and cached as
+    they finish.
 
     `context` gives the prompts' modality, anatomy and target; `client` (an LLMClient) is needed
     by the llm back end only, and `vision` attaches a montage to its prompts."""
     if backend not in ("llm", "descriptors") or (backend == "llm") != (client is not None):
-        raise ValueError(f"back end {backend!r} with client {client!r}: llm needs an LLMClient, descriptors none")
+        raise ValueError(f"back end {backend!r} with client {client!r}: "
+                         "llm needs an LLMClient, descriptors none")
     vision = vision and backend == "llm"
     model = client.model if backend == "llm" else WRITER
     templates = {k: load_template(k, prompt_dir) for k in KINDS}
@@ -335,7 +349,8 @@ def build_cots(jobs, cache, backend, context, client=None, vision=False, workers
     executor = ThreadPoolExecutor(max(1, workers))
     try:
         futures = {executor.submit(write, job): job for job in todo}
-        bar = tqdm(as_completed(futures), total=len(futures), desc=f"CoT texts ({backend})", disable=not progress)
+        bar = tqdm(as_completed(futures), total=len(futures), desc=f"CoT texts ({backend})",
+                   disable=not progress)
         for future in bar:
             job = futures[future]
             try:
@@ -372,8 +387,10 @@ def build_pool(cfg, split, volumes, progress=True):
     if backend == "llm":
         key = os.environ.get(cfg.llm_api_key_env, "")
         if not key:
-            print(f"pool: environment variable {cfg.llm_api_key_env} is empty: sending requests without an API key")
-        client = LLMClient(cfg.llm_url, cfg.llm_model, key, cfg.llm_temperature, cfg.llm_timeout, cfg.llm_retries)
+            print(f"pool: environment variable {cfg.llm_api_key_env} is empty: "
+                  "sending requests without an API key")
+        client = LLMClient(cfg.llm_url, cfg.llm_model, key, cfg.llm_temperature, cfg.llm_timeout,
+                           cfg.llm_retries)
     elif cfg.llm_vision:
         print("pool: llm_vision has no effect on the descriptors back end")
     jobs = [Job(i, "mask", volumes[i][0], volumes[i][1]) for i in split.labeled]
@@ -381,7 +398,8 @@ def build_pool(cfg, split, volumes, progress=True):
     path = cache_path(cfg)
     context = {"modality": cfg.modality, "anatomy": cfg.anatomy, "target": cfg.target}
     cache = CotCache(path)
-    texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers, progress=progress)
+    texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers,
+                       progress=progress)
     print(f"pool: {texts.cached} cached, {texts.new} new, {len(texts.failed)} failed "
           f"({backend}, model {client.model if client else WRITER}, cache {path})")
     if texts.failed:
@@ -392,19 +410,22 @@ def build_pool(cfg, split, volumes, progress=True):
 
 
 def main(argv=None):
-    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID] [--key=value ...]"""
-    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment (docs/design.md §5).",
-                                     allow_abbrev=False)
+    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID]
+    [--key=value ...]"""
+    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment "
+                                                 "(docs/design.md §5).", allow_abbrev=False)
     parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
-    flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model", "temperature": "llm_temperature",
-             "timeout": "llm_timeout", "workers": "llm_workers"}  # short flag -> config key
+    flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model",  # short flag -> config key
+             "temperature": "llm_temperature", "timeout": "llm_timeout", "workers": "llm_workers"}
     for flag, key in flags.items():
         parser.add_argument(f"--{flag}", help=f"sets {key}")
-    parser.add_argument("--vision", action="store_true", help="sets llm_vision: attach a PNG montage of slices")
+    parser.add_argument("--vision", action="store_true",
+                        help="sets llm_vision: attach a PNG montage of slices")
     parser.add_argument("--show", metavar="ID", help="print the cached texts of one case and exit")
     args, rest = parser.parse_known_args(argv)
     # the flags become config overrides, so get_config checks their types like any other --key=value
-    overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
+    overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items()
+                 if getattr(args, flag) is not None]
     cfg = get_config(args.exp, overrides + ["--llm_vision=True"] * args.vision + rest)
     if args.show:
         cache = CotCache(cache_path(cfg))

@@ -1,4 +1,5 @@
-"""A loopback OpenAI-compatible chat server for the pool tests: scripted replies, bounded in count and time.
+"""A loopback OpenAI-compatible chat server for the LLM and pool tests: scripted replies, bounded in count
+and time.
 
     with LoopbackLLM(script=[("429", 0.3), "ok"], latency=0.0) as server:
         llm.LLMClient(server.url, "test-model").ask("...")
@@ -12,9 +13,9 @@ Successive requests follow `script`, then "ok":
     "slow"                    a valid CoT after `slow` seconds (longer than the client's timeout)
     "missing"                 a completion whose text lacks the Boundary field
     ("error", code, message)  an OpenAI-style error body with that status
-    ("drip", seconds)         a valid CoT sent one byte every `seconds` (each read is quick, the whole is slow)
+    ("drip", seconds)         a valid CoT sent one byte every `seconds` (each byte quick, the whole slow)
     ("dripheaders", seconds)  the status line and headers sent that way
-    ("huge", size)            status 200 with `size` bytes and no Content-Length (the end is the closed connection)
+    ("huge", size)            status 200 with `size` bytes and no Content-Length (closing ends the body)
     ("claims", size)          a valid CoT under a Content-Length of `size`
     ("redirect", location)    HTTP 307 to `location`
 It listens on 127.0.0.1 only, answers at most `max_requests` requests (503 after that) and shuts
@@ -81,9 +82,11 @@ class LoopbackLLM:
                     body = json.loads(raw)
                 except ValueError:
                     body = None
-                behaviour = owner.next_behaviour({"path": self.path, "headers": dict(self.headers), "body": body})
+                behaviour = owner.next_behaviour({"path": self.path, "headers": dict(self.headers),
+                                                  "body": body})
                 time.sleep(owner.latency)
-                completion = lambda text: {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+                completion = lambda text: {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                                "content": text}}]}
                 if behaviour == "ok":
                     self.send(200, completion(owner.reply))
                 elif behaviour == "slow":
@@ -98,7 +101,8 @@ class LoopbackLLM:
                 elif behaviour[0] == "drip":
                     self.send(200, completion(owner.reply), drip=behaviour[1])
                 elif behaviour[0] == "dripheaders":
-                    self.send(200, completion(owner.reply), [("X-Padding", "x" * 200)], drip_head=behaviour[1])
+                    self.send(200, completion(owner.reply), [("X-Padding", "x" * 200)],
+                              drip_head=behaviour[1])
                 elif behaviour[0] == "huge":
                     self.send(200, b" " * behaviour[1], length=-1)
                 elif behaviour[0] == "claims":
@@ -114,7 +118,8 @@ class LoopbackLLM:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
         self.thread.start()
         self.deadline = threading.Timer(self.lifetime, self.server.shutdown)
         self.deadline.daemon = True

@@ -72,7 +72,8 @@ def test_descriptor_writer_follows_the_measurements():
     blurred, sharp = (parse_cot(pool.write_cot({**stats, **s}, "mask", **CONTEXT)) for s in (low, high))
     assert blurred["boundary"].startswith("Blurred") and sharp["boundary"].startswith("Sharp")
     assert "Markedly heterogeneous" in sharp["texture"] and "Homogeneous" in blurred["texture"]
-    assert blurred["summary"].endswith("difficulty is weak contrast with its surroundings and blurred margins.")
+    assert blurred["summary"].endswith("difficulty is weak contrast with its surroundings and blurred "
+                                       "margins.")
     other = pool.write_cot(stats, "image", "CT", "abdomen", "liver")
     assert "adjacent abdomen structures" in other and "pulmonary" not in other
 
@@ -86,7 +87,8 @@ def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
         pool.Job("a", "image", image, mask)                  # the image-only path never receives a label
     jobs = [pool.Job("a", "mask", image, mask), pool.Job("a", "image", image)]
     with LoopbackLLM() as server:
-        pool.build_cots(jobs, pool.CotCache(tmp_path / "cache.jsonl"), "llm", CONTEXT, client(server), vision=True, progress=False)
+        pool.build_cots(jobs, pool.CotCache(tmp_path / "cache.jsonl"), "llm", CONTEXT, client(server),
+                        vision=True, progress=False)
     assert len(server.requests) == 2
     for request in server.requests:
         text, picture = request["body"]["messages"][0]["content"]
@@ -109,11 +111,13 @@ def test_cache_skips_a_torn_line_and_keys_by_prompt_and_model(tmp_path):
         again = pool.build_cots(jobs, pool.CotCache(path), "llm", CONTEXT, client(server), progress=False)
         assert (again.new, again.cached, len(server.requests)) == (0, 3, 3)           # a re-run asks nothing
         records = [json.loads(line) for line in path.read_text().splitlines()]
-        assert {tuple(sorted(r)) for r in records} == {("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
-        # a crash mid-write leaves a torn last line: skipped with a warning, the next record starts a fresh line
+        assert {tuple(sorted(r)) for r in records} == {
+            ("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
+        # a crash mid-write leaves a torn last line: skipped with a warning, the next record starts a new one
         with open(path, "a") as f:
             f.write(json.dumps(records[0])[:40])
-        with pytest.warns(UserWarning, match=r"cache.jsonl:4: skipping 1 damaged cache record\(s\) \(line 4;"):
+        with pytest.warns(UserWarning,
+                          match=r"cache.jsonl:4: skipping 1 damaged cache record\(s\) \(line 4;"):
             cache = pool.CotCache(path)
         assert len(cache.records) == 3
         other_model = llm.LLMClient(server.url, "other-model", timeout=0.2)
@@ -122,7 +126,8 @@ def test_cache_skips_a_torn_line_and_keys_by_prompt_and_model(tmp_path):
         prompts.mkdir()
         for kind, name in pool.TEMPLATES.items():
             (prompts / name).write_text(pool.load_template(kind) + "\nBe brief.")
-        changed = pool.build_cots(jobs, cache, "llm", CONTEXT, client(server), prompt_dir=prompts, progress=False)
+        changed = pool.build_cots(jobs, cache, "llm", CONTEXT, client(server), prompt_dir=prompts,
+                                  progress=False)
         assert changed.new == 3 and len(server.requests) == 9
     with pytest.warns(UserWarning, match=":4: skipping"):
         assert len(pool.CotCache(path).records) == 9                          # every later record intact
@@ -135,12 +140,14 @@ def test_cache_skips_a_torn_line_and_keys_by_prompt_and_model(tmp_path):
 def test_failed_case_is_reported_not_cached(tmp_path):
     path = tmp_path / "cache.jsonl"
     with LoopbackLLM(script=["missing"] * 4) as server:
-        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, retries=3), progress=False)
+        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, retries=3),
+                                progress=False)
         assert (texts.new, len(texts.failed)) == (2, 1)
         (case_id, kind), reason = next(iter(texts.failed.items()))
         assert kind == "image" and "Boundary" in reason
         assert case_id not in texts.image and len(path.read_text().splitlines()) == 2
-        retry = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server), progress=False)
+        retry = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server),
+                                progress=False)
         assert (retry.cached, retry.new, len(server.requests)) == (2, 1, 7)
 
 
@@ -151,14 +158,14 @@ def test_records_of_the_wrong_shape_are_skipped_with_one_warning_and_asked_again
     good = [json.loads(line) for line in path.read_text().splitlines()]
     wrong = [{**good[0], "text": 42}, {k: v for k, v in good[1].items() if k != "content_hash"},
              {**good[2], "kind": ["image"]}, {**good[3], "case_id": None}, {**good[4], "kind": "sketch"},
-             {**good[5], "text": ""}, [good[6]], good[7]["text"]]                # the last two are not even dicts
+             {**good[5], "text": ""}, [good[6]], good[7]["text"]]        # the last two are not even dicts
     path.write_text("".join(json.dumps(r) + "\n" for r in wrong) + json.dumps(good[7]) + "\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cache = pool.CotCache(path)
     assert [str(w.message) for w in caught] == [
-        f"{path}:1: skipping 8 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or an edit?); "
-        "their texts are asked for again"]
+        f"{path}:1: skipping 8 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or "
+        "an edit?); their texts are asked for again"]
     again = pool.build_cots(jobs, cache, "descriptors", CONTEXT, progress=False)
     assert (again.cached, again.new) == (1, 7) and again.image == {r["case_id"]: r["text"] for r in good}
 
@@ -188,10 +195,11 @@ def test_a_failed_cache_write_is_one_line_and_keeps_every_record(tmp_path):
               f"build = lambda argv: pool.build_cots(test_pool.image_jobs(4), pool.CotCache({str(path)!r}), "
               "'descriptors', test_pool.CONTEXT, progress=False)\n"
               "sys.exit(config.cli(build))\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == (f"error: {path}: cannot add a CoT text to the cache (File too large); the 2 texts "
-                           "cached before are kept, re-run to write the rest\n")
+                           "cached so far are kept; re-run\n")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["cache.jsonl"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                   # no damaged line left behind
@@ -204,11 +212,12 @@ def test_check_cache_writable_refuses_before_any_data_are_read(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "cot_cache.jsonl").mkdir()                  # a folder where the file goes
     (tmp_path / "file").write_text("")
-    for root, cause in [(tmp_path / "taken", "Is a directory"), (tmp_path / "file" / "LA", "Not a directory")]:
+    for root, cause in [(tmp_path / "taken", "Is a directory"),
+                        (tmp_path / "file" / "LA", "Not a directory")]:
         with pytest.raises(pool.CacheError) as failure:
             pool.check_cache_writable(cfg_for(root))
-        assert str(failure.value) == (f"{root / 'cot_cache.jsonl'}: the CoT cache cannot be written ({cause}); "
-                                      "make its folder writable or set --data_root")
+        assert str(failure.value) == (f"{root / 'cot_cache.jsonl'}: the CoT cache cannot be written "
+                                      f"({cause}); make its folder writable or set --data_root")
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["cot_cache.jsonl", "file", "taken"]
 
 
@@ -227,7 +236,8 @@ def test_killed_build_resumes_without_asking_again(tmp_path):
     script = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
               "import llm, pool, test_pool\n"
               f"client = llm.LLMClient(sys.argv[1], 'test-model', timeout=5)\n"
-              f"pool.build_cots(test_pool.image_jobs(12), pool.CotCache({str(path)!r}), 'llm', test_pool.CONTEXT, client, progress=False)\n")
+              f"pool.build_cots(test_pool.image_jobs(12), pool.CotCache({str(path)!r}), 'llm', "
+              "test_pool.CONTEXT, client, progress=False)\n")
     with LoopbackLLM(latency=0.15) as server:
         child = subprocess.Popen([sys.executable, "-c", script, server.url], cwd=ROOT)
         try:
@@ -242,17 +252,18 @@ def test_killed_build_resumes_without_asking_again(tmp_path):
         done = len(pool.CotCache(path).records)
         asked_before = settled(server)                                   # the dead child's last request in
         assert 3 <= done < 12 and asked_before <= done + 1                # one worker: one was in flight
-        texts = pool.build_cots(image_jobs(12), pool.CotCache(path), "llm", CONTEXT, client(server, timeout=5),
-                                workers=4, progress=False)                # no timeout retry under load
+        texts = pool.build_cots(image_jobs(12), pool.CotCache(path), "llm", CONTEXT,
+                                client(server, timeout=5), workers=4, progress=False)  # no retry under load
         assert (texts.cached, texts.new) == (done, 12 - done)
         assert len(server.requests) - asked_before == 12 - done           # finished cases are not asked again
 
 
 def cfg_for(tmp_path, **kw):
     return SimpleNamespace(**{
-        "data_root": str(tmp_path), "cot_backend": "auto", "llm_url": "", "llm_model": "", "llm_api_key_env": "CERS_TEST_KEY",
-        "llm_temperature": 0.2, "llm_timeout": 0.5, "llm_workers": 2, "llm_retries": 1, "llm_vision": False,
-        "modality": "late gadolinium-enhanced cardiac MRI", "anatomy": "heart", "target": "left atrium", **kw})
+        "data_root": str(tmp_path), "cot_backend": "auto", "llm_url": "", "llm_model": "",
+        "llm_api_key_env": "CERS_TEST_KEY", "llm_temperature": 0.2, "llm_timeout": 0.5, "llm_workers": 2,
+        "llm_retries": 1, "llm_vision": False, "modality": "late gadolinium-enhanced cardiac MRI",
+        "anatomy": "heart", "target": "left atrium", **kw})
 
 
 class Untouchable:
@@ -291,7 +302,7 @@ def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
             warnings.simplefilter("always")
             with pytest.raises(llm.LLMError) as failure:
                 pool.build_pool(cfg, split, volumes, progress=False)
-            texts = pool.build_pool(cfg, split, volumes, progress=False)   # the failed case only is asked again
+            texts = pool.build_pool(cfg, split, volumes, progress=False)   # only the failed case is re-asked
         assert len(server.requests) == 4 and texts.cached == 2
     assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
     assert "401" in str(failure.value) and "***" in str(failure.value)
@@ -305,7 +316,8 @@ def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
 def test_cli_builds_then_shows_a_phantom_pool(tmp_path, capsys):
     pytest.importorskip("train")
     pytest.importorskip("phantom")
-    args = ["--exp", "PHANTOM_8", f"--data_root={tmp_path}", "--phantom_cases=10,3", "--phantom_shape=32,32,32"]
+    args = ["--exp", "PHANTOM_8", f"--data_root={tmp_path}", "--phantom_cases=10,3",
+            "--phantom_shape=32,32,32"]
     pool.main(args + ["--workers=2"])
     assert "0 cached, 21 new, 0 failed (descriptors" in capsys.readouterr().out      # 8 mask + 13 image CoTs
     pool.main(args)
