@@ -132,11 +132,15 @@ class LLMClient:
         message = one_line(f"{url or self.endpoint()}: {cause}", 600)
         return LLMError(message.replace(self.api_key, "***") if self.api_key else message)
 
+    def overdue(self):
+        return Retry(f"no complete reply within {self.timeout:g} s")
+
     def ask(self, prompt, png=None):
         """The canonical CoT text for one prompt (with an optional PNG attached), or LLMError."""
-        picture = None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
-        content = prompt if png is None else [{"type": "text", "text": prompt},
-                                              {"type": "image_url", "image_url": {"url": picture}}]
+        content = prompt
+        if png is not None:  # the vision montage goes along as a data URL
+            picture = {"url": "data:image/png;base64," + base64.b64encode(png).decode()}
+            content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": picture}]
         body = {"model": self.model, "temperature": self.temperature,
                 "messages": [{"role": "user", "content": content}]}
         headers = {"Accept-Encoding": "identity"}  # the size cap counts what arrives, not what it inflates to
@@ -192,7 +196,7 @@ class LLMClient:
             raise self.error(f"more than {MAX_REDIRECTS} redirects")
         except requests.RequestException as e:
             if adapter.is_shut or isinstance(e, requests.Timeout):
-                raise Retry(f"no complete reply within {self.timeout:g} s") from None
+                raise self.overdue() from None
             if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
                 raise Retry(f"{type(e).__name__} (is the server running?)") from None
             raise
@@ -211,7 +215,7 @@ class LLMClient:
         # the empty chunk at the end checks the deadline once more: a read the watchdog ended can look whole
         for chunk in itertools.chain(response.iter_content(16384), [b""]):
             if time.monotonic() > deadline:
-                raise Retry(f"no complete reply within {self.timeout:g} s")
+                raise self.overdue()
             size += len(chunk)
             if size > MAX_REPLY:
                 raise self.error(f"the reply runs over the {MAX_REPLY} bytes accepted; refused", url)
