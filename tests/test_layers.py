@@ -17,6 +17,7 @@ LAYERS = [
     ["mcam"],                            # reference fusion and MCAM
     ["model"],                           # the dual-decoder V-Net
     ["checkpoint", "morphology", "cot"],  # checkpoints; mask and image descriptors; CoT text and BM25
+    ["llm"],                             # the client of an OpenAI-compatible chat endpoint
     ["bank", "pool"],                    # the reference bank; the CoT knowledge pool
     ["retrieve"],                        # reference selection
     ["test"],                            # inference and metrics
