@@ -1,4 +1,4 @@
-"""Knowledge pool: chain-of-thought texts for every case (DESIGN.md §1.1, §4).
+"""Knowledge pool: chain-of-thought texts for every case (docs/design.md §4, §5).
 
 CERS describes each scan in words before segmenting it: a reasoner writes a short chain of thought
 (CoT) in four parts, `Texture: ... Boundary: ... Context: ... Summary: ...`. Labeled cases are
@@ -6,31 +6,28 @@ described with their mask (the "mask CoT"), every case also from the image alone
 retrieve.py compares the texts with BM25 to drop references that look alike but reason differently.
 Two back ends write the texts:
 
-    llm          an OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, Ollama, llama.cpp),
+    llm          an OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, Ollama, llama.cpp; llm.py),
                  prompted with prompts/*.txt filled in with the measured descriptors
     descriptors  offline and deterministic: the same four parts worded from the measured descriptors
                  through the thresholds in WORDING; the default when no endpoint is configured
 
 Texts are cached in an append-only JSONL file, one record per (case, kind, back end, model, prompt
 hash, content hash): a re-run asks nothing twice, texts of different reasoners or prompts never mix, and
-a case whose image (or, for a mask CoT, mask) changed is described again. Records written before content
-hashes existed are not reused: nothing says what they described.
+a case whose image (or, for a mask CoT, mask) changed is described again.
 
     python pool.py --exp LA_8                                     # offline descriptors back end
     python pool.py --exp LA_8 --backend llm --url http://localhost:8000 --model NAME [--vision]
     python pool.py --exp LA_8 --show ID                           # print one case's cached texts
 """
 import argparse
-import base64
 import hashlib
 import io
 import json
 import os
-import random
 import re
 import sys
+import tempfile
 import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -43,8 +40,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import data
-from config import CersError, ConfigError, cli, get_config
-from cot import format_cot, parse_cot
+from config import CersError, cli, get_config
+from llm import LLMClient, LLMError
 from morphology import image_stats
 
 # ----------------------------------------------------------------------------- prompts
@@ -65,13 +62,15 @@ def render_prompt(template, values):
     """The template with each {name} replaced; an unknown placeholder is an error naming it."""
     def fill(match):
         if match.group(1) not in values:
-            raise KeyError(f"prompt template has placeholder {{{match.group(1)}}}; known: {', '.join(sorted(values))}")
+            raise KeyError(f"prompt template has placeholder {{{match.group(1)}}}; "
+                           f"known: {', '.join(sorted(values))}")
         return str(values[match.group(1)])
     return re.sub(r"\{(\w+)\}", fill, template)
 
 
 def prompt_hash(template, context, vision=False):
-    """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new records."""
+    """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new
+    records."""
     fixed = render_prompt(template, {**context, "descriptors": "{descriptors}"})
     return hashlib.sha256((fixed + ("\n[vision]" if vision else "")).encode()).hexdigest()[:12]
 
@@ -91,27 +90,34 @@ WORDING = {
                                        "moderate contrast against the {wall}",
                                        "it stands out clearly against the {wall}")),
     "edge_sharpness": ((0.75, 0.88), ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")),
-    "boundary_sharpness": ((0.65, 0.80), ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")),
+    "boundary_sharpness": ((0.65, 0.80), ("Blurred, low-gradient", "Moderately defined",
+                                          "Sharp, well-defined")),
     "target_sphericity": ((0.67, 0.72), ("lobulated, irregular", "mildly lobulated", "smooth, compact")),
     "lookalike_contact": ((0.50, 0.66), ("the {wall} separates it from most neighbours",
-                                         "in places it opens into neighbouring {signal} without a visible wall",
-                                         "much of its border opens into neighbouring {signal} with no visible wall")),
+                                         "in places it opens into neighbouring {signal} "
+                                         "without a visible wall",
+                                         "much of its border opens into neighbouring {signal} "
+                                         "with no visible wall")),
     "lookalike_share": ((0.72, 0.80), ("A minority", "Much", "Most")),
     "largest_share": ((0.93, 0.975), ("the bright regions stay mostly separate",
                                       "most bright regions join into a connected {signal}",
-                                      "the bright regions merge into one {signal}, so borders must be inferred")),
+                                      "the bright regions merge into one {signal}, "
+                                      "so borders must be inferred")),
     "bright_structures": ((3, 5), ("few", "several", "many")),
     "bright_fraction": ((0.18, 0.24), ("in a small part", "in a moderate part", "across much")),
 }
 COT = {  # the first three parts; the Summary names the difficulties below
     "mask": "Texture: {target_heterogeneity} {signal} in the {target} with {noise}; {target_contrast}.\n"
-            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; {lookalike_contact}.\n"
-            "Context: {lookalike_share} of the bright tissue lies outside the {target}; the {neighbours} share its "
-            "intensity and {bright_structures} separate bright structures compete with it.\n",
+            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; "
+            "{lookalike_contact}.\n"
+            "Context: {lookalike_share} of the bright tissue lies outside the {target}; "
+            "the {neighbours} share its intensity and {bright_structures} separate bright structures "
+            "compete with it.\n",
     "image": "Texture: {heterogeneity} bright {signal} on {modality} with {noise}; {contrast}.\n"
              "Boundary: {edge_sharpness} edges of bright structures; {largest_share}.\n"
-             "Context: There are {bright_structures} separate bright structures {bright_fraction} of the field of "
-             "view; the {neighbours} share the {signal} intensity and may mimic the {target}.\n",
+             "Context: There are {bright_structures} separate bright structures {bright_fraction} "
+             "of the field of view; the {neighbours} share the {signal} intensity and may mimic "
+             "the {target}.\n",
 }
 DIFFICULTY = {  # statistic: (the difficulty it stands for, the level at which it is one), in order of weight
     "mask": {"target_contrast": ("weak contrast with its surroundings", 0),
@@ -119,7 +125,8 @@ DIFFICULTY = {  # statistic: (the difficulty it stands for, the level at which i
              "lookalike_contact": ("bright neighbours merging with it", 2),
              "target_heterogeneity": ("uneven internal signal", 2), "noise": ("image noise", 2)},
     "image": {"contrast": ("weak contrast", 0), "edge_sharpness": ("blurred edges", 0),
-              "largest_share": ("one merged bright pool", 2), "bright_structures": ("many look-alike structures", 2),
+              "largest_share": ("one merged bright pool", 2),
+              "bright_structures": ("many look-alike structures", 2),
               "heterogeneity": ("uneven signal", 2), "noise": ("image noise", 2)},
 }
 # how the writer names the parts of a target it knows; other targets get the generic words
@@ -129,17 +136,20 @@ GENERIC = {"signal": "signal", "wall": "surrounding tissue", "neighbours": "adja
 
 
 def write_cot(stats, kind, modality, anatomy, target):
-    """A four-part CoT worded from image_stats() through WORDING: deterministic, about 128 tokens, no numbers."""
+    """A four-part CoT worded from image_stats() through WORDING: deterministic, about 128 tokens, no
+    numbers."""
     vocab = {k: w.format(anatomy=anatomy) for k, w in VOCAB.get(target.lower(), GENERIC).items()}
-    levels = {k: int(stats[k] >= lo) + int(stats[k] >= hi) for k, ((lo, hi), _) in WORDING.items() if k in stats}
+    levels = {k: int(stats[k] >= lo) + int(stats[k] >= hi)
+              for k, ((lo, hi), _) in WORDING.items() if k in stats}
     words = {k: WORDING[k][1][lv].format(**vocab) for k, lv in levels.items()}
     hard = [why for k, (why, at) in DIFFICULTY[kind].items() if levels[k] == at]
-    overall = "Clearly depicted" if len(hard) <= 1 else "Moderately challenging" if len(hard) == 2 else "Challenging"
+    overall = ("Clearly depicted" if len(hard) <= 1 else "Moderately challenging" if len(hard) == 2
+               else "Challenging")
     reason = " and ".join(hard[:2]) or f"following its full extent within the {anatomy}"
     return (COT[kind].format(modality=modality, target=target, **vocab, **words)
             + f"Summary: {overall} {target} whose main segmentation difficulty is {reason}.")
 
-# ----------------------------------------------------------------------------- the llm back end
+# ----------------------------------------------------------------------------- the llm back end's picture
 
 RENDER_LOCK = threading.Lock()  # matplotlib is not thread-safe; montages are drawn one at a time
 
@@ -174,85 +184,6 @@ def montage_png(image, mask=None):
         fig.savefig(buf, format="png")
     return buf.getvalue()
 
-
-class LLMError(CersError, RuntimeError):
-    """The endpoint refused, or gave no valid CoT within the retries; never holds the API key."""
-
-
-def _server_message(response):
-    try:
-        error = response.json()["error"]
-        return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:300]
-
-
-def _reply_text(response):
-    try:
-        content = response.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise ValueError(f"not a chat completion ({type(e).__name__})") from None
-    if isinstance(content, list):  # some servers send content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content if isinstance(content, str) else ""
-
-
-@dataclass
-class LLMClient:
-    """An OpenAI-compatible chat-completions endpoint; safe to share between threads."""
-    url: str                                      # base URL, e.g. http://localhost:8000 or https://api.openai.com/v1
-    model: str
-    api_key: str = field(default="", repr=False)  # sent as a bearer token; never printed, logged or stored
-    temperature: float = 0.2
-    timeout: float = 60.0                         # seconds per request
-    retries: int = 5                              # extra attempts after 429, 5xx, timeouts and invalid replies
-    backoff: float = 1.0                          # seconds before the first retry; doubles each time, jittered
-    max_wait: float = 60.0                        # longest single wait, Retry-After included
-
-    def endpoint(self):
-        url = self.url.rstrip("/")
-        if url.endswith("/chat/completions"):
-            return url
-        return url + ("" if url.endswith("/v1") else "/v1") + "/chat/completions"
-
-    def ask(self, prompt, png=None):
-        """The canonical CoT text for one prompt (with an optional PNG), or LLMError."""
-        content = prompt if png is None else [
-            {"type": "text", "text": prompt},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}]
-        body = {"model": self.model, "temperature": self.temperature,
-                "messages": [{"role": "user", "content": content}]}
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        scrub = lambda message: message.replace(self.api_key, "***") if self.api_key else message
-        problem, wait = "", 0.0
-        for attempt in range(self.retries + 1):
-            time.sleep(wait)
-            wait = min(self.max_wait, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)  # jitter spreads clients
-            try:
-                response = requests.post(self.endpoint(), json=body, headers=headers, timeout=self.timeout)
-            except requests.Timeout:
-                problem = f"no answer within {self.timeout:g} s"
-                continue
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-                problem = f"{type(e).__name__} (is the server running?)"
-                continue
-            except requests.RequestException as e:
-                raise LLMError(scrub(f"{self.endpoint()}: {type(e).__name__}: {e}")) from None
-            if response.status_code == 429 or response.status_code >= 500:
-                problem = f"HTTP {response.status_code}: {_server_message(response)}"
-                try:
-                    wait = max(0.0, min(float(response.headers["Retry-After"]), self.max_wait))
-                except (KeyError, ValueError):
-                    pass  # no Retry-After, or an HTTP date: keep the backoff
-                continue
-            if response.status_code >= 400:
-                raise LLMError(scrub(f"{self.endpoint()}: HTTP {response.status_code}: {_server_message(response)}"))
-            try:
-                return format_cot(parse_cot(_reply_text(response)))
-            except ValueError as e:
-                problem = f"invalid reply: {e}"
-        raise LLMError(scrub(f"{self.endpoint()}: no valid CoT after {self.retries + 1} attempts; last: {problem}"))
-
 # ----------------------------------------------------------------------------- the cache
 
 
@@ -266,47 +197,94 @@ def content_hash(image, mask=None):
     return digest.hexdigest()[:16]
 
 
-class CotCache:
-    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash, content_hash); the
-    newest wins.
+class CacheError(CersError, OSError):
+    """The CoT cache cannot be read or written; the message names the file and the cause."""
 
-    Each record is one line written with flush and fsync, so a crash loses at most the line being
-    written; a damaged line is skipped with a warning and the next record starts on a fresh line.
-    Records without a content hash (from before it was part of the key) are counted in `legacy`, never reused."""
+
+def cache_path(cfg):
+    return Path(cfg.data_root) / "cot_cache.jsonl"
+
+
+def check_cache_writable(cfg):
+    """Refuse a CoT cache that could not be written, before any data are read: an existing cache file must
+    open for appending, otherwise its nearest existing folder must take a new file (the build creates the
+    rest). Probes with a nameless temporary file, so nothing is left behind. Returns the cache's path."""
+    path = cache_path(cfg)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if path.exists():
+            open(path, "ab").close()
+        else:
+            tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise CacheError(f"{path}: the CoT cache cannot be written ({e.strerror or e}); "
+                         "make its folder writable or set --data_root") from None
+    return path
+
+
+def valid_record(record):
+    """True for a dict with every key field and the text, each a non-empty string, and a known kind."""
+    return (isinstance(record, dict) and record.get("kind") in KINDS
+            and all(isinstance(record.get(k), str) and record[k] for k in (*CotCache.KEY, "text")))
+
+
+class CotCache:
+    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash,
+    content_hash); the newest wins.
+
+    Each record is one line appended with fsync; a write that fails is cut back, so the file holds complete
+    records only and a crash loses at most the line being written. Damaged lines (torn, not JSON, or JSON
+    of the wrong shape) are skipped with one warning that counts them, and their texts are asked for again."""
     KEY = ("case_id", "kind", "backend", "model", "prompt_hash", "content_hash")
 
     def __init__(self, path):
-        self.path, self.records, self.legacy = Path(path), {}, []
-        raw = self.path.read_bytes() if self.path.exists() else b""
-        self.torn = bool(raw) and not raw.endswith(b"\n")
+        self.path, self.records = Path(path), {}
+        try:
+            raw = self.path.read_bytes() if self.path.exists() else b""
+        except OSError as e:
+            raise CacheError(f"{self.path}: the CoT cache cannot be read ({e.strerror or e})") from None
+        self.torn, damaged = bool(raw) and not raw.endswith(b"\n"), []
         for number, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                key = tuple(record[k] for k in self.KEY[:-1]) + (record.get("content_hash"),)
-                if not isinstance(record["text"], str):
-                    raise TypeError("text is not a string")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                warnings.warn(f"{self.path}:{number}: skipping a damaged cache record (an interrupted write?)")
-                continue
-            if key[-1] is None:
-                self.legacy.append(record)
+            except ValueError:
+                record = None
+            if valid_record(record):
+                self.records[tuple(record[k] for k in self.KEY)] = record
             else:
-                self.records[key] = record
+                damaged.append(number)
+        if damaged:
+            lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+            warnings.warn(f"{self.path}:{damaged[0]}: skipping {len(damaged)} damaged cache record(s) (line "
+                          f"{lines}; an interrupted write or an edit?); their texts are asked for again")
 
     def get(self, *key):
         return self.records[key]["text"] if key in self.records else None
 
     def add(self, case_id, kind, backend, model, prompt_hash, content_hash, text):
         key = (case_id, kind, backend, model, prompt_hash, content_hash)
-        record = {**dict(zip(self.KEY, key)), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "text": text}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        record = {**dict(zip(self.KEY, key)), "created": created, "text": text}
+        line = (("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab", buffering=0) as f:
+                start = f.seek(0, os.SEEK_END)
+                try:
+                    view = memoryview(line)
+                    while view:  # a raw write may take only part of the line
+                        view = view[f.write(view):]
+                    os.fsync(f.fileno())
+                except OSError:
+                    f.truncate(start)  # keep complete records only
+                    raise
+        except OSError as e:
+            raise CacheError(f"{self.path}: cannot add a CoT text to the cache ({e.strerror or e}); "
+                             f"the {len(self.records)} texts cached so far are kept; re-run") from None
         self.torn, self.records[key] = False, record
 
 # ----------------------------------------------------------------------------- building the pool
@@ -314,7 +292,8 @@ class CotCache:
 
 @dataclass
 class Job:
-    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask at all)."""
+    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask
+    at all)."""
     case_id: str
     kind: str
     image: np.ndarray
@@ -322,8 +301,9 @@ class Job:
 
     def __post_init__(self):
         if self.kind not in KINDS or (self.kind == "mask") != (self.mask is not None):
-            raise ValueError(f"{self.case_id}: a CoT job is ('mask', with a mask) or ('image', which takes no mask), "
-                             f"got {self.kind!r} {'with' if self.mask is not None else 'without'} a mask")
+            given = "with" if self.mask is not None else "without"
+            raise ValueError(f"{self.case_id}: a CoT job is ('mask', with a mask) or ('image', which takes "
+                             f"no mask), got {self.kind!r} {given} a mask")
         self.content_hash = content_hash(self.image, self.mask)
 
 
@@ -333,17 +313,19 @@ class CotTexts:
     image: dict = field(default_factory=dict)   # case ID -> image-only CoT
     cached: int = 0                             # texts read from the cache
     new: int = 0                                # texts written in this run
-    failed: dict = field(default_factory=dict)  # (case ID, kind) -> reason; never cached, asked again next run
+    failed: dict = field(default_factory=dict)  # (case ID, kind) -> reason; not cached, asked again next run
 
 
 def build_cots(jobs, cache, backend, context, client=None, vision=False, workers=1, prompt_dir=PROMPT_DIR,
                progress=True):
-    """The texts of `jobs` (Job): cached ones read, the others written by `workers` threads and cached as they finish.
+    """The texts of `jobs` (Job): cached ones read, the others written by `workers` threads and cached as
+    they finish.
 
     `context` gives the prompts' modality, anatomy and target; `client` (an LLMClient) is needed
     by the llm back end only, and `vision` attaches a montage to its prompts."""
     if backend not in ("llm", "descriptors") or (backend == "llm") != (client is not None):
-        raise ValueError(f"back end {backend!r} with client {client!r}: llm needs an LLMClient, descriptors none")
+        raise ValueError(f"back end {backend!r} with client {client!r}: "
+                         "llm needs an LLMClient, descriptors none")
     vision = vision and backend == "llm"
     model = client.model if backend == "llm" else WRITER
     templates = {k: load_template(k, prompt_dir) for k in KINDS}
@@ -367,7 +349,8 @@ def build_cots(jobs, cache, backend, context, client=None, vision=False, workers
     executor = ThreadPoolExecutor(max(1, workers))
     try:
         futures = {executor.submit(write, job): job for job in todo}
-        bar = tqdm(as_completed(futures), total=len(futures), desc=f"CoT texts ({backend})", disable=not progress)
+        bar = tqdm(as_completed(futures), total=len(futures), desc=f"CoT texts ({backend})",
+                   disable=not progress)
         for future in bar:
             job = futures[future]
             try:
@@ -383,19 +366,14 @@ def build_cots(jobs, cache, backend, context, client=None, vision=False, workers
 
 
 def resolve_backend(cfg):
-    """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise."""
-    backend = cfg.cot_backend
-    if backend == "auto":
-        backend = "llm" if cfg.llm_url else "descriptors"
-        if backend == "descriptors":
-            print("pool: no LLM endpoint configured (llm_url is empty): "
-                  "CoT texts come from the offline descriptors back end")
-    if backend not in ("llm", "descriptors"):
-        raise ConfigError(f"config: cot_backend must be auto, llm or descriptors, got {backend!r}")
-    if backend == "llm" and not (cfg.llm_url and cfg.llm_model):
-        raise ConfigError(f"config: cot_backend=llm needs llm_url and llm_model "
-                          f"(got {cfg.llm_url!r} and {cfg.llm_model!r})")
-    return backend
+    """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise
+    (config.check_config has refused other values, and llm without llm_url and llm_model)."""
+    if cfg.cot_backend != "auto":
+        return cfg.cot_backend
+    if not cfg.llm_url:
+        print("pool: no LLM endpoint configured (llm_url is empty): "
+              "CoT texts come from the offline descriptors back end")
+    return "llm" if cfg.llm_url else "descriptors"
 
 
 def build_pool(cfg, split, volumes, progress=True):
@@ -403,24 +381,25 @@ def build_pool(cfg, split, volumes, progress=True):
 
     `volumes` maps ID -> (image, label); only the labeled cases' labels are read, so unlabeled and
     test masks are never measured, rendered or sent. Raises LLMError after the build when texts
-    failed (the finished ones are cached, so a re-run asks only for the rest)."""
+    failed (the finished ones are cached, so a re-run asks only for the rest), CacheError when the cache
+    cannot be written (check_cache_writable checks that before the data are read)."""
     backend, client = resolve_backend(cfg), None
     if backend == "llm":
         key = os.environ.get(cfg.llm_api_key_env, "")
         if not key:
-            print(f"pool: environment variable {cfg.llm_api_key_env} is empty: sending requests without an API key")
-        client = LLMClient(cfg.llm_url, cfg.llm_model, key, cfg.llm_temperature, cfg.llm_timeout, cfg.llm_retries)
+            print(f"pool: environment variable {cfg.llm_api_key_env} is empty: "
+                  "sending requests without an API key")
+        client = LLMClient(cfg.llm_url, cfg.llm_model, key, cfg.llm_temperature, cfg.llm_timeout,
+                           cfg.llm_retries)
     elif cfg.llm_vision:
         print("pool: llm_vision has no effect on the descriptors back end")
     jobs = [Job(i, "mask", volumes[i][0], volumes[i][1]) for i in split.labeled]
     jobs += [Job(i, "image", volumes[i][0]) for i in [*split.labeled, *split.unlabeled, *split.test]]
-    path = Path(cfg.data_root) / "cot_cache.jsonl"
+    path = cache_path(cfg)
     context = {"modality": cfg.modality, "anatomy": cfg.anatomy, "target": cfg.target}
     cache = CotCache(path)
-    if cache.legacy:
-        print(f"pool: {path} holds {len(cache.legacy)} records from before content hashes; they are not reused "
-              "(nothing says which file they described), so their cases are described again")
-    texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers, progress=progress)
+    texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers,
+                       progress=progress)
     print(f"pool: {texts.cached} cached, {texts.new} new, {len(texts.failed)} failed "
           f"({backend}, model {client.model if client else WRITER}, cache {path})")
     if texts.failed:
@@ -431,28 +410,32 @@ def build_pool(cfg, split, volumes, progress=True):
 
 
 def main(argv=None):
-    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID] [--key=value ...]"""
-    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment (DESIGN.md §1.1).",
-                                     allow_abbrev=False)
+    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID]
+    [--key=value ...]"""
+    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment "
+                                                 "(docs/design.md §5).", allow_abbrev=False)
     parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
-    flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model", "temperature": "llm_temperature",
-             "timeout": "llm_timeout", "workers": "llm_workers"}  # short flag -> config key
+    flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model",  # short flag -> config key
+             "temperature": "llm_temperature", "timeout": "llm_timeout", "workers": "llm_workers"}
     for flag, key in flags.items():
         parser.add_argument(f"--{flag}", help=f"sets {key}")
-    parser.add_argument("--vision", action="store_true", help="sets llm_vision: attach a PNG montage of slices")
+    parser.add_argument("--vision", action="store_true",
+                        help="sets llm_vision: attach a PNG montage of slices")
     parser.add_argument("--show", metavar="ID", help="print the cached texts of one case and exit")
     args, rest = parser.parse_known_args(argv)
     # the flags become config overrides, so get_config checks their types like any other --key=value
-    overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
+    overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items()
+                 if getattr(args, flag) is not None]
     cfg = get_config(args.exp, overrides + ["--llm_vision=True"] * args.vision + rest)
     if args.show:
-        cache = CotCache(Path(cfg.data_root) / "cot_cache.jsonl")
-        records = sorted((r for r in [*cache.records.values(), *cache.legacy] if r["case_id"] == args.show),
+        cache = CotCache(cache_path(cfg))
+        records = sorted((r for r in cache.records.values() if r["case_id"] == args.show),
                          key=lambda r: str(r.get("created")))
         for r in records:
             print(f"--- {r['kind']} CoT | {r['backend']} | {r['model']} | prompt {r['prompt_hash']} | "
-                  f"content {r.get('content_hash', 'unknown (not reused)')} | {r.get('created')}\n{r['text']}")
+                  f"content {r['content_hash']} | {r.get('created')}\n{r['text']}")
         return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
+    check_cache_writable(cfg)
     split, volumes = data.prepare_data(cfg)  # writes the phantom first when the experiment asks for it
     volumes.update(data.load_volumes(cfg.data_root, split.test, factor=cfg.downsample))
     build_pool(cfg, split, volumes)

@@ -1,7 +1,8 @@
-"""A loopback OpenAI-compatible chat server for the pool tests: scripted replies, bounded in count and time.
+"""A loopback OpenAI-compatible chat server for the LLM and pool tests: scripted replies, bounded in count
+and time.
 
     with LoopbackLLM(script=[("429", 0.3), "ok"], latency=0.0) as server:
-        LLMClient(server.url, "test-model").ask("...")
+        llm.LLMClient(server.url, "test-model").ask("...")
         server.requests   # what the client sent: path, headers, JSON body
 
 Successive requests follow `script`, then "ok":
@@ -12,6 +13,11 @@ Successive requests follow `script`, then "ok":
     "slow"                    a valid CoT after `slow` seconds (longer than the client's timeout)
     "missing"                 a completion whose text lacks the Boundary field
     ("error", code, message)  an OpenAI-style error body with that status
+    ("drip", seconds)         a valid CoT sent one byte every `seconds` (each byte quick, the whole slow)
+    ("dripheaders", seconds)  the status line and headers sent that way
+    ("huge", size)            status 200 with `size` bytes and no Content-Length (closing ends the body)
+    ("claims", size)          a valid CoT under a Content-Length of `size`
+    ("redirect", location)    HTTP 307 to `location`
 It listens on 127.0.0.1 only, answers at most `max_requests` requests (503 after that) and shuts
 itself down after `lifetime` seconds.
 """
@@ -50,18 +56,25 @@ class LoopbackLLM:
             def log_message(self, *args):
                 pass
 
-            def send(self, status, body, headers=()):
-                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            def write(self, data, drip=0.0):
+                """Write `data` at once, or one byte every `drip` seconds; a client that hung up ends it."""
                 try:
-                    self.send_response(status)
-                    for key, value in headers:
-                        self.send_header(key, value)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                    for piece in [data[i:i + 1] for i in range(len(data))] if drip else [data]:
+                        self.wfile.write(piece)
+                        self.wfile.flush()
+                        time.sleep(drip)
                 except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout test)
+                    pass  # the client gave up (timeout and size tests)
+
+            def send(self, status, body, headers=(), length=None, drip=0.0, drip_head=0.0):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                head = f"HTTP/1.0 {status} {self.responses.get(status, ('',))[0]}\r\n"
+                for key, value in [*headers, ("Content-Type", "application/json")]:
+                    head += f"{key}: {value}\r\n"
+                if length != -1:  # -1: no Content-Length, the closed connection ends the body
+                    head += f"Content-Length: {len(data) if length is None else length}\r\n"
+                self.write((head + "\r\n").encode(), drip_head)
+                self.write(data, drip)
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -69,9 +82,11 @@ class LoopbackLLM:
                     body = json.loads(raw)
                 except ValueError:
                     body = None
-                behaviour = owner.next_behaviour({"path": self.path, "headers": dict(self.headers), "body": body})
+                behaviour = owner.next_behaviour({"path": self.path, "headers": dict(self.headers),
+                                                  "body": body})
                 time.sleep(owner.latency)
-                completion = lambda text: {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+                completion = lambda text: {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                                "content": text}}]}
                 if behaviour == "ok":
                     self.send(200, completion(owner.reply))
                 elif behaviour == "slow":
@@ -83,6 +98,17 @@ class LoopbackLLM:
                     self.send(200, b"<html>gateway says hello</html>")
                 elif behaviour == "500":
                     self.send(500, {"error": {"message": "internal error"}})
+                elif behaviour[0] == "drip":
+                    self.send(200, completion(owner.reply), drip=behaviour[1])
+                elif behaviour[0] == "dripheaders":
+                    self.send(200, completion(owner.reply), [("X-Padding", "x" * 200)],
+                              drip_head=behaviour[1])
+                elif behaviour[0] == "huge":
+                    self.send(200, b" " * behaviour[1], length=-1)
+                elif behaviour[0] == "claims":
+                    self.send(200, completion(owner.reply), length=behaviour[1])
+                elif behaviour[0] == "redirect":
+                    self.send(307, b"", [("Location", behaviour[1])])
                 elif behaviour[0] == "429":
                     self.send(429, {"error": {"message": "slow down"}}, [("Retry-After", str(behaviour[1]))])
                 else:
@@ -92,7 +118,8 @@ class LoopbackLLM:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
         self.thread.start()
         self.deadline = threading.Timer(self.lifetime, self.server.shutdown)
         self.deadline.daemon = True

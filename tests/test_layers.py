@@ -13,7 +13,8 @@ LAYERS = [
     ["config", "cot", "losses", "mcam", "morphology", "runlog"],  # settings and errors; CoT text and BM25;
                                                                   # the losses; fusion and MCAM; shape and
                                                                   # image descriptors; the training log
-    ["distributed", "model", "phantom"],    # one process or torchrun's N; the dual-decoder V-Net; the phantom
+    ["distributed", "llm", "model", "phantom"],  # one process or torchrun's N; the chat endpoint's client;
+                                                 # the dual-decoder V-Net; the phantom
     ["checkpoint", "data"],                 # checkpoints; LA-layout reading, augmentation, batches
     ["ablate", "bank", "extensions", "pool", "retrieve"],  # ablation variants and table; the reference bank;
                                                            # the extensions; the CoT knowledge pool; selection

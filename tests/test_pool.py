@@ -1,5 +1,5 @@
-"""pool.py: prompt templates, the descriptors writer,
-the LLM client against a loopback HTTP server, the cache, resuming a killed build, and the API key."""
+"""pool.py: prompt templates, the descriptors writer, the vision montage, the cache (damaged records, failed
+writes), resuming a killed build, and the API key (the LLM client itself: test_llm.py)."""
 import base64
 import io
 import json
@@ -14,7 +14,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import llm
 import pool
+from config import ConfigError, cli, get_config
 from cot import FIELDS, format_cot, parse_cot
 from llm_server import GOOD, LoopbackLLM
 from morphology import image_stats
@@ -27,7 +29,7 @@ CONTEXT = {"modality": "MRI", "anatomy": "heart", "target": "left atrium"}
 
 
 def client(server, **kw):
-    return pool.LLMClient(server.url, "test-model", **{"timeout": 0.2, "backoff": 0.01, "retries": 3, **kw})
+    return llm.LLMClient(server.url, "test-model", **{"timeout": 0.2, "backoff": 0.01, "retries": 3, **kw})
 
 
 def image_jobs(n, shape=(16, 16, 8)):
@@ -70,61 +72,13 @@ def test_descriptor_writer_follows_the_measurements():
     blurred, sharp = (parse_cot(pool.write_cot({**stats, **s}, "mask", **CONTEXT)) for s in (low, high))
     assert blurred["boundary"].startswith("Blurred") and sharp["boundary"].startswith("Sharp")
     assert "Markedly heterogeneous" in sharp["texture"] and "Homogeneous" in blurred["texture"]
-    assert blurred["summary"].endswith("difficulty is weak contrast with its surroundings and blurred margins.")
+    assert blurred["summary"].endswith("difficulty is weak contrast with its surroundings and blurred "
+                                       "margins.")
     other = pool.write_cot(stats, "image", "CT", "abdomen", "liver")
     assert "adjacent abdomen structures" in other and "pulmonary" not in other
 
 
 # ----------------------------------------------------------------------------- the llm back end
-
-def test_llm_ok_request_format():
-    with LoopbackLLM() as server:
-        text = client(server, api_key=KEY, temperature=0.3).ask("describe")
-    assert text == format_cot(parse_cot(GOOD))
-    (request,) = server.requests
-    assert request["path"] == "/v1/chat/completions"
-    assert request["headers"]["Authorization"] == f"Bearer {KEY}"
-    assert request["body"] == {"model": "test-model", "temperature": 0.3, "messages": [{"role": "user", "content": "describe"}]}
-
-
-@pytest.mark.parametrize("behaviour", ["500", "badjson", "slow", "missing"])
-def test_llm_retries_then_succeeds(behaviour):
-    with LoopbackLLM(script=[behaviour, behaviour], slow=0.6) as server:
-        assert client(server).ask("describe") == format_cot(parse_cot(GOOD))
-    assert len(server.requests) == 3
-
-
-def test_llm_honours_retry_after():
-    with LoopbackLLM(script=[("429", 0.4)]) as server:
-        start = time.monotonic()
-        client(server).ask("describe")
-        assert time.monotonic() - start >= 0.4
-    assert len(server.requests) == 2
-
-
-def test_llm_gives_up_after_bounded_retries():
-    with LoopbackLLM(script=["missing"] * 10) as server:
-        with pytest.raises(pool.LLMError, match="no valid CoT after 4 attempts.*Boundary"):
-            client(server, retries=3).ask("describe")
-    assert len(server.requests) == 4
-
-
-def test_llm_unreachable_server_is_retried_then_reported():
-    import socket
-    with socket.socket() as s:          # a loopback port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    lonely = pool.LLMClient(f"http://127.0.0.1:{port}/v1", "test-model", timeout=0.2, backoff=0.01, retries=2)
-    with pytest.raises(pool.LLMError, match="after 3 attempts; last: ConnectionError"):
-        lonely.ask("describe")
-
-
-def test_llm_client_error_fails_at_once():
-    with LoopbackLLM(script=[("error", 400, "model 'nope' not found")]) as server:
-        with pytest.raises(pool.LLMError, match="HTTP 400: model 'nope' not found"):
-            client(server).ask("describe")
-    assert len(server.requests) == 1
-
 
 def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
     import matplotlib.image
@@ -133,7 +87,8 @@ def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
         pool.Job("a", "image", image, mask)                  # the image-only path never receives a label
     jobs = [pool.Job("a", "mask", image, mask), pool.Job("a", "image", image)]
     with LoopbackLLM() as server:
-        pool.build_cots(jobs, pool.CotCache(tmp_path / "cache.jsonl"), "llm", CONTEXT, client(server), vision=True, progress=False)
+        pool.build_cots(jobs, pool.CotCache(tmp_path / "cache.jsonl"), "llm", CONTEXT, client(server),
+                        vision=True, progress=False)
     assert len(server.requests) == 2
     for request in server.requests:
         text, picture = request["body"]["messages"][0]["content"]
@@ -156,20 +111,23 @@ def test_cache_skips_a_torn_line_and_keys_by_prompt_and_model(tmp_path):
         again = pool.build_cots(jobs, pool.CotCache(path), "llm", CONTEXT, client(server), progress=False)
         assert (again.new, again.cached, len(server.requests)) == (0, 3, 3)           # a re-run asks nothing
         records = [json.loads(line) for line in path.read_text().splitlines()]
-        assert {tuple(sorted(r)) for r in records} == {("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
-        # a crash mid-write leaves a torn last line: skipped with a warning, the next record starts a fresh line
+        assert {tuple(sorted(r)) for r in records} == {
+            ("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
+        # a crash mid-write leaves a torn last line: skipped with a warning, the next record starts a new one
         with open(path, "a") as f:
             f.write(json.dumps(records[0])[:40])
-        with pytest.warns(UserWarning, match="cache.jsonl:4: skipping a damaged"):
+        with pytest.warns(UserWarning,
+                          match=r"cache.jsonl:4: skipping 1 damaged cache record\(s\) \(line 4;"):
             cache = pool.CotCache(path)
         assert len(cache.records) == 3
-        other_model = pool.LLMClient(server.url, "other-model", timeout=0.2)
+        other_model = llm.LLMClient(server.url, "other-model", timeout=0.2)
         assert pool.build_cots(jobs, cache, "llm", CONTEXT, other_model, progress=False).new == 3
         prompts = tmp_path / "prompts"
         prompts.mkdir()
         for kind, name in pool.TEMPLATES.items():
             (prompts / name).write_text(pool.load_template(kind) + "\nBe brief.")
-        changed = pool.build_cots(jobs, cache, "llm", CONTEXT, client(server), prompt_dir=prompts, progress=False)
+        changed = pool.build_cots(jobs, cache, "llm", CONTEXT, client(server), prompt_dir=prompts,
+                                  progress=False)
         assert changed.new == 3 and len(server.requests) == 9
     with pytest.warns(UserWarning, match=":4: skipping"):
         assert len(pool.CotCache(path).records) == 9                          # every later record intact
@@ -182,13 +140,85 @@ def test_cache_skips_a_torn_line_and_keys_by_prompt_and_model(tmp_path):
 def test_failed_case_is_reported_not_cached(tmp_path):
     path = tmp_path / "cache.jsonl"
     with LoopbackLLM(script=["missing"] * 4) as server:
-        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, retries=3), progress=False)
+        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, retries=3),
+                                progress=False)
         assert (texts.new, len(texts.failed)) == (2, 1)
         (case_id, kind), reason = next(iter(texts.failed.items()))
         assert kind == "image" and "Boundary" in reason
         assert case_id not in texts.image and len(path.read_text().splitlines()) == 2
-        retry = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server), progress=False)
+        retry = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server),
+                                progress=False)
         assert (retry.cached, retry.new, len(server.requests)) == (2, 1, 7)
+
+
+def test_records_of_the_wrong_shape_are_skipped_with_one_warning_and_asked_again(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    jobs = image_jobs(8)
+    pool.build_cots(jobs, pool.CotCache(path), "descriptors", CONTEXT, progress=False)
+    good = [json.loads(line) for line in path.read_text().splitlines()]
+    wrong = [{**good[0], "text": 42}, {k: v for k, v in good[1].items() if k != "content_hash"},
+             {**good[2], "kind": ["image"]}, {**good[3], "case_id": None}, {**good[4], "kind": "sketch"},
+             {**good[5], "text": ""}, [good[6]], good[7]["text"]]        # the last two are not even dicts
+    path.write_text("".join(json.dumps(r) + "\n" for r in wrong) + json.dumps(good[7]) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = pool.CotCache(path)
+    assert [str(w.message) for w in caught] == [
+        f"{path}:1: skipping 8 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or "
+        "an edit?); their texts are asked for again"]
+    again = pool.build_cots(jobs, cache, "descriptors", CONTEXT, progress=False)
+    assert (again.cached, again.new) == (1, 7) and again.image == {r["case_id"]: r["text"] for r in good}
+
+
+def test_a_huge_reply_is_refused_and_not_cached(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    script = [("huge", 2 * llm.MAX_REPLY), ("claims", 10 ** 12)]
+    with LoopbackLLM(script=script) as server:
+        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, timeout=5),
+                                progress=False)
+    assert (texts.new, len(texts.failed), len(server.requests)) == (1, 2, 3)
+    assert sorted(r.split(": ", 1)[1].split(";")[0] for r in texts.failed.values()) == [
+        f"the reply runs over the {llm.MAX_REPLY} bytes accepted",
+        f"the reply would be {10 ** 12} bytes (Content-Length), over the {llm.MAX_REPLY} accepted"]
+    assert len(pool.CotCache(path).records) == 1 and len(path.read_text().splitlines()) == 1
+
+
+def test_a_failed_cache_write_is_one_line_and_keeps_every_record(tmp_path):
+    """The file-size limit cuts the next record short: the partial line is removed, the error is one line."""
+    path = tmp_path / "cache.jsonl"
+    pool.build_cots(image_jobs(2), pool.CotCache(path), "descriptors", CONTEXT, progress=False)
+    before = path.read_bytes()
+    script = (f"import resource, signal, sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+              "import config, pool, test_pool\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 100}, {len(before) + 100}))\n"
+              f"build = lambda argv: pool.build_cots(test_pool.image_jobs(4), pool.CotCache({str(path)!r}), "
+              "'descriptors', test_pool.CONTEXT, progress=False)\n"
+              "sys.exit(config.cli(build))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (f"error: {path}: cannot add a CoT text to the cache (File too large); the 2 texts "
+                           "cached so far are kept; re-run\n")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["cache.jsonl"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                   # no damaged line left behind
+        assert len(pool.CotCache(path).records) == 2
+
+
+def test_check_cache_writable_refuses_before_any_data_are_read(tmp_path):
+    fine = cfg_for(tmp_path / "not" / "yet")                          # created by the build
+    assert pool.check_cache_writable(fine) == tmp_path / "not" / "yet" / "cot_cache.jsonl"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "cot_cache.jsonl").mkdir()                  # a folder where the file goes
+    (tmp_path / "file").write_text("")
+    for root, cause in [(tmp_path / "taken", "Is a directory"),
+                        (tmp_path / "file" / "LA", "Not a directory")]:
+        with pytest.raises(pool.CacheError) as failure:
+            pool.check_cache_writable(cfg_for(root))
+        assert str(failure.value) == (f"{root / 'cot_cache.jsonl'}: the CoT cache cannot be written "
+                                      f"({cause}); make its folder writable or set --data_root")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cot_cache.jsonl", "file", "taken"]
 
 
 def settled(server, quiet=0.5):
@@ -204,9 +234,10 @@ def settled(server, quiet=0.5):
 def test_killed_build_resumes_without_asking_again(tmp_path):
     path = tmp_path / "cache.jsonl"
     script = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-              "import pool, test_pool\n"
-              f"client = pool.LLMClient(sys.argv[1], 'test-model', timeout=5)\n"
-              f"pool.build_cots(test_pool.image_jobs(12), pool.CotCache({str(path)!r}), 'llm', test_pool.CONTEXT, client, progress=False)\n")
+              "import llm, pool, test_pool\n"
+              f"client = llm.LLMClient(sys.argv[1], 'test-model', timeout=5)\n"
+              f"pool.build_cots(test_pool.image_jobs(12), pool.CotCache({str(path)!r}), 'llm', "
+              "test_pool.CONTEXT, client, progress=False)\n")
     with LoopbackLLM(latency=0.15) as server:
         child = subprocess.Popen([sys.executable, "-c", script, server.url], cwd=ROOT)
         try:
@@ -221,17 +252,18 @@ def test_killed_build_resumes_without_asking_again(tmp_path):
         done = len(pool.CotCache(path).records)
         asked_before = settled(server)                                   # the dead child's last request in
         assert 3 <= done < 12 and asked_before <= done + 1                # one worker: one was in flight
-        texts = pool.build_cots(image_jobs(12), pool.CotCache(path), "llm", CONTEXT, client(server, timeout=5),
-                                workers=4, progress=False)                # no timeout retry under load
+        texts = pool.build_cots(image_jobs(12), pool.CotCache(path), "llm", CONTEXT,
+                                client(server, timeout=5), workers=4, progress=False)  # no retry under load
         assert (texts.cached, texts.new) == (done, 12 - done)
         assert len(server.requests) - asked_before == 12 - done           # finished cases are not asked again
 
 
 def cfg_for(tmp_path, **kw):
     return SimpleNamespace(**{
-        "data_root": str(tmp_path), "cot_backend": "auto", "llm_url": "", "llm_model": "", "llm_api_key_env": "CERS_TEST_KEY",
-        "llm_temperature": 0.2, "llm_timeout": 0.5, "llm_workers": 2, "llm_retries": 1, "llm_vision": False,
-        "modality": "late gadolinium-enhanced cardiac MRI", "anatomy": "heart", "target": "left atrium", **kw})
+        "data_root": str(tmp_path), "cot_backend": "auto", "llm_url": "", "llm_model": "",
+        "llm_api_key_env": "CERS_TEST_KEY", "llm_temperature": 0.2, "llm_timeout": 0.5, "llm_workers": 2,
+        "llm_retries": 1, "llm_vision": False, "modality": "late gadolinium-enhanced cardiac MRI",
+        "anatomy": "heart", "target": "left atrium", **kw})
 
 
 class Untouchable:
@@ -255,8 +287,8 @@ def test_build_pool_offline_uses_only_labeled_masks(tmp_path, capsys):
     assert out.count("offline descriptors back end") == 1 and "0 cached, 7 new, 0 failed" in out
     again = pool.build_pool(cfg_for(tmp_path), split, volumes, progress=False)
     assert (again.cached, again.new) == (7, 0) and again.image == texts.image
-    with pytest.raises(ValueError, match="needs llm_url and llm_model"):
-        pool.build_pool(cfg_for(tmp_path, cot_backend="llm"), split, volumes)
+    with pytest.raises(ConfigError, match="needs llm_url and llm_model"):       # refused by the config
+        get_config("PHANTOM_8", ["--cot_backend=llm"])
 
 
 def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
@@ -268,14 +300,14 @@ def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
         cfg = cfg_for(tmp_path, llm_url=server.url, llm_model="test-model", llm_workers=1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with pytest.raises(pool.LLMError) as failure:
+            with pytest.raises(llm.LLMError) as failure:
                 pool.build_pool(cfg, split, volumes, progress=False)
-            texts = pool.build_pool(cfg, split, volumes, progress=False)   # the failed case only is asked again
+            texts = pool.build_pool(cfg, split, volumes, progress=False)   # only the failed case is re-asked
         assert len(server.requests) == 4 and texts.cached == 2
     assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
     assert "401" in str(failure.value) and "***" in str(failure.value)
     out, err = capfd.readouterr()
-    seen = [out, err, str(failure.value), repr(failure.value), repr(pool.LLMClient("u", "m", KEY))]
+    seen = [out, err, str(failure.value), repr(failure.value), repr(llm.LLMClient("u", "m", KEY))]
     seen += [str(w.message) for w in caught]
     seen += [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
     assert len(seen) > 5 and not any(KEY in s for s in seen)
@@ -284,7 +316,8 @@ def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
 def test_cli_builds_then_shows_a_phantom_pool(tmp_path, capsys):
     pytest.importorskip("train")
     pytest.importorskip("phantom")
-    args = ["--exp", "PHANTOM_8", f"--data_root={tmp_path}", "--phantom_cases=10,3", "--phantom_shape=32,32,32"]
+    args = ["--exp", "PHANTOM_8", f"--data_root={tmp_path}", "--phantom_cases=10,3",
+            "--phantom_shape=32,32,32"]
     pool.main(args + ["--workers=2"])
     assert "0 cached, 21 new, 0 failed (descriptors" in capsys.readouterr().out      # 8 mask + 13 image CoTs
     pool.main(args)
