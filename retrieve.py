@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import data
+import files
 import pool
 from bank import ReferenceBank, crop, grid_boxes
 from checkpoint import CheckpointError, load_checkpoint
@@ -297,8 +298,8 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    files.make_folder(Path(path).parent)
+    files.save_figure(fig, path, dpi=100)
     return path
 
 

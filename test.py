@@ -17,6 +17,7 @@ draws a run's training log (train.py calls it at the end).
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -28,6 +29,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import data
+import files
 import retrieve
 from bank import ReferenceBank, crop
 from checkpoint import CheckpointError, load_checkpoint
@@ -206,9 +208,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     reported metrics, comparable with the protocol's)."""
     device = torch.device(device) if device else resolve_device(Config())
     model, cfg, ckpt = load_checkpoint(ckpt_path, device)
+    out = files.check_writable(out_dir or Path(cfg.out_dir) / "test")      # before the data are read
     bank, image_cots = load_references(cfg, ckpt, device)
-    out = Path(out_dir or Path(cfg.out_dir) / "test")
-    out.mkdir(parents=True, exist_ok=True)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     bf16, channels_last = fast_paths(cfg, device)
     if channels_last:
@@ -237,16 +238,17 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         if len(shown) < 4:
             shown.append((case_id, image, gt, prob[:2]))
 
-    with open(out / "per_case.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(out / "per_case.csv", table.getvalue())
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                for k in rows[0] if k != "case"}
     summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows), scored=split.scored,
                    seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
                    config=dataclasses.asdict(cfg))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    files.write_text(out / "summary.json", json.dumps(summary, indent=1))
     print_table(rows, summary, cfg, ckpt["iter"], lcc, split.scored)
     figures = [plot_cases(shown, out / "predictions.png")]
     if bank is not None:                                # why the first test case's first window got its references
@@ -307,7 +309,7 @@ def plot_cases(cases, png):
         ax.axis("off")
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    files.save_figure(fig, png, dpi=100)
     plt.close(fig)
     return png
 
@@ -333,7 +335,7 @@ def plot_curves(log_path, png):
     for ax in axes:
         ax.set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    files.save_figure(fig, png, dpi=100)
     plt.close(fig)
 
 

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import files
 import pool
 import test
 from bank import ReferenceBank
-from checkpoint import (CheckpointError, check_run_folder, rng_state, save_checkpoint, seed_everything,
-                        set_rng_state)
+from checkpoint import (CheckpointError, check_run_folder, holds_run_folder, rng_state, save_checkpoint,
+                        seed_everything, set_rng_state)
 from config import EXPERIMENTS, CersError, Config, ConfigError, cli, fast_paths, get_config, precision
 from distributed import World, average_buffers, check_consistent, gather, init_world, main_first, main_process
 from model import build_model
@@ -311,12 +312,13 @@ def check_finite(values, done, saved, ckpt_path):
 
 # ----------------------------------------------------------------------------- the loop
 
+@holds_run_folder
 def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     """Train one experiment; returns the path of the last checkpoint.
 
     stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run).
     force: replace a run with another config in cfg.out_dir. Everything is checked (config, checkpoint, data,
-    test files) before the run folder is written. Under torchrun every rank trains on its own batches; rank 0
+    test files) before the run's files are written. Under torchrun every rank trains on its own batches; rank 0
     alone prints, logs and checkpoints."""
     world, device = init_world(cfg)
     out = Path(cfg.out_dir)
@@ -349,13 +351,12 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
         start = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     columns = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "seconds"]
-    if world.main:                                     # the run folder is written only now, after every check
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if world.main:                                     # the run's files are written only now, after every check
+        files.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         if force and not resume:
             ckpt_path.unlink(missing_ok=True)          # the replaced run's checkpoint would not match config.json
         if not (resume and log_path.exists()):
-            log_path.write_text(",".join(columns) + "\n")
+            files.write_text(log_path, ",".join(columns) + "\n")
     saved = start if resume else None                  # the iteration of the last checkpoint written
 
     run.student.train()
@@ -380,7 +381,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
                 delta = reference_delta(run, image, ids, it)
             row = [done, lr_at(it, cfg), loss, sup, sup_a, cons, consistency_weight(it, cfg), delta, time.time() - t0]
             if world.main:
-                with open(log_path, "a", newline="") as f:
+                with files.appending(log_path) as f:
                     csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
             bar.set_postfix(loss=f"{loss:.3f}", sup=f"{sup:.3f}", cons=f"{cons:.4f}", lr=f"{row[1]:.4f}")
         if values is not None:
@@ -440,11 +441,11 @@ def run_ablation(cfg, names, seeds, force=False):
         if main_process():                             # under torchrun, rank 0 tests
             summary = test.evaluate(ckpt)
             summary["run_seconds"] = time.time() - t
-            Path(variant.out_dir, "test", "summary.json").write_text(json.dumps(summary, indent=1))
+            files.write_text(Path(variant.out_dir, "test", "summary.json"), json.dumps(summary, indent=1))
     if main_process():
         table = ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
         print("\n" + table)
-        Path(cfg.out_dir, "ablation", "table.md").write_text(table + "\n")
+        files.write_text(Path(cfg.out_dir, "ablation", "table.md"), table + "\n")
 
 
 def ablation_table(folder, title):
