@@ -166,9 +166,10 @@ def check_not_replacing(cfg, out):
 
 
 def holds_run_folder(train):
-    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock while it trains (created, and so checked
-    writable, before anything is read), so a second run on the folder is refused naming the first one's PID;
-    a run stopped by Ctrl-C or SIGTERM ends saying where its last checkpoint is (config.Stop)."""
+    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock while it trains (created, and so the
+    folder checked writable, before anything is read), so a second run on the folder is refused naming the
+    first one's PID; a run stopped by Ctrl-C or SIGTERM ends saying where its last checkpoint is
+    (config.Stop)."""
     @functools.wraps(train)
     def locked(cfg, *args, **kwargs):
         if not main_process():
@@ -189,6 +190,7 @@ def last_checkpoint(path):
     if not path.exists():
         return f"no checkpoint was written (none at {path})"
     try:
-        return f"the last checkpoint is {path} (iteration {read_checkpoint(path)['iter']}); continue with --resume"
+        done = read_checkpoint(path)["iter"]
+        return f"the last checkpoint is {path} (iteration {done}); continue with --resume"
     except CheckpointError as e:
         return str(e)

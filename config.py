@@ -117,9 +117,9 @@ class ConfigError(CersError, ValueError):
 
 
 class Stop(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) or SIGTERM, raised in the main thread wherever it was, so every `finally` runs and no temp
-    file stays; the message says what was kept. cli ends with it on one line and exit status 128 + the signal
-    (130, 143)."""
+    """Ctrl-C (SIGINT) or SIGTERM, raised in the main thread wherever it was, so every `finally` runs and no
+    temp file stays; the message says what was kept. cli ends with it on one line and exit status 128 + the
+    signal (130, 143)."""
 
     def __init__(self, signum=signal.SIGINT, message=""):
         super().__init__(message)

@@ -193,7 +193,7 @@ def cached_downsample(path, factor, cache_dir):
         return hit
     image, label = downsample(*read_case(path), factor)
     files.make_folder(cache_dir)
-    with files.replacing(file) as tmp, open(tmp, "wb") as f:      # a file object: savez would add .npz to a name
+    with files.replacing(file) as tmp, open(tmp, "wb") as f:      # a file: savez would add .npz to a name
         np.savez(f, image=image, label=label, source=digest, factor=factor)
     return image, label
 

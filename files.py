@@ -15,6 +15,7 @@ those of a process that was killed (kill -9, a power cut) are recognised and rem
 import contextlib
 import errno
 import fcntl
+import itertools
 import os
 import re
 import secrets
@@ -27,7 +28,8 @@ from config import CersError
 CAUSES = {  # errno: the cause in words, with what to do
     errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
     errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
-    errno.EFBIG: "file too large for a file-size limit (ulimit -f) or the file system; raise it or write elsewhere",
+    errno.EFBIG: "file too large for a file-size limit (ulimit -f) or the file system; raise it or write "
+                 "elsewhere",
     errno.EACCES: "permission denied; write elsewhere or make the folder writable",
     errno.EPERM: "operation not permitted; write elsewhere or make the folder writable",
     errno.EROFS: "the file system is read-only; write elsewhere",
@@ -100,7 +102,7 @@ def save_figure(fig, path, **kwargs):
 @contextlib.contextmanager
 def appending(path):
     """The text file at `path` opened for appending (a log); OS errors become a WriteError naming it."""
-    with writing(path), open(path, "a", newline="") as f:
+    with writing(path), open(path, "a", newline="", encoding="utf-8") as f:
         yield f
 
 
@@ -122,7 +124,7 @@ def alive(pid):
 
 
 def remove_stale_temps(folder):
-    """Remove the temp files and folders (temp_path names) that processes no longer running left in `folder`."""
+    """Remove the temp files and folders (temp_path names) left in `folder` by processes no longer running."""
     for p in Path(folder).glob(".*.tmp"):
         m = TEMP.fullmatch(p.name)
         if m and int(m[1]) != os.getpid() and not alive(int(m[1])):
@@ -151,17 +153,17 @@ def check_writable(folder):
 class Lock:
     """An exclusive lock (fcntl.flock) on the file `path`, which holds the PID of the process holding it.
 
-    The kernel drops the lock when its process ends, however it ends, so the file of a killed process is simply
-    taken over. `busy`: the refusal when another process holds the lock, formatted with {pid} (a WriteError);
-    None waits for the lock instead. The lock file is removed on release, and so is its folder when this lock
-    created it and it is still empty (a refused run leaves no trace)."""
+    The kernel drops the lock when its process ends, however it ends, so the file of a killed process is
+    simply taken over. `busy`: the refusal when another process holds the lock, formatted with {pid} (a
+    WriteError); None waits for the lock instead. The lock file is removed on release, and so are the folders
+    made for it that are still empty (a refused or stopped run leaves no trace)."""
 
     def __init__(self, path, busy=None):
         self.path, self.busy, self.fd = Path(path), busy, None
 
     def __enter__(self):
         folder = self.path.parent
-        self.created = not folder.exists()
+        self.made = list(itertools.takewhile(lambda p: not p.exists(), [folder, *folder.parents]))
         make_folder(folder)
         with writing(self.path):
             while True:
@@ -197,11 +199,13 @@ class Lock:
 
     def __exit__(self, *exc):
         with contextlib.suppress(OSError):
-            self.path.unlink()                         # while still locked: a waiting process sees the new file
+            self.path.unlink()                         # while locked: a waiting process then sees a new file
         os.close(self.fd)
-        if self.created:
-            with contextlib.suppress(OSError):
-                self.path.parent.rmdir()               # only when empty
+        for folder in self.made:                       # the folders made for the lock, while they are empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def holder_pid(fd):

@@ -312,7 +312,7 @@ def phantom_lock(root):
 
 
 def written_params(root):
-    """The parameters the phantom at `root` was written with, or None (missing or damaged: write it afresh)."""
+    """The parameters the phantom at `root` was written with, or None (missing or damaged: write it anew)."""
     try:
         return json.loads((root / PARAMS_FILE).read_text())["params"]
     except (OSError, ValueError, KeyError, TypeError):

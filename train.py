@@ -318,7 +318,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
 
     stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run).
     force: replace a run with another config in cfg.out_dir. Everything is checked (config, checkpoint, data,
-    test files) before the run's files are written. Under torchrun every rank trains on its own batches; rank 0
+    test files) before its files are written. Under torchrun every rank trains on its own batches; rank 0
     alone prints, logs and checkpoints."""
     world, device = init_world(cfg)
     out = Path(cfg.out_dir)
@@ -351,7 +351,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
         start = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     columns = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "seconds"]
-    if world.main:                                     # the run's files are written only now, after every check
+    if world.main:                                     # the run's files are written now, after every check
         files.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         if force and not resume:
             ckpt_path.unlink(missing_ok=True)          # the replaced run's checkpoint would not match config.json

@@ -64,10 +64,10 @@ def tiny_la(tmp_path):
 
 
 def spawn(args, cwd, file_limit=None):
-    """A child Python running args (a script of the project and its arguments, or "-c" and code) in cwd, with one
-    thread and the project importable; its stdout and stderr go to cwd/stdout.txt and cwd/stderr.txt (read them
-    with finish). file_limit: the most bytes it may write into one file (RLIMIT_FSIZE, with SIGXFSZ ignored so
-    the write fails with EFBIG, as on a full disk)."""
+    """A child Python running args (a script of the project and its arguments, or "-c" and code) in cwd, with
+    one thread and the project importable; its stdout and stderr go to cwd/stdout.txt and cwd/stderr.txt (read
+    them with finish). file_limit: the most bytes it may write into one file (RLIMIT_FSIZE, with SIGXFSZ
+    ignored so the write fails with EFBIG, as on a full disk)."""
     import resource
     import signal
     import subprocess
@@ -93,7 +93,7 @@ def wait_for(child, cwd, ready, timeout=120):
 
 
 def finish(child, cwd, timeout=120):
-    """The child's exit status and the last line of its stderr, checked to come alone: no traceback before it."""
+    """The child's exit status and the last line of its stderr, with no traceback before it."""
     status = child.wait(timeout)
     err = Path(cwd, "stderr.txt").read_text()
     assert "Traceback" not in err, err[-3000:]

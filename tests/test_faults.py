@@ -1,5 +1,5 @@
-"""Faults of the file system and the process: a full disk (a file-size limit in a child process) while saving a
-checkpoint or writing the phantom, a second run on a folder, a folder that cannot be written, a generation
+"""Faults of the file system and the process: a full disk (a file-size limit in a child process) while saving
+a checkpoint or writing the phantom, a second run on a folder, a folder that cannot be written, a generation
 killed half way, Ctrl-C and SIGTERM. Each ends in one line naming the file or the cause, with an exit status
 that says what happened, no temp file left, and the previous files intact."""
 import os
@@ -18,7 +18,7 @@ from conftest import ROOT, finish, spawn, wait_for, write_la
 from test_bad_input import snapshot
 from test_train import tiny_cfg, tiny_overrides
 
-SMALL = ["--n-train", "2", "--n-test", "1", "--shape", "24", "24", "16"]   # phantom.py: 3 cases of 24 x 24 x 16
+SMALL = ["--n-train", "2", "--n-test", "1", "--shape", "24", "24", "16"]   # phantom.py: 3 cases, 24 x 24 x 16
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,8 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(stopped, tmp_p
     status, line = finish(child, tmp_path)
     assert status == 2
     assert line.startswith(f"error: {out / 'ckpt_last.pt'}: cannot write it: file too large"), line
-    assert (out / "ckpt_last.pt").read_bytes() == before and read_checkpoint(out / "ckpt_last.pt")["iter"] == 2
+    assert (out / "ckpt_last.pt").read_bytes() == before
+    assert read_checkpoint(out / "ckpt_last.pt")["iter"] == 2
     assert temps(out) == []
 
 
@@ -68,9 +69,9 @@ def test_a_second_run_on_a_folder_is_refused_naming_the_first(tmp_path):
                       tmp_path)
         status, line = finish(child, tmp_path)
     assert status == 2
-    assert line == (f"error: {out}: another run (PID {os.getpid()}) is training in this folder; wait for it to "
-                    "end, or train elsewhere with --out_dir=...")
-    assert not data.exists() and not out.exists()                       # refused before the phantom is written
+    assert line == (f"error: {out}: another run (PID {os.getpid()}) is training in this folder; wait for it "
+                    "to end, or train elsewhere with --out_dir=...")
+    assert not data.exists() and not out.exists()                   # refused before the phantom is written
 
 
 @pytest.mark.parametrize("which", ["out_dir", "cache_dir"])
@@ -82,11 +83,12 @@ def test_a_folder_under_a_file_is_refused_before_the_data(tmp_path, capsys, whic
             "--downsample=2", *[f"--{k}={v}" for k, v in folders.items()]]
     assert cli(train.main, argv) == 2
     err = capsys.readouterr().err
-    assert f"error: {folders[which]}: cannot write it: {tmp_path / 'notes'} is a file, not a folder" in err, err
-    assert not data.exists() and not (tmp_path / "run").exists()       # the phantom was neither written nor read
+    assert f"error: {folders[which]}: cannot write it: {tmp_path / 'notes'} is a file, not a folder" in err
+    assert not data.exists() and not (tmp_path / "run").exists()   # the phantom was neither written nor read
 
 
-def test_test_py_refuses_an_output_folder_under_a_file_before_the_data(stopped, tmp_path, capsys, monkeypatch):
+def test_test_py_refuses_an_output_folder_under_a_file_before_the_data(stopped, tmp_path, capsys,
+                                                                        monkeypatch):
     _, run = stopped
     (tmp_path / "notes").write_text("a file")
     monkeypatch.setattr(T.data, "load_split", lambda *a: pytest.fail("the data were read"))
@@ -141,6 +143,6 @@ def test_ctrl_c_and_sigterm_stop_training_saying_where_the_checkpoint_is(stopped
     status, line = finish(child, tmp_path, timeout=60)
     assert status == 128 + sig
     saved = read_checkpoint(out / "ckpt_last.pt")["iter"]
-    assert line == (f"stopped by {sig.name}: the last checkpoint is {out / 'ckpt_last.pt'} (iteration {saved}); "
-                    "continue with --resume")
+    assert line == (f"stopped by {sig.name}: the last checkpoint is {out / 'ckpt_last.pt'} (iteration "
+                    f"{saved}); continue with --resume")
     assert saved >= 2 and temps(out) == []
