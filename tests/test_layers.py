@@ -11,6 +11,7 @@ from conftest import ROOT
 # bottom to top; files in one layer do not import each other
 LAYERS = [
     ["config"],                          # settings, experiments, overrides, the LA layout names
+    ["files"],                           # every write: atomic, OS errors in words, the folder lock
     ["distributed"],                     # one process or torchrun's N
     ["phantom"],                         # writes the synthetic LA-layout dataset
     ["data"],                            # reads LA-layout data, augmentation, batches
