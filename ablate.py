@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+import files
+
 from checkpoint import check_run_folder
 from config import ConfigError
 from distributed import World, main_process
@@ -58,11 +60,11 @@ def run_ablation(cfg, names, seeds, train_and_test, force=False):
         summary = train_and_test(variant, force)
         if summary is not None:
             summary["run_seconds"] = time.time() - t
-            Path(variant.out_dir, "test", "summary.json").write_text(json.dumps(summary, indent=1))
+            files.write_text(Path(variant.out_dir, "test", "summary.json"), json.dumps(summary, indent=1))
     if main_process():
         table = ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
         print("\n" + table)
-        Path(cfg.out_dir, "ablation", "table.md").write_text(table + "\n")
+        files.write_text(Path(cfg.out_dir, "ablation", "table.md"), table + "\n")
 
 
 def ablation_table(folder, title):

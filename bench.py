@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import data
+import files
 import phantom
 import retrieve
 import test
@@ -231,9 +232,8 @@ def main(argv=None):
              f"plain {plain['step_s'] * cfg.max_iters / 60:.1f} min (steps only: no data loading, pool, "
              "tests)"]
     print("\n".join(lines))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(
+    out = files.make_folder(cfg.out_dir)
+    files.write_text(out / "bench.json", json.dumps(
         {"device": str(device), "source": source, "steps": args.steps, "warmup": args.warmup, "bf16": bf16,
          "channels_last": channels_last,
          "compile": cfg.compile, "plain": plain, "cers": cers, "ratio": cers["step_s"] / plain["step_s"],

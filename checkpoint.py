@@ -9,8 +9,12 @@ the student back with load_checkpoint, which builds the network from the saved c
 differ, and only the keys in RESUMABLE (how long, how often to log and save, where and how fast to run,
 how to test, how to reach the LLM) may change. check_run_folder runs before a run reads or writes anything:
 it opens the checkpoint --resume continues, or refuses to replace a run with another config without --force.
+holds_run_folder keeps a second run out of a folder that one is training in, and makes a run stopped by Ctrl-C
+or SIGTERM say where its last checkpoint is.
 """
 import dataclasses
+import functools
+import io
 import json
 import random
 from pathlib import Path
@@ -18,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config, CersError, ConfigError, show
+import files
+from config import Config, CersError, ConfigError, Stop, show
+from distributed import main_process
 from model import build_model
 
 # keys that may differ between a checkpoint and the run that resumes it: none changes the network, the data,
@@ -32,11 +38,12 @@ class CheckpointError(CersError):
 
 
 def save_checkpoint(path, **state):
-    """Write atomically (temp file + rename) so an interrupted save never corrupts the last checkpoint."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    """Write atomically (files.write_bytes: a temp file of this process, then a rename) so an interrupted or
+    failed save never damages the last checkpoint. Serialised in memory first: torch.save writing a file
+    itself reports a full disk without its cause."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    files.write_bytes(path, buffer.getbuffer())
 
 
 def read_checkpoint(path, map_location="cpu"):
@@ -156,3 +163,34 @@ def check_not_replacing(cfg, out):
         listed = ", ".join(f"{k}={show(a)} there, {show(b)} here" for k, a, b in changes[:4])
         raise ConfigError(f"{out} holds a run with another config ({listed}"
                           f"{', ...' if len(changes) > 4 else ''}; from {what.name}); {advice}")
+
+
+def holds_run_folder(train):
+    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock while it trains (created, and so the
+    folder checked writable, before anything is read), so a second run on the folder is refused naming the
+    first one's PID; a run stopped by Ctrl-C or SIGTERM ends saying where its last checkpoint is
+    (config.Stop)."""
+    @functools.wraps(train)
+    def locked(cfg, *args, **kwargs):
+        if not main_process():
+            return train(cfg, *args, **kwargs)
+        out = Path(cfg.out_dir)
+        busy = (f"{out}: another run (PID {{pid}}) is training in this folder; wait for it to end, or train "
+                "elsewhere with --out_dir=...")
+        with files.Lock(out / "run.lock", busy):
+            try:
+                return train(cfg, *args, **kwargs)
+            except Stop as e:
+                raise Stop(e.signum, last_checkpoint(out / "ckpt_last.pt")) from None
+    return locked
+
+
+def last_checkpoint(path):
+    """Where a stopped run can be continued from, in words."""
+    if not path.exists():
+        return f"no checkpoint was written (none at {path})"
+    try:
+        done = read_checkpoint(path)["iter"]
+        return f"the last checkpoint is {path} (iteration {done}); continue with --resume"
+    except CheckpointError as e:
+        return str(e)

@@ -16,6 +16,7 @@ own even when a progress bar was open.
 import difflib
 import math
 import re
+import signal
 import sys
 import typing
 from dataclasses import dataclass
@@ -120,16 +121,40 @@ class ConfigError(CersError, ValueError):
     """A config value, command-line flag or device that cannot work."""
 
 
+class Stop(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM, raised in the main thread wherever it was, so every `finally` runs and no
+    temp file stays; the message says what was kept. cli ends with it on one line and exit status 128 + the
+    signal (130, 143)."""
+
+    def __init__(self, signum=signal.SIGINT, message=""):
+        super().__init__(message)
+        self.signum = signal.Signals(signum)
+
+
+def stop(signum, frame):
+    raise Stop(signum)
+
+
 def cli(main, argv=None):
-    """Run an entry point's main(argv) as a command: a CersError becomes one line on stderr and exit status 2;
-    any other exception is a bug and keeps its traceback."""
+    """Run an entry point's main(argv) as a command: a CersError becomes one line on stderr and exit status 2,
+    Ctrl-C or SIGTERM one line and 130 or 143; any other exception is a bug and keeps its traceback. The line
+    is printed once the failed call's frames are gone, so a progress bar they close comes before it."""
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    line, status = None, 0
     try:
         main(argv)
     except CersError as e:
+        line, status = "error: " + str(e), 2
+    except KeyboardInterrupt as e:                     # a Stop, or Ctrl-C before the handler was set
+        signum = getattr(e, "signum", signal.SIGINT)
+        line, status = f"stopped by {signum.name}" + (f": {e}" if str(e) else ""), 128 + signum
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if line:
         close_progress_bars()
-        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
-        return 2
-    return 0
+        print(" ".join(line.splitlines()), file=sys.stderr)
+    return status
 
 
 def close_progress_bars():

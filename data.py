@@ -15,9 +15,7 @@ with each other (mix_unlabeled) or with the labeled ones (mix_with_labeled), and
 their appearance changed (strong_view) while the teacher sees them as they are.
 """
 import hashlib
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import files
 import phantom
 from config import CASE_DIR, CASE_FILE, CersError
 from distributed import World, main_first
@@ -201,14 +200,9 @@ def cached_downsample(path, factor, cache_dir):
     if hit is not None:
         return hit
     image, label = downsample(*read_case(path), factor)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{file.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, image=image, label=label, source=digest, factor=factor)
-        os.replace(tmp, file)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    files.make_folder(cache_dir)
+    with files.replacing(file) as tmp, open(tmp, "wb") as f:      # a file: savez would add .npz to a name
+        np.savez(f, image=image, label=label, source=digest, factor=factor)
     return image, label
 
 
@@ -253,7 +247,10 @@ def ensure_phantom(cfg, world=World()):
 
 def prepare_data(cfg, world=World()):
     """The split and the in-memory volumes (the phantom is written first when the config asks for it).
-    With references on, the test cases are read too: the knowledge pool describes every image."""
+    With references on, the test cases are read too: the knowledge pool describes every image. A volume cache
+    to be filled is checked writable before the first file is read."""
+    if cfg.downsample > 1 and cfg.cache_dir:
+        files.check_writable(cfg.cache_dir)
     ensure_phantom(cfg, world)
     split = load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])

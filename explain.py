@@ -74,13 +74,14 @@ def main(argv=None):
     if not (args.explain or args.filter_report):
         parser.error("give --explain ID or --filter-report")
     cfg = get_config(args.exp, overrides)
+    pool.check_cache_writable(cfg)                     # before any data are read
     data.ensure_phantom(cfg)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     if args.explain and args.explain not in split.labeled + split.unlabeled + split.test:
         raise ConfigError(f"--explain: case {args.explain!r} is in neither train.list nor test.list of "
                           f"{cfg.data_root}")
     volumes = data.load_volumes(cfg.data_root, split.labeled + split.unlabeled + split.test,
-                                factor=cfg.downsample)
+                                factor=cfg.downsample, cache_dir=cfg.cache_dir)
     texts = pool.build_pool(cfg, split, volumes)
     bank = ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
     if args.filter_report:

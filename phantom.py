@@ -23,8 +23,8 @@ from case to case as between scanners and sessions (version 4 widened these rang
 Every case draws from its own generator seeded by (seed, index), so a seed gives byte-identical files.
 """
 import argparse
+import io
 import json
-import os
 import shutil
 import sys
 import time
@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
+import files
 from config import CASE_DIR, CASE_FILE, EXPERIMENTS, CersError, ConfigError, cli
 
 PARAMS_FILE = "phantom.json"
@@ -260,6 +261,15 @@ def numbered_case(seed, i, shape):
     return ("".join(rng.choice(list(ID_CHARS), 20)), *make_case(rng, shape))
 
 
+def case_bytes(image, label):
+    """A case file's bytes, built in memory: h5py writing a file itself reports a full disk only as noise."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.create_dataset("image", data=image)
+        f.create_dataset("label", data=label, compression="gzip")
+    return buffer.getvalue()
+
+
 def write_cases(folder, params):
     """Write every case, train.list and test.list into `folder`; returns the mean summary figures."""
     ids, stats = [], []
@@ -267,15 +277,13 @@ def write_cases(folder, params):
         case_id, image, label, parts = numbered_case(params["seed"], i, params["shape"])
         ids.append(case_id)
         path = folder / CASE_DIR / case_id / CASE_FILE
-        path.parent.mkdir(parents=True)
-        with h5py.File(path, "w") as f:
-            f.create_dataset("image", data=image)
-            f.create_dataset("label", data=label, compression="gzip")
+        files.make_folder(path.parent)
+        files.write_bytes(path, case_bytes(image, label))
         rest = ~(parts["atrium"] | parts["other"] | parts["wall"])
         stats.append([label.mean()] + [image[m].mean() if m.any() else np.nan
                                        for m in (parts["target"], parts["other"], parts["wall"], rest)])
-    (folder / "train.list").write_text("".join(f"{i}\n" for i in ids[:params["n_train"]]))
-    (folder / "test.list").write_text("".join(f"{i}\n" for i in ids[params["n_train"]:]))
+    files.write_text(folder / "train.list", "".join(f"{i}\n" for i in ids[:params["n_train"]]))
+    files.write_text(folder / "test.list", "".join(f"{i}\n" for i in ids[params["n_train"]:]))
     names = ["foreground_fraction", "target", "other_blood", "wall", "rest"]  # mean z-scored intensities
     return dict(zip(names, np.round(np.nanmean(stats, axis=0), 4).tolist()))
 
@@ -285,35 +293,53 @@ def write_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
 
     An earlier phantom there is replaced with everything in its folder (a CoT cache made for the
     old cases included: it would be stale); any other non-empty folder is left alone with an error.
-    The cases are built in a sibling temp folder that is renamed into place, so an interrupted
-    write never leaves a half dataset that looks complete."""
+    The cases are built in a temp folder beside `root` that is renamed into place, so an interrupted
+    write never leaves a half dataset that looks complete. It runs under a lock beside `root`: another
+    process writing the same phantom waits, and the temp folder of a write that was killed is removed."""
     root, params = Path(root), phantom_params(n_train, n_test, shape, seed)
-    if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).exists():
-        raise NotAPhantom(f"{root}: not empty and not a phantom dataset; refusing to replace it "
-                          "(give an empty or new folder, or --phantom=false to use the data there)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (root.with_name(f".{root.name}.{what}-{os.getpid()}") for what in ("partial", "old"))
-    try:
-        summary = {**write_cases(tmp, params), "threshold_dice": round(threshold_dice(tmp)["dice"], 4)}
-        (tmp / PARAMS_FILE).write_text(json.dumps({"params": params, "summary": summary}, indent=1))
-        if root.exists():
-            root.rename(old)
-        tmp.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return root
+    with phantom_lock(root):
+        return replace_phantom(root, params)
 
 
 def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
     """The phantom at `root`, written only when missing or written with other parameters."""
+    root, params = Path(root), phantom_params(n_train, n_test, shape, seed)
+    if written_params(root) != params:
+        with phantom_lock(root):
+            if written_params(root) != params:         # another process may have written it meanwhile
+                replace_phantom(root, params)
+    return root
+
+
+def phantom_lock(root):
+    return files.Lock(root.parent / f".{root.name}.lock")
+
+
+def written_params(root):
+    """The parameters the phantom at `root` was written with, or None (missing or damaged: write it anew)."""
     try:
-        written = json.loads((Path(root) / PARAMS_FILE).read_text())["params"]
-    except (OSError, ValueError, KeyError):
-        written = None                                                   # missing or damaged: write it afresh
-    if written == phantom_params(n_train, n_test, shape, seed):
-        return Path(root)
-    return write_phantom(root, n_train, n_test, shape, seed)
+        return json.loads((root / PARAMS_FILE).read_text())["params"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def replace_phantom(root, params):
+    """write_phantom's work, under its lock."""
+    if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).exists():
+        raise NotAPhantom(f"{root}: not empty and not a phantom dataset; refusing to replace it "
+                          "(give an empty or new folder, or --phantom=false to use the data there)")
+    tmp, old = files.temp_path(root), files.temp_path(root)
+    try:
+        summary = {**write_cases(tmp, params), "threshold_dice": round(threshold_dice(tmp)["dice"], 4)}
+        files.write_text(tmp / PARAMS_FILE, json.dumps({"params": params, "summary": summary}, indent=1))
+        with files.writing(root):
+            if root.exists():
+                root.rename(old)
+            tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return root
 
 
 def read_cases(root):
@@ -375,7 +401,7 @@ def preview(root, png, n=4):
         axes[0, j].set_title(f"{cid[:8]}  {image.shape[0]}x{image.shape[1]}x{image.shape[2]}", fontsize=8)
     fig.suptitle("phantom LGE-MRI, axial; red: LA label (body, appendage, vein ostia)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(png, dpi=80)
+    files.save_figure(fig, png, dpi=80)
     plt.close(fig)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from data import padded_crop
+import files
 from morphology import morphology_batch, morphology_torch
 
 MODES = ("both", "morph", "cot", "random")  # ablations: both stages, morphology only, CoT only, random
@@ -299,6 +300,6 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    files.make_folder(Path(path).parent)
+    files.save_figure(fig, path, dpi=100)
     return path

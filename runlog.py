@@ -3,13 +3,12 @@ per logged iteration, reading it back, and the curves drawn from it (curves.png)
 
 A resumed run continues from its checkpoint's iteration; the rows a killed run logged after that checkpoint
 are dropped before it appends (start_log), so a resumed log holds each iteration once, as an uninterrupted
-run's does. The cut-back is written to a temporary file beside the log and renamed over it, so the log is
-never left half written."""
+run's does. The cut-back is written through files.write_text (a temporary file beside the log, renamed over it),
+so the log is never left half written."""
 import csv
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+import files
 
 COLUMNS = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "seconds"]
 
@@ -19,13 +18,13 @@ def start_log(path, resume_at=None):
     as it was at that iteration: the rows after it are dropped (a new log when none is there)."""
     path = Path(path)
     if resume_at is None or not path.exists():
-        path.write_text(",".join(COLUMNS) + "\n")
+        files.write_text(path, ",".join(COLUMNS) + "\n")
         return
     with open(path, newline="") as f:
         lines = f.read().splitlines(keepends=True)
     kept = lines[:1] + [line for line in lines[1:] if row_iteration(line) <= resume_at]
     if len(kept) < len(lines):
-        replace_text(path, "".join(kept))
+        files.write_text(path, "".join(kept))          # atomic: the old log or the new one, no temp file
 
 
 def row_iteration(line):
@@ -34,24 +33,9 @@ def row_iteration(line):
     return int(head) if head.isdigit() and line.endswith("\n") else float("inf")
 
 
-def replace_text(path, text):
-    """Write text to path through a uniquely named temporary file in the same folder and an atomic rename: a
-    crash leaves either the old file or the new one, and no temporary file is left behind on an error."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        if path.exists():                             # mkstemp's file is private: keep the file's permissions
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def append_row(path, row):
     """Append one row (the values of COLUMNS, in order); floats with 6 significant digits."""
-    with open(path, "a", newline="") as f:
+    with files.appending(path) as f:
         csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
 
 
@@ -82,5 +66,5 @@ def plot_curves(log_path, png):
     for ax in axes:
         ax.set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    files.save_figure(fig, png, dpi=100)
     plt.close(fig)

@@ -16,6 +16,7 @@ The reported checkpoint is the last one; nothing here looks at the test set to c
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -28,6 +29,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import data
+import files
 import retrieve
 from bank import ReferenceBank
 from checkpoint import CheckpointError, load_checkpoint
@@ -240,9 +242,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     reported metrics, comparable with the protocol's)."""
     device = torch.device(device) if device else resolve_device(Config())
     model, cfg, ckpt = load_checkpoint(ckpt_path, device)
+    out = files.check_writable(out_dir or Path(cfg.out_dir) / "test")      # before the data are read
     bank, image_cots = load_references(cfg, ckpt, device)
-    out = Path(out_dir or Path(cfg.out_dir) / "test")
-    out.mkdir(parents=True, exist_ok=True)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     bf16, channels_last = fast_paths(cfg, device)
     if channels_last:
@@ -273,16 +274,17 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         if len(shown) < 4:
             shown.append((case_id, image, gt, Probabilities(prob.a, prob.b)))
 
-    with open(out / "per_case.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(out / "per_case.csv", table.getvalue())
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                for k in rows[0] if k != "case"}
     summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows),
                    scored=split.scored, seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
                    config=dataclasses.asdict(cfg))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    files.write_text(out / "summary.json", json.dumps(summary, indent=1))
     print_table(rows, summary, cfg, ckpt["iter"], lcc, split.scored)
     figures = [plot_cases(shown, out / "predictions.png")]
     if bank is not None:                           # why the first test case's first window got its references
@@ -349,7 +351,7 @@ def plot_cases(cases, png):
         ax.axis("off")
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    files.save_figure(fig, png, dpi=100)
     plt.close(fig)
     return png
 

@@ -33,12 +33,13 @@ from tqdm import tqdm
 import ablate
 import data
 import extensions
+import files
 import pool
 import runlog
 import test
 from bank import ReferenceBank
-from checkpoint import (CheckpointError, check_run_folder, rng_state, save_checkpoint, seed_everything,
-                        set_rng_state)
+from checkpoint import (CheckpointError, check_run_folder, holds_run_folder, rng_state, save_checkpoint,
+                        seed_everything, set_rng_state)
 from config import EXPERIMENTS, CersError, Config, ConfigError, cli, fast_paths, get_config, precision
 from distributed import (World, average_buffers, check_consistent, gather, init_world, main_first,
                          main_process)
@@ -280,12 +281,13 @@ def check_finite(values, done, saved, ckpt_path):
 
 # ----------------------------------------------------------------------------- the loop
 
+@holds_run_folder
 def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     """Train one experiment; returns the path of the last checkpoint.
 
     stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run).
     force: replace a run with another config in cfg.out_dir. Everything is checked (config, checkpoint, data,
-    test files) before the run folder is written. Under torchrun every rank trains on its own batches; rank 0
+    test files) before its files are written. Under torchrun every rank trains on its own batches; rank 0
     alone prints, logs and checkpoints."""
     world, device = init_world(cfg)
     out = Path(cfg.out_dir)
@@ -294,6 +296,8 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
     if world.main:
         print(f"config ({device}, {world.size} process(es)):")
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if cfg.references:                                 # the CoT cache must take what the pool asks for
+        pool.check_cache_writable(cfg)
     split, volumes = data.prepare_data(cfg, world)
     data.load_volumes(cfg.data_root, [i for i in split.test if i not in volumes], progress=False,
                       factor=cfg.downsample, cache_dir=cfg.cache_dir)       # now, not after training
@@ -318,8 +322,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
         start = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     if world.main:                                     # the run folder is written only now, after every check
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        files.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         if force and not resume:
             ckpt_path.unlink(missing_ok=True)      # the replaced run's checkpoint would not match config.json
         runlog.start_log(log_path, resume_at=start if resume else None)   # without rows after the checkpoint

@@ -61,3 +61,41 @@ def write_la(root, n_train=6, n_test=2, shape=(40, 36, 24), seed=0):
 @pytest.fixture
 def tiny_la(tmp_path):
     return write_la(tmp_path / "LA")
+
+
+def spawn(args, cwd, file_limit=None):
+    """A child Python running args (a script of the project and its arguments, or "-c" and code) in cwd, with
+    one thread and the project importable; its stdout and stderr go to cwd/stdout.txt and cwd/stderr.txt (read
+    them with finish). file_limit: the most bytes it may write into one file (RLIMIT_FSIZE, with SIGXFSZ
+    ignored so the write fails with EFBIG, as on a full disk)."""
+    import resource
+    import signal
+    import subprocess
+
+    def limit():
+        if file_limit:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with open(Path(cwd, "stdout.txt"), "w") as out, open(Path(cwd, "stderr.txt"), "w") as err:
+        return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=out, stderr=err,
+                                preexec_fn=limit)
+
+
+def wait_for(child, cwd, ready, timeout=120):
+    """Wait until ready() is true while the child runs: a text in its stdout.txt, a file it writes."""
+    import time
+    end = time.time() + timeout
+    while not ready():
+        assert child.poll() is None, Path(cwd, "stderr.txt").read_text()[-3000:]
+        assert time.time() < end, f"the child was not ready in {timeout} s"
+        time.sleep(0.1)
+
+
+def finish(child, cwd, timeout=120):
+    """The child's exit status and the last line of its stderr, with no traceback before it."""
+    status = child.wait(timeout)
+    err = Path(cwd, "stderr.txt").read_text()
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    return status, lines[-1] if lines else ""

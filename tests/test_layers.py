@@ -10,17 +10,17 @@ from conftest import ROOT
 
 # bottom to top; files in one layer do not import each other
 LAYERS = [
-    ["config", "cot", "losses", "mcam", "morphology", "runlog"],  # settings and errors; CoT text and BM25;
-                                                                  # the losses; fusion and MCAM; shape and
-                                                                  # image descriptors; the training log
-    ["distributed", "llm", "model", "phantom"],  # one process or torchrun's N; the chat endpoint's client;
-                                                 # the dual-decoder V-Net; the phantom
-    ["checkpoint", "data"],                 # checkpoints; LA-layout reading, augmentation, batches
-    ["ablate", "bank", "extensions", "pool", "retrieve"],  # ablation variants and table; the reference bank;
-                                                           # the extensions; the CoT knowledge pool; selection
-    ["explain", "test"],                     # why these references; inference and metrics
-    ["train"],                               # the training loop
-    ["bench"],                               # timings
+    ["config", "cot", "losses", "mcam", "morphology"],  # settings and errors; CoT text and BM25; the losses;
+                                                        # fusion and MCAM; shape and image descriptors
+    ["distributed", "files", "llm", "model"],  # one process or torchrun's N; every write (atomic, errors in
+                                               # words, the folder lock); the chat client; the V-Net
+    ["checkpoint", "phantom", "runlog"],       # checkpoints; the synthetic dataset; the training log
+    ["ablate", "data"],                        # ablation variants and table; LA-layout reading, batches
+    ["bank", "extensions", "pool", "retrieve"],  # the reference bank; the extensions; the CoT knowledge pool;
+                                                 # reference selection
+    ["explain", "test"],                       # why these references; inference and metrics
+    ["train"],                                 # the training loop
+    ["bench"],                                 # timings
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+import files
 import runlog
 import train
 from test_train import tiny_cfg
@@ -52,8 +53,8 @@ def test_the_cut_back_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypat
         assert os.path.dirname(src) == str(tmp_path) and os.path.getsize(src) < len(before)
         raise OSError("disk full")
 
-    monkeypatch.setattr(runlog.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(files.WriteError, match="log.csv"):
         runlog.start_log(path, resume_at=2)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["log.csv"]
     monkeypatch.undo()

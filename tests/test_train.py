@@ -14,6 +14,7 @@ import test as T
 import train
 from checkpoint import CheckpointError
 from config import ConfigError, get_config
+from conftest import spawn, wait_for
 
 
 # a seconds-long CERS run on the tiny data: references from iteration 2, bank refreshed every 2
@@ -146,6 +147,49 @@ def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path, mix):
             assert torch.equal(tensor, b[key][name]), (key, name)
     assert a["bank"]["features"] is not None and torch.equal(a["bank"]["features"], b["bank"]["features"])
     assert (tmp_path / "half" / "log.csv").read_text().count("\n") == 6  # header + 5 rows, none lost
+
+
+KILLED_IN_SECOND_SAVE = """
+import sys, time
+import files, train
+from config import cli
+save = train.save_checkpoint
+def hang_in_second_save(path, **state):
+    if state["iter"] > 2:                              # the second checkpoint: half its temp file written
+        with files.replacing(path) as tmp:
+            tmp.write_bytes(b"half a checkpoint")
+            print("saving", flush=True)
+            time.sleep(600)
+    save(path, **state)
+train.save_checkpoint = hang_in_second_save
+sys.exit(cli(train.main))
+"""
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_la, tmp_path, capsys):
+    """kill -9 in the middle of the second checkpoint's write: the first checkpoint is intact, --resume takes
+    over the dead run's lock, removes its temp file and ends with the uninterrupted run's weights."""
+    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5), progress=False)
+    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5)
+    child = spawn(["-c", KILLED_IN_SECOND_SAVE, "--exp", "PHANTOM_8", "--no-test",
+                   *tiny_overrides(tiny_la, half.out_dir, max_iters=5)], tmp_path)
+    wait_for(child, tmp_path, lambda: "saving" in (tmp_path / "stdout.txt").read_text())
+    child.kill()
+    assert child.wait(60) == -9
+    out = tmp_path / "half"
+    assert sorted(p.name for p in out.glob(".ckpt_last.pt.*.tmp")) != [] and (out / "run.lock").exists()
+    capsys.readouterr()
+    resumed = train.train(half, resume=True, progress=False)
+    seen = capsys.readouterr()
+    assert f"rank 0: resumed {out / 'ckpt_last.pt'} at iteration 2" in seen.out
+    assert f"held by process {child.pid}, which ended without releasing it; taken over" in seen.err
+    a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
+    assert a["iter"] == b["iter"] == 5
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert torch.equal(a["bank"]["features"], b["bank"]["features"])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock") == []
 
 
 def test_test_cases_never_change_training(tmp_path):

@@ -1,0 +1,135 @@
+"""files.py: atomic writes that leave no temp file, OS errors named in one line, the probe before the data are
+read, and the lock that keeps one process per folder (taken over from a process that died holding it)."""
+import errno
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import files
+
+
+def dead_pid():
+    """The PID of a process that has ended (and been reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def leftovers(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.fixture
+def file_size_limit():
+    """Limit the size of files this process writes (RLIMIT_FSIZE, SIGXFSZ ignored so a write fails with
+    EFBIG); restored afterwards."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_replacing_writes_whole_files_or_nothing(tmp_path):
+    path = tmp_path / "state.bin"
+    files.write_bytes(path, b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with files.replacing(path) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt                    # Ctrl-C in the middle of a write
+    assert path.read_bytes() == b"old" and leftovers(tmp_path) == []
+    files.write_text(path, "new")
+    assert path.read_text() == "new" and leftovers(tmp_path) == []
+    names = {files.temp_path(path).name for _ in range(20)}
+    assert len(names) == 20 and all(f".{os.getpid()}." in n for n in names)   # never shared, this PID in each
+
+
+def test_a_file_size_limit_is_one_error_naming_the_file(tmp_path, file_size_limit):
+    path = tmp_path / "ckpt_last.pt"
+    files.write_bytes(path, b"previous")
+    file_size_limit(1000)
+    with pytest.raises(files.WriteError) as e:
+        files.write_bytes(path, bytes(5000))
+    assert str(e.value).startswith(f"{path}: cannot write it: file too large") and "\n" not in str(e.value)
+    assert path.read_bytes() == b"previous" and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left"), (errno.EACCES, "permission denied"),
+                                         (errno.EROFS, "the file system is read-only"),
+                                         (errno.EIO, "input/output error")])
+def test_os_errors_become_words(tmp_path, code, words):
+    with pytest.raises(files.WriteError, match=re.escape(f"{tmp_path / 'x'}: cannot write it: {words}")):
+        with files.writing(tmp_path / "x"):
+            raise OSError(code, os.strerror(code))
+
+
+def test_a_folder_under_a_file_is_named(tmp_path):
+    (tmp_path / "notes").write_text("a file")
+    named = re.escape(f"{tmp_path / 'notes'} is a file, not a folder")
+    for folder in (tmp_path / "notes", tmp_path / "notes" / "run" / "deeper"):
+        with pytest.raises(files.WriteError, match=named):
+            files.check_writable(folder)
+    assert (tmp_path / "notes").read_text() == "a file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_refused(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    with pytest.raises(files.WriteError, match="permission denied"):
+        files.check_writable(tmp_path / "ro" / "run")
+
+
+def test_check_writable_leaves_nothing_and_clears_dead_processes_temps(tmp_path):
+    folder = tmp_path / "a" / "b"
+    files.check_writable(folder)
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    dead = folder / f".x.pt.{dead_pid()}.0123abcd.tmp"
+    mine = files.temp_path(folder / "x.pt")
+    other = folder / ".notes.tmp"                       # not a temp of this project's making
+    for p in (dead, mine, other):
+        p.write_bytes(b"")
+    files.check_writable(folder)
+    assert not dead.exists() and mine.exists() and other.exists()
+
+
+def test_a_held_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
+    out = tmp_path / "run"
+    with files.Lock(out / "run.lock", busy="busy: PID {pid}"):
+        assert (out / "run.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(files.WriteError, match=f"^busy: PID {os.getpid()}$"):
+            with files.Lock(out / "run.lock", busy="busy: PID {pid}"):
+                pass
+    assert not out.exists()                             # the lock made the folder and left it empty: removed
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
+    lock = tmp_path / "run.lock"
+    pid = dead_pid()
+    lock.write_text(f"{pid}\n")
+    with files.Lock(lock, busy="busy {pid}"):
+        assert lock.read_text().strip() == str(os.getpid())
+    assert f"held by process {pid}, which ended without releasing it; taken over" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_waiting_lock_gets_it_when_released(tmp_path):
+    lock, order = tmp_path / "x.lock", []
+
+    def second():
+        with files.Lock(lock):                          # busy=None: wait
+            order.append("second")
+
+    with files.Lock(lock):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.3)
+        order.append("first done")
+    waiter.join(10)
+    assert order == ["first done", "second"] and not lock.exists()
