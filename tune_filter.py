@@ -112,7 +112,7 @@ def parse_grid(flag, text, kind, ok, what):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Leave-one-case-out label transfer of the selected references, "
+    parser = argparse.ArgumentParser(description="Leave-one-case-out label transfer of the chosen references, "
                                      "with and without the CoT filter, over a grid of tau and k_fine.",
                                      allow_abbrev=False)
     parser.add_argument("--exp", default="LA_8_LOW", help="named experiment (config.py)")
@@ -129,9 +129,10 @@ def main(argv=None):
     start = time.perf_counter()
     rows = leave_one_out(cfg, volumes, cots.mask, cots.image, taus, ks)
     n = sum(len(query_patches(cfg, volumes[c][1])) for c in split.labeled)
+    seconds = time.perf_counter() - start
     print(f"leave-one-out over {len(split.labeled)} labeled cases of {cfg.data_root}, {n} query patches "
           f"(downsample {cfg.downsample}, patch {cfg.patch_size}, k_coarse {cfg.k_coarse}, at most "
-          f"{cfg.max_refs_per_case} per case, ref_align {cfg.ref_align}) in {time.perf_counter() - start:.1f} s:"
+          f"{cfg.max_refs_per_case} per case, ref_align {cfg.ref_align}) in {seconds:.1f} s:"
           "\nlabel transfer Dice with the CoT filter and with morphology alone, the share of the candidates "
           "the filter removes, the share of queries none of whose candidates pass")
     print(format_table(rows))
