@@ -112,7 +112,7 @@ def parse_grid(flag, text, kind, ok, what):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Leave-one-case-out label transfer of the chosen references, "
+    parser = argparse.ArgumentParser(description="Leave-one-case-out label transfer of chosen references, "
                                      "with and without the CoT filter, over a grid of tau and k_fine.",
                                      allow_abbrev=False)
     parser.add_argument("--exp", default="LA_8_LOW", help="named experiment (config.py)")
