@@ -22,6 +22,7 @@ LAYERS = [
     ["test"],                            # inference and metrics
     ["train"],                           # the training loop
     ["bench"],                           # timings
+    ["tune_filter"],                     # leave-one-case-out tuning of the CoT filter
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
