@@ -95,9 +95,9 @@ def align(t, ref_centroids, query_centroids, patch=None):
     its query's centroid query_centroids (B, 3), both in voxels of the patch. On a grid coarser than the
     patch (`patch` its size, e.g. the bottleneck features) the move is rounded to whole cells of that grid;
     None: t is at patch resolution (the masks). No move where either centroid is NaN (an empty mask)."""
-    cell = 1.0 if patch is None else torch.tensor(patch, dtype=torch.float32, device=t.device) / torch.tensor(
-        t.shape[-3:], dtype=torch.float32, device=t.device)                       # (3,) voxels per cell
-    move = (query_centroids[:, None] - ref_centroids) / cell                      # (B, K, 3)
+    cells = [1.0] * 3 if patch is None else [p / s for p, s in zip(patch, t.shape[-3:])]  # voxels per cell
+    move = query_centroids[:, None] - ref_centroids                               # (B, K, 3) in voxels
+    move = torch.stack([move[..., a] / cells[a] for a in range(3)], -1)           # in cells, no host copy
     return shift(t, torch.nan_to_num(move.round(), nan=0.0).long())
 
 
