@@ -89,13 +89,13 @@ class Config:
     ref_temperature: float = 1.0      # softmax temperature of the reference weights
     ref_masks: bool = False           # references carry their masks into decoder A (an extension beyond the paper)
     transfer_weight: float = 1.0      # with ref_masks: weight of the loss that teaches the fusion to transfer labels
-    ref_mask_detail: bool = False     # decoder A's MCAMs at 1/4 and 1/2 of the patch read the references' weighted
-                                      # mask at their scale (ref_masks gives it to every MCAM, with more besides)
-    ref_align: bool = False           # bank crops centred on their label's centroid; each reference's mask and
-                                      # features moved so that centroid lands on the query's predicted one
+    ref_mask_detail: bool = False     # decoder A's MCAMs at 1/4 and 1/2 of the patch read the references'
+                                      # weighted mask at their scale (ref_masks gives it to every MCAM)
+    ref_align: bool = False           # bank crops centred on their label's centroid; each reference's mask
+                                      # and features moved so that centroid lands on the query's predicted one
     retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
-    bank_momentum: float = 0.0        # EMA momentum of the bank feature refresh (0: the teacher's current features,
-                                      # the teacher being an EMA already); the first refresh always replaces
+    bank_momentum: float = 0.0        # EMA momentum of the bank feature refresh (0: the teacher's current
+                                      # features, the teacher being an EMA already); the first always replaces
     ref_warmup: int = 0               # iterations before references are used (the path starts as the identity)
     bank_refresh: int = 200           # refresh bank features from the teacher every this many iterations
     # testing

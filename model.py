@@ -29,7 +29,7 @@ import torch.nn as nn
 import mcam
 
 FUSION_HEADS = 4  # attention heads of the reference fusion at the bottleneck
-DETAIL_SCALES = (1, 2)  # decoder A's stages (0: 1/8 of the patch .. 3: full) whose MCAMs read the mask (ref_mask_detail)
+DETAIL_SCALES = (1, 2)  # decoder A's stages (0: 1/8 .. 3: full) whose MCAMs read the mask (ref_mask_detail)
 
 
 def conv_stage(c_in, c_out, n_convs):
@@ -141,12 +141,12 @@ class DualDecoderVNet(nn.Module):
             if self.reads_mask:
                 mask = torch.zeros(len(x), 1, *feats[0].shape[2:], device=x.device)          # (B, 1, X, Y, Z)
         elif refs is not None and self.fusion is not None:
-            context, labels = self.fusion(feats[-1], refs.features, refs.weights,
-                                          refs.masks if self.fusion.masks else None)  # (B, 16f, ..), (B, H, ..)
+            masks = refs.masks if self.fusion.masks else None
+            context, labels = self.fusion(feats[-1], refs.features, refs.weights, masks)  # (B, 16f, ..), ..
             if self.reads_mask:
                 mask = mcam.weighted_mask(refs.masks, refs.weights)                  # (B, 1, X, Y, Z)
         logits = self.decoder_a(feats, context, labels, mask)
-        if mask is not None and self.fusion.masks and not zero_refs:  # the references' labels vote: atlas prior
+        if mask is not None and self.fusion.masks and not zero_refs:  # the references vote: atlas prior
             logits = logits + self.prior_scale * prior_logits(mask)
         return (logits, labels) if return_labels else logits
 
@@ -176,7 +176,9 @@ def build_model(cfg):
         ch = [8 * f, 4 * f, 2 * f, f]                            # decoder A's scales, coarse to fine
         ctx = [16 * f] + ch[:-1]                                 # the context arrives from the scale below
         labels = [FUSION_HEADS + 1 if cfg.ref_masks                 # transferred labels + the weighted mask
-                  else int(cfg.ref_mask_detail and i in DETAIL_SCALES) for i in range(len(ch))]  # the mask alone
-        mcams = nn.ModuleList([mcam.MCAM(c, cc, n, gated=cfg.mcam_gates) for c, cc, n in zip(ch, ctx, labels)])
+                  else int(cfg.ref_mask_detail and i in DETAIL_SCALES)   # the weighted mask alone
+                  for i in range(len(ch))]
+        mcams = nn.ModuleList([mcam.MCAM(c, cc, n, gated=cfg.mcam_gates)
+                               for c, cc, n in zip(ch, ctx, labels)])
     return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, fusion, mcams)
 

@@ -117,3 +117,25 @@ def test_shift_keeps_features_dtype_and_layout(patch):
     t = torch.randn(2, 3, 4, *[p // 16 for p in patch]).to(torch.bfloat16)
     out = align(t, torch.zeros(2, 3, 3), torch.full((2, 3), 16.0), patch=patch)
     assert out.dtype == torch.bfloat16 and out.shape == t.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_alignment_does_not_synchronise():
+    label = cube((40, 36, 20), (12, 10, 4), 5)
+    volumes = {c: (label.astype(np.float32), label) for c in COT}
+    cfg = dataclasses.replace(Config(), patch_size=(16, 16, 16), ref_align=True)
+    bank = ReferenceBank.build(cfg, volumes, list(COT), COT, device="cuda")
+    bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 4), momentum=0.0)
+    indices = torch.tensor([[0, 5], [9, 14]], device="cuda")
+    weights = torch.full((2, 2), 0.5, device="cuda")
+    prediction = torch.from_numpy(np.stack([cube((16,) * 3, (2, 3, 4), 3), cube((16,) * 3, (9, 8, 7), 5)]))
+    prediction = prediction.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        refs = bank.references(indices, weights, masks=True, query_centroids=mask_centroids(prediction))
+        transfer = bank.label_transfer(indices, weights, mask_centroids(prediction))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(mask_centroids(refs.masks[1, 0]), mask_centroids(prediction[1]))
+    assert transfer.shape == (2, 16, 16, 16)

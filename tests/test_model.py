@@ -85,7 +85,7 @@ def test_zeroed_references_keep_decoder_a_and_the_query_stream(flags):
     assert torch.equal(seen[0][1], feats[-1])                              # the query's own stream
     assert (labels is None) != bool(flags.get("ref_masks"))
     assert labels is None or (labels.shape == (2, 4, 2, 2, 1) and not labels.any())
-    hand = copy.deepcopy(net)                                              # the fusion's output zeroed by hand
+    hand = copy.deepcopy(net)                                      # the fusion's output zeroed by hand
     with torch.no_grad():
         hand.fusion.out.weight.zero_()
         hand.fusion.out.bias.zero_()
@@ -112,7 +112,7 @@ def test_mask_detail_reaches_the_upper_stages_only():
     assert [tuple(s[0].shape[2:]) for s in seen] == [(4, 4, 2), (8, 8, 4), (16, 16, 8), (32, 32, 16)]
     assert [s[3] is not None for s in seen] == [False, True, True, False] and seen[0][2] is None
     torch.testing.assert_close(seen[1][3], weighted_mask(refs.masks, refs.weights))
-    feats = net.encoder(x)                                                 # the mask is read: other masks, other output
+    feats = net.encoder(x)                                         # the mask is read: other mask, other output
     other = refs._replace(masks=refs.masks.flip(2))
     assert not torch.allclose(net.decode_a(feats, refs), net.decode_a(feats, other), atol=1e-4)
 
