@@ -112,7 +112,7 @@ def test_mask_detail_reaches_the_upper_stages_only():
     assert [tuple(s[0].shape[2:]) for s in seen] == [(4, 4, 2), (8, 8, 4), (16, 16, 8), (32, 32, 16)]
     assert [s[3] is not None for s in seen] == [False, True, True, False] and seen[0][2] is None
     torch.testing.assert_close(seen[1][3], weighted_mask(refs.masks, refs.weights))
-    feats = net.encoder(x)                                         # the mask is read: other mask, other output
+    feats = net.encoder(x)                                 # the mask is read: other mask, other output
     other = refs._replace(masks=refs.masks.flip(2))
     assert not torch.allclose(net.decode_a(feats, refs), net.decode_a(feats, other), atol=1e-4)
 
