@@ -1,16 +1,21 @@
 """The reference bank (docs/design.md §7): the labeled patches reference selection chooses from.
 
-Every labeled volume is cut into a grid of patch-size crops, in each of the four orientations the training
-augmentation gives a patch (data.rot_flip: a rotation by k x 90 degrees in the x-y plane, then a flip, yields
-four distinct patches). Queries are augmented patches; holding every orientation makes the bank comparable
-with them: the morphology vector (centroid, extents) of a rotated query meets entries laid out the same way,
-so a retrieved reference's mask and its position-encoded tokens line up with the query's. Each entry keeps its
-case ID, orientation, crop box (in the oriented volume), morphology vector (of the ground truth inside the
-crop), the case's mask CoT, the crop's ground-truth mask and a reference feature map: the teacher encoder's
-bottleneck of the crop, refreshed as an exponential moving average while the teacher trains. The bank also
-holds what selection reads at every step, built once: the standardised morphology with a kd-tree (stage 1 of
-retrieve.select), BM25 over its distinct texts (stage 2), and device copies with per-(query case, text) BM25
-tables for retrieve.select_device. """
+Every labeled volume is cut into a grid of patch-size crops, in each of the four orientations the
+training augmentation gives a patch (data.rot_flip: a rotation by k x 90 degrees in the x-y plane, then
+a flip, yields four distinct patches). Queries are augmented patches; holding every orientation makes
+the bank comparable with them: the morphology vector (centroid, extents) of a rotated query meets
+entries laid out the same way, so a retrieved reference's mask and its position-encoded tokens line
+up with the query's. Each entry keeps its case ID, orientation, crop box (in the oriented volume),
+morphology vector (of the ground truth inside the crop), the case's mask CoT, the crop's ground-truth
+mask and a reference feature map: the teacher encoder's bottleneck of the crop, refreshed from the
+teacher while it trains. The bank also holds what selection reads at every step, built once: the
+standardised morphology with a kd-tree (stage 1 of retrieve.select), BM25 over its distinct texts
+(stage 2), and device copies with per-(query case, text) BM25 tables for retrieve.select_device.
+
+With ref_align the bank holds, per labeled case and orientation, one crop centred on its label's centroid
+(centred_box) instead of the grid, and `align` moves a chosen reference's mask and features by whole
+cells so that its centroid lands on the query's predicted centroid.
+"""
 import numpy as np
 import torch
 from sklearn.neighbors import NearestNeighbors
@@ -19,7 +24,7 @@ from sklearn.preprocessing import StandardScaler
 import data
 from cot import CotIndex
 from mcam import References, weighted_mask
-from morphology import morphology_batch
+from morphology import mask_centroids, morphology_batch
 
 # the distinct patches data.rot_flip(x, k, axis) makes: (k, axis) for k in 0..3, axis in {0, 1} gives four,
 # since flipping y equals flipping x after a half turn (tests/test_retrieve.py checks it)
@@ -46,6 +51,48 @@ def grid_boxes(shape, patch, stride):
             for x in starts[0] for y in starts[1] for z in starts[2]]
 
 
+def centred_box(label, patch):
+    """The patch-size box (x0, y0, z0, x1, y1, z1) centred on the foreground centroid of a label volume
+    (X, Y, Z), moved inside the volume along each axis at least as long as the patch; along a shorter axis it
+    covers the volume whole, as near the centroid as that allows (crop pads with zeros). An empty label
+    gives the volume's centre."""
+    fg = np.argwhere(label > 0)                                                    # (n, 3)
+    size, patch = np.array(label.shape), np.array(patch)
+    centre = fg.mean(0) if len(fg) else (size - 1) / 2
+    start = np.round(centre - (patch - 1) / 2)
+    start = np.clip(start, np.minimum(0, size - patch), np.maximum(0, size - patch))
+    start = start.astype(np.int64)
+    return tuple(int(v) for v in (*start, *(start + patch)))
+
+
+def shift(t, offsets):
+    """t (*lead, X, Y, Z) moved by whole cells: out[..., p] = t[..., p - offset], zero where p - offset falls
+    outside. offsets (*lead[:m], 3) integer, one per index of the first m leading dimensions (broadcast
+    over the rest), on t's device: gathers, so no host-device synchronisation."""
+    lead = t.ndim - 3
+    off = offsets.reshape(*offsets.shape[:-1], *[1] * (lead - offsets.ndim + 1), 3)   # (*lead', 1.., 3)
+    for a in range(3):
+        n = t.shape[lead + a]
+        src = torch.arange(n, device=t.device) - off[..., a, None]               # (*lead', 1.., n)
+        view = [*src.shape[:-1], 1, 1, 1]
+        view[lead + a] = n
+        src = src.reshape(view)                                                  # n along axis a
+        inside = (src >= 0) & (src < n)
+        t = torch.where(inside, t.gather(lead + a, src.clamp(0, n - 1).expand(t.shape)), 0)
+    return t
+
+
+def align(t, ref_centroids, query_centroids, patch=None):
+    """References t (B, K, ..., X', Y', Z') each moved so that its centroid ref_centroids (B, K, 3) lands on
+    its query's centroid query_centroids (B, 3), both in voxels of the patch. On a grid coarser than the
+    patch (`patch` its size, e.g. the bottleneck features) the move is rounded to whole cells of that grid;
+    None: t is at patch resolution (the masks). No move where either centroid is NaN (an empty mask)."""
+    cells = [1.0] * 3 if patch is None else [p / s for p, s in zip(patch, t.shape[-3:])]  # voxels per cell
+    move = query_centroids[:, None] - ref_centroids                               # (B, K, 3) in voxels
+    move = torch.stack([move[..., a] / cells[a] for a in range(3)], -1)           # in cells, no host copy
+    return shift(t, torch.nan_to_num(move.round(), nan=0.0).long())
+
+
 class ReferenceBank:
     """Labeled patches: case ID, orientation, crop box, morphology vector (from the ground truth), the case's
     mask CoT, and per entry a reference feature map, stacked as `features` (N, C, d, h, w), and the crop's
@@ -69,20 +116,23 @@ class ReferenceBank:
         self.features = None  # (N, C, d, h, w) once refresh() has run
         self.crops = None  # (N, 1, X, Y, Z) float image patches on the device, cut by the first refresh()
         self.masks = None  # (N, X, Y, Z) uint8 ground-truth patches on the device, cut with the crops
+        self.centroids = None  # (N, 3) float32 their foreground centroids in voxels (NaN: empty)
         self.query_texts = {}  # case ID -> query CoT, once index_queries() has run
         self._index()
 
     @classmethod
     def build(cls, cfg, volumes, labeled_ids, mask_cots, device="cpu"):
         """Bank of every labeled volume's grid crops (cfg.patch_size, stride cfg.bank_stride) in each of the
-        ORIENTATIONS: the grid is laid over the oriented volume, so every crop is a whole patch."""
+        ORIENTATIONS: the grid is laid over the oriented volume, so every crop is a whole patch. With
+        cfg.ref_align, one crop per orientation instead, centred on the label's centroid (centred_box)."""
         case_ids, variants, boxes, morph, texts = [], [], [], [], []
         for cid in labeled_ids:
             if cid not in mask_cots:
                 raise ValueError(f"reference bank: labeled case {cid!r} has no mask CoT in the pool")
             for v in range(len(ORIENTATIONS)):
                 label = orient(volumes[cid][1], v)
-                vboxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
+                vboxes = ([centred_box(label, cfg.patch_size)] if cfg.ref_align
+                          else grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride))
                 morph.append(morphology_batch(np.stack([data.padded_crop(label, b) > 0 for b in vboxes])))
                 case_ids += [cid] * len(vboxes)
                 variants += [v] * len(vboxes)
@@ -100,6 +150,7 @@ class ReferenceBank:
             image, label = self._cut()
             self.crops = torch.from_numpy(image[:, None]).to(self.device)      # (N, 1, X, Y, Z)
             self.masks = torch.from_numpy(label.astype(np.uint8)).to(self.device)  # (N, X, Y, Z)
+            self.centroids = mask_centroids(self.masks)                            # (N, 3)
 
     def _cut(self):
         """Every entry's image and ground-truth patches (N, X, Y, Z), each volume oriented once per
@@ -185,37 +236,48 @@ class ReferenceBank:
         return [i[m][:k] for i, m in zip(idx, keep)], [d[m][:k] for d, m in zip(dist, keep)]
 
     @torch.no_grad()
-    def refresh(self, encoder_fn, momentum, batch_size=4):
-        """features <- momentum * features + (1 - momentum) * encoder_fn(crops); the first call just fills.
-        encoder_fn maps (n, 1, X, Y, Z) image crops to (n, C, d, h, w) bottleneck features (the teacher's)."""
+    def refresh(self, encoder_fn, momentum, batch_size=4, replace=False):
+        """features <- encoder_fn(crops): the teacher's bottleneck now. encoder_fn maps (n, 1, X, Y, Z) image
+        crops to (n, C, d, h, w) features. With momentum > 0 a later call moves the features as an EMA,
+        momentum * features + (1 - momentum) * new; the first call fills them, and `replace` (the first
+        refresh after the reference warm-up) replaces whatever an earlier fill or a checkpoint left."""
         self._load_patches()
         new = torch.cat([encoder_fn(self.crops[s:s + batch_size]).float()  # (N, C, d, h, w)
                          for s in range(0, len(self), batch_size)])
-        if self.features is None:
-            self.features = new
-        elif self.features.shape != new.shape:
+        if self.features is not None and not replace and self.features.shape != new.shape:
             raise ValueError(f"encoder gives features {tuple(new.shape)}, the bank holds "
                              f"{tuple(self.features.shape)}")
+        if self.features is None or replace or momentum == 0:
+            self.features = new
         else:
             self.features.mul_(momentum).add_(new, alpha=1 - momentum)
 
-    def references(self, indices, weights, masks=False):
+    def references(self, indices, weights, masks=False, query_centroids=None):
         """mcam.References for chosen entries (B, K) and their weights (B, K), on the bank's device; with
-        masks, the entries' ground-truth patches too (B, K, X, Y, Z) float."""
+        masks, the entries' ground-truth patches too (B, K, X, Y, Z) float. With query_centroids (B, 3), the
+        queries' predicted foreground centroids in voxels (ref_align), features and masks are aligned."""
         if self.features is None:
             raise RuntimeError("reference bank features are empty: call refresh() first")
         idx = torch.as_tensor(indices, device=self.device)
-        if masks:
+        features = self.features[idx]                                              # (B, K, C, d, h, w)
+        if masks or query_centroids is not None:
             self._load_patches()
-        return References(self.features[idx], torch.as_tensor(weights, device=self.device),
-                          self.masks[idx].float() if masks else None, idx)
+        if query_centroids is not None:
+            features = align(features, self.centroids[idx], query_centroids, self.masks.shape[1:])
+        return References(features, torch.as_tensor(weights, device=self.device),
+                          self.aligned_masks(idx, query_centroids) if masks else None, idx)
 
-    def label_transfer(self, indices, weights):
-        """The entries' ground-truth masks averaged with their weights, (B, K) each: (B, X, Y, Z) float, the
-        label an atlas method would transfer to the queries, no network involved."""
+    def aligned_masks(self, idx, query_centroids=None):
+        """Entries idx's (B, K) ground-truth patches (B, K, X, Y, Z) float, aligned when query_centroids."""
         self._load_patches()
-        return weighted_mask(self.masks[torch.as_tensor(indices, device=self.device)].float(),
-                             torch.as_tensor(weights, device=self.device).float())[:, 0]
+        masks = self.masks[idx].float()
+        return masks if query_centroids is None else align(masks, self.centroids[idx], query_centroids)
+
+    def label_transfer(self, indices, weights, query_centroids=None):
+        """The entries' ground-truth masks averaged with their weights, (B, K) each: (B, X, Y, Z) float, the
+        label an atlas method would transfer to the queries, no network involved; aligned as in references()."""
+        masks = self.aligned_masks(torch.as_tensor(indices, device=self.device), query_centroids)
+        return weighted_mask(masks, torch.as_tensor(weights, device=self.device).float())[:, 0]
 
     def state_dict(self):
         """Everything but the volumes (they come from the data): entries, morphology, texts, features."""

@@ -93,11 +93,16 @@ class Config:
     tau: float = 0.6                  # normalised BM25 score under which a candidate is a hard negative
     max_refs_per_case: int = 1        # at most this many references from one case (diverse references)
     ref_temperature: float = 1.0      # softmax temperature of the reference weights
-    ref_masks: bool = False           # references carry their masks into decoder A (beyond the paper)
-    transfer_weight: float = 1.0      # with ref_masks: weight of the transfer loss (extensions.py)
+    ref_masks: bool = False           # references carry their masks into decoder A (an extension beyond the paper)
+    transfer_weight: float = 1.0      # with ref_masks: weight of the loss that teaches the fusion to transfer labels
+    ref_mask_detail: bool = False     # decoder A's MCAMs at 1/4 and 1/2 of the patch read the references'
+                                      # weighted mask at their scale (ref_masks gives it to every MCAM)
+    ref_align: bool = False           # bank crops centred on their label's centroid; each reference's mask
+                                      # and features moved so that centroid lands on the query's predicted one
     retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
-    bank_momentum: float = 0.9        # EMA momentum of the bank feature refresh
-    ref_warmup: int = 0               # iterations before references are used (the path starts as identity)
+    bank_momentum: float = 0.0        # EMA momentum of the bank feature refresh (0: the teacher's current
+                                      # features, the teacher being an EMA already); the first always replaces
+    ref_warmup: int = 0               # iterations before references are used (the path starts as the identity)
     bank_refresh: int = 200           # refresh bank features from the teacher every this many iterations
     # testing
     stride_xy: int = 18               # sliding-window stride in x and y
@@ -263,7 +268,7 @@ CHECKS = {  # key: (test, what the value must be); every key of Config, applied 
     "ref_temperature": positive, "retrieval": (lambda v: v in ("both", "morph", "cot", "random"),
                                                "one of both, morph, cot, random"),
     "max_refs_per_case": (lambda v: v >= 1, "a count >= 1 (references one case may give a query)"),
-    "ref_masks": flag, "transfer_weight": non_negative,
+    "ref_masks": flag, "transfer_weight": non_negative, "ref_mask_detail": flag, "ref_align": flag,
     "bank_momentum": fraction, "ref_warmup": (lambda v: v >= 0, "a whole number >= 0"), "bank_refresh": count,
     "stride_xy": count, "stride_z": count, "window_batch": count,
     "device": (lambda v: DEVICE.fullmatch(v), "auto, cpu, cuda, cuda:N or mps"),
@@ -300,6 +305,8 @@ def check_config(cfg):
         (cfg.stride_xy > min(cfg.patch_size[:2]) or cfg.stride_z > cfg.patch_size[2],
          f"stride_xy={cfg.stride_xy}, stride_z={cfg.stride_z} leave gaps between test windows of "
          f"patch_size={show(cfg.patch_size)}; use strides no larger than the patch"),
+        (cfg.ref_masks and cfg.ref_mask_detail,
+         "ref_masks gives every MCAM the references' mask already; ref_mask_detail is for runs without it"),
         (cfg.cot_backend == "llm" and not (cfg.llm_url and cfg.llm_model),
          f"cot_backend=llm needs llm_url and llm_model (got {cfg.llm_url!r} and {cfg.llm_model!r})"),
     ]

@@ -147,6 +147,7 @@ class MCAM(nn.Module):
 
         c       = upsample(proj(ctx))                                       the stream: ctx_out = c
         m       = [c, upsample(labels), pool(mask)]                         label maps with ref_masks only
+                                                                            (ref_mask_detail: [c, pool(mask)])
         g_a     = sigmoid(conv_a(act(norm(conv_s([pool_a(dec), pool_a(m)])))))     a in X, Y, Z
         dec_out = dec + inject(g_X * g_Y * g_Z * m)                         (gated=False: dec + inject(m))
 
@@ -175,7 +176,8 @@ class MCAM(nn.Module):
     def forward(self, dec, ctx, labels=None, mask=None, return_gates=False):
         """dec (B, C, X, Y, Z) decoder features; ctx (B, Cc, x, y, z) context from the scale below; with
         ref_masks, labels (B, H, d, h, w) transferred at the bottleneck and mask (B, 1, X', Y', Z') the
-        references' weighted mask at full resolution (pooled here to this scale).
+        references' weighted mask at full resolution (pooled here to this scale); with ref_mask_detail, at
+        1/4 and 1/2 of the patch, the mask alone (label_channels 1).
 
         Returns (dec_out, ctx_out), both (B, C, X, Y, Z); with return_gates also (g_x, g_y, g_z), shaped
         (B, W, X, 1, 1), (B, W, 1, Y, 1), (B, W, 1, 1, Z) for the W = C + label channels (None ungated)."""

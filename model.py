@@ -15,6 +15,13 @@ their masks, weighted by retrieval weight, form a prior that is added to decoder
 learned weight (prior_scale, starting at 0), as multi-atlas segmentation fuses its atlases' labels and
 the network learns, through MCAM, where to correct the vote. Everything on the reference path starts
 at zero, so decoder A with references is exactly decoder A without them until training moves it.
+With ref_mask_detail instead, only the MCAMs at 1/4 and 1/2 of the patch read the references' weighted
+mask, at their own scale: the references' labels with spatial detail, without the vote or the transfer.
+
+Two controls say what the references bring: decode_a(feats, None) runs decoder A as a plain decoder
+(no fusion, no MCAM), and decode_a(feats, zero_refs=True) keeps the whole reference branch with the
+references' contribution set to zero (the fusion's attention, labels, mask and vote), so the MCAMs still
+act on the scan's own stream: only what the references contain is missing.
 """
 import torch
 import torch.nn as nn
@@ -22,6 +29,7 @@ import torch.nn as nn
 import mcam
 
 FUSION_HEADS = 4  # attention heads of the reference fusion at the bottleneck
+DETAIL_SCALES = (1, 2)  # decoder A's stages (0: 1/8 .. 3: full) whose MCAMs read the mask (ref_mask_detail)
 
 
 def conv_stage(c_in, c_out, n_convs):
@@ -91,7 +99,9 @@ class Decoder(nn.Module):
         for i, (up_, stage) in enumerate(zip(self.ups, self.stages)):
             x = stage(up_(x) + feats[-2 - i])        # (B, 8f, X/8, ..) .. (B, f, X, Y, Z)
             if context is not None and self.mcams is not None:
-                x, context = self.mcams[i](x, context, labels, mask)  # gated context fused at this scale
+                mcam_ = self.mcams[i]                # an MCAM without label channels reads no label maps
+                maps = (labels, mask) if mcam_.label_channels else (None, None)
+                x, context = mcam_(x, context, *maps)  # gated context fused at this scale
         return self.head(self.dropout(x))            # (B, n_classes, X, Y, Z)
 
 
@@ -104,7 +114,9 @@ class DualDecoderVNet(nn.Module):
         self.decoder_a = Decoder(base_filters, n_classes, "deconv", dropout, mcams)
         self.decoder_b = Decoder(base_filters, n_classes, "trilinear", dropout)
         self.fusion = fusion  # mcam.ReferenceFusion, or None for the plain dual-decoder network
-        if fusion is not None and fusion.masks:   # weight of the references' label vote in decoder A's logits
+        # whether decoder A reads the references' weighted mask (ref_masks, ref_mask_detail)
+        self.reads_mask = mcams is not None and any(m.label_channels for m in mcams)
+        if fusion is not None and fusion.masks:       # weight of the references' label vote in decoder A's logits
             self.prior_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, refs=None):
@@ -116,15 +128,28 @@ class DualDecoderVNet(nn.Module):
         logits_a, labels = self.decode_a(feats, refs, return_labels=True)
         return logits_a, self.decoder_b(feats), labels
 
-    def decode_a(self, feats, refs=None, return_labels=False):
-        """Decoder A on encoder features, fusing the references' context when there are references."""
+    def decode_a(self, feats, refs=None, return_labels=False, zero_refs=False):
+        """Decoder A on encoder features, fusing the references' context when there are references.
+
+        zero_refs: the "no references" control that keeps the reference branch (refs is not read). The
+        fusion's attention output is zero, so the context is the scan's own bottleneck (x + gate * 0); the
+        transferred labels and the references' mask are zeros and their vote is left out; every MCAM runs
+        on that. Without a fusion (a plain network) it is decoder A as with refs=None."""
         labels = mask = context = None
-        if refs is not None and self.fusion is not None:
-            # context (B, 16f, d, h, w); the transferred labels (B, H, d, h, w) with masks, else None
-            context, labels = self.fusion(feats[-1], refs.features, refs.weights, refs.masks)
-            mask = None if refs.masks is None else mcam.weighted_mask(refs.masks, refs.weights)  # (B,1,X,Y,Z)
+        if self.fusion is not None and zero_refs:
+            x = feats[-1]                                                      # (B, 16f, X/16, Y/16, Z/16)
+            context = x
+            if self.fusion.masks:
+                labels = torch.zeros(len(x), self.fusion.heads, *x.shape[2:], device=x.device)  # (B, H, ..)
+            if self.reads_mask:
+                mask = torch.zeros(len(x), 1, *feats[0].shape[2:], device=x.device)          # (B, 1, X, Y, Z)
+        elif refs is not None and self.fusion is not None:
+            masks = refs.masks if self.fusion.masks else None
+            context, labels = self.fusion(feats[-1], refs.features, refs.weights, masks)  # (B, 16f, ..), ..
+            if self.reads_mask:
+                mask = mcam.weighted_mask(refs.masks, refs.weights)                  # (B, 1, X, Y, Z)
         logits = self.decoder_a(feats, context, labels, mask)
-        if mask is not None:                        # the references' labels vote: atlas prior, learned weight
+        if mask is not None and self.fusion.masks and not zero_refs:  # the references vote: atlas prior
             logits = logits + self.prior_scale * prior_logits(mask)
         return (logits, labels) if return_labels else logits
 
@@ -145,14 +170,18 @@ def prior_logits(mask):
 
 def build_model(cfg):
     """The network an experiment config describes (references and MCAM when cfg.references is on; with
-    cfg.ref_masks the fusion reads the references' masks and every MCAM gets their label maps)."""
+    cfg.ref_masks the fusion reads the references' masks and every MCAM gets their label maps; with
+    cfg.ref_mask_detail the MCAMs of DETAIL_SCALES get the references' weighted mask)."""
     fusion = mcams = None
     if cfg.references:
         f = cfg.base_filters
         fusion = mcam.ReferenceFusion(16 * f, heads=FUSION_HEADS, masks=cfg.ref_masks)
-        labels = FUSION_HEADS + 1 if cfg.ref_masks else 0           # transferred labels + the weighted mask
         ch = [8 * f, 4 * f, 2 * f, f]                            # decoder A's scales, coarse to fine
         ctx = [16 * f] + ch[:-1]                                 # the context arrives from the scale below
-        mcams = nn.ModuleList([mcam.MCAM(c, cc, labels, gated=cfg.mcam_gates) for c, cc in zip(ch, ctx)])
+        labels = [FUSION_HEADS + 1 if cfg.ref_masks                 # transferred labels + the weighted mask
+                  else int(cfg.ref_mask_detail and i in DETAIL_SCALES)   # the weighted mask alone
+                  for i in range(len(ch))]
+        mcams = nn.ModuleList([mcam.MCAM(c, cc, n, gated=cfg.mcam_gates)
+                               for c, cc, n in zip(ch, ctx, labels)])
     return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, fusion, mcams)
 

@@ -266,3 +266,13 @@ def image_stats(image, mask=None):
             "target_sphericity": float(6 * np.pi * radius**2 / max(shape["surface_to_volume"] * m.sum(), 1)),
             "target_elongation": float(1 - shape["axis_ratio_min"]),
             "target_components": int(shape["components"])}
+
+
+def mask_centroids(masks):
+    """Foreground centroids (..., 3) float32, in voxels, of masks (..., X, Y, Z) on their device; NaN for an
+    empty mask. Pure tensor arithmetic: no host-device synchronisation."""
+    m = masks.float()
+    axes = [torch.arange(s, device=m.device, dtype=torch.float32) for s in m.shape[-3:]]
+    sums = ((m.sum((-2, -1)) * axes[0]).sum(-1), (m.sum((-3, -1)) * axes[1]).sum(-1),
+            (m.sum((-3, -2)) * axes[2]).sum(-1))
+    return torch.stack(sums, -1) / m.sum((-3, -2, -1))[..., None]               # 0 / 0 = NaN when empty

@@ -26,7 +26,7 @@ import torch
 
 from data import padded_crop
 import files
-from morphology import morphology_batch, morphology_torch
+from morphology import mask_centroids, morphology_batch, morphology_torch
 
 MODES = ("both", "morph", "cot", "random")  # ablations: both stages, morphology only, CoT only, random
 
@@ -221,19 +221,27 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
     logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
     labeled query never retrieves its own patches); mode: cfg.retrieval unless given ("random" for the
     sensitivity checks). Returns mcam.References: features (B, K, C, d, h, w), weights (B, K), the
-    masks (B, K, X, Y, Z) when cfg.ref_masks, and the chosen bank entries (B, K).
-    On CUDA nothing here waits for the GPU (morphology_torch, select_device), so the step
-    keeps the GPU queue full; both are tested against their numpy twins."""
-    masks = logits_b[:, 1] > logits_b[:, 0]                            # (B, X, Y, Z): argmax == 1, cheaper
-    if masks.is_cuda:                                                   # (B, M), the query morphology
+    masks (B, K, X, Y, Z) when decoder A reads them (cfg.ref_masks, cfg.ref_mask_detail), and the chosen
+    bank entries (B, K); with cfg.ref_align, features and masks moved to the prediction's centroid.
+    On CUDA nothing here waits for the GPU (morphology_torch, select_device, the alignment's gathers), so
+    the step keeps the GPU queue full; both are tested against their numpy twins."""
+    masks = foreground(logits_b)                                          # (B, X, Y, Z)
+    if masks.is_cuda:                                                     # (B, M), the query morphology
         morph = morphology_torch(masks)
     else:                                                               # no GPU to keep busy: numpy is faster
         morph = torch.from_numpy(morphology_batch(masks.numpy()))
     indices, weights = select_device(bank, morph, bank.query_rows(case_ids), cfg, generator, mode)
-    return bank.references(indices, weights, masks=cfg.ref_masks)
+    return bank.references(indices, weights, masks=cfg.ref_masks or cfg.ref_mask_detail,
+                           query_centroids=mask_centroids(masks) if cfg.ref_align else None)
+
+
+def foreground(logits_b):
+    """Decoder B's predicted foreground (B, X, Y, Z) bool: argmax == 1, cheaper."""
+    return logits_b[:, 1] > logits_b[:, 0]
 
 
 SWAPS = ("retrieved", "random", "none")  # what decoder A is given in the reference-sensitivity checks
+# "zeroed" may be asked for too: the reference branch kept, the references' contribution zero (decode_a)
 
 
 @torch.no_grad()
@@ -241,8 +249,10 @@ def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generat
                             transfer=False):
     """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: with the references
     retrieved for decoder B's prediction logits_b, with as many random bank entries of other cases in their
-    place (drawn from `generator`, equal weights, the same case cap), and with none. How far decoder A's
-    output moves between them is how much it uses what the references contain (docs/design.md §6, §10).
+    place (drawn from `generator`, equal weights, the same case cap), with none (decoder A without its
+    reference branch) and "zeroed" (the branch kept, the references' contribution zero: the control that
+    cannot flatter them). How far decoder A's output moves between them is how much it uses what the
+    references contain (docs/design.md §6, §10).
 
     With `transfer`, for the swaps with references, "<swap>_transfer" is the references' own answer: their
     ground-truth masks averaged with their weights (B, X, Y, Z), the label an atlas method would transfer to
@@ -250,11 +260,15 @@ def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generat
     references whose labels fit the query, whatever decoder A makes of them."""
     out = {}
     for swap in swaps:
+        if swap == "zeroed":
+            out[swap] = model.decode_a(feats, None, zero_refs=True).float().softmax(1)[:, 1]
+            continue
         refs = None if swap == "none" else query_references(
             bank, logits_b, case_ids, cfg, generator, mode="random" if swap == "random" else None)
         out[swap] = model.decode_a(feats, refs).float().softmax(1)[:, 1]
         if transfer and refs is not None:
-            out[f"{swap}_transfer"] = bank.label_transfer(refs.indices, refs.weights)
+            centroids = mask_centroids(foreground(logits_b)) if cfg.ref_align else None
+            out[f"{swap}_transfer"] = bank.label_transfer(refs.indices, refs.weights, centroids)
     return out
 
 

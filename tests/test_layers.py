@@ -18,7 +18,7 @@ LAYERS = [
     ["ablate", "data"],                        # ablation variants and table; LA-layout reading, batches
     ["bank", "extensions", "pool", "retrieve"],  # the reference bank; the extensions; the CoT knowledge pool;
                                                  # reference selection
-    ["explain", "test"],                       # why these references; inference and metrics
+    ["explain", "test", "tune_filter"],        # why these references; inference and metrics; tau and k
     ["train"],                                 # the training loop
     ["bench"],                                 # timings
 ]

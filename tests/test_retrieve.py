@@ -28,6 +28,9 @@ def settings(**kw):
     return dataclasses.replace(Config(), **{**base, **kw})
 
 
+GRID = SimpleNamespace(patch_size=(8, 8, 8), bank_stride=(8, 8, 8), ref_align=False)  # what build() reads
+
+
 def hand_bank(patches=2, with_images=False):
     """Cases A-D on a line in morphology space, A nearest the query at the origin; `patches` per case."""
     where = {"A": 0.2, "B": 1.0, "C": 1.3, "D": 2.0}
@@ -315,14 +318,56 @@ def test_refresh_is_ema_and_bank_round_trips(monkeypatch):
         hand_bank(patches=1).load_state_dict(bank.state_dict())
 
 
+def test_first_refresh_replaces_and_momentum_zero_follows_the_teacher():
+    """The bank is current: the first refresh after the warm-up (replace) sets the features to the teacher's
+    even when an earlier fill or a checkpoint left some, and with momentum 0 (the default: the teacher is
+    an EMA already) every later refresh is the encoder's output; a momentum > 0 still averages."""
+    assert Config().bank_momentum == 0.0
+    bank = hand_bank(with_images=True)
+    patches = torch.stack([torch.from_numpy(bank.patch(i)[0]) for i in range(len(bank))])[:, None]
+
+    def encoder(scale):
+        return lambda x: scale * torch.nn.functional.avg_pool3d(x, 4)        # (n, 1, 2, 2, 2)
+    bank.refresh(encoder(1.0), momentum=0.9)
+    restored = hand_bank(with_images=True)
+    restored.load_state_dict(bank.state_dict())                           # features from a checkpoint
+    for b in (bank, restored):
+        b.refresh(encoder(2.0), momentum=0.9, replace=True)
+        assert torch.equal(b.features, encoder(2.0)(patches))
+    bank.refresh(encoder(-3.0), momentum=0.0)
+    assert torch.equal(bank.features, encoder(-3.0)(patches))
+    bank.refresh(encoder(5.0), momentum=0.5)
+    torch.testing.assert_close(bank.features, 0.5 * encoder(-3.0)(patches) + 0.5 * encoder(5.0)(patches))
+    with pytest.raises(ValueError, match="encoder gives features"):
+        bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 2), momentum=0.0)
+    bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 2), momentum=0.0, replace=True)
+    assert bank.features.shape == (len(bank), 1, 4, 4, 4)
+
+
+def test_zeroed_swap_runs_decoder_a_with_zero_refs():
+    volumes = {c: (np.ones((8, 8, 8), np.float32), np.ones((8, 8, 8), np.uint8)) for c in COT}
+    bank = ReferenceBank.build(GRID, volumes, list(COT), COT)
+    bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 4), momentum=0.0)
+    bank.index_queries({"B": QUERY})
+    calls = []
+
+    def decode_a(feats, refs, zero_refs=False):
+        calls.append((refs, zero_refs))
+        return torch.full((1, 2, 8, 8, 8), float(len(calls)))
+    logits_b = torch.randn(1, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = retrieve.decoder_a_probabilities(SimpleNamespace(decode_a=decode_a), None, logits_b, ["B"], bank,
+                                           settings(k_fine=2), None, swaps=("retrieved", "zeroed", "none"))
+    assert [(refs is None, zero) for refs, zero in calls] == [(False, False), (True, True), (True, False)]
+    assert set(out) == {"retrieved", "zeroed", "none"}
+
+
 def test_label_transfer_is_the_chosen_references_weighted_masks():
     """The sensitivity check's label transfer: for retrieved and random references, the weighted mean of
     exactly the masks decoder A was given; none for "none"."""
     rng = np.random.default_rng(0)
-    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32),
-                   (rng.random((16, 16, 8)) < 0.3).astype(np.uint8)) for c in COT}
-    grid = SimpleNamespace(patch_size=(8, 8, 8), bank_stride=(8, 8, 8))
-    bank = ReferenceBank.build(grid, volumes, list(COT), COT)
+    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32), (rng.random((16, 16, 8)) < 0.3).astype(np.uint8))
+               for c in COT}
+    bank = ReferenceBank.build(GRID, volumes, list(COT), COT)
     bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 4), momentum=0.9)
     bank.index_queries({"B": QUERY, "C": QUERY})
     given = []
@@ -355,7 +400,7 @@ def test_build_from_volumes():
         label = np.zeros(shape, np.uint8)
         label[3:10, 4:12, 2:6] = 1
         volumes[cid] = (rng.normal(size=shape).astype(np.float32), label)
-    cfg = SimpleNamespace(patch_size=(8, 8, 8), bank_stride=(8, 8, 8))
+    cfg = GRID
     bank = ReferenceBank.build(cfg, volumes, ["c1", "c2"], {"c1": COT["B"], "c2": COT["C"]})
     counts = {(cid, v): len(grid_boxes(orient(volumes[cid][1], v).shape, (8, 8, 8), (8, 8, 8)))
               for cid in volumes for v in range(len(ORIENTATIONS))}
