@@ -32,7 +32,7 @@ ABLATIONS = {
 # the table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
          ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
-         ("dice_a_none", "A, no refs %", 100), ("ref_gain", "A: retrieved - random, points", 100),
+         ("dice_a_zeroed", "A, refs zeroed %", 100), ("ref_gain", "A: retrieved - random, points", 100),
          ("ref_delta", "mean abs dp(A) x1e-3", 1000), ("transfer", "transfer %", 100),
          ("transfer_random", "transfer, random %", 100), ("run_seconds", "minutes", 1 / 60)]
 

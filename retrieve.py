@@ -240,7 +240,7 @@ def foreground(logits_b):
     return logits_b[:, 1] > logits_b[:, 0]
 
 
-SWAPS = ("retrieved", "random", "none")  # what decoder A is given in the reference-sensitivity checks
+SWAPS = ("retrieved", "random", "zeroed")  # what decoder A is given in the reference-sensitivity checks
 # "zeroed" may be asked for too: the reference branch kept, the references' contribution zero (decode_a)
 
 

@@ -107,7 +107,7 @@ class Probabilities:
     a: np.ndarray                          # decoder A, with the retrieved references when there is a bank
     b: np.ndarray                          # decoder B
     a_random: np.ndarray = None            # decoder A with random bank entries in place of its references
-    a_none: np.ndarray = None              # decoder A without references
+    a_zeroed: np.ndarray = None            # decoder A with its references' contribution zeroed (branch kept)
     transfer: np.ndarray = None            # the retrieved references' weighted masks alone (no network)
     transfer_random: np.ndarray = None     # the random references' weighted masks alone
 
@@ -184,7 +184,7 @@ def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channe
     fields of Probabilities in their order: decoder A's and decoder B's (K = 2). With a reference bank each
     batch of windows takes the training path: decoder B first, its prediction's morphology and the case's
     image-only CoT select references, decoder A fuses them; with a `generator` decoder A also runs with random
-    bank entries in their place and with no references, and the references' weighted masks come along
+    bank entries in their place and with the references' contribution zeroed, and the references' weighted masks come along
     (K = 6), for the sensitivity report."""
     swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
 
@@ -201,7 +201,7 @@ def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channe
                                                      generator, swaps, transfer=generator is not None)
         out = {"a": a["retrieved"], "b": b.float().softmax(1)[:, 1]}
         if generator is not None:
-            out.update(a_random=a["random"], a_none=a["none"], transfer=a["retrieved_transfer"],
+            out.update(a_random=a["random"], a_zeroed=a["zeroed"], transfer=a["retrieved_transfer"],
                        transfer_random=a["random_transfer"])
         return torch.stack([out[name] for name in OUTPUTS if name in out], 1)
     return predict
@@ -264,8 +264,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         gt = label.astype(bool)
         row = {"case": case_id, **score(prob, gt, lcc),
                **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
-        if sensitivity:                                 # decoder A with random references, without references
-            row.update(dice_a_random=dice(prob.a_random > 0.5, gt), dice_a_none=dice(prob.a_none > 0.5, gt),
+        if sensitivity:                                 # decoder A with random references, references zeroed
+            row.update(dice_a_random=dice(prob.a_random > 0.5, gt), dice_a_zeroed=dice(prob.a_zeroed > 0.5, gt),
                        ref_delta=float(np.abs(prob.a - prob.a_random).mean()),
                        transfer=dice(prob.transfer > 0.5, gt),
                        transfer_random=dice(prob.transfer_random > 0.5, gt))
@@ -318,7 +318,7 @@ def print_table(rows, summary, cfg, iteration, lcc, scored="test"):
           + (" (with the sensitivity passes)" if summary["sensitivity"] else ""))
     if summary["sensitivity"]:
         print(f"reference sensitivity, decoder A Dice: retrieved {pct['dice_a']:.2f} %, random "
-              f"{pct['dice_a_random']:.2f} %, none {pct['dice_a_none']:.2f} %; mean |change| of its "
+              f"{pct['dice_a_random']:.2f} %, zeroed {pct['dice_a_zeroed']:.2f} %; mean |change| of its "
               f"foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
         gains = np.array([r["ref_gain"] for r in rows])
         print(f"retrieved vs random, case by case (same network): decoder A's Dice {100 * gains.mean():+.2f} "

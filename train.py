@@ -160,7 +160,7 @@ def train_step(run, it, image, label, ids):
     if use_refs and (it - cfg.ref_warmup) % cfg.bank_refresh == 0:
         with torch.no_grad(), run.autocast():
             bank.refresh(lambda x: teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1],
-                         cfg.bank_momentum)
+                         cfg.bank_momentum, replace=it == cfg.ref_warmup)   # the first replaces
         if run.world.size > 1:
             dist.broadcast(bank.features, 0)                              # bit-identical banks on every rank
 
