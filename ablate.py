@@ -14,21 +14,32 @@ from pathlib import Path
 
 import numpy as np
 
+import data
 import files
 
 from checkpoint import check_run_folder
 from config import ConfigError
 from distributed import World, main_process
 
+SUPERVISED = {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False,
+              "strong_view": False}
+ALL = "all"                                            # num_labeled: every ID of train.list (less validation)
 ABLATIONS = {
     "cers": {},                                        # full CERS, as configured
     "ref_masks": {"ref_masks": True},                  # references carry their masks (beyond the paper)
     "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
     "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
     "no_references": {"references": False},            # the plain dual-decoder mean teacher
-    "supervised_only": {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False,
-                        "strong_view": False},         # labeled patches alone
+    "ref_masks_random": {"ref_masks": True, "retrieval": "random"},  # an atlas prior without retrieval
+    "ref_aligned": {"ref_masks": True, "ref_align": True},  # mask-carrying references aligned to the query
+    "supervised_only": SUPERVISED,                     # labeled patches alone
+    "supervised_all": {**SUPERVISED, "num_labeled": ALL},  # every training case labeled: the room above
 }
+# paired comparisons: each variant's Dice minus its baseline's, seed by seed (the unlabeled cases' share of
+# the room; what references add to the network trained without them)
+BASELINE = {"no_references": "supervised_only", "supervised_all": "supervised_only"}
+BASELINE.update({name: "no_references" for name in ("cers", "ref_masks", "no_cot_filter", "no_mcam",
+                                                      "ref_masks_random", "ref_aligned")})
 # the table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
          ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
@@ -52,7 +63,7 @@ def run_ablation(cfg, names, seeds, train_and_test, force=False):
     <out_dir>/ablation (so later runs add seeds or rows to it). Every run folder is checked before the first
     one trains."""
     variants = [dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed{seed}",
-                                    **ABLATIONS[name]) for name in names for seed in seeds]
+                                    **resolved(ABLATIONS[name], cfg)) for name in names for seed in seeds]
     for variant in variants:
         check_run_folder(variant, World(), force=force)
     for variant in variants:
@@ -65,6 +76,32 @@ def run_ablation(cfg, names, seeds, train_and_test, force=False):
         table = ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
         print("\n" + table)
         files.write_text(Path(cfg.out_dir, "ablation", "table.md"), table + "\n")
+
+
+def resolved(changes, cfg):
+    """An ablation's config changes with num_labeled=ALL made a count: every training case (less the
+    validation split), each batch all labeled."""
+    if changes.get("num_labeled") != ALL:
+        return changes
+    data.ensure_phantom(cfg)
+    split = data.load_split(cfg.data_root, 1, cfg.val_cases)
+    return {**changes, "num_labeled": len(split.labeled + split.unlabeled), "labeled_bs": cfg.batch_size}
+
+
+def paired_table(folder):
+    """Markdown lines: per variant with a baseline, Dice (points) minus the baseline's on the same seed, for
+    each seed both have, with the mean, the seed spread and the count of seeds where it is above."""
+    lines = ["| variant − baseline | per seed (Dice points) | mean ± std | above on |", "|---|---|---|---|"]
+    for name, base in BASELINE.items():
+        dice = {b: {p.parent.parent.name: 100 * json.loads(p.read_text())["dice"]["mean"]
+                    for p in Path(folder, b).glob("seed*/test/summary.json")} for b in (name, base)}
+        seeds = sorted(set(dice[name]) & set(dice[base]), key=lambda s: int(s[4:]))
+        if seeds:
+            gain = np.array([dice[name][s] - dice[base][s] for s in seeds])
+            per_seed = ", ".join(f"{s[4:]}: {g:+.2f}" for s, g in zip(seeds, gain))
+            lines.append(f"| {name} − {base} | {per_seed} | {gain.mean():+.2f} ± {gain.std():.2f} | "
+                         f"{(gain > 0).sum()} of {len(gain)} |")
+    return lines if len(lines) > 2 else []
 
 
 def ablation_table(folder, title):
@@ -84,4 +121,5 @@ def ablation_table(folder, title):
             mean = round(np.mean(values), 2) + 0.0 if values else None     # + 0.0: a -0.00 reads 0.00
             cells.append(f"{mean:.2f} ± {np.std(values):.2f}" if values else "–")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    paired = paired_table(folder)
+    return "\n".join(lines + ([""] + paired if paired else []))

@@ -15,9 +15,9 @@ LAYERS = [
     ["distributed", "files", "llm", "model"],  # one process or torchrun's N; every write (atomic, errors in
                                                # words, the folder lock); the chat client; the V-Net
     ["checkpoint", "phantom", "runlog"],       # checkpoints; the synthetic dataset; the training log
-    ["ablate", "data"],                        # ablation variants and table; LA-layout reading, batches
-    ["bank", "extensions", "pool", "retrieve"],  # the reference bank; the extensions; the CoT knowledge pool;
-                                                 # reference selection
+    ["data"],                                  # LA-layout reading, augmentation, batches
+    ["ablate", "bank", "extensions", "pool", "retrieve"],  # ablation variants and tables; the reference bank;
+                                                           # the extensions; the CoT pool; reference selection
     ["explain", "test", "tune_filter"],        # why these references; inference and metrics; tau and k
     ["train"],                                 # the training loop
     ["bench"],                                 # timings

@@ -1,0 +1,40 @@
+"""The ablation runner's own parts: the room's variant (every training case labeled) and the table of
+differences paired by seed."""
+import json
+
+import ablate
+from test_train import tiny_cfg
+
+
+def write_summary(folder, name, seed, dice):
+    path = folder / name / f"seed{seed}" / "test"
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({"dice": {"mean": dice}}))
+
+
+def test_paired_table_subtracts_the_baseline_seed_by_seed(tmp_path):
+    for seed, dice in ((1, 0.70), (2, 0.72), (3, 0.90)):
+        write_summary(tmp_path, "supervised_only", seed, dice)
+    for seed, dice in ((1, 0.75), (2, 0.71)):                  # seed 3 missing: not paired, not counted
+        write_summary(tmp_path, "no_references", seed, dice)
+    write_summary(tmp_path, "cers", 1, 0.80)                   # its baseline (no_references) has seed 1
+    lines = ablate.paired_table(tmp_path)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert rows["no_references − supervised_only"] == ["1: +5.00, 2: -1.00", "+2.00 ± 3.00", "1 of 2"]
+    assert rows["cers − no_references"] == ["1: +5.00", "+5.00 ± 0.00", "1 of 1"]
+    assert len(rows) == 2                                       # no pair, no row
+    assert "cers − no_references" in ablate.ablation_table(tmp_path, "t")
+
+
+def test_paired_table_is_empty_without_pairs(tmp_path):
+    write_summary(tmp_path, "supervised_only", 1, 0.7)
+    assert ablate.paired_table(tmp_path) == []
+    assert "baseline" not in ablate.ablation_table(tmp_path, "t")
+
+
+def test_supervised_all_labels_every_training_case_but_the_validation_split(tiny_la, tmp_path):
+    cfg = tiny_cfg(tiny_la, tmp_path / "run", val_cases=2)      # 6 IDs in train.list, 2 held out
+    changes = ablate.resolved(ablate.ABLATIONS["supervised_all"], cfg)
+    assert changes["num_labeled"] == 4 and changes["labeled_bs"] == cfg.batch_size
+    assert changes["consistency"] == 0 and changes["references"] is False
+    assert ablate.resolved(ablate.ABLATIONS["cers"], cfg) == {}
