@@ -149,15 +149,16 @@ def cli(main, argv=None):
     try:
         main(argv)
     except CersError as e:
+        close_progress_bars()                          # while the failed call's bars are still open
         line, status = "error: " + str(e), 2
     except KeyboardInterrupt as e:                     # a Stop, or Ctrl-C before the handler was set
+        close_progress_bars()
         signum = getattr(e, "signum", signal.SIGINT)
         line, status = f"stopped by {signum.name}" + (f": {e}" if str(e) else ""), 128 + signum
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if line:
-        close_progress_bars()
         print(" ".join(line.splitlines()), file=sys.stderr)
     return status
 
