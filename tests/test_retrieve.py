@@ -365,8 +365,8 @@ def test_label_transfer_is_the_chosen_references_weighted_masks():
     """The sensitivity check's label transfer: for retrieved and random references, the weighted mean of
     exactly the masks decoder A was given; none for "none"."""
     rng = np.random.default_rng(0)
-    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32), (rng.random((16, 16, 8)) < 0.3).astype(np.uint8))
-               for c in COT}
+    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32),
+                   (rng.random((16, 16, 8)) < 0.3).astype(np.uint8)) for c in COT}
     bank = ReferenceBank.build(GRID, volumes, list(COT), COT)
     bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 4), momentum=0.9)
     bank.index_queries({"B": QUERY, "C": QUERY})
