@@ -274,8 +274,9 @@ class ReferenceBank:
         return masks if query_centroids is None else align(masks, self.centroids[idx], query_centroids)
 
     def label_transfer(self, indices, weights, query_centroids=None):
-        """The entries' ground-truth masks averaged with their weights, (B, K) each: (B, X, Y, Z) float, the
-        label an atlas method would transfer to the queries, no network involved; aligned as in references()."""
+        """The entries' ground-truth masks averaged with their weights, (B, K) each: (B, X, Y, Z) float,
+        the label an atlas method would transfer to the queries, no network involved; aligned as in
+        references()."""
         masks = self.aligned_masks(torch.as_tensor(indices, device=self.device), query_centroids)
         return weighted_mask(masks, torch.as_tensor(weights, device=self.device).float())[:, 0]
 

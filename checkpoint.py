@@ -47,7 +47,8 @@ def save_checkpoint(path, **state):
 
 
 def read_checkpoint(path, map_location="cpu"):
-    """The checkpoint dict at path, or a CheckpointError naming the file: missing, truncated, not a checkpoint."""
+    """The checkpoint dict at path, or a CheckpointError naming the file: missing, truncated, not a
+    checkpoint."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
@@ -66,8 +67,8 @@ def config_from_dict(saved, path):
     """The Config a checkpoint was written with; keys this version does not know are refused by name."""
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
-        raise CheckpointError(f"{path}: its config has keys this version does not know ({', '.join(unknown)}); "
-                              "read it with the version of the code that wrote it")
+        raise CheckpointError(f"{path}: its config has keys this version does not know "
+                              f"({', '.join(unknown)}); read it with the version of the code that wrote it")
     return Config(**saved)
 
 
@@ -80,20 +81,23 @@ def config_changes(saved, cfg, path):
 
 
 def check_resumable(ckpt, cfg, path):
-    """Refuse to resume a checkpoint with a config changed outside RESUMABLE, or one that has nothing left to do."""
+    """Refuse to resume a checkpoint with a config changed outside RESUMABLE, or one that has nothing left
+    to do."""
     fixed = [c for c in config_changes(ckpt["config"], cfg, path) if c[0] not in RESUMABLE]
     if fixed:
         changes = ", ".join(f"{k}={show(a)} now {show(b)}" for k, a, b in fixed)
-        raise ConfigError(f"--resume: {path} was trained with a different config ({changes}); resuming may change "
-                          f"only {', '.join(RESUMABLE)}. Give the checkpoint's values, train a new run elsewhere "
-                          "(--out_dir=...), or replace this one with --force instead of --resume")
+        raise ConfigError(f"--resume: {path} was trained with a different config ({changes}); "
+                          f"resuming may change only {', '.join(RESUMABLE)}. Give the checkpoint's values, "
+                          "train a new run elsewhere (--out_dir=...), or replace this one with --force "
+                          "instead of --resume")
     if cfg.max_iters <= ckpt["iter"]:
-        raise ConfigError(f"--resume: {path} is at iteration {ckpt['iter']}, max_iters={cfg.max_iters} leaves "
-                          f"nothing to train; raise --max_iters, or test it with test.py")
+        raise ConfigError(f"--resume: {path} is at iteration {ckpt['iter']}, max_iters={cfg.max_iters} "
+                          f"leaves nothing to train; raise --max_iters, or test it with test.py")
 
 
 def load_checkpoint(path, device):
-    """The student network (eval mode), its config and the whole checkpoint dict, rebuilt from what was saved."""
+    """The student network (eval mode), its config and the whole checkpoint dict, rebuilt from what was
+    saved."""
     ckpt = read_checkpoint(path, device)
     cfg = config_from_dict(ckpt["config"], path)
     model = build_model(cfg).to(device)
@@ -142,13 +146,15 @@ def check_run_folder(cfg, world, resume=False, force=False, stop_at=None):
         check_resumable(ckpt, cfg, ckpt_path)
     elif not force:
         check_not_replacing(cfg, out)
-    if stop_at is not None and stop_at <= (ckpt["iter"] if ckpt else 0):
-        raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {ckpt['iter'] if ckpt else 0}")
+    at = ckpt["iter"] if ckpt else 0
+    if stop_at is not None and stop_at <= at:
+        raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {at}")
     return ckpt
 
 
 def check_not_replacing(cfg, out):
-    """Refuse a new run in a folder that holds a run with another config (its checkpoint, else its config.json)."""
+    """Refuse a new run in a folder that holds a run with another config (its checkpoint, else its
+    config.json)."""
     ckpt_path, record = out / "ckpt_last.pt", out / "config.json"
     what = ckpt_path if ckpt_path.exists() else record if record.exists() else None
     if what is None:

@@ -79,7 +79,7 @@ class Config:
     llm_model: str = ""
     llm_api_key_env: str = "CERS_API_KEY"  # name of the environment variable holding the API key
     llm_temperature: float = 0.2
-    llm_timeout: float = 60.0         # seconds per request
+    llm_timeout: float = 60.0         # seconds for a whole request
     llm_workers: int = 4              # requests in flight
     llm_retries: int = 5
     llm_vision: bool = False          # attach a PNG montage of slices to each request
@@ -93,8 +93,10 @@ class Config:
     tau: float = 0.6                  # normalised BM25 score under which a candidate is a hard negative
     max_refs_per_case: int = 1        # at most this many references from one case (diverse references)
     ref_temperature: float = 1.0      # softmax temperature of the reference weights
-    ref_masks: bool = False           # references carry their masks into decoder A (an extension beyond the paper)
-    transfer_weight: float = 1.0      # with ref_masks: weight of the loss that teaches the fusion to transfer labels
+    ref_masks: bool = False           # references carry their masks into decoder A (an extension beyond
+                                      # the paper)
+    transfer_weight: float = 1.0      # with ref_masks: weight of the loss that teaches the fusion to
+                                      # transfer labels
     ref_mask_detail: bool = False     # decoder A's MCAMs at 1/4 and 1/2 of the patch read the references'
                                       # weighted mask at their scale (ref_masks gives it to every MCAM)
     ref_align: bool = False           # bank crops centred on their label's centroid; each reference's mask
@@ -102,7 +104,8 @@ class Config:
     retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
     bank_momentum: float = 0.0        # EMA momentum of the bank feature refresh (0: the teacher's current
                                       # features, the teacher being an EMA already); the first always replaces
-    ref_warmup: int = 0               # iterations before references are used (the path starts as the identity)
+    ref_warmup: int = 0               # iterations before references are used (the path starts as the
+                                      # identity)
     bank_refresh: int = 200           # refresh bank features from the teacher every this many iterations
     # testing
     stride_xy: int = 18               # sliding-window stride in x and y

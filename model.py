@@ -116,7 +116,7 @@ class DualDecoderVNet(nn.Module):
         self.fusion = fusion  # mcam.ReferenceFusion, or None for the plain dual-decoder network
         # whether decoder A reads the references' weighted mask (ref_masks, ref_mask_detail)
         self.reads_mask = mcams is not None and any(m.label_channels for m in mcams)
-        if fusion is not None and fusion.masks:       # weight of the references' label vote in decoder A's logits
+        if fusion is not None and fusion.masks:  # weight of the references' label vote in decoder A's logits
             self.prior_scale = nn.Parameter(torch.zeros(()))
 
     def forward(self, x, refs=None):

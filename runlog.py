@@ -3,8 +3,8 @@ per logged iteration, reading it back, and the curves drawn from it (curves.png)
 
 A resumed run continues from its checkpoint's iteration; the rows a killed run logged after that checkpoint
 are dropped before it appends (start_log), so a resumed log holds each iteration once, as an uninterrupted
-run's does. The cut-back is written through files.write_text (a temporary file beside the log, renamed over it),
-so the log is never left half written."""
+run's does. The cut-back is written through files.write_text (a temporary file beside the log, renamed over
+it), so the log is never left half written."""
 import csv
 from pathlib import Path
 

@@ -184,8 +184,8 @@ def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channe
     fields of Probabilities in their order: decoder A's and decoder B's (K = 2). With a reference bank each
     batch of windows takes the training path: decoder B first, its prediction's morphology and the case's
     image-only CoT select references, decoder A fuses them; with a `generator` decoder A also runs with random
-    bank entries in their place and with the references' contribution zeroed, and the references' weighted masks come along
-    (K = 6), for the sensitivity report."""
+    bank entries in their place and with the references' contribution zeroed, and the references' weighted
+    masks come along (K = 6), for the sensitivity report."""
     swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
 
     def predict(x):
@@ -265,7 +265,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         row = {"case": case_id, **score(prob, gt, lcc),
                **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
         if sensitivity:                                 # decoder A with random references, references zeroed
-            row.update(dice_a_random=dice(prob.a_random > 0.5, gt), dice_a_zeroed=dice(prob.a_zeroed > 0.5, gt),
+            row.update(dice_a_random=dice(prob.a_random > 0.5, gt),
+                       dice_a_zeroed=dice(prob.a_zeroed > 0.5, gt),
                        ref_delta=float(np.abs(prob.a - prob.a_random).mean()),
                        transfer=dice(prob.transfer > 0.5, gt),
                        transfer_random=dice(prob.transfer_random > 0.5, gt))

@@ -363,21 +363,23 @@ def test_zeroed_swap_runs_decoder_a_with_zero_refs():
 
 def test_label_transfer_is_the_chosen_references_weighted_masks():
     """The sensitivity check's label transfer: for retrieved and random references, the weighted mean of
-    exactly the masks decoder A was given; none for "none"."""
+    exactly the masks decoder A was given; none for "zeroed" (no references, their contribution zeroed)."""
     rng = np.random.default_rng(0)
-    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32), (rng.random((16, 16, 8)) < 0.3).astype(np.uint8))
-               for c in COT}
+    volumes = {c: (rng.normal(size=(16, 16, 8)).astype(np.float32),
+                   (rng.random((16, 16, 8)) < 0.3).astype(np.uint8)) for c in COT}
     bank = ReferenceBank.build(GRID, volumes, list(COT), COT)
     bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 4), momentum=0.9)
     bank.index_queries({"B": QUERY, "C": QUERY})
     given = []
-    model = SimpleNamespace(decode_a=lambda feats, refs: given.append(refs) or torch.zeros(2, 2, 8, 8, 8))
+    model = SimpleNamespace(decode_a=lambda feats, refs, zero_refs=False:
+                            given.append((refs, zero_refs)) or torch.zeros(2, 2, 8, 8, 8))
     logits_b = torch.randn(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     out = retrieve.decoder_a_probabilities(model, None, logits_b, ["B", "C"], bank, settings(k_fine=3),
                                            torch.Generator().manual_seed(1), transfer=True)
-    assert set(out) == {"retrieved", "random", "none", "retrieved_transfer", "random_transfer"}
-    assert given[2] is None and not torch.equal(given[0].indices, given[1].indices)
-    for swap, refs in zip(("retrieved", "random"), given):
+    assert set(out) == {"retrieved", "random", "zeroed", "retrieved_transfer", "random_transfer"}
+    assert given[2] == (None, True) and not any(zero for _, zero in given[:2])
+    assert not torch.equal(given[0][0].indices, given[1][0].indices)
+    for swap, (refs, _) in zip(("retrieved", "random"), given):
         masks = torch.from_numpy(np.stack([[bank.patch(i)[1] for i in row] for row in refs.indices.tolist()]))
         expected = (refs.weights[:, :, None, None, None] * masks.float()).sum(1)     # (B, X, Y, Z)
         torch.testing.assert_close(out[f"{swap}_transfer"], expected)
