@@ -24,22 +24,34 @@ from distributed import World, main_process
 SUPERVISED = {"references": False, "consistency": 0.0, "unlabeled_mix": False, "mix_labeled": False,
               "strong_view": False}
 ALL = "all"                                            # num_labeled: every ID of train.list (less validation)
+# the reference path as the paper has it: image features only, none of the reference extensions, whatever the
+# experiment or the command line turned on (the experiment's training extensions stay, as in every row)
+PAPER = {"references": True, "retrieval": "both", "mcam_gates": True, "ref_masks": False,
+         "ref_mask_detail": False, "ref_align": False, "ref_counterfactual": 0.0, "ref_proto_weight": 0.0}
+EARNED = {"ref_masks": True, "ref_align": True}           # the references that carry their aligned masks ...
 ABLATIONS = {
     "cers": {},                                        # full CERS, as configured
+    "paper": PAPER,                                    # CERS as the paper has it (what `cers` is by default)
     "ref_masks": {"ref_masks": True},                  # references carry their masks (beyond the paper)
     "no_cot_filter": {"retrieval": "morph"},           # references by morphology alone
     "no_mcam": {"mcam_gates": False},                  # context added without coordinate-attention gates
     "no_references": {"references": False},            # the plain dual-decoder mean teacher
     "ref_masks_random": {"ref_masks": True, "retrieval": "random"},  # an atlas prior without retrieval
-    "ref_aligned": {"ref_masks": True, "ref_align": True},  # mask-carrying references aligned to the query
+    "ref_aligned": EARNED,                             # mask-carrying references aligned to the query
+    # ... with training that teaches when to trust them (random references or none on 30 % of the steps),
+    # with the loss in which the query's prototypes segment them, and with both
+    "ref_counterfactual": {**EARNED, "ref_counterfactual": 0.3},
+    "ref_proto": {**EARNED, "ref_proto_weight": 1.0},
+    "cers_counterfactual": {**EARNED, "ref_counterfactual": 0.3, "ref_proto_weight": 1.0},
     "supervised_only": SUPERVISED,                     # labeled patches alone
     "supervised_all": {**SUPERVISED, "num_labeled": ALL},  # every training case labeled: the room above
 }
 # paired comparisons: each variant's Dice minus its baseline's, seed by seed (the unlabeled cases' share of
 # the room; what references add to the network trained without them)
 BASELINE = {"no_references": "supervised_only", "supervised_all": "supervised_only"}
-BASELINE.update({name: "no_references" for name in ("cers", "ref_masks", "no_cot_filter", "no_mcam",
-                                                      "ref_masks_random", "ref_aligned")})
+BASELINE.update({name: "no_references" for name in (
+    "cers", "paper", "ref_masks", "no_cot_filter", "no_mcam", "ref_masks_random", "ref_aligned",
+    "ref_counterfactual", "ref_proto", "cers_counterfactual")})
 # the table: (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
          ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),

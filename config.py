@@ -101,6 +101,10 @@ class Config:
                                       # weighted mask at their scale (ref_masks gives it to every MCAM)
     ref_align: bool = False           # bank crops centred on their label's centroid; each reference's mask
                                       # and features moved so that centroid lands on the query's predicted one
+    ref_counterfactual: float = 0.0   # per step, the chance that the student's decoder A gets random
+                                      # references or none (half and half) in place of the retrieved ones
+    ref_proto_weight: float = 0.0     # weight of the loss in which the query's foreground and background
+                                      # prototypes segment its references, scored on their masks
     retrieval: str = "both"           # "both" | "morph" | "cot" | "random"
     bank_momentum: float = 0.0        # EMA momentum of the bank feature refresh (0: the teacher's current
                                       # features, the teacher being an EMA already); the first always replaces
@@ -273,6 +277,7 @@ CHECKS = {  # key: (test, what the value must be); every key of Config, applied 
                                                "one of both, morph, cot, random"),
     "max_refs_per_case": (lambda v: v >= 1, "a count >= 1 (references one case may give a query)"),
     "ref_masks": flag, "transfer_weight": non_negative, "ref_mask_detail": flag, "ref_align": flag,
+    "ref_counterfactual": fraction, "ref_proto_weight": non_negative,
     "bank_momentum": fraction, "ref_warmup": (lambda v: v >= 0, "a whole number >= 0"), "bank_refresh": count,
     "stride_xy": count, "stride_z": count, "window_batch": count,
     "device": (lambda v: DEVICE.fullmatch(v), "auto, cpu, cuda, cuda:N or mps"),

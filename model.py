@@ -119,14 +119,18 @@ class DualDecoderVNet(nn.Module):
         if fusion is not None and fusion.masks:  # weight of the references' label vote in decoder A's logits
             self.prior_scale = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x, refs=None):
-        """x (B, 1, X, Y, Z); refs: mcam.References for decoder A, or None.
+    def forward(self, x, refs=None, zero_refs=False, bottleneck=False):
+        """x (B, 1, X, Y, Z); refs: mcam.References for decoder A, or None; zero_refs: decoder A with the
+        references' contribution zeroed (decode_a).
 
         Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z), and with ref_masks the
-        labels the fusion transferred from the references (B, heads, X/16, Y/16, Z/16), else None."""
+        labels the fusion transferred from the references (B, heads, X/16, Y/16, Z/16), else None (None too
+        with zero_refs: nothing was transferred); with `bottleneck`, fourth, the encoder's bottleneck
+        features (B, 16f, X/16, Y/16, Z/16)."""
         feats = self.encoder(x)
-        logits_a, labels = self.decode_a(feats, refs, return_labels=True)
-        return logits_a, self.decoder_b(feats), labels
+        logits_a, labels = self.decode_a(feats, refs, return_labels=True, zero_refs=zero_refs)
+        out = logits_a, self.decoder_b(feats), None if zero_refs else labels
+        return out + (feats[-1],) if bottleneck else out
 
     def decode_a(self, feats, refs=None, return_labels=False, zero_refs=False):
         """Decoder A on encoder features, fusing the references' context when there are references.

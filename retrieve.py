@@ -221,7 +221,8 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
     logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
     labeled query never retrieves its own patches); mode: cfg.retrieval unless given ("random" for the
     sensitivity checks). Returns mcam.References: features (B, K, C, d, h, w), weights (B, K), the
-    masks (B, K, X, Y, Z) when decoder A reads them (cfg.ref_masks, cfg.ref_mask_detail), and the chosen
+    masks (B, K, X, Y, Z) when decoder A reads them (cfg.ref_masks, cfg.ref_mask_detail) or the prototype
+    loss scores on them (cfg.ref_proto_weight, extensions.prototype_loss), and the chosen
     bank entries (B, K); with cfg.ref_align, features and masks moved to the prediction's centroid.
     On CUDA nothing here waits for the GPU (morphology_torch, select_device, the alignment's gathers), so
     the step keeps the GPU queue full; both are tested against their numpy twins."""
@@ -231,7 +232,8 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
     else:                                                               # no GPU to keep busy: numpy is faster
         morph = torch.from_numpy(morphology_batch(masks.numpy()))
     indices, weights = select_device(bank, morph, bank.query_rows(case_ids), cfg, generator, mode)
-    return bank.references(indices, weights, masks=cfg.ref_masks or cfg.ref_mask_detail,
+    with_masks = cfg.ref_masks or cfg.ref_mask_detail or cfg.ref_proto_weight > 0
+    return bank.references(indices, weights, masks=with_masks,
                            query_centroids=mask_centroids(masks) if cfg.ref_align else None)
 
 

@@ -171,9 +171,12 @@ def train_step(run, it, image, label, ids):
         noise = (torch.randn_like(t_in) * sigma).clamp(-2 * sigma, 2 * sigma)
         feats = teacher.encoder(t_in + noise)
         t_b = teacher.decoder_b(feats)                                     # (B or Bu, 2, X, Y, Z)
-        refs = refs_u = None
+        refs = refs_u = student_refs = None
+        zero_refs = False
         if use_refs:
             refs = query_references(bank, t_b, ids, cfg, run.ref_gen)     # mcam.References, (B, K, ...)
+            student_refs, zero_refs = extensions.counterfactual_refs(      # ref_counterfactual
+                refs, lambda: query_references(bank, t_b, ids, cfg, run.ref_gen, "random"), run.ref_gen, cfg)
             feats, t_b, refs_u = [f[n_lab:] for f in feats], t_b[n_lab:], refs.part(slice(n_lab, None))
         t_a = teacher.decode_a(feats, refs_u)
         p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
@@ -184,8 +187,10 @@ def train_step(run, it, image, label, ids):
         image = image.contiguous(memory_format=run.memory_format)
 
     # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
-    with run.autocast():
-        logits_a, logits_b, transferred = run.net(image, refs)             # (B, 2, X, Y, Z) each; (B, H, ..)
+    #    (with ref_proto_weight the forward pass also hands back the bottleneck features)
+    with run.autocast():                                                   # (B, 2, X, Y, Z) each; (B, H, ..)
+        logits_a, logits_b, transferred, *bottleneck = run.net(image, student_refs, zero_refs=zero_refs,
+                                                               bottleneck=cfg.ref_proto_weight > 0)
     sup_a = supervised_loss(logits_a[:n_lab], label)
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
@@ -198,6 +203,8 @@ def train_step(run, it, image, label, ids):
     w = consistency_weight(it, cfg)
     loss = loss_sup + w * (loss_mt + loss_cross)
     loss = loss + extensions.transfer_loss(transferred, label, target, n_lab, w, cfg)  # ref_masks
+    loss = loss + extensions.prototype_loss(refs, label, target, n_lab, w, cfg,          # ref_proto_weight
+                                            *bottleneck)
 
     # 4. SGD step with the scheduled learning rate, then the teacher follows
     for group in run.optimizer.param_groups:

@@ -38,3 +38,20 @@ def test_supervised_all_labels_every_training_case_but_the_validation_split(tiny
     assert changes["num_labeled"] == 4 and changes["labeled_bs"] == cfg.batch_size
     assert changes["consistency"] == 0 and changes["references"] is False
     assert ablate.resolved(ablate.ABLATIONS["cers"], cfg) == {}
+
+
+def test_every_variant_is_a_valid_config_and_paper_turns_every_reference_extension_off(tiny_la, tmp_path):
+    """Each row gives a config that passes the checks; `paper` is the default reference path (image features
+    only) even from a config with every reference extension on, and names each reference switch."""
+    import dataclasses
+    from config import Config, check_config
+    extended = tiny_cfg(tiny_la, tmp_path / "run", ref_masks="true", ref_align="true",
+                        ref_counterfactual=0.3, ref_proto_weight=1.0, retrieval="morph")
+    for name, changes in ablate.ABLATIONS.items():
+        check_config(dataclasses.replace(extended, **ablate.resolved(changes, extended)))
+    paper = dataclasses.replace(extended, **ablate.ABLATIONS["paper"])
+    defaults = Config()
+    switches = [f.name for f in dataclasses.fields(Config) if f.name.startswith("ref_")
+                and f.name not in ("ref_temperature", "ref_warmup")]
+    assert set(switches) <= set(ablate.PAPER), "a reference switch the paper row does not name"
+    assert all(getattr(paper, key) == getattr(defaults, key) for key in ablate.PAPER)

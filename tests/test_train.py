@@ -134,7 +134,8 @@ def test_a_few_iterations_lower_the_supervised_loss(tiny_la, tmp_path):
 
 
 @pytest.mark.parametrize("mix", [{"unlabeled_mix": "false"}, {"unlabeled_mix": "true"},
-                                 {"mix_labeled": "true"}, {"unlabeled_mix": "true", "strong_view": "true"}])
+                                 {"mix_labeled": "true"}, {"unlabeled_mix": "true", "strong_view": "true"},
+                                 {"ref_masks": "true", "ref_counterfactual": 0.7, "ref_proto_weight": 1.0}])
 def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path, mix):
     full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, **mix), progress=False)
     half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, **mix)
@@ -300,8 +301,8 @@ def test_references_switch_in_without_a_jump_then_matter(tiny_la, tmp_path, monk
     first = []
     forward = model.DualDecoderVNet.forward
 
-    def spy(self, x, refs=None):
-        a, b, transferred = forward(self, x, refs)
+    def spy(self, x, refs=None, **options):
+        a, b, transferred = forward(self, x, refs, **options)
         if refs is not None and not first:              # the switch: compare with no references
             with torch.no_grad():
                 first.append(torch.equal(a, self.decode_a(self.encoder(x))))
