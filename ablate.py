@@ -103,7 +103,8 @@ def resolved(changes, cfg):
 def paired_table(folder):
     """Markdown lines: per variant with a baseline, Dice (points) minus the baseline's on the same seed, for
     each seed both have, with the mean, the seed spread and the count of seeds where it is above."""
-    lines = ["| variant − baseline | per seed (Dice points) | mean ± std | above on |", "|---|---|---|---|"]
+    lines = ["| variant − baseline | per seed (Dice points) | mean ± std | above on |",
+             "|---|---|---|---|"]
     for name, base in BASELINE.items():
         dice = {b: {p.parent.parent.name: 100 * json.loads(p.read_text())["dice"]["mean"]
                     for p in Path(folder, b).glob("seed*/test/summary.json")} for b in (name, base)}
