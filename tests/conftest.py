@@ -18,7 +18,7 @@ FIXTURES = SHARED / "fixtures"
 def missing(what):
     """Skip on a developer machine without the shared files; fail in CI, where they must be present."""
     if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI must have ../shared beside the project)")
+        pytest.fail(f"{what} (CI must have the shared data beside the project: CERS_SHARED, CERS_LA_ROOT)")
     pytest.skip(what)
 
 
