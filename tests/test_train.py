@@ -167,7 +167,16 @@ sys.exit(cli(train.main))
 """
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tiny_la, tmp_path, capsys):
+@pytest.fixture
+def one_thread():
+    """Train in this process on one thread, as the children do: bit-identical sums need the same count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tiny_la, tmp_path, capsys, one_thread):
     """kill -9 in the middle of the second checkpoint's write: the first checkpoint is intact, --resume takes
     over the dead run's lock, removes its temp file and ends with the uninterrupted run's weights."""
     full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5), progress=False)
