@@ -16,6 +16,7 @@ import numpy as np
 
 import data
 import files
+import phantom
 
 from checkpoint import check_run_folder
 from config import ConfigError
@@ -95,7 +96,7 @@ def resolved(changes, cfg):
     validation split), each batch all labeled."""
     if changes.get("num_labeled") != ALL:
         return changes
-    data.ensure_phantom(cfg)
+    phantom.ensure_for(cfg)
     split = data.load_split(cfg.data_root, 1, cfg.val_cases)
     return {**changes, "num_labeled": len(split.labeled + split.unlabeled), "labeled_bs": cfg.batch_size}
 

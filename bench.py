@@ -66,7 +66,7 @@ def bench_data(cfg, n_unlabeled):
 
     The experiment's data when it is there (the phantom is written when the config asks for it);
     otherwise synthetic phantom volumes of LA-like size in a temporary folder, and the source says so."""
-    data.ensure_phantom(cfg)
+    phantom.ensure_for(cfg)
     if (Path(cfg.data_root) / "train.list").exists():
         source = f"{'phantom' if cfg.phantom else 'real'} data at {cfg.data_root}"
     else:

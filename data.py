@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import files
-import phantom
 from config import CASE_DIR, CASE_FILE, CersError
-from distributed import World, main_first
+from distributed import World
 
 
 class DataError(CersError, ValueError):
@@ -237,21 +236,12 @@ def upsample_probabilities(prob, factor, shape):
     return out
 
 
-def ensure_phantom(cfg, world=World()):
-    """Write the experiment's synthetic dataset when its config asks for one (rank 0 first under torchrun)."""
-    if cfg.phantom:
-        with main_first(world):
-            phantom.ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
-                                   shape=tuple(cfg.phantom_shape), seed=0)
-
-
 def prepare_data(cfg, world=World()):
-    """The split and the in-memory volumes (the phantom is written first when the config asks for it).
+    """The split and the in-memory volumes (a phantom experiment writes its data first: phantom.ensure_for).
     With references on, the test cases are read too: the knowledge pool describes every image. A volume cache
     to be filled is checked writable before the first file is read."""
     if cfg.downsample > 1 and cfg.cache_dir:
         files.check_writable(cfg.cache_dir)
-    ensure_phantom(cfg, world)
     split = load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
     return split, load_volumes(cfg.data_root, ids, progress=world.main, factor=cfg.downsample,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import data
+import phantom
 import pool
 from bank import ReferenceBank, grid_boxes
 from checkpoint import CheckpointError, load_checkpoint
@@ -75,7 +76,7 @@ def main(argv=None):
         parser.error("give --explain ID or --filter-report")
     cfg = get_config(args.exp, overrides)
     pool.check_cache_writable(cfg)                     # before any data are read
-    data.ensure_phantom(cfg)
+    phantom.ensure_for(cfg)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     if args.explain and args.explain not in split.labeled + split.unlabeled + split.test:
         raise ConfigError(f"--explain: case {args.explain!r} is in neither train.list nor test.list of "

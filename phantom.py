@@ -36,6 +36,7 @@ from scipy import ndimage
 
 import files
 from config import CASE_DIR, CASE_FILE, EXPERIMENTS, CersError, ConfigError, cli
+from distributed import World, main_first
 
 PARAMS_FILE = "phantom.json"
 VERSION = 4  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
@@ -309,6 +310,14 @@ def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
             if written_params(root) != params:         # another process may have written it meanwhile
                 replace_phantom(root, params)
     return root
+
+
+def ensure_for(cfg, world=World()):
+    """Write an experiment's synthetic dataset when its config asks for one (rank 0 first under torchrun)."""
+    if cfg.phantom:
+        with main_first(world):
+            ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
+                           shape=tuple(cfg.phantom_shape), seed=0)
 
 
 def phantom_lock(root):

@@ -35,11 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import requests
 from scipy import ndimage
 from tqdm import tqdm
 
 import data
+import phantom
 from config import CersError, cli, get_config
 from llm import LLMClient, LLMError
 from morphology import image_stats
@@ -436,7 +436,8 @@ def main(argv=None):
                   f"content {r['content_hash']} | {r.get('created')}\n{r['text']}")
         return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
     check_cache_writable(cfg)
-    split, volumes = data.prepare_data(cfg)  # writes the phantom first when the experiment asks for it
+    phantom.ensure_for(cfg)                  # a phantom experiment writes its data first
+    split, volumes = data.prepare_data(cfg)
     volumes.update(data.load_volumes(cfg.data_root, split.test, factor=cfg.downsample))
     build_pool(cfg, split, volumes)
 

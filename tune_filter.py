@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import data
+import phantom
 import pool
 from bank import ORIENTATIONS, ReferenceBank, grid_boxes, orient
 from config import ConfigError, cli, get_config
@@ -123,7 +124,7 @@ def main(argv=None):
     taus = parse_grid("taus", args.taus, float, lambda v: 0 <= v <= 1, "numbers in [0, 1]")
     ks = parse_grid("ks", args.ks, int, lambda v: v >= 1, "whole numbers >= 1")
     cfg = get_config(args.exp, ["--cot_backend=descriptors", *overrides])    # offline unless overridden
-    data.ensure_phantom(cfg)
+    phantom.ensure_for(cfg)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     volumes = data.load_volumes(cfg.data_root, split.labeled, factor=cfg.downsample, cache_dir=cfg.cache_dir)
     cots = pool.build_pool(cfg, dataclasses.replace(split, unlabeled=[], test=[]), volumes)  # labeled only

@@ -14,8 +14,8 @@ LAYERS = [
                                                         # fusion and MCAM; shape and image descriptors
     ["distributed", "files", "llm", "model"],  # one process or torchrun's N; every write (atomic, errors in
                                                # words, the folder lock); the chat client; the V-Net
-    ["checkpoint", "phantom", "runlog"],       # checkpoints; the synthetic dataset; the training log
-    ["data"],                                  # LA-layout reading, augmentation, batches
+    ["checkpoint", "data", "phantom", "runlog"],  # checkpoints; LA-layout reading, augmentation, batches; the
+                                                  # synthetic dataset; the training log
     ["ablate", "bank", "extensions", "pool", "retrieve"],  # ablation variants and tables; the reference bank;
                                                            # the extensions; the CoT pool; reference selection
     ["explain", "test", "tune_filter"],        # why these references; inference and metrics; tau and k
