@@ -16,9 +16,9 @@ import pytest
 
 import llm
 import pool
-from config import ConfigError, cli, get_config
-from cot import FIELDS, format_cot, parse_cot
-from llm_server import GOOD, LoopbackLLM
+from config import ConfigError, get_config
+from cot import FIELDS, parse_cot
+from llm_server import LoopbackLLM
 from morphology import image_stats
 from test_morphology import toy_case
 
