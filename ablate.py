@@ -101,6 +101,13 @@ def resolved(changes, cfg):
     return {**changes, "num_labeled": len(split.labeled + split.unlabeled), "labeled_bs": cfg.batch_size}
 
 
+def mean_spread(values, sign=""):
+    """'mean ± spread' of values over seeds; the spread is the sample standard deviation (n - 1), so a few
+    seeds do not look steadier than they are; one value has none."""
+    mean = round(float(np.mean(values)), 2) + 0.0                      # + 0.0: a -0.00 reads 0.00
+    return f"{mean:{sign}.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+
+
 def paired_table(folder):
     """Markdown lines: per variant with a baseline, Dice (points) minus the baseline's on the same seed, for
     each seed both have, with the mean, the seed spread and the count of seeds where it is above."""
@@ -113,15 +120,15 @@ def paired_table(folder):
         if seeds:
             gain = np.array([dice[name][s] - dice[base][s] for s in seeds])
             per_seed = ", ".join(f"{s[4:]}: {g:+.2f}" for s, g in zip(seeds, gain))
-            lines.append(f"| {name} − {base} | {per_seed} | {gain.mean():+.2f} ± {gain.std():.2f} | "
+            lines.append(f"| {name} − {base} | {per_seed} | {mean_spread(gain, '+')} | "
                          f"{(gain > 0).sum()} of {len(gain)} |")
     return lines if len(lines) > 2 else []
 
 
 def ablation_table(folder, title):
     """A markdown table of every ablation run under `folder`: per variant, the mean ± std over its seeds of
-    each run's mean over the test cases (the std is the seed spread)."""
-    lines = [f"{title}; last checkpoints; mean ± std over seeds",
+    each run's mean over the test cases (the std, n - 1, is the seed spread)."""
+    lines = [f"{title}; last checkpoints; mean ± std over seeds (n - 1)",
              "| variant | seeds | " + " | ".join(head for _, head, _ in TABLE) + " |",
              "|---|---|" + "---|" * len(TABLE)]
     for name in ABLATIONS:
@@ -132,8 +139,7 @@ def ablation_table(folder, title):
         for key, _, scale in TABLE:
             values = [scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key])
                       for r in runs if key in r]
-            mean = round(np.mean(values), 2) + 0.0 if values else None     # + 0.0: a -0.00 reads 0.00
-            cells.append(f"{mean:.2f} ± {np.std(values):.2f}" if values else "–")
+            cells.append(mean_spread(values) if values else "–")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     paired = paired_table(folder)
     return "\n".join(lines + ([""] + paired if paired else []))

@@ -20,10 +20,17 @@ def test_paired_table_subtracts_the_baseline_seed_by_seed(tmp_path):
     write_summary(tmp_path, "cers", 1, 0.80)                   # its baseline (no_references) has seed 1
     lines = ablate.paired_table(tmp_path)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
-    assert rows["no_references − supervised_only"] == ["1: +5.00, 2: -1.00", "+2.00 ± 3.00", "1 of 2"]
-    assert rows["cers − no_references"] == ["1: +5.00", "+5.00 ± 0.00", "1 of 1"]
+    assert rows["no_references − supervised_only"] == ["1: +5.00, 2: -1.00", "+2.00 ± 4.24", "1 of 2"]
+    assert rows["cers − no_references"] == ["1: +5.00", "+5.00", "1 of 1"]  # one seed: no spread
     assert len(rows) == 2                                       # no pair, no row
     assert "cers − no_references" in ablate.ablation_table(tmp_path, "t")
+
+
+def test_table_spread_is_the_sample_std_over_seeds(tmp_path):
+    for seed, dice in ((1, 0.70), (2, 0.74)):
+        write_summary(tmp_path, "supervised_only", seed, dice)
+    row = next(line for line in ablate.ablation_table(tmp_path, "t").splitlines() if "supervised_only" in line)
+    assert row.split("|")[3].strip() == "72.00 ± 2.83"          # sqrt((2² + 2²) / (2 - 1)), not 2.00
 
 
 def test_paired_table_is_empty_without_pairs(tmp_path):
