@@ -236,12 +236,17 @@ def upsample_probabilities(prob, factor, shape):
     return out
 
 
-def prepare_data(cfg, world=World()):
-    """The split and the in-memory volumes (a phantom experiment writes its data first: phantom.ensure_for).
-    With references on, the test cases are read too: the knowledge pool describes every image. A volume cache
-    to be filled is checked writable before the first file is read."""
+def check_volume_cache_writable(cfg):
+    """A volume cache that reading will fill must be writable: entry points check it before any data is
+    written (a phantom) or read."""
     if cfg.downsample > 1 and cfg.cache_dir:
         files.check_writable(cfg.cache_dir)
+
+
+def prepare_data(cfg, world=World()):
+    """The split and the in-memory volumes. Before it, an entry point checks the volume cache
+    (check_volume_cache_writable) and writes a phantom experiment's data (phantom.ensure_for). With references
+    on, the test cases are read too: the knowledge pool describes every image."""
     split = load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
     return split, load_volumes(cfg.data_root, ids, progress=world.main, factor=cfg.downsample,

@@ -436,6 +436,7 @@ def main(argv=None):
                   f"content {r['content_hash']} | {r.get('created')}\n{r['text']}")
         return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
     check_cache_writable(cfg)
+    data.check_volume_cache_writable(cfg)    # before any data is written or read
     phantom.ensure_for(cfg)                  # a phantom experiment writes its data first
     split, volumes = data.prepare_data(cfg)
     volumes.update(data.load_volumes(cfg.data_root, split.test, factor=cfg.downsample))

@@ -306,6 +306,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False):
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
     if cfg.references:                                 # the CoT cache must take what the pool asks for
         pool.check_cache_writable(cfg)
+    data.check_volume_cache_writable(cfg)              # before any data is written or read
     phantom.ensure_for(cfg, world)                     # a phantom experiment writes its data first
     split, volumes = data.prepare_data(cfg, world)
     data.load_volumes(cfg.data_root, [i for i in split.test if i not in volumes], progress=False,

@@ -332,7 +332,7 @@ def test_references_switch_in_without_a_jump_then_matter(tiny_la, tmp_path, monk
 
 
 def test_ablation_table_aggregates_seeds(tmp_path):
-    """Each row is the mean ± std over the seeds of each run's mean; sensitivity columns only where
+    """Each row is the mean ± std (n - 1) over the seeds of each run's mean; sensitivity columns only where
     measured."""
     for seed, dice, delta in ((1, 0.80, 0.002), (2, 0.90, 0.004)):
         folder = tmp_path / "ref_masks" / f"seed{seed}" / "test"
@@ -344,9 +344,9 @@ def test_ablation_table_aggregates_seeds(tmp_path):
     table = ablate.ablation_table(tmp_path, "t").splitlines()
     row = [c.strip() for c in table[3].split("|")[1:-1]]
     column = lambda head: row[table[1].split("|").index(f" {head} ") - 1]
-    assert row[:3] == ["ref_masks", "2", "85.00 ± 5.00"] and row[-1] == "1.00 ± 0.00"
-    assert column("mean abs dp(A) x1e-3") == "3.00 ± 1.00" and len(table) == 4
-    assert column("A: retrieved - random, points") == "3.00 ± 1.00"
+    assert row[:3] == ["ref_masks", "2", "85.00 ± 7.07"] and row[-1] == "1.00 ± 0.00"
+    assert column("mean abs dp(A) x1e-3") == "3.00 ± 1.41" and len(table) == 4
+    assert column("A: retrieved - random, points") == "3.00 ± 1.41"
     assert column("A, random refs %") == "–" and column("transfer %") == "–"
 
 
@@ -357,4 +357,4 @@ def test_ablation_table_writes_no_negative_zero(tmp_path):
     (folder / "summary.json").write_text(json.dumps({"dice": {"mean": 0.5}, "ref_gain": {"mean": -1e-6}}))
     table = ablate.ablation_table(tmp_path, "t").splitlines()
     row = [c.strip() for c in table[3].split("|")[1:-1]]
-    assert row[table[1].split("|").index(" A: retrieved - random, points ") - 1] == "0.00 ± 0.00"
+    assert row[table[1].split("|").index(" A: retrieved - random, points ") - 1] == "0.00"  # one seed
