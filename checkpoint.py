@@ -1,123 +1,150 @@
-"""Checkpoints: written atomically, read back into a network rebuilt from the config they carry.
-
-A checkpoint holds everything a run needs to continue exactly (docs/design.md §12):
-student, teacher, optimiser, iteration, every rank's sampler and random states, the reference bank,
-the CoT texts and the whole config. train.py writes and resumes them; test.py and explain.py read
-the student back with load_checkpoint, which builds the network from the saved config.
-
---resume continues a run only with the config it was trained with: config_changes() lists the keys that
-differ, and only the keys in RESUMABLE (how long, how often to log and save, where and how fast to run,
-how to test, how to reach the LLM) may change. check_run_folder runs before a run reads or writes anything:
-it opens the checkpoint --resume continues, or refuses to replace a run with another config without --force.
-holds_run_folder keeps a second run out of a folder that one is training in, and makes a run stopped by Ctrl-C
-or SIGTERM say where its last checkpoint is.
+"""Checkpoints are data, never code: tensors and plain Python values in FORM, read back with
+torch.load(weights_only=True) (a file that asks for more is refused unrun), then checked. --resume keeps the config
+but RESUMABLE (cot_cache too: the texts are compared); not deterministic: a run repeats only under one setting.
 """
 import dataclasses
 import functools
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import files
-from config import Config, CersError, ConfigError, Stop, show
-from distributed import main_process
+from config import Config, CersError, ConfigError, Stop, check_config, main_process, show
 from model import build_model
 
-# keys that may differ between a checkpoint and the run that resumes it: none changes the network, the data,
-# the references or the arithmetic of the iterations already done (max_iters does stretch the lr decay ahead)
-RESUMABLE = ("max_iters", "log_every", "ckpt_every", "device", "amp", "compile", "window_batch", "stride_xy",
-             "stride_z", "out_dir", "llm_url", "llm_api_key_env", "llm_timeout", "llm_workers", "llm_retries")
+RESUMABLE = ("max_iters", "log_every", "ckpt_every",                 # how long; how often to log and save
+             "device", "amp", "compile", "window_batch", "stride_xy", "stride_z", "out_dir",  # where, how fast
+             "cot_cache", "llm_url", "llm_api_key_env", "llm_timeout", "llm_workers", "llm_retries")  # CoT texts
+WEIGHTS, IDS = {str: torch.Tensor}, [str]           # check_contents adds the shapes of the config's network
+FORM = {  # what train.py saves, in mismatch's notation
+    "config": {str: object}, "iter": int, "world_size": int, "student": WEIGHTS, "teacher": WEIGHTS,
+    "optimizer": {"state": {int: {str: (None, torch.Tensor)}}, "param_groups": [dict]},
+    "ranks": [{"sampler": {"gen": torch.Tensor, "orders": [[int]], "pos": [int]}, "ref_gen": torch.Tensor,
+               "rng": {"torch": torch.Tensor, "numpy": list, "python": tuple, "cuda": (None, torch.Tensor)}}],
+    "bank": (None, {str: (None, int, torch.Tensor, IDS)}), "pool": (None, {"mask": {str: str}, "image": {str: str}}),
+    "split": {"labeled": IDS, "unlabeled": IDS, "test": IDS}}
 
 
 class CheckpointError(CersError):
-    """A checkpoint that is missing, damaged, or does not fit the run that reads it."""
+    """A checkpoint that is missing, damaged, unsafe, or does not fit the run that reads it."""
+
+
+def mismatch(value, form, name="checkpoint"):
+    """Where value departs from form, in words, or None. A form is a type (a bool is no int), a torch.Size (a
+    tensor of that shape), None, a tuple of alternatives, [form] (a list of such items), {type: form} (a dict of
+    such keys and values) or {"key": form} (exactly these entries). A tensor on the meta device fits none."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        return f"{name} is a tensor on the meta device, without values"
+    if type(form) is tuple:
+        found = [mismatch(value, f, name) for f in form]
+        return None if None in found else found[-1]
+    if isinstance(form, torch.Size):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        return None if shape == tuple(form) else f"{name} is {shape}, not a tensor of shape {tuple(form)}"
+    if form is None or isinstance(form, type):
+        fits = isinstance(value, form) and not (type(value) is bool and form is int) if form else value is None
+        return None if fits else f"{name} is {type(value).__name__}, not {getattr(form, '__name__', 'None')}"
+    if not isinstance(value, (list, tuple) if isinstance(form, list) else dict):
+        return f"{name} is {type(value).__name__}, not a {type(form).__name__}"
+    if isinstance(form, list):
+        items = [(f"{name}[{i}]", v, form[0]) for i, v in enumerate(value)]
+    elif isinstance(next(iter(form)), type):
+        (key_type, item), = form.items()
+        items = [(f"{name} key {k!r}", k, key_type) for k in value] + [(f"{name}[{k!r}]", v, item)
+                                                                        for k, v in value.items()]
+    else:
+        odd = sorted(set(form) ^ set(value), key=str)
+        if odd:
+            return f"{name}[{odd[0]!r}] is {'missing' if odd[0] in form else 'there, unexpected'}"
+        items = [(f"{name}[{k!r}]", value[k], f) for k, f in form.items()]
+    return next((problem for n, v, f in items if (problem := mismatch(v, f, n))), None)
 
 
 def save_checkpoint(path, **state):
-    """Write atomically (files.write_bytes: a temp file of this process, then a rename) so an interrupted or
-    failed save never damages the last checkpoint. Serialised in memory first: torch.save writing a file
-    itself reports a full disk without its cause."""
+    """Write a checkpoint of FORM atomically (files.write_bytes), serialised in memory first: torch.save writing
+    a file itself reports a full disk without its cause."""
+    if problem := mismatch(state, FORM):           # a bug of the caller, refused here rather than by every reader
+        raise TypeError(f"{path}: {problem}; see checkpoint.FORM")
     buffer = io.BytesIO()
     torch.save(state, buffer)
     files.write_bytes(path, buffer.getbuffer())
 
 
-def read_checkpoint(path, map_location="cpu"):
-    """The checkpoint dict at path, or a CheckpointError naming the file: missing, truncated, not a
-    checkpoint."""
+def read_checkpoint(path):
+    """The checkpoint at path, on the CPU and checked (check_contents); a CheckpointError naming the file when it
+    is missing, truncated, not a checkpoint, or asks to build anything but tensors and plain values."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a damaged file
-        raise CheckpointError(f"{path}: unreadable checkpoint, truncated or not a checkpoint "
-                              f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from e
-    missing = [k for k in ("config", "iter", "student") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a CERS checkpoint (no {', '.join(missing)})")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # RuntimeError, EOFError, UnpicklingError ... for a damaged or unsafe file
+        text = " ".join(str(e).split())
+        code = re.search(r"GLOBAL ([\w.]+)", text)                 # "Unsupported global: GLOBAL io.open", ...
+        detail = re.search(r"WeightsUnpickler error: (.*?)( Check the documentation|$)", text)
+        raise CheckpointError(f"{path}: " + (f"refused: loading it would call {code[1]}, and a checkpoint holds only "
+                              "tensors and plain Python values (it may run code: do not load it elsewhere either)"
+                              if code else f"unreadable checkpoint, truncated or not a checkpoint "
+                              f"({type(e).__name__}: {(detail[1] if detail else text)[:160]})")) from None
+    check_contents(ckpt, path)
     return ckpt
+
+
+def check_contents(ckpt, path):
+    """Refuse, naming the file and the entry: a departure from FORM, a config failing check_config, weights or
+    optimiser state unfit for the network that config builds, a run with references saved without its bank."""
+    if problem := mismatch(ckpt, FORM):
+        raise CheckpointError(f"{path}: not a checkpoint of this version: {problem}")
+    cfg = check_config(config_from_dict(ckpt["config"], path), origin=path)     # a ConfigError names the entry
+    with torch.device("meta"):                                     # shapes only: nothing is allocated
+        net = build_model(cfg)
+    weights, shapes = {k: t.shape for k, t in net.state_dict().items()}, [p.shape for p in net.parameters()]
+    if problem := mismatch(ckpt["student"], weights, "student") or mismatch(ckpt["teacher"], weights, "teacher"):
+        raise CheckpointError(f"{path}: does not fit the network its config builds: {problem}")
+    if sum(len(group.get("params", ())) for group in ckpt["optimizer"]["param_groups"]) != len(shapes) or any(
+            i >= len(shapes) or t is not None and t.ndim and t.shape != shapes[i]
+            for i, state in ckpt["optimizer"]["state"].items() for t in state.values()):
+        raise CheckpointError(f"{path}: optimizer does not fit the {len(shapes)} parameters its config builds")
+    if cfg.references and (ckpt["bank"] is None or ckpt["pool"] is None):
+        raise CheckpointError(f"{path}: a run with references=true saved without its reference bank or CoT texts")
 
 
 def config_from_dict(saved, path):
     """The Config a checkpoint was written with; keys this version does not know are refused by name."""
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
-        raise CheckpointError(f"{path}: its config has keys this version does not know "
-                              f"({', '.join(unknown)}); read it with the version of the code that wrote it")
+        raise CheckpointError(f"{path}: its config has keys this version does not know ({', '.join(unknown)}); "
+                              "read it with the version of the code that wrote it")
     return Config(**saved)
 
 
-def config_changes(saved, cfg, path):
-    """[(key, saved value, new value)] for every key where cfg differs from the checkpoint's saved config dict
-    (a key the checkpoint predates counts at its default)."""
-    old = json.loads(json.dumps(dataclasses.asdict(config_from_dict(saved, path))))  # tuples and lists alike
-    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    return [(k, old[k], new[k]) for k in new if old[k] != new[k]]
-
-
-def check_resumable(ckpt, cfg, path):
-    """Refuse to resume a checkpoint with a config changed outside RESUMABLE, or one that has nothing left
-    to do."""
-    fixed = [c for c in config_changes(ckpt["config"], cfg, path) if c[0] not in RESUMABLE]
-    if fixed:
-        changes = ", ".join(f"{k}={show(a)} now {show(b)}" for k, a, b in fixed)
-        raise ConfigError(f"--resume: {path} was trained with a different config ({changes}); "
-                          f"resuming may change only {', '.join(RESUMABLE)}. Give the checkpoint's values, "
-                          "train a new run elsewhere (--out_dir=...), or replace this one with --force "
-                          "instead of --resume")
-    if cfg.max_iters <= ckpt["iter"]:
-        raise ConfigError(f"--resume: {path} is at iteration {ckpt['iter']}, max_iters={cfg.max_iters} "
-                          f"leaves nothing to train; raise --max_iters, or test it with test.py")
-
-
 def load_checkpoint(path, device):
-    """The student network (eval mode), its config and the whole checkpoint dict, rebuilt from what was
-    saved."""
-    ckpt = read_checkpoint(path, device)
-    cfg = config_from_dict(ckpt["config"], path)
-    model = build_model(cfg).to(device)
+    """The student network (eval mode, on device), its config and the whole checkpoint dict."""
+    ckpt = read_checkpoint(path)
+    model = build_model(cfg := Config(**ckpt["config"]))
     model.load_state_dict(ckpt["student"])
-    return model.eval(), cfg, ckpt
+    return model.to(device).eval(), cfg, ckpt
 
 
 def rng_state():
-    """This process's random states (torch, numpy, python, and the current CUDA device's)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()     # this process's device only
-    return state
+    """This process's random states as data: torch's (and its CUDA device's) as tensors, numpy's as a list,
+    Python's as nested tuples of ints."""
+    kind, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), *rest], "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}   # this process's device
 
 
 def set_rng_state(state):
+    (kind, keys, *rest), (version, internal, gauss) = state["numpy"], state["python"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
+    np.random.set_state((kind, np.array(keys, np.uint32), *rest))
+    random.setstate((version, tuple(internal), gauss))
+    if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -127,76 +154,68 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- the run folder
+def config_changes(saved, cfg, path):
+    """[(key, saved value, new value)] where cfg differs from a saved config dict (a key it lacks: its default)."""
+    old = json.loads(json.dumps(dataclasses.asdict(config_from_dict(saved, path))))  # tuples and lists alike
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return [(k, old[k], new[k]) for k in new if old[k] != new[k]]
+
 
 def check_run_folder(cfg, world, resume=False, force=False, stop_at=None):
-    """Before anything is read or written: for --resume, the checkpoint it continues (readable, same number of
-    processes, config compared key by key, iterations left); for a new run, a refusal to replace a run with
-    another config in cfg.out_dir unless force. Returns the checkpoint dict to resume, or None."""
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt_last.pt"
-    ckpt = None
+    """Before anything is read or written: the checkpoint --resume continues (checked, as many processes, config
+    compared, iterations left), or (unless force) a refusal to replace a run with another config; or None."""
+    path, record, ckpt = Path(cfg.out_dir) / "ckpt_last.pt", Path(cfg.out_dir) / "config.json", None
     if resume:
-        if not ckpt_path.exists():
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt_path} (train without --resume first)")
-        ckpt = read_checkpoint(ckpt_path)                  # RNG states must stay on the CPU
+        if not path.exists():
+            raise CheckpointError(f"--resume: no checkpoint at {path} (train without --resume first)")
+        ckpt = read_checkpoint(path)
         if len(ckpt["ranks"]) != world.size:
-            raise CheckpointError(f"--resume: {ckpt_path} was written by {len(ckpt['ranks'])} process(es); "
-                                  f"resume it with the same number, not {world.size}")
-        check_resumable(ckpt, cfg, ckpt_path)
-    elif not force:
-        check_not_replacing(cfg, out)
-    at = ckpt["iter"] if ckpt else 0
-    if stop_at is not None and stop_at <= at:
-        raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {at}")
+            raise CheckpointError(f"--resume: {path} was written by {len(ckpt['ranks'])} process(es); resume it "
+                                  f"with the same number, not {world.size}")
+        fixed = [c for c in config_changes(ckpt["config"], cfg, path) if c[0] not in RESUMABLE]
+        if fixed:
+            raise ConfigError(f"--resume: {path} was trained with a different config (" + ", ".join(
+                f"{k}={show(a)} now {show(b)}" for k, a, b in fixed) + f"); resuming may change only "
+                f"{', '.join(RESUMABLE)}. Give the checkpoint's values, train a new run elsewhere (--out_dir=...), "
+                "or replace this one with --force instead of --resume")
+        if cfg.max_iters <= ckpt["iter"]:
+            raise ConfigError(f"--resume: {path} is at iteration {ckpt['iter']}, max_iters={cfg.max_iters} leaves "
+                              "nothing to train; raise --max_iters, or test it with test.py")
+    elif not force and (path.exists() or record.exists()):
+        what = path if path.exists() else record
+        advice = "train elsewhere with --out_dir=..., continue it with --resume, or replace it with --force"
+        try:
+            saved = read_checkpoint(path)["config"] if what == path else json.loads(record.read_text())
+            saved.pop("provenance", None)                               # config.json's record of the machine
+            changes = [f"{k}={show(a)} there, {show(b)} here" for k, a, b in config_changes(saved, cfg, what)
+                       if k != "out_dir"]
+        except (CersError, ValueError, TypeError) as e:
+            raise ConfigError(f"{path.parent} holds a run whose config cannot be read ({e}); {advice}") from None
+        if changes:
+            raise ConfigError(f"{path.parent} holds a run with another config ({', '.join(changes[:4])}"
+                              f"{', ...' if len(changes) > 4 else ''}; from {what.name}); {advice}")
+    if stop_at is not None and stop_at <= (ckpt["iter"] if ckpt else 0):
+        raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {ckpt['iter'] if ckpt else 0}")
     return ckpt
 
 
-def check_not_replacing(cfg, out):
-    """Refuse a new run in a folder that holds a run with another config (its checkpoint, else its
-    config.json)."""
-    ckpt_path, record = out / "ckpt_last.pt", out / "config.json"
-    what = ckpt_path if ckpt_path.exists() else record if record.exists() else None
-    if what is None:
-        return
-    advice = "train elsewhere with --out_dir=..., continue it with --resume, or replace it with --force"
-    try:
-        saved = read_checkpoint(what)["config"] if what == ckpt_path else json.loads(record.read_text())
-        changes = [c for c in config_changes(saved, cfg, what) if c[0] != "out_dir"]
-    except (CersError, ValueError, TypeError) as e:
-        raise ConfigError(f"{out} holds a run whose config cannot be read ({e}); {advice}") from None
-    if changes:
-        listed = ", ".join(f"{k}={show(a)} there, {show(b)} here" for k, a, b in changes[:4])
-        raise ConfigError(f"{out} holds a run with another config ({listed}"
-                          f"{', ...' if len(changes) > 4 else ''}; from {what.name}); {advice}")
-
-
 def holds_run_folder(train):
-    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock while it trains (created, and so the
-    folder checked writable, before anything is read), so a second run on the folder is refused naming the
-    first one's PID; a run stopped by Ctrl-C or SIGTERM ends saying where its last checkpoint is
-    (config.Stop)."""
+    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock (files.Lock) while it trains, so a second
+    run there is refused; a run stopped by a signal ends saying where its last checkpoint is (config.Stop)."""
     @functools.wraps(train)
     def locked(cfg, *args, **kwargs):
         if not main_process():
             return train(cfg, *args, **kwargs)
-        out = Path(cfg.out_dir)
-        busy = (f"{out}: another run (PID {{pid}}) is training in this folder; wait for it to end, or train "
-                "elsewhere with --out_dir=...")
-        with files.Lock(out / "run.lock", busy):
+        path = Path(cfg.out_dir) / "ckpt_last.pt"
+        with files.Lock(path.parent / "run.lock", f"{path.parent}: another run (PID {{pid}}) is training in this "
+                        "folder; wait for it to end, or train elsewhere with --out_dir=..."):
             try:
                 return train(cfg, *args, **kwargs)
             except Stop as e:
-                raise Stop(e.signum, last_checkpoint(out / "ckpt_last.pt")) from None
+                try:
+                    last = (f"the last checkpoint is {path} (iteration {read_checkpoint(path)['iter']}); continue "
+                            "with --resume") if path.exists() else f"no checkpoint was written (none at {path})"
+                except CheckpointError as error:
+                    last = str(error)
+                raise Stop(e.signum, last) from None
     return locked
-
-
-def last_checkpoint(path):
-    """Where a stopped run can be continued from, in words."""
-    if not path.exists():
-        return f"no checkpoint was written (none at {path})"
-    try:
-        done = read_checkpoint(path)["iter"]
-        return f"the last checkpoint is {path} (iteration {done}); continue with --resume"
-    except CheckpointError as e:
-        return str(e)

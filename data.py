@@ -1,18 +1,13 @@
-"""LA-format data: reading, splits, augmentation and semi-supervised batches (docs/design.md §3).
+"""LA-format data: reading, splits, coarser grids, augmentation and semi-supervised batches (docs/design.md §3).
 
 The Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
 
     <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   image float32 (X, Y, Z), label uint8 {0, 1}
-    <root>/train.list                                  80 IDs, one a line
-    <root>/test.list                                   20 IDs
+    <root>/train.list, <root>/test.list                80 and 20 IDs, one a line
 
-`LA_N` labels the first N IDs of train.list; the other 80 - N are unlabeled.
-Volumes are read once and kept in memory (as torch tensors on the training device), and the
-protocol's augmentation (random rot90 + flip in the x-y plane, then a random crop) runs on
-that device, so the training loop never waits for a data loader. Beyond the protocol, opt-in
-(cfg.unlabeled_mix, cfg.mix_labeled): the student may see the unlabeled patches of a batch cut and mixed
-with each other (mix_unlabeled) or with the labeled ones (mix_with_labeled), and (cfg.strong_view) with
-their appearance changed (strong_view) while the teacher sees them as they are.
+`LA_N` labels the first N IDs of train.list; the other 80 - N are unlabeled. Volumes are read once and kept in
+memory on the training device, where the protocol's augmentation (random rot90 + flip in the x-y plane, then a
+random crop) runs, so the training loop never waits for a data loader.
 """
 import hashlib
 import sys
@@ -22,12 +17,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import files
-from config import CASE_DIR, CASE_FILE, CersError
-from distributed import World
+from config import CersError, World
+
+CASE_DIR = "2018LA_Seg_Training Set"  # the LA layout: <data_root>/<CASE_DIR>/<ID>/<CASE_FILE> (with spaces)
+CASE_FILE = "mri_norm2.h5"
 
 
 class DataError(CersError, ValueError):
@@ -39,67 +35,52 @@ def case_path(root, case_id):
 
 
 def read_list(path):
-    """The IDs of a train.list / test.list file, one a line; blank lines, a byte-order mark and Windows line
-    ends are tolerated, an ID that is not one plain folder name is refused (shown with its invisible
-    characters)."""
+    """The IDs of a train.list / test.list file, one a line; blank lines, a byte-order mark and Windows line ends
+    are tolerated, an ID that is not one plain folder name is refused (shown with its invisible characters)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as plain "
-                        "UTF-8") from None
-    ids = [line.strip() for line in text.splitlines() if line.strip()]
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as plain UTF-8") from None
     if not ids:
         raise DataError(f"{path}: list file is empty")
     for case_id in ids:
-        odd = any(c.isspace() or c in "/\\" for c in case_id) or case_id in (".", "..")
-        if odd or not case_id.isprintable():
-            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no "
-                            "spaces, slashes or invisible characters)")
+        if any(c.isspace() or c in "/\\" for c in case_id) or case_id in (".", "..") or not case_id.isprintable():
+            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no spaces, "
+                            "slashes or invisible characters)")
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise DataError(f"{path}: list has duplicate IDs: {', '.join(map(ascii, repeated[:5]))}")
     return ids
 
 
-def check_datasets(f, path):
-    """Refuse an open h5 file without datasets 'image' and 'label' of one 3D shape and numeric types."""
-    for key in ("image", "label"):
-        if not isinstance(f.get(key), h5py.Dataset):
-            raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(f.keys()) or 'nothing'})")
-    image, label = f["image"], f["label"]
-    if image.ndim != 3 or min(image.shape) < 1:
-        raise DataError(f"{path}: 'image' must be 3D (X, Y, Z) and not empty, got shape {image.shape}")
-    if image.shape != label.shape:
-        raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
-    for key, kinds in (("image", "iuf"), ("label", "biuf")):
-        if f[key].dtype.kind not in kinds:
-            raise DataError(f"{path}: '{key}' has dtype {f[key].dtype}; expected numbers (image float32, "
-                            "label uint8)")
-
-
 def open_case(path, read_voxels=True):
-    """Open one case file and check its datasets' names, shapes and types; returns (image, label) as stored,
-    or None without reading the voxels."""
+    """Open one case file and check its datasets 'image' and 'label': present, one 3D shape, numbers. Returns
+    (image, label) as stored, or None without reading the voxels."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: case file not found")
     try:
         with h5py.File(path, "r") as f:
-            check_datasets(f, path)
-            return (f["image"][()], f["label"][()]) if read_voxels else None
+            for key in ("image", "label"):
+                if not isinstance(f.get(key), h5py.Dataset):
+                    raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(f.keys()) or 'nothing'})")
+            image, label = f["image"], f["label"]
+            if image.ndim != 3 or min(image.shape) < 1:
+                raise DataError(f"{path}: 'image' must be 3D (X, Y, Z) and not empty, got shape {image.shape}")
+            if image.shape != label.shape:
+                raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
+            for key, kinds in (("image", "iuf"), ("label", "biuf")):
+                if f[key].dtype.kind not in kinds:
+                    raise DataError(f"{path}: '{key}' has dtype {f[key].dtype}; expected numbers (image "
+                                    "float32, label uint8)")
+            return (image[()], label[()]) if read_voxels else None
     except DataError:
         raise
     except Exception as e:  # h5py raises OSError / KeyError / RuntimeError for damaged files
         raise DataError(f"{path}: unreadable h5 file ({type(e).__name__}: {e})") from e
-
-
-def check_case_file(path):
-    """Check one case file's datasets without reading the voxels (load_split does it for every listed
-    case)."""
-    open_case(path, read_voxels=False)
 
 
 def read_case(path):
@@ -123,7 +104,7 @@ class Split:
 
 
 def load_split(root, num_labeled, val_cases=0):
-    """The LA_N split of a dataset root; every listed case must have its h5 file.
+    """The LA_N split of a dataset root, every listed case file checked (without reading its voxels).
 
     val_cases > 0 holds the last `val_cases` IDs of train.list out of training and scores them in place of
     test.list, which is then not read at all: schedules and thresholds are tuned there, never on the test list
@@ -134,29 +115,27 @@ def load_split(root, num_labeled, val_cases=0):
     train = read_list(root / "train.list")
     if val_cases:
         if num_labeled > len(train) - val_cases:          # (num_labeled >= 1: config.check_config)
-            raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} with val_cases={val_cases} "
-                            f"needs at least {num_labeled + val_cases} IDs; the list has {len(train)}")
+            raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} with val_cases={val_cases} needs "
+                            f"at least {num_labeled + val_cases} IDs; the list has {len(train)}")
         test, train, scored = train[-val_cases:], train[:-val_cases], "validation"
     else:
         test, scored = read_list(root / "test.list"), "test"
         leaked = sorted(set(test) & set(train), key=test.index)
         if leaked:
-            raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. "
-                            f"{leaked[0]!r}: a test case must never be trained on; remove it from one of the "
-                            "lists")
+            raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. {leaked[0]!r}: a "
+                            "test case must never be trained on; remove it from one of the lists")
     if num_labeled > len(train):
         raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} but the list has {len(train)} IDs")
     for case_id in train + test:
         if not case_path(root, case_id).is_file():
             raise DataError(f"{case_path(root, case_id)}: listed ID '{case_id}' has no h5 file")
-        check_case_file(case_path(root, case_id))
+        open_case(case_path(root, case_id), read_voxels=False)
     return Split(root, train[:num_labeled], train[num_labeled:], test, scored)
 
 
 def load_volumes(root, ids, progress=True, factor=1, cache_dir=""):
     """Read every case once: {ID: (image, label)} as numpy arrays, on a grid `factor` times coarser than the
-    files' when factor > 1 (see downsample). Coarser volumes are kept in `cache_dir` (when given), keyed by
-    the source file's content and the factor, so later runs skip reading and resampling them."""
+    files' when factor > 1 (downsample), kept in `cache_dir` when given (cached_downsample)."""
     def one(case_id):
         path = case_path(root, case_id)
         if factor == 1 or not cache_dir:
@@ -165,12 +144,13 @@ def load_volumes(root, ids, progress=True, factor=1, cache_dir=""):
     return {i: one(i) for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
 
 
+# ----------------------------------------------------------------------------- a coarser grid (LA_8_LOW)
+
 CACHE_VERSION = 1   # bump when downsample() changes what it computes: older cache files are then not read
 
 
 def cache_file(path, factor, cache_dir):
-    """The cache file of one case file on a grid `factor` times coarser: named by the source's content
-    hash."""
+    """(cache file, content hash) of one case file on a grid `factor` times coarser: named by the hash."""
     digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
     return Path(cache_dir) / f"{digest}-x{factor}-v{CACHE_VERSION}.npz", digest
 
@@ -180,10 +160,10 @@ def read_cached(file, digest, factor):
     missing, truncated or foreign file: the caller rebuilds it)."""
     try:
         with np.load(file) as z:
-            ok = (str(z["source"]) == digest and int(z["factor"]) == factor and z["image"].dtype == np.float32
-                  and z["label"].dtype == np.uint8 and z["image"].shape == z["label"].shape
-                  and z["image"].ndim == 3)
-            return (z["image"], z["label"]) if ok else None
+            image, label = z["image"], z["label"]
+            ok = (str(z["source"]) == digest and int(z["factor"]) == factor and image.dtype == np.float32
+                  and label.dtype == np.uint8 and image.shape == label.shape and image.ndim == 3)
+            return (image, label) if ok else None
     except FileNotFoundError:
         return None
     except Exception:  # a truncated or damaged zip raises BadZipFile, EOFError, ValueError, OSError, KeyError
@@ -192,8 +172,8 @@ def read_cached(file, digest, factor):
 
 
 def cached_downsample(path, factor, cache_dir):
-    """downsample(read_case(path), factor), from the cache when a valid entry exists; written there otherwise
-    (atomically: a killed run leaves the old state, never a partial file under the final name)."""
+    """downsample(read_case(path), factor), from the cache when a valid entry exists, else written there (the
+    reading and resampling are skipped by later runs); atomically, so a killed run leaves no partial file."""
     file, digest = cache_file(path, factor, cache_dir)
     hit = read_cached(file, digest, factor)
     if hit is not None:
@@ -205,8 +185,6 @@ def cached_downsample(path, factor, cache_dir):
     return image, label
 
 
-# ----------------------------------------------------------------------------- a coarser grid (LA_8_LOW)
-
 def downsample(image, label, factor):
     """(image, label) (X, Y, Z) on a grid `factor` times coarser: the image by block means, the label by
     majority vote (a block is foreground when at least half of its voxels are). The far edge of an axis that
@@ -217,10 +195,10 @@ def downsample(image, label, factor):
     if min(image.shape) < factor:
         raise DataError(f"volume of shape {image.shape} is smaller than the downsampling factor {factor}")
     n = [s // factor for s in image.shape]
-    whole = tuple(slice(0, k * factor) for k in n)
 
     def blocks(a):                                   # (X, Y, Z) -> (X/f, Y/f, Z/f) block means
-        return a[whole].astype(np.float32).reshape(n[0], factor, n[1], factor, n[2], factor).mean((1, 3, 5))
+        a = a[:n[0] * factor, :n[1] * factor, :n[2] * factor].astype(np.float32)
+        return a.reshape(n[0], factor, n[1], factor, n[2], factor).mean((1, 3, 5))
     return blocks(image), (blocks(label) >= 0.5).astype(np.uint8)
 
 
@@ -230,163 +208,72 @@ def upsample_probabilities(prob, factor, shape):
     if factor == 1:
         return prob
     up = torch.nn.functional.interpolate(torch.as_tensor(prob)[None], scale_factor=factor, mode="trilinear",
-                                         align_corners=False)[0]                       # (K, x*f, y*f, z*f)
+                                         align_corners=False)[0].numpy()              # (K, x*f, y*f, z*f)
     out = np.zeros((prob.shape[0], *shape), np.float32)
-    out[:, :up.shape[1], :up.shape[2], :up.shape[3]] = up.numpy()
+    out[:, :up.shape[1], :up.shape[2], :up.shape[3]] = up
     return out
 
 
 def check_volume_cache_writable(cfg):
-    """A volume cache that reading will fill must be writable: entry points check it before any data is
-    written (a phantom) or read."""
+    """Refuse a volume cache that reading would fill but cannot write, before any data is written or read."""
     if cfg.downsample > 1 and cfg.cache_dir:
         files.check_writable(cfg.cache_dir)
 
 
 def prepare_data(cfg, world=World()):
-    """The split and the in-memory volumes. Before it, an entry point checks the volume cache
-    (check_volume_cache_writable) and writes a phantom experiment's data (phantom.ensure_for). With references
-    on, the test cases are read too: the knowledge pool describes every image."""
+    """The split and the in-memory volumes. Before it, an entry point checks the volume cache and writes a
+    phantom experiment's data (phantom.ensure_for). With references on, the test cases are read too: the
+    knowledge pool describes every image."""
     split = load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
-    return split, load_volumes(cfg.data_root, ids, progress=world.main, factor=cfg.downsample,
-                               cache_dir=cfg.cache_dir)
+    return split, load_volumes(cfg.data_root, ids, world.main, cfg.downsample, cfg.cache_dir)
 
-
-# ----------------------------------------------------------------------------- augmentation
 
 def pad_to(x, size):
     """Zero-pad the last three dims of x symmetrically up to at least `size`."""
-    pads = []
-    for dim, want in zip(reversed(x.shape[-3:]), reversed(size)):
-        extra = max(want - dim, 0)
-        pads += [extra // 2, extra - extra // 2]
+    extra = [max(want - dim, 0) for dim, want in zip(x.shape[-3:], size)]
+    pads = [p for e in reversed(extra) for p in (e // 2, e - e // 2)]                 # last dim first
     return torch.nn.functional.pad(x, pads) if any(pads) else x
 
 
 def rot_flip(x, k, axis):
-    """The protocol's x-y plane augmentation of (..., X, Y, Z): rotate by k * 90 degrees, flip along x (0) or
-    y (1).
-
-    Image and label are stacked into one tensor before this, so they cannot drift apart."""
+    """The protocol's x-y plane augmentation of (..., X, Y, Z): rotate by k * 90 degrees, flip along x (0) or y
+    (1). Image and label are stacked into one tensor before this, so they cannot drift apart."""
     return torch.flip(torch.rot90(x, k, dims=(-3, -2)), dims=(axis - 3,))
 
 
 def crop(x, start, size):
-    """A size-shaped crop of the last three dims starting at `start`."""
+    """A size-shaped crop (a view) of the last three dims starting at `start`."""
     (a, b, c), (p, q, r) = start, size
     return x[..., a:a + p, b:b + q, c:c + r]
 
 
 def padded_crop(volume, box):
-    """The box (x0, y0, z0, x1, y1, z1) of a numpy volume (X, Y, Z), zero where the box reaches outside it
-    (the padding rule of the training crops): the bank's patches and the patches explained. crop() is the
-    torch view inside a tensor that sampling and inference use."""
+    """The box (x0, y0, z0, x1, y1, z1) of a numpy volume (X, Y, Z), zero where the box reaches outside it (the
+    padding rule of the training crops): the bank's patches and the patches explained."""
     lo, hi = np.array(box[:3]), np.array(box[3:])
     out = np.zeros(hi - lo, volume.dtype)
-    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)
-    inside = tuple(slice(i, j) for i, j in zip(a, b))                      # the part of the box in the volume
-    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[inside]
+    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)                  # the part of the box in the volume
+    out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[tuple(map(slice, a, b))]
     return out
 
 
-def mix_box(shape, device):
-    """A random box (1, 1, X, Y, Z) of True inside the patch `shape`, covering 25-75 % of its voxels (CutMix's
-    mask, French et al. 2020: semi-supervised segmentation needs perturbations that cut across objects, since
-    class boundaries do not run through low-density regions of the input)."""
-    side = torch.rand(()) * 0.5 + 0.25                                    # volume share, then each side's
-    size = [max(1, round(float(side ** (1 / 3)) * n)) for n in shape]
-    start = [int(torch.randint(n - m + 1, ())) for n, m in zip(shape, size)]
-    box = torch.zeros(1, 1, *shape, dtype=torch.bool, device=device)
-    crop(box, start, size).fill_(True)                                    # the crop is a view of the box
-    return box
-
-
-def mix_unlabeled(image, target, n_lab):
-    """Unlabeled patch j becomes patch j inside a random box and patch j - 1 outside it; its target alike. The
-    labeled patches are kept as they are. Returns the new image (B, 1, X, Y, Z) and target (Bu, X, Y, Z)."""
-    box = mix_box(image.shape[2:], image.device)                         # (1, 1, X, Y, Z)
-    u = image[n_lab:]
-    mixed = torch.where(box, u, u.roll(1, 0))
-    return torch.cat([image[:n_lab], mixed]), torch.where(box[:, 0], target, target.roll(1, 0))
-
-
-def mix_with_labeled(image, target, label, n_lab):
-    """Bidirectional copy-paste (Bai et al. 2023): unlabeled patch j is cut and mixed with labeled patch
-    j mod n_lab, the labeled one inside a random box for even j and outside it for odd j, so both sides of
-    the box carry ground truth in turn; its target takes the label where the labeled patch shows. The
-    labeled patches are kept as they are. Returns the new image (B, 1, X, Y, Z) and target (Bu, X, Y, Z)."""
-    box = mix_box(image.shape[2:], image.device)                         # (1, 1, X, Y, Z)
-    j = torch.arange(len(image) - n_lab, device=image.device)
-    partner = j % n_lab
-    shows = (j % 2 == 0).view(-1, 1, 1, 1, 1) == box                     # (Bu, 1, X, Y, Z): the labeled patch
-    mixed = torch.where(shows, image[partner], image[n_lab:])
-    mixed_target = torch.where(shows[:, 0], label[partner].to(target.dtype), target)
-    return torch.cat([image[:n_lab], mixed]), mixed_target
-
-
-def blur(x, sigma):
-    """Gaussian blur of (B, 1, X, Y, Z) with one sigma (voxels) per patch, a host tensor (B,) (so the kernel's
-    radius is known without waiting for the device), as three separable 1D passes."""
-    r = max(1, int(torch.ceil(3 * sigma.max())))
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma.clamp_min(1e-3)[:, None]) ** 2)
-    k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)               # (B, 2r + 1)
-    b = len(x)
-    x = x.transpose(0, 1)                                               # (1, B, X, Y, Z): one group per patch
-    for dim in range(3):
-        shape = [b, 1, 1, 1, 1]
-        shape[2 + dim] = 2 * r + 1
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - dim):2 * (2 - dim) + 2] = [r, r]
-        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(shape), groups=b)
-    return x.transpose(0, 1)
-
-
-def strong_view(x):
-    """The student's strong view of unlabeled patches (B, 1, X, Y, Z): the appearance changes that vary
-    between scanners and sessions, drawn per patch (weak-to-strong consistency, as in FixMatch, Sohn et al.
-    2020): partial-volume blur (sigma 0-1.2 voxels), a smooth multiplicative bias field (up to +-35 %), an
-    intensity response (gamma 0.6-1.6) and Gaussian noise (std up to 0.15 of the patch's intensity range:
-    heavy, edges stay but texture drowns). Geometry is untouched, so the teacher's targets from the weak
-    view still fit voxel for voxel. The patch keeps its mean and std."""
-    b, shape = len(x), x.shape[2:]
-    rand = lambda lo, hi: torch.rand(b, 1, 1, 1, 1, device=x.device) * (hi - lo) + lo
-    lo = x.amin((1, 2, 3, 4), keepdim=True)
-    hi = x.amax((1, 2, 3, 4), keepdim=True)
-    y = (x - lo) / (hi - lo).clamp_min(1e-6)                              # [0, 1] per patch
-    y = blur(y, torch.rand(b) * 1.2)                                      # drawn on the host
-    field = F.interpolate(torch.randn(b, 1, 3, 3, 3, device=x.device), size=shape, mode="trilinear",
-                          align_corners=True)
-    y = y * torch.exp(rand(0.0, 0.35) * field)
-    y = y.clamp_min(0) ** torch.exp(rand(-0.5, 0.5))                      # gamma about 0.6-1.6
-    y = y + torch.randn_like(y) * rand(0.0, 0.15)
-    mean, std = x.mean((1, 2, 3, 4), keepdim=True), x.std((1, 2, 3, 4), keepdim=True)
-    y_mean, y_std = y.mean((1, 2, 3, 4), keepdim=True), y.std((1, 2, 3, 4), keepdim=True)
-    return ((y - y_mean) / y_std.clamp_min(1e-6) * std + mean).to(x.dtype)
-
-
 class BatchSampler:
-    """Endless semi-supervised batches: `labeled_bs` labeled + (`batch_size` - `labeled_bs`) unlabeled
-    patches.
+    """Endless semi-supervised batches: `labeled_bs` labeled + (`batch_size` - `labeled_bs`) unlabeled patches.
 
-    Each part cycles through its cases in a fresh random order per pass, so the few labeled
-    cases are seen evenly. All randomness comes from one generator whose state is saved in
-    checkpoints, so a resumed run draws exactly the batches an uninterrupted one would.
-    """
+    Each part cycles through its cases in a fresh random order per pass, so the few labeled cases are seen
+    evenly. All randomness comes from one CPU generator; state_dict (a tensor and lists of ints) goes into
+    checkpoints, so a resumed run draws exactly the batches an uninterrupted one would."""
 
-    def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed,
-                 augment=True):
+    def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed, augment=True):
         if batch_size > labeled_bs and not unlabeled:     # (labeled_bs <= batch_size: config.check_config)
             raise DataError(f"num_labeled={len(labeled)} labels every ID of train.list, so the "
-                            f"{batch_size - labeled_bs} unlabeled patches of each batch have no case to come "
-                            f"from; use a smaller --num_labeled, or --labeled_bs={batch_size} for a "
-                            "supervised run on all")
+                            f"{batch_size - labeled_bs} unlabeled patches of each batch have no case to come from; "
+                            f"use a smaller --num_labeled, or --labeled_bs={batch_size} for a supervised run on all")
         to = lambda a, dtype: torch.as_tensor(a, dtype=dtype).to(device)
         # unlabeled cases keep no label at all, so no code path can use one by mistake
-        self.volumes = {i: (to(volumes[i][0], torch.float32),
-                            to(volumes[i][1], torch.uint8) if i in labeled else None)
-                        for i in labeled + unlabeled}
+        self.volumes = {i: (to(volumes[i][0], torch.float32), to(volumes[i][1], torch.uint8) if i in labeled
+                            else None) for i in labeled + unlabeled}
         self.parts = [(list(labeled), labeled_bs), (list(unlabeled), batch_size - labeled_bs)]
         self.patch, self.augment = tuple(patch), augment
         self.gen = torch.Generator().manual_seed(seed)
@@ -397,8 +284,7 @@ class BatchSampler:
         out = []
         while len(out) < n:
             if self.pos[part] == len(self.orders[part]):
-                self.orders[part] = torch.randperm(len(ids), generator=self.gen).tolist()
-                self.pos[part] = 0
+                self.orders[part], self.pos[part] = torch.randperm(len(ids), generator=self.gen).tolist(), 0
             out.append(ids[self.orders[part][self.pos[part]]])
             self.pos[part] += 1
         return out
@@ -409,8 +295,7 @@ class BatchSampler:
     def sample(self, case_id):
         """One augmented patch of a case: image (1, X, Y, Z) and label (X, Y, Z), or None when unlabeled."""
         image, label = self.volumes[case_id]
-        mask = label.float() if label is not None else torch.zeros_like(image)
-        both = torch.stack([image, mask])                                              # (2, X, Y, Z)
+        both = torch.stack([image, label.float() if label is not None else torch.zeros_like(image)])  # (2, X, Y, Z)
         if self.augment:
             both = rot_flip(both, self._randint(4), self._randint(2))
         both = pad_to(both, self.patch)

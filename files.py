@@ -1,16 +1,7 @@
-"""Every file the project writes goes through here: checkpoints, configs, logs, figures, test outputs, the
-phantom and the volume cache. A crash, a full disk or a second process never leaves a half-written file under
-its final name, and an OS error becomes one line that names the file and the cause in words (WriteError).
-
-    with replacing(path) as tmp:         # write tmp; it replaces path when the block succeeds, else vanishes
-        torch.save(state, tmp)
-    write_text(path, text), write_bytes(path, data), save_figure(fig, path), make_folder(path)
-    check_writable(folder)               # before the data are read: the folder can be created and written
-    with Lock(folder / "run.lock", busy="... {pid} ..."):   # one process at a time
-        ...
-
-Temp files are named .<name>.<pid>.<random>.tmp beside their target, so two processes never share one and
-those of a process that was killed (kill -9, a power cut) are recognised and removed (remove_stale_temps).
+"""Every file the project writes goes through here: written to a temp file beside its target, then renamed,
+so a crash, a full disk or a second process never leaves a half-written file under the final name; an OS
+error becomes one line naming the file and the cause in words (WriteError); Lock keeps one process a folder.
+Temp names, .<name>.<pid>.<random>.tmp, are never shared, and a dead process's are removed.
 """
 import contextlib
 import errno
@@ -28,13 +19,12 @@ from config import CersError
 CAUSES = {  # errno: the cause in words, with what to do
     errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
     errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
-    errno.EFBIG: "file too large for a file-size limit (ulimit -f) or the file system; raise it or write "
-                 "elsewhere",
+    errno.EFBIG: "file too large for a file-size limit (ulimit -f) or the file system; write elsewhere",
     errno.EACCES: "permission denied; write elsewhere or make the folder writable",
     errno.EPERM: "operation not permitted; write elsewhere or make the folder writable",
     errno.EROFS: "the file system is read-only; write elsewhere",
 }
-TEMP = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+TEMP = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # temp_path's names; group 1 is the writer's PID
 
 
 class WriteError(CersError):
@@ -67,22 +57,19 @@ def temp_path(path):
 
 @contextlib.contextmanager
 def replacing(path):
-    """Yield a temp path beside `path` to write; when the block ends without error it replaces `path` in one
-    step (os.replace), on any error or interruption it is removed and `path` stays as it was."""
-    path = Path(path)
-    tmp = temp_path(path)
+    """Yield a temp path beside `path` to write; it replaces `path` in one step if the block succeeds."""
+    path, tmp = Path(path), temp_path(path)
     try:
         with writing(path):
             yield tmp
             os.replace(tmp, path)
-    finally:
+    finally:                                           # on any error or interruption `path` stays as it was
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path, data):
-    """Write `data` to `path` atomically, flushed to the disk before it takes the name (a checkpoint survives
-    a power cut as the old or the new file)."""
+    """Write `data` to `path` atomically, on the disk before it takes the name (survives a power cut)."""
     with replacing(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -90,6 +77,7 @@ def write_bytes(path, data):
 
 
 def write_text(path, text):
+    """Write `text` to `path` atomically (write_bytes)."""
     write_bytes(path, text.encode())
 
 
@@ -107,6 +95,7 @@ def appending(path):
 
 
 def make_folder(path):
+    """Create the folder `path` with its parents (WriteError if it cannot be) and return it."""
     path = Path(path)
     with writing(path):
         path.mkdir(parents=True, exist_ok=True)
@@ -114,17 +103,18 @@ def make_folder(path):
 
 
 def alive(pid):
+    """Whether process `pid` still runs (another user's process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:                            # another user's process
-        return True
+    except PermissionError:
+        pass
     return True
 
 
 def remove_stale_temps(folder):
-    """Remove the temp files and folders (temp_path names) left in `folder` by processes no longer running."""
+    """Remove the temp files and folders left in `folder` by processes no longer running."""
     for p in Path(folder).glob(".*.tmp"):
         m = TEMP.fullmatch(p.name)
         if m and int(m[1]) != os.getpid() and not alive(int(m[1])):
@@ -136,9 +126,7 @@ def remove_stale_temps(folder):
 
 
 def check_writable(folder):
-    """Create `folder` when missing and write and remove a probe file there, before any data are read, so a
-    folder that cannot take files is refused at once (WriteError), not after the work. Temp files left there
-    by processes no longer running are removed."""
+    """Create `folder`, write a probe there before any data are read (fail at once), clear dead temps."""
     folder = make_folder(folder)
     probe = temp_path(folder / "probe")
     with writing(folder):
@@ -151,61 +139,59 @@ def check_writable(folder):
 
 
 class Lock:
-    """An exclusive lock (fcntl.flock) on the file `path`, which holds the PID of the process holding it.
-
-    The kernel drops the lock when its process ends, however it ends, so the file of a killed process is
-    simply taken over. `busy`: the refusal when another process holds the lock, formatted with {pid} (a
-    WriteError); None waits for the lock instead. The lock file is removed on release, and so are the folders
-    made for it that are still empty (a refused or stopped run leaves no trace)."""
+    """An exclusive flock on the file `path`, which holds the holder's PID: one process at a time. The kernel
+    drops it when its process dies (a stale lock is taken over); release removes the file and the folders
+    made for it. `busy`: refuse while another process holds it, else (None) wait; see flock."""
 
     def __init__(self, path, busy=None):
-        self.path, self.busy, self.fd = Path(path), busy, None
+        self.path, self.busy = Path(path), busy
 
     def __enter__(self):
-        folder = self.path.parent
+        path, folder = self.path, self.path.parent
         self.made = list(itertools.takewhile(lambda p: not p.exists(), [folder, *folder.parents]))
         make_folder(folder)
-        with writing(self.path):
-            while True:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with writing(path):
+            while True:                                # until the file locked is still the one at `path`
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
-                    holder = self.acquire(fd)
+                    flock(self.fd, path, self.busy)
                 except BaseException:
-                    os.close(fd)
+                    os.close(self.fd)
                     raise
-                if same_file(self.path, fd):
+                if same_file(path, self.fd):
                     break
-                os.close(fd)                           # its holder removed the file as this one opened it
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
+                os.close(self.fd)                      # its holder removed the file as this one opened it
+            holder = holder_pid(self.fd)
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
         if holder and holder != os.getpid():
-            print(f"note: {self.path} was held by process {holder}, which ended without releasing it; "
-                  "taken over", file=sys.stderr)
+            print(f"note: {path} was held by process {holder}, which ended without releasing it; taken over",
+                  file=sys.stderr)
         remove_stale_temps(folder)
         return self
-
-    def acquire(self, fd):
-        """Lock the open file fd (waiting, or refusing with `busy`); returns the PID written in it before."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = holder_pid(fd)
-            if self.busy is not None:
-                raise WriteError(self.busy.format(pid=pid or "unknown")) from None
-            print(f"waiting for process {pid or '(unknown)'}, which holds {self.path}", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        return holder_pid(fd)
 
     def __exit__(self, *exc):
         with contextlib.suppress(OSError):
             self.path.unlink()                         # while locked: a waiting process then sees a new file
         os.close(self.fd)
-        for folder in self.made:                       # the folders made for the lock, while they are empty
+        for folder in self.made:
             try:
                 folder.rmdir()
-            except OSError:
+            except OSError:                            # not empty
                 break
+
+
+def flock(fd, path, busy):
+    """Lock the open lock file fd. While another process holds it: wait (busy None), or refuse with
+    WriteError(busy(pid)) or, for a text, busy with "{pid}" replaced (never str.format: paths stay as is)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = holder_pid(fd) or "unknown"
+        if busy is not None:
+            raise WriteError(busy(pid) if callable(busy) else busy.replace("{pid}", str(pid))) from None
+        print(f"waiting for process {pid}, which holds {path}", file=sys.stderr)
+        fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def holder_pid(fd):

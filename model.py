@@ -1,35 +1,32 @@
-"""The dual-decoder V-Net (docs/design.md §8).
+"""The dual-decoder V-Net and the losses of training (docs/design.md §8, §9).
 
 A V-Net encoder (Milletari et al. 2016, as configured by UA-MT / MC-Net for LA: 16 base filters,
-batch norm, dropout at the bottleneck and before the head) is shared by two decoders that differ
-only in how they upsample:
+batch norm, dropout at the bottleneck and before the head) is shared by two decoders:
 
-    decoder A: transposed convolutions; optionally fuses the reference context (mcam.py)
+    decoder A: transposed convolutions; with references, two streams (mcam.py)
     decoder B: trilinear upsampling + convolution; always plain
 
 Their disagreement is a training signal (train.py), and decoder B's prediction is what drives the
 reference query at training and test time.
 
-With the references' masks (ref_masks, an extension beyond the paper), the references also vote:
-their masks, weighted by retrieval weight, form a prior that is added to decoder A's logits with a
-learned weight (prior_scale, starting at 0), as multi-atlas segmentation fuses its atlases' labels and
-the network learns, through MCAM, where to correct the vote. Everything on the reference path starts
-at zero, so decoder A with references is exactly decoder A without them until training moves it.
-With ref_mask_detail instead, only the MCAMs at 1/4 and 1/2 of the patch read the references' weighted
-mask, at their own scale: the references' labels with spatial detail, without the vote or the transfer.
+Decoder A of a references network is wired as the public CERS code wires it. At the bottleneck the
+scan's features plus the gated cross-attention to its references (mcam.ReferenceFusion) start a second,
+context stream. Decoder A upsamples it beside its main stream; at every scale an MCAM gates the context
+against both streams and the main stream takes the gated context before its convolutions; the head reads
+both streams concatenated. The reference modules start from Xavier initialisation (nothing at zero), so
+the references move decoder A from the first step.
 
-Two controls say what the references bring: decode_a(feats, None) runs decoder A as a plain decoder
-(no fusion, no MCAM), and decode_a(feats, zero_refs=True) keeps the whole reference branch with the
-references' contribution set to zero (the fusion's attention, labels, mask and vote), so the MCAMs still
-act on the scan's own stream: only what the references contain is missing.
+"No references" for such a network (decode_a with zero_refs, or with refs=None) sets the fused attention
+term to zero: the context stream starts from the scan's own bottleneck and every MCAM still runs. A
+network built without references (cfg.references false) is the plain dual-decoder mean teacher.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import mcam
 
 FUSION_HEADS = 4  # attention heads of the reference fusion at the bottleneck
-DETAIL_SCALES = (1, 2)  # decoder A's stages (0: 1/8 .. 3: full) whose MCAMs read the mask (ref_mask_detail)
 
 
 def conv_stage(c_in, c_out, n_convs):
@@ -79,113 +76,123 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Four up-stages with residual skip additions (V-Net style), then a 1x1x1 head.
 
-    When built with `mcams` (one per scale, from coarse to fine), a reference context given to
-    forward() is fused at every scale; without a context it runs as a plain decoder."""
+    take_context() makes it decoder A of a references network: a context stream climbs beside the main
+    one, an MCAM per scale gates it into the main stream, and the head reads both streams."""
 
-    def __init__(self, f=16, n_classes=2, mode="deconv", dropout=0.5, mcams=None):
+    def __init__(self, f=16, n_classes=2, mode="deconv", dropout=0.5):
         super().__init__()
         ch = [f, 2 * f, 4 * f, 8 * f, 16 * f]
         self.ups = nn.ModuleList([up(ch[i + 1], ch[i], mode) for i in reversed(range(4))])
         self.stages = nn.ModuleList([conv_stage(ch[i], ch[i], n)
                                      for i, n in zip(reversed(range(4)), (3, 3, 2, 1))])
-        self.mcams = mcams
         self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv3d(f, n_classes, 1)
+        self.mcams = None
 
-    def forward(self, feats, context=None, labels=None, mask=None):
-        """feats: the encoder's five scales; context (B, 16f, X/16, Y/16, Z/16) from ReferenceFusion, with
-        ref_masks also its transferred labels and the references' weighted mask (see MCAM.forward)."""
+    def take_context(self, gated=True):
+        """Add the MCAMs (one per scale, coarse to fine) and a head over both streams, Xavier-initialised."""
+        f, n_classes = self.head.in_channels, self.head.out_channels
+        ch = [8 * f, 4 * f, 2 * f, f]                            # the scales, coarse to fine
+        self.mcams = nn.ModuleList([mcam.MCAM(c, cc, gated) for c, cc in zip(ch, [16 * f] + ch[:-1])])
+        self.head = mcam.xavier_(nn.Conv3d(2 * f, n_classes, 1))
+
+    def forward(self, feats, context=None):
+        """feats: the encoder's five scales; context (B, 16f, X/16, Y/16, Z/16) the fused bottleneck map, which
+        decoder A of a references network needs and a plain decoder does not take."""
+        if (context is None) != (self.mcams is None):
+            raise ValueError("Decoder: a context is given exactly when built with take_context() (decoder A "
+                             "of a references network)")
         x = feats[-1]                                # (B, 16f, X/16, Y/16, Z/16)
         for i, (up_, stage) in enumerate(zip(self.ups, self.stages)):
-            x = stage(up_(x) + feats[-2 - i])        # (B, 8f, X/8, ..) .. (B, f, X, Y, Z)
-            if context is not None and self.mcams is not None:
-                mcam_ = self.mcams[i]                # an MCAM without label channels reads no label maps
-                maps = (labels, mask) if mcam_.label_channels else (None, None)
-                x, context = mcam_(x, context, *maps)  # gated context fused at this scale
+            x = up_(x) + feats[-2 - i]               # (B, 8f, X/8, ..) .. (B, f, X, Y, Z)
+            if context is not None:                  # the main stream takes the gated context
+                x, context = self.mcams[i](x, context)
+            x = stage(x)
+        if context is not None:
+            x = torch.cat([x, context], 1)           # (B, 2f, X, Y, Z): both streams
         return self.head(self.dropout(x))            # (B, n_classes, X, Y, Z)
 
 
 class DualDecoderVNet(nn.Module):
-    """Shared encoder; decoder A (deconv, reference context) and decoder B (trilinear, plain)."""
+    """Shared encoder; decoder A (deconv; two streams with references) and decoder B (trilinear, plain)."""
 
-    def __init__(self, in_channels=1, n_classes=2, base_filters=16, dropout=0.5, fusion=None, mcams=None):
+    def __init__(self, in_channels=1, n_classes=2, base_filters=16, dropout=0.5, references=False,
+                 gated=True):
         super().__init__()
         self.encoder = Encoder(in_channels, base_filters, dropout)
-        self.decoder_a = Decoder(base_filters, n_classes, "deconv", dropout, mcams)
+        self.decoder_a = Decoder(base_filters, n_classes, "deconv", dropout)
         self.decoder_b = Decoder(base_filters, n_classes, "trilinear", dropout)
-        self.fusion = fusion  # mcam.ReferenceFusion, or None for the plain dual-decoder network
-        # whether decoder A reads the references' weighted mask (ref_masks, ref_mask_detail)
-        self.reads_mask = mcams is not None and any(m.label_channels for m in mcams)
-        if fusion is not None and fusion.masks:  # weight of the references' label vote in decoder A's logits
-            self.prior_scale = nn.Parameter(torch.zeros(()))
+        self.fusion = None
+        # the reference modules come last: the V-Net's own layers initialise as in the plain network
+        if references:
+            self.fusion = mcam.ReferenceFusion(16 * base_filters, heads=FUSION_HEADS)
+            self.decoder_a.take_context(gated)
 
-    def forward(self, x, refs=None, zero_refs=False, bottleneck=False):
-        """x (B, 1, X, Y, Z); refs: mcam.References for decoder A, or None; zero_refs: decoder A with the
-        references' contribution zeroed (decode_a).
-
-        Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z), and with ref_masks the
-        labels the fusion transferred from the references (B, heads, X/16, Y/16, Z/16), else None (None too
-        with zero_refs: nothing was transferred); with `bottleneck`, fourth, the encoder's bottleneck
-        features (B, 16f, X/16, Y/16, Z/16)."""
+    def forward(self, x, refs=None, zero_refs=False):
+        """x (B, 1, X, Y, Z); refs: mcam.References for decoder A, or None; zero_refs: see decode_a.
+        Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z)."""
         feats = self.encoder(x)
-        logits_a, labels = self.decode_a(feats, refs, return_labels=True, zero_refs=zero_refs)
-        out = logits_a, self.decoder_b(feats), None if zero_refs else labels
-        return out + (feats[-1],) if bottleneck else out
+        return self.decode_a(feats, refs, zero_refs), self.decoder_b(feats)
 
-    def decode_a(self, feats, refs=None, return_labels=False, zero_refs=False):
-        """Decoder A on encoder features, fusing the references' context when there are references.
+    def decode_a(self, feats, refs=None, zero_refs=False):
+        """Decoder A on encoder features. With references, the context stream starts from the fused map
+        x + gate * attention; with zero_refs or refs=None, from x alone (the "no references" control: the
+        references' contribution zero, the trained branch kept). Without a fusion refs are not read."""
+        context = None
+        if self.fusion is not None:
+            x = feats[-1]                                            # (B, 16f, X/16, Y/16, Z/16)
+            context = x if zero_refs or refs is None else x + self.fusion(x, refs.features, refs.weights)
+        return self.decoder_a(feats, context)
 
-        zero_refs: the "no references" control that keeps the reference branch (refs is not read). The
-        fusion's attention output is zero, so the context is the scan's own bottleneck (x + gate * 0); the
-        transferred labels and the references' mask are zeros and their vote is left out; every MCAM runs
-        on that. Without a fusion (a plain network) it is decoder A as with refs=None."""
-        labels = mask = context = None
-        if self.fusion is not None and zero_refs:
-            x = feats[-1]                                                      # (B, 16f, X/16, Y/16, Z/16)
-            context = x
-            if self.fusion.masks:
-                labels = torch.zeros(len(x), self.fusion.heads, *x.shape[2:], device=x.device)  # (B, H, ..)
-            if self.reads_mask:
-                mask = torch.zeros(len(x), 1, *feats[0].shape[2:], device=x.device)          # (B, 1, X, Y, Z)
-        elif refs is not None and self.fusion is not None:
-            masks = refs.masks if self.fusion.masks else None
-            context, labels = self.fusion(feats[-1], refs.features, refs.weights, masks)  # (B, 16f, ..), ..
-            if self.reads_mask:
-                mask = mcam.weighted_mask(refs.masks, refs.weights)                  # (B, 1, X, Y, Z)
-        logits = self.decoder_a(feats, context, labels, mask)
-        if mask is not None and self.fusion.masks and not zero_refs:  # the references vote: atlas prior
-            logits = logits + self.prior_scale * prior_logits(mask)
-        return (logits, labels) if return_labels else logits
+    @torch.no_grad()
+    def context_ratio(self, feats, refs):
+        """How much the references add at the bottleneck: the mean per-token L2 norm of the gated attention
+        term over the mean per-token norm of the scan's features x, a float tensor (0: an inert fusion).
+        In eval mode for a figure free of the attention dropout."""
+        if self.fusion is None:
+            raise ValueError("context_ratio: this network was built without references (no fusion)")
+        x = feats[-1]
+        term = self.fusion(x, refs.features, refs.weights)            # (B, 16f, X/16, Y/16, Z/16)
+        return term.float().norm(dim=1).mean() / x.float().norm(dim=1).mean().clamp_min(1e-12)
 
     def predict_b(self, x):
         """Decoder B alone: the reference query needs no context."""
         return self.decoder_b(self.encoder(x))
 
 
-PRIOR_CLIP = 0.05  # the references' vote is clipped to [0.05, 0.95] before its logit: at most +-2.9
-
-
-def prior_logits(mask):
-    """(B, 2, X, Y, Z) logits whose softmax is the references' weighted vote mask (B, 1, X, Y, Z), clipped."""
-    p = mask.float().clamp(PRIOR_CLIP, 1 - PRIOR_CLIP)
-    half = 0.5 * (p.log() - (1 - p).log())                   # (B, 1, X, Y, Z)
-    return torch.cat([-half, half], 1)
-
-
 def build_model(cfg):
-    """The network an experiment config describes (references and MCAM when cfg.references is on; with
-    cfg.ref_masks the fusion reads the references' masks and every MCAM gets their label maps; with
-    cfg.ref_mask_detail the MCAMs of DETAIL_SCALES get the references' weighted mask)."""
-    fusion = mcams = None
-    if cfg.references:
-        f = cfg.base_filters
-        fusion = mcam.ReferenceFusion(16 * f, heads=FUSION_HEADS, masks=cfg.ref_masks)
-        ch = [8 * f, 4 * f, 2 * f, f]                            # decoder A's scales, coarse to fine
-        ctx = [16 * f] + ch[:-1]                                 # the context arrives from the scale below
-        labels = [FUSION_HEADS + 1 if cfg.ref_masks                 # transferred labels + the weighted mask
-                  else int(cfg.ref_mask_detail and i in DETAIL_SCALES)   # the weighted mask alone
-                  for i in range(len(ch))]
-        mcams = nn.ModuleList([mcam.MCAM(c, cc, n, gated=cfg.mcam_gates)
-                               for c, cc, n in zip(ch, ctx, labels)])
-    return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, fusion, mcams)
+    """The network an experiment config describes: the fusion and decoder A's context stream when
+    cfg.references (MCAMs without gates when not cfg.mcam_gates)."""
+    return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, cfg.references, cfg.mcam_gates)
 
+
+# ----------------------------------------------------------------------------- losses (pure functions)
+
+def dice_loss(prob, target, eps=1e-5):
+    """1 - soft Dice of the foreground probability (B, X, Y, Z) against a {0, 1} target."""
+    inter = (prob * target).sum()
+    return 1.0 - (2.0 * inter + eps) / (prob.sum() + target.sum() + eps)
+
+
+def supervised_loss(logits, label):
+    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z) and label
+    (Lb, X, Y, Z)."""
+    prob = logits.float().softmax(1)[:, 1]
+    return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
+
+
+def mean(t):
+    """The mean of t, and 0 (still in the graph) when t is empty: a batch of labeled patches only has no
+    unlabeled part, whose losses would otherwise be NaN."""
+    return t.mean() if t.numel() else t.sum()
+
+
+def mse(a, b):
+    """Mean squared error, 0 over no patches."""
+    return mean((a - b).square())
+
+
+def sharpen(p, t):
+    """Push a foreground probability towards 0 or 1: p^(1/t) / (p^(1/t) + (1 - p)^(1/t))."""
+    a, b = p.pow(1.0 / t), (1.0 - p).pow(1.0 / t)
+    return a / (a + b)

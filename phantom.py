@@ -1,26 +1,11 @@
-"""Synthetic left-atrium phantoms written in the exact LA layout (docs/design.md §3, §4; docs/phantom.md).
-
-The offline default: a fresh machine has no LA data, so this writes look-alike cases that every
-loader, test and experiment can use unchanged:
+"""Synthetic left-atrium phantoms in the exact LA layout, the offline default (docs/phantom.md).
 
     <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   image float32 z-scored, label uint8 {0, 1}, (X, Y, Z)
     <root>/train.list, <root>/test.list                one ID a line
     <root>/phantom.json                                the parameters it was written with, and summary figures
 
-Each case is an LGE-MRI-like crop around the left atrium, as the LA challenge crops are. The
-atrial body with its appendage and four pulmonary-vein ostia sits among the other blood pools of
-the heart: left ventricle, right atrium with the superior vena cava, ascending and descending
-aorta, pulmonary artery. All of them share one intensity distribution. The LA opens into the LV
-at the mitral valve plane and into its veins with no wall; elsewhere thin dark walls separate
-the pools, with gaps. The label is the LA body, the appendage and each vein up to VEIN_LABEL
-beyond the body, as in the challenge masks; the rest of each vein, and every other pool, is
-unlabeled. So intensity alone cannot find the target (a single global threshold reaches Dice
-0.3-0.4, see `threshold_dice`): position, shape and context must. Heterogeneous enhancement,
-bright fat, dark lungs, a coil bias field, partial-volume blur, magnitude (Rician) noise and a
-scanner response (a power curve) finish the picture; contrast, blur, bias, noise and response change
-from case to case as between scanners and sessions (version 4 widened these ranges).
-
-Every case draws from its own generator seeded by (seed, index), so a seed gives byte-identical files.
+Each case is an LGE-MRI-like crop: the LA among the heart's other blood pools, all of one intensity, so
+only position, shape and context find the label (`threshold_dice`). A seed gives byte-identical files.
 """
 import argparse
 import io
@@ -35,8 +20,8 @@ import numpy as np
 from scipy import ndimage
 
 import files
-from config import CASE_DIR, CASE_FILE, EXPERIMENTS, CersError, ConfigError, cli
-from distributed import World, main_first
+from config import EXPERIMENTS, CersError, ConfigError, World, cli, main_first
+from data import CASE_DIR, CASE_FILE
 
 PARAMS_FILE = "phantom.json"
 VERSION = 4  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
@@ -54,10 +39,8 @@ class NotAPhantom(CersError, FileExistsError):
 
 
 def smooth_field(rng, grid, scale, n_modes=6):
-    """A smooth random field (mean ~0, std ~1): a sum of cosines with wavelengths of about 2 * scale voxels.
-
-    cos(w.x + phase) is the real part of a product of three 1D complex exponentials, so the sum
-    over modes is a matrix product instead of n_modes full-volume cosines."""
+    """A smooth random field (mean ~0, std ~1): n_modes cosines of wavelength about 2 * scale voxels."""
+    # each cosine is the real part of a product of three 1D complex exponentials: one matrix product
     w = rng.normal(0.0, np.pi / (2 * scale), (3, n_modes))
     phase = rng.uniform(0, 2 * np.pi, (3, n_modes))
     ex, ey, ez = (np.exp(1j * (w[i, :, None] * grid[i].ravel() + phase[i, :, None])).astype(np.complex64)
@@ -67,11 +50,10 @@ def smooth_field(rng, grid, scale, n_modes=6):
     return field.reshape(ex.shape[1], ey.shape[1], ez.shape[1]) * np.float32(np.sqrt(2.0 / n_modes))
 
 
-# ----------------------------------------------------------------------------- shapes
-# Shapes are signed distances in nominal voxels (< 0 inside) over the heart-frame coordinates q, a
-# tuple of three (X, Y, Z) arrays: a union is a minimum, a wall is 0 < d <= thickness.
-
+# Shapes are signed distances in nominal voxels (< 0 inside) over the heart-frame coordinates q, three
+# (X, Y, Z) arrays: a union is a minimum, a wall is 0 < d <= thickness.
 def unit(v):
+    """v scaled to length 1."""
     return np.asarray(v, float) / np.linalg.norm(v)
 
 
@@ -81,8 +63,7 @@ def reach(radii, direction):
 
 
 def ellipsoid(q, center, radii, wobble):
-    """A deformed ellipsoid: its radius in each direction is scaled by (1 + wobble), wobble a (X, Y, Z)
-    field."""
+    """A deformed ellipsoid: its radius in each direction scaled by (1 + wobble), an (X, Y, Z) field."""
     d = [qi - np.float32(c) for qi, c in zip(q, center)]
     r = np.sqrt(sum((di / np.float32(ri)) ** 2 for di, ri in zip(d, radii)))   # 1 on the undeformed surface
     along = np.sqrt(sum(di * di for di in d)) / np.maximum(r, 1e-3)     # the radius in this voxel's direction
@@ -101,65 +82,47 @@ def tube(q, points, radii):
     return best
 
 
-def bend(p0, p1, p2, n=6):
-    """n points (n, 3) along the quadratic Bezier curve p0 -> p2 with control point p1."""
-    t = np.linspace(0.0, 1.0, n)[:, None]
-    return (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2
-
-
-# ----------------------------------------------------------------------------- the anatomy
-
 def anatomy(rng, q, wobble):
-    """Signed distances of every blood pool, and the wall thickness around each (nominal voxels).
-
-    The heart frame: the LA body centred at 0, x to the patient's left, y posterior, z up. Sizes,
-    positions and the gaps between pools vary per case; a negative gap is an overlap (no wall).
-    Returns {name: (signed distance (X, Y, Z), wall thickness)}."""
+    """{name: (signed distance, wall thickness)} of every blood pool; LA at 0, x left, y posterior, z up."""
     u = rng.uniform
     la_r = np.array(LA_RADII) * u(0.75, 1.3, 3)
     atrial_wall = u(0.8, 1.6)                                          # thin: LGE shows it faintly, with gaps
     pools = {"la": (ellipsoid(q, (0, 0, 0), la_r, 0.15 * wobble[0]), atrial_wall)}
-    # four pulmonary veins leave the back of the LA to the left and right, above and below
-    veins = []
+    veins = []                        # four pulmonary veins leave the back to the left and right, up and down
     for side, level in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
         d = unit([side, u(0.3, 0.9), level * u(0.3, 0.7)])
         s = d * reach(la_r, d)                                           # ostium on the body surface
         out = unit([side * u(0.6, 1.0), u(0.4, 1.0), level * u(0.0, 0.5)])  # veins curve backwards
-        r0 = u(2.6, 3.8)
-        path = np.vstack([0.6 * s, bend(s, s + 6 * d, s + 6 * d + u(16, 24) * out)])
+        r0, end = u(2.6, 3.8), s + 6 * d + u(16, 24) * out
+        t = np.linspace(0.0, 1.0, 6)[:, None]                   # a quadratic Bezier curve from s to end
+        path = np.vstack([0.6 * s, (1 - t) ** 2 * s + 2 * t * (1 - t) * (s + 6 * d) + t ** 2 * end])
         veins.append(tube(q, path, np.r_[r0, np.linspace(r0, 0.75 * r0, len(path) - 1)]))
     pools["veins"] = (np.minimum.reduce(veins), atrial_wall)
-    # the appendage: a thin finger from the front-left roof, curling forward and down
     d = unit([0.8 + u(-0.2, 0.2), -0.8 + u(-0.2, 0.2), 0.4 + u(-0.2, 0.2)])
-    s = d * reach(la_r, d)
+    s = d * reach(la_r, d)                       # the appendage: from the front-left roof, forward and down
     path = (np.array([0.7 * s, s + 3 * d, s + 6 * d + [2, -3, 1], s + 7 * d + [3, -4, -4]])
             + u(-1.5, 1.5, (4, 3)))
     pools["appendage"] = (tube(q, path, np.array([3.8, 3.0, 2.3, 1.3]) * u(0.8, 1.2)), atrial_wall)
-    # the left ventricle, in front, left and below, opening into the LA at the mitral plane (no wall)
-    d = unit([u(0.2, 0.7), -1.0, u(-1.1, -0.6)])
+    d = unit([u(0.2, 0.7), -1.0, u(-1.1, -0.6)])                # the LV: in front, left and below
     lv_r = np.array([15.0, 13.0, 18.0]) * u(0.85, 1.15, 3)
-    center = d * (reach(la_r, d) + reach(lv_r, d) - u(1.0, 2.5))
+    center = d * (reach(la_r, d) + reach(lv_r, d) - u(1.0, 2.5))    # overlaps: the mitral plane has no wall
     pools["lv"] = (ellipsoid(q, center, lv_r, 0.08 * wobble[1]), u(3.0, 5.0))   # thick, nulled myocardium
-    # the right atrium to the right and in front, behind the thin interatrial septum; the SVC rises from it
-    d = unit([-1.0, u(-0.6, -0.2), u(-0.3, 0.1)])
+    d = unit([-1.0, u(-0.6, -0.2), u(-0.3, 0.1)])      # the RA: right and in front, beyond the thin septum
     ra_r = np.array([12.0, 12.0, 14.0]) * u(0.85, 1.15, 3)
     center = d * (reach(la_r, d) + reach(ra_r, d) + u(0.5, 2.5))
     pools["ra"] = (ellipsoid(q, center, ra_r, 0.1 * wobble[2]), atrial_wall)
-    r = u(4.0, 5.5)
+    r = u(4.0, 5.5)                                                     # the SVC rises from the RA
     pools["svc"] = (tube(q, np.array([center + [2, 3, 6], center + [3, 5, 40]]), np.array([r, r])),
                     u(1.0, 2.0))
-    # the ascending aorta rises in front of the LA, from the LV outflow; sometimes touching it
-    r, x = u(5.5, 7.5), u(-6.0, 2.0)
+    r, x = u(5.5, 7.5), u(-6.0, 2.0)                # the ascending aorta: in front of the LA, may touch it
     y = -la_r[1] * np.sqrt(max(1 - (x / la_r[0]) ** 2, 0.3)) - r - u(-2.0, 2.0)
     path = np.array([[x + 4, y - 5, -la_r[2]], [x, y, 0.3 * la_r[2]], [x - 3, y + 2, la_r[2] + 30]])
     pools["aorta"] = (tube(q, path, np.array([r * 1.15, r, r])), u(1.0, 2.0))
-    # the descending aorta runs down behind the LA, beside the spine
-    r, x = u(5.0, 7.0), la_r[0] * u(0.1, 0.6)
+    r, x = u(5.0, 7.0), la_r[0] * u(0.1, 0.6)                  # the descending aorta: behind, by the spine
     y = la_r[1] + r + u(-1.0, 4.0)
     path = np.array([[x, y, -50.0], [x + u(-3, 3), y + u(-2, 2), 50.0]])
     pools["descending"] = (tube(q, path, np.array([r, r])), u(1.0, 2.0))
-    # the pulmonary artery: trunk in front on the left, branches over the LA roof (the right one may touch it)
-    r, top = u(4.5, 6.0), la_r[2] + u(-2.0, 2.0)
+    r, top = u(4.5, 6.0), la_r[2] + u(-2.0, 2.0)      # the PA: trunk front left, branches over the LA roof
     fork = np.array([6.0, -la_r[1] - 9, top + r + 3])
     trunk = np.array([[12.0, -la_r[1] - 18, -8.0], fork])
     right = np.array([fork, [0.0, -2.0, top + r], [-40.0, 0.0, top + r + 2]])
@@ -170,31 +133,19 @@ def anatomy(rng, q, wobble):
 
 
 def heart_frame(rng, grid, size, scale):
-    """Per-case pose and field of view: the heart-frame coordinates q (3 arrays (X, Y, Z)) of every voxel.
-
-    The LA centre sits near the middle of the crop (the challenge crops are cut around it), up to 10 % of
-    the crop off it; the heart turns up to 0.7 rad in the axial plane and tilts up to 0.5 rad out of it (the
-    augmentation turns only in the axial plane); its size varies from -30 % to +40 %. Version 2 had 6 %,
-    0.4 and 0.15 rad and +-12 %, and eight labeled cases covered it; version 3 had 0.3 rad and -20 / +25 %
-    (docs/phantom.md, "Versions")."""
-    center = np.asarray(size) / 2 + rng.uniform(-0.1, 0.1, 3) * size
-    a, b, c = rng.uniform(-0.7, 0.7), rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5)
+    """The heart-frame coordinates q of every voxel, for a per-case pose, size and field of view."""
+    center = np.asarray(size) / 2 + rng.uniform(-0.1, 0.1, 3) * size             # up to 10 % off the middle
+    a, b, c = rng.uniform(-0.7, 0.7), rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5)   # turn, tilts (rad)
     rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
     rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
     ry = np.array([[np.cos(c), 0, np.sin(c)], [0, 1, 0], [-np.sin(c), 0, np.cos(c)]])
-    inverse = ((rz @ rx @ ry).T / (scale * rng.uniform(0.7, 1.4))).astype(np.float32)  # volume -> heart frame
+    inverse = ((rz @ rx @ ry).T / (scale * rng.uniform(0.7, 1.4))).astype(np.float32)  # size -30 to +40 %
     rel = [g - np.float32(c0) for g, c0 in zip(grid, center)]
     return tuple(sum(inverse[i, j] * rel[j] for j in range(3)) for i in range(3))
 
 
-# ----------------------------------------------------------------------------- the image
-
 def paint(rng, grid, pools, s):
-    """The noise-free LGE-like image (X, Y, Z) of the pools, and the boolean parts for tests and summaries.
-
-    Blood = 1 with a slow heterogeneous enhancement; the contrast of blood to tissue, fat, lungs and
-    walls is drawn per case. Walls are nulled myocardium with gaps and a few enhanced (scar-like)
-    patches. `s` is voxels per nominal voxel: texture scales follow the anatomy."""
+    """The noise-free LGE-like image (X, Y, Z) and its blood and wall masks; `s`: voxels per nominal voxel."""
     u = rng.uniform
     field = lambda scale: smooth_field(rng, grid, scale * s)
     blood_d = np.minimum.reduce([d for d, _ in pools.values()])
@@ -217,14 +168,8 @@ def paint(rng, grid, pools, s):
 
 
 def make_case(rng, shape):
-    """One phantom case of about `shape` (X and Y vary by up to 15 %, Z is kept).
-
-    Returns image float32 (X, Y, Z) z-scored over the volume, label uint8 (LA body, appendage and
-    veins up to VEIN_LABEL, INSET inside their blood), and boolean parts for tests and summaries:
-    "target" (the label), "atrium" (the blood the label stands for), "other" (every other blood
-    voxel: other pools and the veins' continuation), "wall" (dark walls outside the atrium)."""
-    size = np.array([round(shape[0] * rng.uniform(0.85, 1.15)), round(shape[1] * rng.uniform(0.85, 1.15)),
-                     shape[2]])
+    """One case of about `shape`: image, label, and masks target, atrium (its blood), other blood, wall."""
+    size = np.array([*(round(n * rng.uniform(0.85, 1.15)) for n in shape[:2]), shape[2]])   # X, Y +-15 %
     grid = [g.astype(np.float32) for g in np.ogrid[:size[0], :size[1], :size[2]]]
     s = shape[0] / NOMINAL                                               # voxels per nominal voxel
     q = heart_frame(rng, grid, size, s)
@@ -245,83 +190,35 @@ def make_case(rng, shape):
                                             "wall": wall & ~atrium}
 
 
-# ----------------------------------------------------------------------------- the dataset on disk
-
 def phantom_params(n_train, n_test, shape, seed):
-    """The parameters that define a phantom dataset, as stored in phantom.json (checked here)."""
+    """The checked parameters that define a phantom dataset, as stored in phantom.json."""
     if n_train < 1 or n_test < 1 or len(shape) != 3 or min(shape) < 16:
         raise ConfigError(f"phantom: need n_train, n_test >= 1 and a 3D shape of at least 16 voxels a side, "
-                         f"got n_train={n_train}, n_test={n_test}, shape={tuple(shape)}")
+                          f"got n_train={n_train}, n_test={n_test}, shape={tuple(shape)}")
     return {"n_train": int(n_train), "n_test": int(n_test), "shape": [int(v) for v in shape],
             "seed": int(seed), "version": VERSION}
 
 
-def numbered_case(seed, i, shape):
-    """Case i of a seed and its ID, from its own generator: the same case whatever the counts."""
-    rng = np.random.default_rng([seed, i])
-    return ("".join(rng.choice(list(ID_CHARS), 20)), *make_case(rng, shape))
-
-
-def case_bytes(image, label):
-    """A case file's bytes, built in memory: h5py writing a file itself reports a full disk only as noise."""
-    buffer = io.BytesIO()
-    with h5py.File(buffer, "w") as f:
-        f.create_dataset("image", data=image)
-        f.create_dataset("label", data=label, compression="gzip")
-    return buffer.getvalue()
-
-
 def write_cases(folder, params):
     """Write every case, train.list and test.list into `folder`; returns the mean summary figures."""
-    ids, stats = [], []
-    for i in range(params["n_train"] + params["n_test"]):
-        case_id, image, label, parts = numbered_case(params["seed"], i, params["shape"])
-        ids.append(case_id)
-        path = folder / CASE_DIR / case_id / CASE_FILE
-        files.make_folder(path.parent)
-        files.write_bytes(path, case_bytes(image, label))
+    ids, stats, n_train = [], [], params["n_train"]
+    for i in range(n_train + params["n_test"]):
+        rng = np.random.default_rng([params["seed"], i])        # case i's own: the same whatever the counts
+        case_id = "".join(rng.choice(list(ID_CHARS), 20))
+        image, label, parts = make_case(rng, params["shape"])
+        buffer = io.BytesIO()            # built in memory: h5py writing a file reports a full disk as noise
+        with h5py.File(buffer, "w") as f:
+            f.create_dataset("image", data=image)
+            f.create_dataset("label", data=label, compression="gzip")
+        files.write_bytes(files.make_folder(folder / CASE_DIR / case_id) / CASE_FILE, buffer.getvalue())
         rest = ~(parts["atrium"] | parts["other"] | parts["wall"])
+        ids.append(case_id)
         stats.append([label.mean()] + [image[m].mean() if m.any() else np.nan
                                        for m in (parts["target"], parts["other"], parts["wall"], rest)])
-    files.write_text(folder / "train.list", "".join(f"{i}\n" for i in ids[:params["n_train"]]))
-    files.write_text(folder / "test.list", "".join(f"{i}\n" for i in ids[params["n_train"]:]))
+    for name, part in (("train.list", ids[:n_train]), ("test.list", ids[n_train:])):
+        files.write_text(folder / name, "".join(f"{i}\n" for i in part))
     names = ["foreground_fraction", "target", "other_blood", "wall", "rest"]  # mean z-scored intensities
     return dict(zip(names, np.round(np.nanmean(stats, axis=0), 4).tolist()))
-
-
-def write_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
-    """Write a phantom dataset at `root` and return `root`.
-
-    An earlier phantom there is replaced with everything in its folder (a CoT cache made for the
-    old cases included: it would be stale); any other non-empty folder is left alone with an error.
-    The cases are built in a temp folder beside `root` that is renamed into place, so an interrupted
-    write never leaves a half dataset that looks complete. It runs under a lock beside `root`: another
-    process writing the same phantom waits, and the temp folder of a write that was killed is removed."""
-    root, params = Path(root), phantom_params(n_train, n_test, shape, seed)
-    with phantom_lock(root):
-        return replace_phantom(root, params)
-
-
-def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
-    """The phantom at `root`, written only when missing or written with other parameters."""
-    root, params = Path(root), phantom_params(n_train, n_test, shape, seed)
-    if written_params(root) != params:
-        with phantom_lock(root):
-            if written_params(root) != params:         # another process may have written it meanwhile
-                replace_phantom(root, params)
-    return root
-
-
-def ensure_for(cfg, world=World()):
-    """Write an experiment's synthetic dataset when its config asks for one (rank 0 first under torchrun)."""
-    if cfg.phantom:
-        with main_first(world):
-            ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
-                           shape=tuple(cfg.phantom_shape), seed=0)
-
-
-def phantom_lock(root):
-    return files.Lock(root.parent / f".{root.name}.lock")
 
 
 def written_params(root):
@@ -332,8 +229,23 @@ def written_params(root):
         return None
 
 
+def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0, rewrite=False):
+    """The phantom at `root`, written when missing, made with other parameters, or `rewrite` is set."""
+    root, params = Path(root), phantom_params(n_train, n_test, shape, seed)
+    if rewrite or written_params(root) != params:
+        with files.Lock(root.parent / f".{root.name}.lock"):    # a second writer waits, then finds it done
+            if rewrite or written_params(root) != params:
+                replace_phantom(root, params)
+    return root
+
+
+def write_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
+    """Write a phantom dataset at `root`, replacing an earlier phantom there, and return `root`."""
+    return ensure_phantom(root, n_train, n_test, shape, seed, rewrite=True)
+
+
 def replace_phantom(root, params):
-    """write_phantom's work, under its lock."""
+    """Build the phantom in a temp folder renamed onto `root` (never half written), the old one all gone."""
     if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).exists():
         raise NotAPhantom(f"{root}: not empty and not a phantom dataset; refusing to replace it "
                           "(give an empty or new folder, or --phantom=false to use the data there)")
@@ -351,28 +263,28 @@ def replace_phantom(root, params):
     return root
 
 
+def ensure_for(cfg, world=World()):
+    """Write an experiment's synthetic dataset when its config asks for one (rank 0 first under torchrun)."""
+    if cfg.phantom:
+        with main_first(world):
+            ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
+                           shape=tuple(cfg.phantom_shape), seed=0)
+
+
 def read_cases(root):
-    """(image, boolean label) of every case in train.list, then test.list, of an LA-layout root, one at a
-    time."""
-    root = Path(root)
+    """(image, boolean label) of each case of an LA-layout root, train.list first, one at a time."""
     for name in ("train.list", "test.list"):
-        for case_id in (root / name).read_text().split():
-            with h5py.File(root / CASE_DIR / case_id / CASE_FILE, "r") as f:
+        for case_id in (Path(root) / name).read_text().split():
+            with h5py.File(Path(root) / CASE_DIR / case_id / CASE_FILE, "r") as f:
                 yield f["image"][()], f["label"][()].astype(bool)
 
 
 def threshold_dice(root, levels=512, sample=16):
-    """How far intensity alone gets on an LA-layout dataset: Dice of the best single global threshold.
-
-    One threshold for the whole dataset, foreground = image > threshold, chosen among `levels`
-    quantiles of a 1-in-`sample` voxel sample of all cases. "dice" is the mean of the per-case
-    Dice at the threshold that maximises it (as test.py averages Dice); "pooled" the best Dice of
-    all voxels counted together. The cases are read twice (candidates, then exact counts), so
-    memory holds one case at a time, also for the 100 real LA volumes."""
-    values = np.concatenate([image.ravel()[::sample] for image, _ in read_cases(root)])
-    t = np.unique(np.quantile(values, np.linspace(0.5, 0.9995, levels)))                # (T,) candidates
+    """Dice of the best single global threshold ("dice": mean per case, as test.py; "pooled": all voxels)."""
+    values = np.concatenate([image.ravel()[::sample] for image, _ in read_cases(root)])  # pass 1: candidates
+    t = np.unique(np.quantile(values, np.linspace(0.5, 0.9995, levels)))                # (T,)
     above, hits, sizes = [], [], []
-    for image, label in read_cases(root):
+    for image, label in read_cases(root):                               # pass 2: one case in memory at a time
         x, x_label = np.sort(image.ravel()), np.sort(image[label])
         above.append(x.size - np.searchsorted(x, t, "right"))                           # voxels over each t
         hits.append(x_label.size - np.searchsorted(x_label, t, "right"))                # label voxels over it
@@ -385,29 +297,20 @@ def threshold_dice(root, levels=512, sample=16):
 
 
 def preview(root, png, n=4):
-    """Save axial slices of the first n training cases, the LA label outlined in red: three levels
-    (low, middle, high) through the label, in radiological view (anterior up, patient's right on the left)."""
+    """Save 3 axial slices through the label of the first n training cases, label in red, anterior up."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    root = Path(root)
-    ids = (root / "train.list").read_text().split()[:n]
-    levels = (0.25, 0.5, 0.75)                                           # of the label's z range
-    fig, axes = plt.subplots(len(levels), len(ids), figsize=(2.6 * len(ids), 2.6 * len(levels)),
-                             squeeze=False)
-    for j, cid in enumerate(ids):
-        with h5py.File(root / CASE_DIR / cid / CASE_FILE, "r") as f:
-            image, label = f["image"][()], f["label"][()]
-        zs = np.flatnonzero(label.any((0, 1)))
-        vmin, vmax = np.percentile(image, [1, 99.5])
-        for i, level in enumerate(levels):
+    cases = list(zip(range(n), read_cases(root)))
+    fig, axes = plt.subplots(3, len(cases), figsize=(2.6 * len(cases), 7.8), squeeze=False)
+    for j, (image, label) in cases:
+        zs, (vmin, vmax) = np.flatnonzero(label.any((0, 1))), np.percentile(image, [1, 99.5])
+        axes[0, j].set_title("x".join(map(str, image.shape)), fontsize=8)
+        for ax, level in zip(axes[:, j], (0.75, 0.5, 0.25)):             # of the label's z range, top first
             z = int(round(zs[0] + level * (zs[-1] - zs[0])))
-            ax = axes[len(levels) - 1 - i, j]                            # the highest slice in the top row
             ax.imshow(image[:, :, z].T, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.contour(label[:, :, z].T, [0.5], colors="r", linewidths=0.8)
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_xlabel(f"z = {z}", fontsize=7, labelpad=1)
-        axes[0, j].set_title(f"{cid[:8]}  {image.shape[0]}x{image.shape[1]}x{image.shape[2]}", fontsize=8)
+            ax.contour(label[:, :, z].T.astype(np.uint8), [0.5], colors="r", linewidths=0.8)
+            ax.set(xticks=[], yticks=[]), ax.set_xlabel(f"z = {z}", fontsize=7, labelpad=1)
     fig.suptitle("phantom LGE-MRI, axial; red: LA label (body, appendage, vein ostia)", fontsize=9)
     fig.tight_layout()
     files.save_figure(fig, png, dpi=80)
@@ -415,18 +318,17 @@ def preview(root, png, n=4):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset (docs/phantom.md).",
-                                allow_abbrev=False)
-    p.add_argument("--out", default="data/phantom", help="dataset root")
+    """Write a phantom (and a preview), or only measure threshold_dice of any LA-layout dataset."""
+    p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset.", allow_abbrev=False)
     n_train, n_test = EXPERIMENTS["PHANTOM_8"]["phantom_cases"]                # PHANTOM_8's folder by default
+    p.add_argument("--out", default="data/phantom", help="dataset root")
     p.add_argument("--n-train", type=int, default=n_train)
     p.add_argument("--n-test", type=int, default=n_test)
     p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preview", metavar="PNG", help="also save axial slices of a few cases here")
-    p.add_argument("--threshold-dice", metavar="ROOT",
-                   help="only measure the best global threshold Dice of the LA-layout dataset at ROOT "
-                        "(real LA or a phantom)")
+    p.add_argument("--threshold-dice", metavar="ROOT", help="only measure the best global threshold Dice of "
+                   "the LA-layout dataset at ROOT (real LA or a phantom)")
     args = p.parse_args(argv)
     if args.threshold_dice:
         r = threshold_dice(args.threshold_dice)
@@ -434,13 +336,9 @@ def main(argv=None):
                      f"{r['dice']:.3f} (mean over cases), pooled over all voxels {r['pooled']:.3f}")
     t0 = time.time()
     root = write_phantom(args.out, args.n_train, args.n_test, args.shape, args.seed)
-    summary = json.loads((root / PARAMS_FILE).read_text())["summary"]
-    print(f"wrote {args.n_train} train + {args.n_test} test cases to {root} in {time.time() - t0:.1f} s")
-    print(f"foreground fraction {summary['foreground_fraction']:.3f}; mean z-scored intensity: target "
-          f"{summary['target']:.2f}, other blood {summary['other_blood']:.2f}, wall {summary['wall']:.2f}, "
-          f"rest {summary['rest']:.2f}")
-    print(f"intensity alone: the best global threshold gives Dice {summary['threshold_dice']:.3f} (mean over "
-          "cases)")
+    summary = json.loads((root / PARAMS_FILE).read_text())["summary"]      # mean z-scored intensities by part
+    print(f"wrote {args.n_train} train + {args.n_test} test cases to {root} in {time.time() - t0:.1f} s: "
+          + ", ".join(f"{k} {v}" for k, v in summary.items()))
     if args.preview:
         preview(root, args.preview)
         print(f"preview: {args.preview}")

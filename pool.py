@@ -1,61 +1,102 @@
-"""Knowledge pool: chain-of-thought texts for every case (docs/design.md §4, §5).
+"""Knowledge pool: the chain-of-thought (CoT) texts of every case (docs/design.md §4, §5).
 
-CERS describes each scan in words before segmenting it: a reasoner writes a short chain of thought
-(CoT) in four parts, `Texture: ... Boundary: ... Context: ... Summary: ...`. Labeled cases are
-described with their mask (the "mask CoT"), every case also from the image alone (the "image CoT");
-retrieve.py compares the texts with BM25 to drop references that look alike but reason differently.
-Two back ends write the texts:
-
-    llm          an OpenAI-compatible /v1/chat/completions endpoint (OpenAI, vLLM, Ollama, llama.cpp; llm.py),
-                 prompted with prompts/*.txt filled in with the measured descriptors
-    descriptors  offline and deterministic: the same four parts worded from the measured descriptors
-                 through the thresholds in WORDING; the default when no endpoint is configured
-
-Texts are cached in an append-only JSONL file, one record per (case, kind, back end, model, prompt
-hash, content hash): a re-run asks nothing twice, texts of different reasoners or prompts never mix, and
-a case whose image (or, for a mask CoT, mask) changed is described again.
+Each text has four parts, `Texture: ... Boundary: ... Context: ... Summary: ...`: a "mask CoT" of each
+labeled case written with its mask, an "image CoT" of every case from the image alone. Two back ends write
+them from the image statistics (image_stats): `llm`, an OpenAI-compatible /v1/chat/completions endpoint
+prompted with prompts/*.txt, and `descriptors`, offline and deterministic (write_cot). The endpoint may be
+slow, broken or hostile, so a request has one deadline, a size cap, same-server redirects only and bounded
+retries; the API key is never printed, logged or stored, and control characters of a reply never reach the
+cache or the terminal. Texts are cached in an append-only JSONL file keyed by case, kind, back end, model,
+prompt and content hash; a build that must write holds an exclusive lock on it, so concurrent builds never
+ask twice for one text.
 
     python pool.py --exp LA_8                                     # offline descriptors back end
     python pool.py --exp LA_8 --backend llm --url http://localhost:8000 --model NAME [--vision]
     python pool.py --exp LA_8 --show ID                           # print one case's cached texts
 """
 import argparse
+import base64
+import fcntl
 import hashlib
 import io
+import itertools
 import json
 import os
+import random
 import re
+import socket
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
+import requests
+from requests.adapters import HTTPAdapter
 from scipy import ndimage
 from tqdm import tqdm
 
 import data
 import phantom
 from config import CersError, cli, get_config
-from llm import LLMClient, LLMError
-from morphology import image_stats
+from retrieve import FACE6, MORPH_NAMES, morphology_batch
 
-# ----------------------------------------------------------------------------- prompts
+# ----------------------------------------------------------------------------- the four-part text and prompts
 
+FIELDS = ("texture", "boundary", "context", "summary")
+# a field heading at the start of a line; markdown (#, >, -, *, **bold**) and numbering ("1." "2)") allowed
+HEADING = re.compile(r"^[ \t>#*\-]*(?:\d+[.)][ \t]*)?[*_]*[ \t]*(texture|boundary|context|summary)[ \t]*[*_]*"
+                     r"[ \t]*[:：][*_]*", re.IGNORECASE | re.MULTILINE)
+# what a terminal acts on: ANSI escape sequences, C0 controls but newline and tab, DEL, C1, bidi overrides
+CONTROL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)?"
+                     r"|[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 KINDS = ("mask", "image")  # the mask CoT of a labeled case, the image-only CoT of any case
 TEMPLATES = {"mask": "cot_mask.txt", "image": "cot_image.txt"}
 
 
+def clean(text):
+    """`text` without control characters or escape sequences: what a server sent never acts on a terminal."""
+    return CONTROL.sub("", str(text))
+
+
+def one_line(text, limit=300):
+    """`text` cleaned, on one line, at most `limit` characters: how a message quotes what it was sent."""
+    return " ".join(clean(text).split())[:limit]
+
+
+def parse_cot(text):
+    """The four fields {texture, boundary, context, summary} of a reply; ValueError when one is missing.
+
+    Tolerates a preamble, markdown, numbering, any order, extra whitespace and a reasoning model's <think>
+    scratchpad; after the last field, text beyond a blank line (closing chatter) is dropped."""
+    text = re.sub(r"<think>.*?</think>", "", clean(text), flags=re.DOTALL)
+    heads, found = list(HEADING.finditer(text)), {}
+    for head, following in zip(heads, heads[1:] + [None]):
+        body = text[head.end():following.start() if following else len(text)]
+        if following is None:
+            body = re.split(r"\n[ \t]*\n", body.strip(), maxsplit=1)[0]
+        found.setdefault(head.group(1).lower(), " ".join(body.replace("**", "").split()))
+    missing = [f.capitalize() for f in FIELDS if not re.search(r"\w", found.get(f, ""))]
+    if missing:
+        raise ValueError(f"CoT reply lacks {', '.join(missing)}: {one_line(text, 120)!r}")
+    return {f: found[f] for f in FIELDS}
+
+
+def format_cot(fields):
+    """The canonical four-line text that is cached and indexed by BM25."""
+    return "\n".join(f"{f.capitalize()}: {fields[f]}" for f in FIELDS)
+
+
 def load_template(kind, prompt_dir=PROMPT_DIR):
-    path = Path(prompt_dir) / TEMPLATES[kind]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompt template for {kind} CoTs not found")
-    return path.read_text(encoding="utf-8")
+    return (Path(prompt_dir) / TEMPLATES[kind]).read_text(encoding="utf-8")
 
 
 def render_prompt(template, values):
@@ -69,19 +110,101 @@ def render_prompt(template, values):
 
 
 def prompt_hash(template, context, vision=False):
-    """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new
-    records."""
+    """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new ones."""
     fixed = render_prompt(template, {**context, "descriptors": "{descriptors}"})
     return hashlib.sha256((fixed + ("\n[vision]" if vision else "")).encode()).hexdigest()[:12]
+
+# ----------------------------------------------------------------------------- image statistics
+
+EPS = 1e-6
+MIN_BLOB = 2e-4     # a bright structure counts when it holds at least this share of the volume
+SMOOTH_SIGMA = 2.0  # voxels; heterogeneity is read from a smoothed image, so fine noise does not count twice
+RING = 3            # voxels; the neighbourhood a target is compared with
+
+
+def otsu(values, bins=256):
+    """The threshold that best splits `values` into two intensity classes (Otsu's method)."""
+    hist, edges = np.histogram(values, bins=bins)
+    w0 = np.cumsum(hist.astype(np.float64))
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * (edges[:-1] + edges[1:]) / 2)
+    between = w0 * w1 * (m0 / np.maximum(w0, 1) - (m0[-1] - m0) / np.maximum(w1, 1)) ** 2
+    return float(edges[1:][np.argmax(between)])
+
+
+def neighbours(m, combine):
+    """m combined with its six face neighbours: np.logical_or dilates, np.logical_and erodes. Slicing is
+    faster than scipy's binary morphology on whole volumes; outside the volume counts as the voxel itself."""
+    out = m.copy()
+    for a in range(3):
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[a], hi[a] = slice(1, None), slice(None, -1)
+        combine(out[tuple(lo)], m[tuple(hi)], out=out[tuple(lo)])
+        combine(out[tuple(hi)], m[tuple(lo)], out=out[tuple(hi)])
+    return out
+
+
+def image_stats(image, mask=None):
+    """Intensity statistics of a volume (X, Y, Z), and with a mask (labeled cases only) of its target.
+
+    Two Otsu thresholds split the volume into background, tissue and bright structures (in LA MRI the blood
+    pools of atrium, veins, ventricle and aorta); intensities are in units of the bright-vs-tissue step, so
+    scans with different scaling read alike."""
+    def _median(v):
+        return float(np.median(v)) if v.size else 0.0
+
+    def _std(v):
+        return float(v.std()) if v.size else 0.0
+
+    x = np.asarray(image, dtype=np.float32)
+    body = x > otsu(x)
+    bright = x > otsu(x[body])
+    tissue = body & ~bright
+    step = max(_median(x[bright]) - _median(x[tissue]), EPS)                 # bright-vs-tissue intensity step
+    grad = np.sqrt(sum(g * g for g in np.gradient(x)))                       # (X, Y, Z) gradient magnitude
+    smooth = ndimage.gaussian_filter(x, SMOOTH_SIGMA, truncate=2.0)
+    core = neighbours(bright, np.logical_and)
+    sizes = np.bincount(ndimage.label(bright, FACE6)[0].ravel())[1:]
+    stats = {
+        "contrast": step / max(_std(x[tissue]), EPS),                         # a contrast-to-noise ratio
+        "noise": 1.4826 / np.sqrt(2) * _median(np.abs(np.diff(x, axis=0))[body[1:]]) / step,  # robust sigma
+        "heterogeneity": _std(smooth[core]) / step,                      # slow variation in bright structures
+        "edge_sharpness": 2 * _median(grad[bright & ~core]) / step,      # 1 for an ideal step edge
+        "bright_fraction": float(bright.mean()),
+        "bright_structures": int((sizes >= MIN_BLOB * x.size).sum()),
+        "largest_share": float(sizes.max() / sizes.sum()) if sizes.size else 0.0,  # 1: one connected pool
+    }
+    if mask is None:
+        return stats
+    m = np.asarray(mask).astype(bool, copy=False)
+    inner, ring = neighbours(m, np.logical_and), neighbours(m, np.logical_or)
+    shell = ring & ~m                                                    # the first voxels outside the target
+    for _ in range(RING - 1):
+        ring = neighbours(ring, np.logical_or)
+    shape = dict(zip(MORPH_NAMES, morphology_batch(m[None])[0]))
+    radius = (3 * m.sum() / (4 * np.pi)) ** (1 / 3)
+    return {**stats,
+            "target_contrast": (_median(x[m]) - _median(x[ring & ~m])) / step,  # target vs its neighbourhood
+            "target_heterogeneity": _std(smooth[inner]) / step,
+            "boundary_sharpness": 2 * _median(grad[m & ~inner]) / step,
+            "lookalike_share": float((bright & ~m).sum() / max(bright.sum(), 1)),  # bright tissue not target
+            "lookalike_contact": float(bright[shell].mean()) if shell.any() else 0.0,  # border open to bright
+            "target_fraction": float(m.mean()),
+            # a digital sphere has about 1.5 * 4 pi r^2 faces: 1 = sphere-like, lower = lobulated
+            "target_sphericity": float(6 * np.pi * radius**2 / max(shape["surface_to_volume"] * m.sum(), 1)),
+            "target_elongation": float(1 - shape["axis_ratio_min"]),
+            "target_components": int(shape["components"])}
 
 # ----------------------------------------------------------------------------- the descriptors back end
 
 WRITER = "descriptors-v1"  # the model name this back end records; bump it when the wording changes
-# statistic: ((low, high) cut points, wording below low / in between / at or above high). The cut points
-# sit at about the tertiles of the 80 LA training cases, so on LA each phrase describes a third of them.
+HETERO = ("Homogeneous", "Mildly heterogeneous", "Markedly heterogeneous")
+SHARP = ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")
+# statistic: ((low, high) cut points, wording below low / in between / at or above high); the cut points sit
+# at about the tertiles of the LA training cases, so on LA each phrase describes about a third of them
 WORDING = {
-    "heterogeneity": ((0.33, 0.40), ("Homogeneous", "Mildly heterogeneous", "Markedly heterogeneous")),
-    "target_heterogeneity": ((0.26, 0.32), ("Homogeneous", "Mildly heterogeneous", "Markedly heterogeneous")),
+    "heterogeneity": ((0.33, 0.40), HETERO), "target_heterogeneity": ((0.26, 0.32), HETERO),
+    "edge_sharpness": ((0.75, 0.88), SHARP), "boundary_sharpness": ((0.65, 0.80), SHARP),
     "noise": ((0.13, 0.175), ("minimal noise", "moderate noise", "prominent noise")),
     "contrast": ((2.9, 3.2), ("bright structures are only slightly brighter than the tissue around them",
                               "moderate contrast between bright structures and tissue",
@@ -89,35 +212,27 @@ WORDING = {
     "target_contrast": ((0.05, 0.25), ("it is barely brighter than its immediate surroundings",
                                        "moderate contrast against the {wall}",
                                        "it stands out clearly against the {wall}")),
-    "edge_sharpness": ((0.75, 0.88), ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")),
-    "boundary_sharpness": ((0.65, 0.80), ("Blurred, low-gradient", "Moderately defined",
-                                          "Sharp, well-defined")),
     "target_sphericity": ((0.67, 0.72), ("lobulated, irregular", "mildly lobulated", "smooth, compact")),
-    "lookalike_contact": ((0.50, 0.66), ("the {wall} separates it from most neighbours",
-                                         "in places it opens into neighbouring {signal} "
-                                         "without a visible wall",
-                                         "much of its border opens into neighbouring {signal} "
-                                         "with no visible wall")),
+    "lookalike_contact": ((0.50, 0.66), (
+        "the {wall} separates it from most neighbours",
+        "in places it opens into neighbouring {signal} without a visible wall",
+        "much of its border opens into neighbouring {signal} with no visible wall")),
     "lookalike_share": ((0.72, 0.80), ("A minority", "Much", "Most")),
-    "largest_share": ((0.93, 0.975), ("the bright regions stay mostly separate",
-                                      "most bright regions join into a connected {signal}",
-                                      "the bright regions merge into one {signal}, "
-                                      "so borders must be inferred")),
+    "largest_share": ((0.93, 0.975), (
+        "the bright regions stay mostly separate", "most bright regions join into a connected {signal}",
+        "the bright regions merge into one {signal}, so borders must be inferred")),
     "bright_structures": ((3, 5), ("few", "several", "many")),
     "bright_fraction": ((0.18, 0.24), ("in a small part", "in a moderate part", "across much")),
 }
 COT = {  # the first three parts; the Summary names the difficulties below
     "mask": "Texture: {target_heterogeneity} {signal} in the {target} with {noise}; {target_contrast}.\n"
-            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; "
-            "{lookalike_contact}.\n"
-            "Context: {lookalike_share} of the bright tissue lies outside the {target}; "
-            "the {neighbours} share its intensity and {bright_structures} separate bright structures "
-            "compete with it.\n",
+            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; {lookalike_contact}."
+            "\nContext: {lookalike_share} of the bright tissue lies outside the {target}; the {neighbours} "
+            "share its intensity and {bright_structures} separate bright structures compete with it.\n",
     "image": "Texture: {heterogeneity} bright {signal} on {modality} with {noise}; {contrast}.\n"
              "Boundary: {edge_sharpness} edges of bright structures; {largest_share}.\n"
-             "Context: There are {bright_structures} separate bright structures {bright_fraction} "
-             "of the field of view; the {neighbours} share the {signal} intensity and may mimic "
-             "the {target}.\n",
+             "Context: There are {bright_structures} separate bright structures {bright_fraction} of the "
+             "field of view; the {neighbours} share the {signal} intensity and may mimic the {target}.\n",
 }
 DIFFICULTY = {  # statistic: (the difficulty it stands for, the level at which it is one), in order of weight
     "mask": {"target_contrast": ("weak contrast with its surroundings", 0),
@@ -149,17 +264,17 @@ def write_cot(stats, kind, modality, anatomy, target):
     return (COT[kind].format(modality=modality, target=target, **vocab, **words)
             + f"Summary: {overall} {target} whose main segmentation difficulty is {reason}.")
 
-# ----------------------------------------------------------------------------- the llm back end's picture
+# ----------------------------------------------------------------------------- the llm back end
 
-RENDER_LOCK = threading.Lock()  # matplotlib is not thread-safe; montages are drawn one at a time
+RENDER_LOCK = threading.Lock()         # matplotlib is not thread-safe; montages are drawn one at a time
+MAX_REPLY = 1 << 20                    # bytes; a chat completion holding one CoT is a few kB
+MAX_REDIRECTS = 5                      # same-server redirects followed in one request
+REDIRECTS = (301, 302, 303, 307, 308)  # each is followed with the same POST: the endpoint has moved
 
 
 def montage_png(image, mask=None):
-    """PNG bytes of four slices (three axial levels, one coronal), the mask outlined in red when given.
-
-    With a mask (labeled cases) the slices go through the target; without one (every image-only
-    CoT) through the volume centre, where LA crops put the atrium. Drawn on matplotlib's Agg canvas
-    directly, so the pyplot backend is never touched."""
+    """PNG bytes of four slices (three axial, one coronal) through the target outlined in red, or without a
+    mask through the volume centre; drawn on an Agg canvas, so the pyplot backend is never touched."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     x = np.asarray(image, dtype=np.float32)
@@ -184,7 +299,202 @@ def montage_png(image, mask=None):
         fig.savefig(buf, format="png")
     return buf.getvalue()
 
+
+class LLMError(CersError, RuntimeError):
+    """The endpoint refused, or gave no valid CoT within the retries; one line, never the API key."""
+
+
+class RateLimited(LLMError):
+    """The endpoint asks for a longer pause than the client waits: the whole build stops."""
+
+
+class Retry(Exception):
+    """A failure that may pass; LLMClient.ask tries again."""
+
+
+def origin(url):
+    """(scheme, host, port) of a URL, the port filled in from the scheme: what a redirect must keep."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:  # a port that is not a number matches nothing
+        port = -1
+    return parts.scheme.lower(), parts.hostname, port
+
+
+def server_message(reply):
+    """The message of an OpenAI-style error body, else the body's start."""
+    try:
+        error = json.loads(reply)["error"]
+        return one_line(error.get("message", error) if isinstance(error, dict) else error)
+    except (ValueError, KeyError, TypeError):
+        return one_line(reply.decode("utf-8", "replace"))
+
+
+def reply_text(reply):
+    """The assistant's text of a chat completion; ValueError when the body is none, or was cut at the token
+    limit (a cut reply is no whole CoT, even when its four headings made it in)."""
+    try:
+        choice = json.loads(reply)["choices"][0]
+        content = choice["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"not a chat completion ({type(e).__name__})") from None
+    if choice.get("finish_reason") == "length":
+        raise ValueError("the reply was cut at the token limit (finish_reason 'length')")
+    if isinstance(content, list):  # some servers send content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
+
+
+class WatchedAdapter(HTTPAdapter):
+    """An HTTPAdapter whose shut() ends reads blocked in other threads by shutting the sockets it opened
+    (closing a response or a session does not wake them)."""
+
+    def __init__(self):
+        self.sockets, self.is_shut = [], False
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        adapter = self
+
+        class Watched:  # mixed into each connection class: keeps its socket
+            def connect(self):
+                super().connect()
+                adapter.sockets.append(self.sock)
+                if adapter.is_shut:  # connected just as the deadline passed
+                    adapter.shut()
+        self.poolmanager.pool_classes_by_scheme = {
+            k: type(c.__name__, (c,), {"ConnectionCls": type("Conn", (Watched, c.ConnectionCls), {})})
+            for k, c in self.poolmanager.pool_classes_by_scheme.items()}
+
+    def shut(self):
+        self.is_shut = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+
+@dataclass
+class LLMClient:
+    """An OpenAI-compatible chat-completions endpoint; safe to share between threads."""
+    url: str                          # base URL, e.g. http://localhost:8000 or https://api.openai.com/v1
+    model: str
+    api_key: str = field(default="", repr=False)  # a bearer token; never printed, logged or stored
+    temperature: float = 0.2
+    timeout: float = 60.0             # seconds for a whole request: connect, headers, body, redirects
+    retries: int = 5                  # extra attempts after failures that may pass
+    backoff: float = 1.0              # seconds before the first retry; doubles each time, jittered
+    max_wait: float = 60.0            # longest single wait; a longer Retry-After stops the build
+
+    def endpoint(self):
+        url = self.url.rstrip("/")
+        return url if url.endswith("/chat/completions") else url.removesuffix("/v1") + "/v1/chat/completions"
+
+    def error(self, cause, url=None, kind=LLMError):
+        """An error of one line naming the URL and the cause, control characters and the API key removed."""
+        message = one_line(f"{url or self.endpoint()}: {cause}", 600)
+        return kind(message.replace(self.api_key, "***") if self.api_key else message)
+
+    def ask(self, prompt, png=None):
+        """The canonical CoT text for one prompt (with an optional PNG attached), or LLMError. Retried with a
+        jittered exponential backoff (a short Retry-After honoured) for what may pass only: no connection, the
+        deadline, a broken transfer, HTTP 429 and 5xx, a reply that is not a whole CoT."""
+        content = prompt
+        if png is not None:  # the vision montage goes along as a data URL
+            picture = {"url": "data:image/png;base64," + base64.b64encode(png).decode()}
+            content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": picture}]
+        body = {"model": self.model, "temperature": self.temperature,
+                "messages": [{"role": "user", "content": content}]}
+        headers = {"Accept-Encoding": "identity"}  # the size cap counts what arrives, not what it inflates to
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        problem, wait = "", 0.0
+        for attempt in range(self.retries + 1):
+            time.sleep(wait)
+            wait = min(self.max_wait, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+            try:
+                status, reply_headers, reply = self.post(body, headers)
+                if status == 429 or status >= 500:
+                    try:
+                        asked = float(reply_headers.get("Retry-After", "nan"))  # nan: keep the backoff
+                    except ValueError:
+                        asked = float("nan")  # an HTTP date
+                    if asked > self.max_wait:
+                        raise self.error(f"HTTP {status} ({server_message(reply)}): rate limited, the server "
+                                         f"asks to wait {asked:g} s, over the {self.max_wait:g} s this "
+                                         "client waits; stopped, finished texts are cached: re-run later",
+                                         None, RateLimited)
+                    wait = asked if asked >= 0 else wait
+                    raise Retry(f"HTTP {status}: {server_message(reply)}")
+                if not 200 <= status < 300:
+                    raise self.error(f"HTTP {status}: {server_message(reply)}")
+                return format_cot(parse_cot(reply_text(reply)))
+            except Retry as e:
+                problem = str(e)
+            except requests.RequestException as e:  # a malformed URL, header or the like: no retry helps
+                raise self.error(f"{type(e).__name__}: {e}") from None
+            except ValueError as e:
+                problem = f"invalid reply: {e}"
+        raise self.error(f"no valid CoT after {self.retries + 1} attempts; last: {problem}")
+
+    def post(self, body, headers):
+        """(status, headers, body) of the final reply to one POST, same-server redirects followed, all within
+        `timeout` seconds (a watchdog shuts the sockets then); Retry for what may pass, LLMError else."""
+        url, deadline = self.endpoint(), time.monotonic() + self.timeout
+        adapter, session = WatchedAdapter(), requests.Session()
+        for prefix in ("http://", "https://"):
+            session.mount(prefix, adapter)
+        watchdog = threading.Timer(self.timeout, adapter.shut)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            for _ in range(MAX_REDIRECTS + 1):
+                left = max(1e-3, deadline - time.monotonic())
+                with session.post(url, json=body, headers=headers, timeout=left, stream=True,
+                                  allow_redirects=False) as response:
+                    if response.status_code not in REDIRECTS or "Location" not in response.headers:
+                        return response.status_code, response.headers, self.read(response, url, deadline)
+                    target = urljoin(url, response.headers["Location"])
+                if origin(target) != origin(url):
+                    raise self.error(f"HTTP {response.status_code} redirects to another server ({target}); "
+                                     "not followed, the prompt goes to the configured server only", url)
+                url = target
+            raise self.error(f"more than {MAX_REDIRECTS} redirects")
+        except requests.RequestException as e:
+            if adapter.is_shut or isinstance(e, requests.Timeout):
+                raise Retry(f"no complete reply within {self.timeout:g} s") from None
+            if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+                raise Retry(f"{type(e).__name__} (is the server running?)") from None
+            raise
+        finally:
+            watchdog.cancel()
+            session.close()
+
+    def read(self, response, url, deadline):
+        """The body of a streamed reply, refused over MAX_REPLY bytes (unread when Content-Length says so)."""
+        length = response.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > MAX_REPLY:
+            raise self.error(f"the reply would be {int(length)} bytes (Content-Length), over the {MAX_REPLY} "
+                             "accepted; refused unread", url)
+        chunks, size = [], 0
+        # the empty chunk at the end checks the deadline once more: a read the watchdog ended can look whole
+        for chunk in itertools.chain(response.iter_content(16384), [b""]):
+            if time.monotonic() > deadline:
+                raise Retry(f"no complete reply within {self.timeout:g} s")
+            size += len(chunk)
+            if size > MAX_REPLY:
+                raise self.error(f"the reply runs over the {MAX_REPLY} bytes accepted; refused", url)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
 # ----------------------------------------------------------------------------- the cache
+
+
+class CacheError(CersError, OSError):
+    """The CoT cache cannot be read or written; the message names the file and the cause."""
 
 
 def content_hash(image, mask=None):
@@ -197,55 +507,44 @@ def content_hash(image, mask=None):
     return digest.hexdigest()[:16]
 
 
-class CacheError(CersError, OSError):
-    """The CoT cache cannot be read or written; the message names the file and the cause."""
-
-
 def cache_path(cfg):
-    return Path(cfg.data_root) / "cot_cache.jsonl"
+    """cfg.cot_cache, or <data_root>/cot_cache.jsonl when that is empty."""
+    return Path(getattr(cfg, "cot_cache", "") or Path(cfg.data_root) / "cot_cache.jsonl")
 
 
 def check_cache_writable(cfg):
-    """Refuse a CoT cache that could not be written, before any data are read: an existing cache file must
-    open for appending, otherwise its nearest existing folder must take a new file (the build creates the
-    rest). Probes with a nameless temporary file, so nothing is left behind. Returns the cache's path."""
-    path = cache_path(cfg)
-    folder = path.parent
+    """The CoT cache's path; before any data are read, refuses one that cannot be read, or is missing and
+    cannot be created. An existing cache need not be writable: a build that finds every text only reads it."""
+    path = folder = cache_path(cfg)
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        if path.exists():
-            open(path, "ab").close()
+        if folder == path:
+            open(path, "rb").close()
         else:
             tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise CacheError(f"{path}: the CoT cache cannot be written ({e.strerror or e}); "
-                         "make its folder writable or set --data_root") from None
+        raise CacheError(f"{path}: the CoT cache cannot be {'read' if folder == path else 'created'} "
+                         f"({e.strerror or e}); set --cot_cache or fix its folder") from None
     return path
 
 
-def valid_record(record):
-    """True for a dict with every key field and the text, each a non-empty string, and a known kind."""
-    return (isinstance(record, dict) and record.get("kind") in KINDS
-            and all(isinstance(record.get(k), str) and record[k] for k in (*CotCache.KEY, "text")))
-
-
 class CotCache:
-    """Append-only JSONL of CoT records keyed by (case_id, kind, backend, model, prompt_hash,
-    content_hash); the newest wins.
-
-    Each record is one line appended with fsync; a write that fails is cut back, so the file holds complete
-    records only and a crash loses at most the line being written. Damaged lines (torn, not JSON, or JSON
-    of the wrong shape) are skipped with one warning that counts them, and their texts are asked for again."""
+    """Append-only JSONL of CoT records keyed by KEY, the newest of a key winning. Each record is one line
+    appended with fsync and a failed write is cut back; damaged lines are skipped, their texts asked again."""
     KEY = ("case_id", "kind", "backend", "model", "prompt_hash", "content_hash")
 
     def __init__(self, path):
-        self.path, self.records = Path(path), {}
+        self.path, self.file, self.damaged = Path(path), None, 0
+        self.load()
+
+    def load(self):
+        """Read every record of the file (a missing file is an empty cache), warning once of damaged ones."""
         try:
             raw = self.path.read_bytes() if self.path.exists() else b""
         except OSError as e:
             raise CacheError(f"{self.path}: the CoT cache cannot be read ({e.strerror or e})") from None
-        self.torn, damaged = bool(raw) and not raw.endswith(b"\n"), []
+        self.records, self.torn, damaged = {}, bool(raw) and not raw.endswith(b"\n"), []
         for number, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
@@ -253,36 +552,58 @@ class CotCache:
                 record = json.loads(line)
             except ValueError:
                 record = None
-            if valid_record(record):
+            if isinstance(record, dict) and record.get("kind") in KINDS and all(
+                    isinstance(record.get(k), str) and record[k] for k in (*self.KEY, "text")):
                 self.records[tuple(record[k] for k in self.KEY)] = record
-            else:
+            else:  # torn, not JSON, or JSON of the wrong shape
                 damaged.append(number)
-        if damaged:
+        if damaged and len(damaged) != self.damaged:
             lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-            warnings.warn(f"{self.path}:{damaged[0]}: skipping {len(damaged)} damaged cache record(s) (line "
-                          f"{lines}; an interrupted write or an edit?); their texts are asked for again")
+            warnings.warn(f"{self.path}:{damaged[0]}: skipping {len(damaged)} damaged cache record(s) "
+                          f"(line {lines}; an interrupted write or an edit?); their texts are asked for "
+                          "again")
+        self.damaged = len(damaged)
 
     def get(self, *key):
         return self.records[key]["text"] if key in self.records else None
 
+    @contextmanager
+    def writing(self):
+        """The cache opened for appending under an exclusive lock, then re-read: builds on one cache take
+        turns (flock; the kernel frees it when a process dies), the later finding what the earlier added."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            file = open(self.path, "ab", buffering=0)
+        except OSError as e:
+            raise CacheError(f"{self.path}: texts are missing from the CoT cache and it cannot be written "
+                             f"({e.strerror or e}); make it writable or set --cot_cache") from None
+        with file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"pool: another build is writing {self.path}; waiting for it to finish", flush=True)
+                fcntl.flock(file, fcntl.LOCK_EX)
+            self.load()
+            self.file = file
+            try:
+                yield self
+            finally:
+                self.file = None
+
     def add(self, case_id, kind, backend, model, prompt_hash, content_hash, text):
+        """Append one record, whole or not at all (inside writing())."""
         key = (case_id, kind, backend, model, prompt_hash, content_hash)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record = {**dict(zip(self.KEY, key)), "created": created, "text": text}
-        line = (("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n").encode()
+        line = ("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n"
+        view = memoryview(line.encode())
+        start = self.file.seek(0, os.SEEK_END)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab", buffering=0) as f:
-                start = f.seek(0, os.SEEK_END)
-                try:
-                    view = memoryview(line)
-                    while view:  # a raw write may take only part of the line
-                        view = view[f.write(view):]
-                    os.fsync(f.fileno())
-                except OSError:
-                    f.truncate(start)  # keep complete records only
-                    raise
+            while view:  # a raw write may take only part of the line
+                view = view[self.file.write(view):]
+            os.fsync(self.file.fileno())
         except OSError as e:
+            self.file.truncate(start)
             raise CacheError(f"{self.path}: cannot add a CoT text to the cache ({e.strerror or e}); "
                              f"the {len(self.records)} texts cached so far are kept; re-run") from None
         self.torn, self.records[key] = False, record
@@ -292,8 +613,8 @@ class CotCache:
 
 @dataclass
 class Job:
-    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask
-    at all)."""
+    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask at
+    all)."""
     case_id: str
     kind: str
     image: np.ndarray
@@ -318,90 +639,102 @@ class CotTexts:
 
 def build_cots(jobs, cache, backend, context, client=None, vision=False, workers=1, prompt_dir=PROMPT_DIR,
                progress=True):
-    """The texts of `jobs` (Job): cached ones read, the others written by `workers` threads and cached as
-    they finish.
-
-    `context` gives the prompts' modality, anatomy and target; `client` (an LLMClient) is needed
-    by the llm back end only, and `vision` attaches a montage to its prompts."""
+    """The texts of `jobs`: cached ones read, the rest written by `workers` threads and cached as they
+    finish, under the cache's lock (none taken when every text is cached). `context` fills the prompts; the
+    llm back end needs `client` (an LLMClient), `vision` attaches a montage. Failed texts go to .failed;
+    RateLimited stops the build."""
     if backend not in ("llm", "descriptors") or (backend == "llm") != (client is not None):
-        raise ValueError(f"back end {backend!r} with client {client!r}: "
-                         "llm needs an LLMClient, descriptors none")
-    vision = vision and backend == "llm"
-    model = client.model if backend == "llm" else WRITER
+        raise ValueError(f"back end {backend!r} with client {client!r}: llm needs an LLMClient, descriptors "
+                         "none")
+    vision, model = vision and backend == "llm", client.model if backend == "llm" else WRITER
     templates = {k: load_template(k, prompt_dir) for k in KINDS}
     hashes = {k: prompt_hash(templates[k], context, vision) for k in KINDS}
+    texts, stopped = CotTexts(), []
+
+    def missing():
+        """The jobs whose text the cache lacks; the others' texts go into `texts`."""
+        todo = []
+        for job in jobs:
+            text = cache.get(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash)
+            if text is None:
+                todo.append(job)
+            else:
+                getattr(texts, job.kind)[job.case_id] = text
+        return todo
 
     def write(job):
+        if stopped:  # the endpoint asked for a long pause: ask it nothing more
+            raise stopped[0]
         stats = image_stats(job.image, job.mask)
         if backend == "descriptors":
             return write_cot(stats, job.kind, **context)
-        prompt = render_prompt(templates[job.kind], {**context, "descriptors": "\n".join(
-            f"- {k}: {v:.3g}" for k, v in stats.items())})
-        return client.ask(prompt, montage_png(job.image, job.mask) if vision else None)
+        listed = "\n".join(f"- {k}: {v:.3g}" for k, v in stats.items())
+        try:
+            return client.ask(render_prompt(templates[job.kind], {**context, "descriptors": listed}),
+                              montage_png(job.image, job.mask) if vision else None)
+        except RateLimited as e:
+            stopped.append(e)
+            raise
 
-    texts, todo = CotTexts(), []
-    for job in jobs:
-        text = cache.get(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash)
-        if text is None:
-            todo.append(job)
-        else:
-            getattr(texts, job.kind)[job.case_id], texts.cached = text, texts.cached + 1
-    executor = ThreadPoolExecutor(max(1, workers))
-    try:
-        futures = {executor.submit(write, job): job for job in todo}
-        bar = tqdm(as_completed(futures), total=len(futures), desc=f"CoT texts ({backend})",
-                   disable=not progress)
-        for future in bar:
-            job = futures[future]
+    todo = missing()
+    if todo:
+        with cache.writing():
+            todo = missing()  # another build may have written some meanwhile
+            executor = ThreadPoolExecutor(max(1, workers))
             try:
-                text = future.result()
-            except LLMError as e:
-                texts.failed[(job.case_id, job.kind)] = str(e)
-                continue
-            cache.add(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash, text)
-            getattr(texts, job.kind)[job.case_id], texts.new = text, texts.new + 1
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, drop what has not started
+                futures = {executor.submit(write, job): job for job in todo}
+                for future in tqdm(as_completed(futures), total=len(futures), desc=f"CoT texts ({backend})",
+                                   disable=not progress):
+                    job = futures[future]
+                    try:
+                        text = future.result()
+                    except RateLimited:
+                        raise
+                    except LLMError as e:
+                        texts.failed[(job.case_id, job.kind)] = str(e)
+                        continue
+                    cache.add(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash, text)
+                    getattr(texts, job.kind)[job.case_id], texts.new = text, texts.new + 1
+            finally:
+                executor.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, drop what has not started
+    texts.cached = len(jobs) - len(todo)
     return texts
 
 
 def resolve_backend(cfg):
-    """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise
-    (config.check_config has refused other values, and llm without llm_url and llm_model)."""
+    """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise."""
     if cfg.cot_backend != "auto":
         return cfg.cot_backend
     if not cfg.llm_url:
-        print("pool: no LLM endpoint configured (llm_url is empty): "
-              "CoT texts come from the offline descriptors back end")
+        print("pool: no LLM endpoint configured (llm_url is empty): CoT texts come from the offline "
+              "descriptors back end")
     return "llm" if cfg.llm_url else "descriptors"
 
 
 def build_pool(cfg, split, volumes, progress=True):
     """Mask CoTs of the labeled cases and image-only CoTs of every case, writing what the cache lacks.
 
-    `volumes` maps ID -> (image, label); only the labeled cases' labels are read, so unlabeled and
-    test masks are never measured, rendered or sent. Raises LLMError after the build when texts
-    failed (the finished ones are cached, so a re-run asks only for the rest), CacheError when the cache
-    cannot be written (check_cache_writable checks that before the data are read)."""
+    `volumes` maps ID -> (image, label); only the labeled cases' labels are read, so unlabeled and test
+    masks are never measured, rendered or sent. Raises LLMError after the build when texts failed (the
+    finished ones are cached, so a re-run asks only for the rest)."""
     backend, client = resolve_backend(cfg), None
     if backend == "llm":
         key = os.environ.get(cfg.llm_api_key_env, "")
         if not key:
-            print(f"pool: environment variable {cfg.llm_api_key_env} is empty: "
-                  "sending requests without an API key")
+            print(f"pool: environment variable {cfg.llm_api_key_env} is empty: sending requests without an "
+                  "API key")
         client = LLMClient(cfg.llm_url, cfg.llm_model, key, cfg.llm_temperature, cfg.llm_timeout,
                            cfg.llm_retries)
     elif cfg.llm_vision:
         print("pool: llm_vision has no effect on the descriptors back end")
     jobs = [Job(i, "mask", volumes[i][0], volumes[i][1]) for i in split.labeled]
     jobs += [Job(i, "image", volumes[i][0]) for i in [*split.labeled, *split.unlabeled, *split.test]]
-    path = cache_path(cfg)
     context = {"modality": cfg.modality, "anatomy": cfg.anatomy, "target": cfg.target}
-    cache = CotCache(path)
+    cache = CotCache(cache_path(cfg))
     texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers,
                        progress=progress)
     print(f"pool: {texts.cached} cached, {texts.new} new, {len(texts.failed)} failed "
-          f"({backend}, model {client.model if client else WRITER}, cache {path})")
+          f"({backend}, model {client.model if client else WRITER}, cache {cache.path})")
     if texts.failed:
         (case_id, kind), reason = next(iter(texts.failed.items()))
         raise LLMError(f"{len(texts.failed)} CoT texts failed, e.g. the {kind} CoT of {case_id}: {reason}; "
@@ -410,31 +743,33 @@ def build_pool(cfg, split, volumes, progress=True):
 
 
 def main(argv=None):
-    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--show ID]
-    [--key=value ...]"""
-    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment "
-                                                 "(docs/design.md §5).", allow_abbrev=False)
+    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--cot_cache FILE]
+    [--show ID] [--key=value ...]"""
+    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment.",
+                                     allow_abbrev=False)
     parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
     flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model",  # short flag -> config key
              "temperature": "llm_temperature", "timeout": "llm_timeout", "workers": "llm_workers"}
     for flag, key in flags.items():
         parser.add_argument(f"--{flag}", help=f"sets {key}")
-    parser.add_argument("--vision", action="store_true",
-                        help="sets llm_vision: attach a PNG montage of slices")
+    parser.add_argument("--cot_cache", help="the CoT cache file (default <data_root>/cot_cache.jsonl)")
+    parser.add_argument("--vision", action="store_true", help="sets llm_vision: attach a montage of slices")
     parser.add_argument("--show", metavar="ID", help="print the cached texts of one case and exit")
     args, rest = parser.parse_known_args(argv)
     # the flags become config overrides, so get_config checks their types like any other --key=value
     overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items()
                  if getattr(args, flag) is not None]
     cfg = get_config(args.exp, overrides + ["--llm_vision=True"] * args.vision + rest)
+    if args.cot_cache is not None:
+        cfg.cot_cache = args.cot_cache
     if args.show:
         cache = CotCache(cache_path(cfg))
         records = sorted((r for r in cache.records.values() if r["case_id"] == args.show),
                          key=lambda r: str(r.get("created")))
-        for r in records:
-            print(f"--- {r['kind']} CoT | {r['backend']} | {r['model']} | prompt {r['prompt_hash']} | "
-                  f"content {r['content_hash']} | {r.get('created')}\n{r['text']}")
-        return print(f"{args.show}: {len(records)} cached texts in {cache.path}")
+        for r in records:  # cleaned: the file may hold what an endpoint sent, or what someone typed
+            print(clean(f"--- {r['kind']} CoT | {r['backend']} | {r['model']} | prompt {r['prompt_hash']} | "
+                        f"content {r['content_hash']} | {r.get('created')}\n{r['text']}"))
+        return print(clean(f"{args.show}: {len(records)} cached texts in {cache.path}"))
     check_cache_writable(cfg)
     data.check_volume_cache_writable(cfg)    # before any data is written or read
     phantom.ensure_for(cfg)                  # a phantom experiment writes its data first

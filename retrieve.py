@@ -1,50 +1,324 @@
-"""Semantic-aware reference selection: morphology kNN, then BM25 CoT consistency (docs/design.md §6).
+"""Semantic-aware reference selection (docs/design.md §6, §7): what training, testing and explanations run.
 
-For a query patch, references come from the bank (bank.py) in two stages:
-
-1. morphology: k-nearest neighbours (scikit-learn) over standardised morphology
-   descriptors give `k_coarse` candidates, never from the query's own case;
-2. CoT consistency: BM25 (rank-bm25, IDF over the whole pool) scores each
-   candidate's mask CoT against the query's CoT; scores are divided by the
-   query's best candidate score, candidates under `tau` are hard negatives
-   (they look alike but reason differently) and the best `k_fine` remain.
-
-The chosen references' weights are a softmax of their consistency scores; their
-features (teacher encoder bottleneck, EMA-refreshed) feed MCAM (mcam.py).
-select() runs on the host and explains itself; select_device() makes the same picks on
-the training device without host-device synchronisation, from BM25 scores that
-bank.index_queries() computes once per (query case, distinct bank text); query_references()
-is the whole query as training and testing run it. format_explanation and plot_explanation show why a
-selection chose what it did; explain.py is their command line.
+    morphology_batch    shape descriptors of masks: bank entries (ground truth) and queries (decoder B)
+    tokenize, CotIndex  radiology CoT text -> stems; BM25 (rank-bm25) over the pool's distinct texts
+    ReferenceBank       labeled patches in the four training orientations: morphology, mask CoT, features
+    select              morphology kNN (scikit-learn), then the BM25 CoT filter, the case cap, the weights
+    query_references    select() for decoder B's predictions -> mcam.References for decoder A
+    format_explanation, plot_explanation   why a selection chose what it did
 """
+import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 import torch
+from rank_bm25 import BM25Okapi
+from scipy import ndimage
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
 
-from data import padded_crop
+import data
 import files
-from morphology import mask_centroids, morphology_batch, morphology_torch
+from mcam import References
 
-MODES = ("both", "morph", "cot", "random")  # ablations: both stages, morphology only, CoT only, random
+MODES = ("both", "morph", "random")  # the paper; its no-CoT-filter control; its random-retrieval control
+SWAPS = ("retrieved", "random", "zeroed")  # what decoder A is given in the reference-sensitivity checks
 
-# -----------------------------------------------------------------------------
-# batched selection
+# ----------------------------------------------------------------------------- morphology descriptors
+
+MORPH_NAMES = (
+    "fg_fraction", "extent_x", "extent_y", "extent_z",  # foreground share; bounding box / patch, per axis
+    "axis_ratio_mid", "axis_ratio_min",        # principal-axis lengths over the longest (1 round, 0 thin)
+    "surface_to_volume",                       # mask-background faces (not on the patch cut) per voxel
+    "centroid_x", "centroid_y", "centroid_z",  # centroid offset from the patch centre / patch size
+    "components", "largest_share",             # face-connected components; the largest one's share
+    "border_contact")                          # share of the six patch faces the mask touches (a cut target)
+MORPH_DIM = len(MORPH_NAMES)
+FACE6 = ndimage.generate_binary_structure(3, 1)  # voxels are neighbours when they share a face
+
+
+def morphology_batch(masks):
+    """Shape descriptors (B, MORPH_DIM) float32 of binary masks (B, X, Y, Z); an empty mask gives zeros.
+
+    Every training batch describes its queries with this, so it reads 2D projections of the masks and
+    labels components with one scipy call over the batch, cropped to the masks' bounding box."""
+    m = np.asarray(masks).astype(bool, copy=False)
+    B, shape = m.shape[0], np.array(m.shape[1:], dtype=np.float64)
+    pxy, pxz, pyz = (m.view(np.uint8).sum(axis=a, dtype=np.int32).astype(np.float64) for a in (3, 2, 1))
+    px, py, pz = pxy.sum(2), pxy.sum(1), pxz.sum(1)                    # (B, X) (B, Y) (B, Z) profiles
+    n = px.sum(1)                                                      # (B,) voxel counts
+    safe = np.maximum(n, 1)
+    cx, cy, cz = (np.arange(s, dtype=np.float64) for s in m.shape[1:])
+    mean = np.stack([px @ cx, py @ cy, pz @ cz], 1) / safe[:, None]    # (B, 3)
+    sxy, sxz, syz = (np.einsum("bij,i,j->b", p, a, b)
+                     for p, a, b in ((pxy, cx, cy), (pxz, cx, cz), (pyz, cy, cz)))
+    second = np.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2],
+                      1).reshape(B, 3, 3)
+    # covariance of voxels taken as unit cubes (+1/12): a box's axis ratios are exactly its side ratios
+    cov = second / safe[:, None, None] - mean[:, :, None] * mean[:, None, :] + np.eye(3) / 12
+    ev = np.linalg.eigvalsh(cov)[:, ::-1]                              # (B, 3), longest axis first
+    ratios = np.sqrt(np.clip(ev[:, 1:] / ev[:, :1], 0, 1))             # (B, 2)
+    extents, touches, box = [], [], []
+    for p in (px, py, pz):
+        occupied = p > 0
+        low, high = occupied.argmax(1), p.shape[1] - 1 - occupied[:, ::-1].argmax(1)
+        extents.append((high - low + 1) / p.shape[1])
+        touches += [occupied[:, 0], occupied[:, -1]]
+        box.append(slice(low[n > 0].min(initial=p.shape[1]), high[n > 0].max(initial=-1) + 1))
+    # the masks' union bounding box, padded with a zero voxel on each side that is not the patch border:
+    # faces on the patch cut are not surface, every other face is, whatever else is in the batch
+    pads = [(int(b.start > 0), int(b.stop < s)) for b, s in zip(box, m.shape[1:])]
+    crop = np.pad(m[(slice(None), *box)], [(0, 0), *pads])
+    faces = sum(np.count_nonzero(np.diff(crop, axis=a), axis=(1, 2, 3)) for a in (1, 2, 3))
+    labels, _ = ndimage.label(crop, structure=np.stack([np.zeros_like(FACE6), FACE6, np.zeros_like(FACE6)]))
+    # labels run in raster order, case after case, so each case owns a contiguous range of labels
+    top = np.maximum.accumulate(labels.reshape(B, -1).max(1, initial=0))
+    start = np.concatenate([[0], top[:-1]])
+    sizes = np.bincount(labels.ravel(), minlength=top[-1] + 1)
+    largest = np.array([sizes[a + 1:b + 1].max(initial=0) for a, b in zip(start, top)], dtype=np.float64)
+    centroid = (mean - (shape - 1) / 2) / shape                        # (B, 3)
+    out = np.stack([n / shape.prod(), *extents, *ratios.T, faces / safe, *centroid.T,
+                    top - start, largest / safe, np.mean(touches, 0)], 1)
+    out[n == 0] = 0
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- CoT text: tokenizer and BM25
+
+FIELD_LABEL = re.compile(r"\b(?:texture|boundary|context|summary)\s*:", re.IGNORECASE)  # not evidence
+WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one match; '/' separates
+STOPWORDS = frozenset("""
+a about above after again against all am an and any are as at be because been before being below between
+both but by can could did do does doing down during each few for from further had has have having here how
+if in into is it its itself may might more most much must near of off on once only or other over own same
+shall should so some such than that the their them then there these they this those through to too under
+until up upon very via was were what when where which while who whom why will with would
+""".split())
+# inflection suffixes, longest first, stripped repeatedly: enhancing / enhanced / enhancement meet at one stem
+SUFFIXES = ("ations", "ation", "ments", "ment", "ness", "ities", "ity", "ously", "ous", "ative", "ating",
+            "ated", "ate", "ively", "ive", "ingly", "ing", "edly", "ed", "ies", "ly", "al", "ic", "es", "s",
+            "e", "y")
+
+
+@lru_cache(maxsize=1 << 16)
+def stem(word):
+    """A small suffix stripper: crude, but it maps the inflected forms of one root to one token."""
+    stripped = False
+    while True:
+        suffix = next((s for s in SUFFIXES if word.endswith(s) and len(word) - len(s) >= 3
+                       and not (s == "s" and word[-2] in "isu")), None)  # keep mass, status, ... whole
+        if suffix is None:
+            break
+        word, stripped = word[:-len(suffix)], True
+    if stripped and len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiouylsz":
+        word = word[:-1]  # blurred -> blurr -> blur
+    return word
+
+
+def tokenize(text):
+    """Radiology CoT text -> stems: case folded, punctuation, stopwords and field labels dropped, inflected
+    forms stemmed, hyphenated forms split and also kept joined (ill-defined meets illdefined)."""
+    out = []
+    for match in WORD.finditer(FIELD_LABEL.sub(" ", text or "").lower()):
+        parts = [p for p in match.group().split("-") if len(p) > 1 and p not in STOPWORDS]
+        out += [stem(p) for p in parts]
+        if len(parts) > 1:
+            out.append(stem("".join(parts)))
+    return out
+
+
+class CotIndex:
+    """BM25 over distinct texts (a case's patches share its CoT): IDF from the whole pool, a score per text.
+    rank-bm25's BM25Okapi holds the corpus statistics; its IDF is replaced by the smoothed, always positive
+    log(1 + (N - n + 0.5) / (n + 0.5)) (Lucene's): a pool has few cases, so most words sit in over half the
+    documents, where Okapi's IDF is negative. A query text's scores are computed once (texts are fixed)."""
+
+    def __init__(self, texts, tokenizer=tokenize, k1=1.5, b=0.75):
+        self.texts = list(dict.fromkeys(texts))
+        self.doc_of = {t: i for i, t in enumerate(self.texts)}
+        self.tokenizer = tokenizer
+        tokens = [tokenizer(t) for t in self.texts]
+        if not any(tokens):
+            raise ValueError(f"the {len(self.texts)} CoT texts of the pool contain no words to index")
+        bm = BM25Okapi(tokens, k1=k1, b=b)
+        df = Counter(t for doc in bm.doc_freqs for t in doc)  # documents holding each term
+        self.vocab, n = {t: j for j, t in enumerate(df)}, np.array(list(df.values()), float)
+        idf = np.log1p((len(self.texts) - n + 0.5) / (n + 0.5))
+        pairs = [(r, self.vocab[t], count, size)                  # (document, term, term count, doc length)
+                 for r, (doc, size) in enumerate(zip(bm.doc_freqs, bm.doc_len)) for t, count in doc.items()]
+        rows, cols, tf, dl = (np.array(x) for x in zip(*pairs))
+        value = idf[cols] * tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl / bm.avgdl))
+        self.weights = scipy.sparse.csr_matrix((value, (rows, cols)), (len(self.texts), len(self.vocab)))
+        self.cache = {}  # query text -> its scores
+
+    def scores(self, text):
+        """Raw BM25 scores (n_texts,) float64 of every distinct text for the query text; repeated query words
+        count repeatedly, as in BM25."""
+        if text not in self.cache:
+            q = np.zeros(len(self.vocab))
+            for term in self.tokenizer(text):
+                if term in self.vocab:
+                    q[self.vocab[term]] += 1
+            self.cache[text] = self.weights @ q
+        return self.cache[text]
+
+
+# ----------------------------------------------------------------------------- the bank of labeled patches
+
+# the four distinct patches data.rot_flip(x, k, axis) makes (a y flip is an x flip after a half turn)
+ORIENTATIONS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def orient(volume, variant):
+    """A volume (X, Y, Z) numpy in one of the ORIENTATIONS, as data.rot_flip turns a training patch."""
+    return data.rot_flip(torch.from_numpy(np.ascontiguousarray(volume)), *ORIENTATIONS[variant]).numpy()
+
+
+def grid_boxes(shape, patch, stride):
+    """Crop boxes (x0, y0, z0, x1, y1, z1) covering a volume: starts every `stride` plus one flush with the
+    far edge; an axis shorter than the patch gets one box centred on it (reaching outside, read as zeros)."""
+    starts = []
+    for size, p, s in zip(shape, patch, stride):
+        if size <= p:
+            starts.append([-((p - size) // 2)])
+        else:
+            axis = list(range(0, size - p + 1, s))
+            starts.append(axis + ([size - p] if axis[-1] != size - p else []))
+    return [(x, y, z, x + patch[0], y + patch[1], z + patch[2])
+            for x in starts[0] for y in starts[1] for z in starts[2]]
+
+
+class ReferenceBank:
+    """Labeled patches: grid crops of every labeled volume in each ORIENTATION the augmentation gives a patch
+    (a rotated query meets entries laid out as it is). Per entry: case ID, orientation, crop box (in the
+    oriented volume), morphology of its ground truth, the case's mask CoT and, in `features` (N, C, d, h, w),
+    the teacher encoder's bottleneck of the crop, refreshed while the teacher trains."""
+
+    def __init__(self, case_ids, boxes, morph, texts, volumes=None, variants=None, device="cpu"):
+        self.case_ids, self.texts = list(case_ids), list(texts)
+        self.boxes = np.asarray(boxes, np.int64).reshape(-1, 6)
+        self.morph = np.asarray(morph, np.float32)
+        n = len(self.case_ids)
+        self.variants = np.zeros(n, np.int64) if variants is None else np.asarray(variants, np.int64)
+        if n == 0 or not len(self.boxes) == len(self.morph) == len(self.texts) == len(self.variants) == n \
+                or self.morph.ndim != 2 or not np.isfinite(self.morph).all():
+            raise ValueError(f"reference bank: {n} case IDs, {len(self.boxes)} boxes, {len(self.variants)} "
+                             f"orientations, {len(self.texts)} texts, morphology {self.morph.shape}: need "
+                             "N > 0 of each and finite morphology (N, M)")
+        self.volumes = volumes or {}  # case ID -> (image, label) (X, Y, Z), cut by refresh()
+        self.device = torch.device(device)
+        self.features = None          # (N, C, d, h, w) once refresh() has run
+        self.crops = None             # (N, 1, X, Y, Z) image patches on the device, cut by refresh()
+        self.query_texts = {}         # case ID -> its image CoT (the query text), from index_queries()
+        self._index()
+
+    def _index(self):
+        """What select() reads, built once: kd-tree on standardised morphology, case codes, BM25 index."""
+        self.scaler = StandardScaler().fit(self.morph)
+        self.knn = NearestNeighbors(algorithm="kd_tree").fit(self.scaler.transform(self.morph))
+        cases, self.case_code = np.unique(self.case_ids, return_inverse=True)
+        self.code_of = {c: i for i, c in enumerate(cases)}
+        self.case_count = np.bincount(self.case_code)
+        self.cot = CotIndex(self.texts)
+        self.doc = np.array([self.cot.doc_of[t] for t in self.texts])  # (N,) entry -> distinct text
+
+    @classmethod
+    def build(cls, cfg, volumes, labeled_ids, mask_cots, device="cpu"):
+        """Bank of every labeled volume's grid crops (cfg.patch_size, stride cfg.bank_stride) in each of the
+        ORIENTATIONS: the grid is laid over the oriented volume, so every crop is a whole patch."""
+        case_ids, variants, boxes, morph, texts = [], [], [], [], []
+        for cid in labeled_ids:
+            if cid not in mask_cots:
+                raise ValueError(f"reference bank: labeled case {cid!r} has no mask CoT in the pool")
+            for v in range(len(ORIENTATIONS)):
+                label = orient(volumes[cid][1], v)
+                vboxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
+                morph.append(morphology_batch(np.stack([data.padded_crop(label, b) > 0 for b in vboxes])))
+                case_ids += [cid] * len(vboxes)
+                variants += [v] * len(vboxes)
+                boxes += vboxes
+                texts += [mask_cots[cid]] * len(vboxes)
+        return cls(case_ids, boxes, np.concatenate(morph), texts, {cid: volumes[cid] for cid in labeled_ids},
+                   variants, device)
+
+    def __len__(self):
+        return len(self.case_ids)
+
+    def index_queries(self, image_cots):
+        """Every case's query text (case ID -> image CoT), fixed for the run, for query_references()."""
+        self.query_texts = dict(image_cots)
+
+    def patch(self, i):
+        """Entry i's image and ground-truth patches (X, Y, Z) numpy, cut from its oriented volume."""
+        image, label = (orient(v, self.variants[i]) for v in self.volumes[self.case_ids[i]])
+        return data.padded_crop(image, self.boxes[i]), data.padded_crop(label, self.boxes[i])
+
+    @torch.no_grad()
+    def refresh(self, encoder_fn, momentum, batch_size=4, replace=False):
+        """features <- encoder_fn(crops (n, 1, X, Y, Z)) (n, C, d, h, w), the teacher's bottleneck now; with
+        momentum > 0 an EMA, momentum * features + (1 - momentum) * new. The first call fills them, and
+        `replace` (a run's first refresh) replaces what an earlier fill or a checkpoint left."""
+        if self.crops is None:  # cut once, each volume oriented once per orientation: the patches never move
+            if not self.volumes:
+                raise RuntimeError("reference bank has no volumes to cut: build it with ReferenceBank.build")
+            crops = []
+            for (cid, v), at in groupby(range(len(self)), lambda i: (self.case_ids[i], self.variants[i])):
+                image = orient(self.volumes[cid][0], v)
+                crops += [data.padded_crop(image, self.boxes[i]) for i in at]
+            self.crops = torch.from_numpy(np.stack(crops)[:, None]).to(self.device)      # (N, 1, X, Y, Z)
+        new = torch.cat([encoder_fn(self.crops[s:s + batch_size]).float()                # (N, C, d, h, w)
+                         for s in range(0, len(self), batch_size)])
+        if self.features is not None and not replace and self.features.shape != new.shape:
+            raise ValueError(f"encoder gives features {tuple(new.shape)}, the bank holds "
+                             f"{tuple(self.features.shape)}")
+        if self.features is None or replace or momentum == 0:
+            self.features = new
+        else:
+            self.features.mul_(momentum).add_(new, alpha=1 - momentum)
+
+    def state_dict(self):
+        """Everything but the volumes (they come from the data): entries, morphology, texts, features; only
+        tensors, lists of str and None, so a checkpoint reads with torch.load(weights_only=True)."""
+        return {"case_ids": list(self.case_ids), "variants": torch.from_numpy(self.variants),
+                "boxes": torch.from_numpy(self.boxes), "morph": torch.from_numpy(self.morph),
+                "texts": list(self.texts), "features": self.features}
+
+    def load_state_dict(self, state):
+        """Restore a saved bank onto this one, which must hold the same patches (cases, orientations, boxes);
+        ValueError, naming what differs, for anything else."""
+        keys = ["boxes", "case_ids", "features", "morph", "texts", "variants"]
+        if not isinstance(state, dict) or sorted(state) != keys:
+            raise ValueError(f"saved reference bank: expected a dict of {keys}")
+        f, texts = state["features"], list(state["texts"])
+        boxes, variants, morph = (state[k].cpu().numpy() if torch.is_tensor(state[k]) else None
+                                  for k in ("boxes", "variants", "morph"))
+        if list(state["case_ids"]) != self.case_ids or not (np.array_equal(boxes, self.boxes)
+                                                           and np.array_equal(variants, self.variants)):
+            raise ValueError(f"saved reference bank ({len(state['case_ids'])} patches) does not match the one"
+                             f" built from the data ({len(self)}): other labeled cases, patch size or stride")
+        if getattr(morph, "shape", None) != self.morph.shape or len(texts) != len(self) \
+                or not all(isinstance(t, str) for t in texts) \
+                or not (f is None or torch.is_tensor(f) and f.ndim == 5 and len(f) == len(self)):
+            raise ValueError(f"saved reference bank: morphology, texts or features do not fit its "
+                             f"{len(self)} patches (features {None if f is None else tuple(f.shape)})")
+        self.morph, self.texts = morph.astype(np.float32), list(texts)
+        self._index()
+        self.features = None if f is None else f.float().to(self.device)
+
+
+# ----------------------------------------------------------------------------- the one selection
 
 @dataclass
 class Selection:
     indices: np.ndarray   # (B, k_fine) int64 bank entries
     weights: np.ndarray   # (B, k_fine) float32, rows sum to 1; filled slots weigh 0
     n_filled: np.ndarray  # (B,) slots not held by a candidate that passed the CoT filter (see select)
-    explain: list         # per query: candidates, morphology distances, BM25, normalised score, hard
-                          # negatives
-
-
-def _softmax(x):
-    e = np.exp(x - x.max())
-    return e / e.sum()
+    explain: list         # per query: candidates, morphology distances, BM25, normalised score, hard negative
 
 
 def capped(order, cases, cap, k):
@@ -60,222 +334,97 @@ def capped(order, cases, cap, k):
     return np.array(out, np.int64)
 
 
-def select(bank, morph, texts, case_ids, cfg, rng=None, mode=None):
-    """Pick cfg.k_fine references for each query (morphology (B, M), CoT text, own case ID or None).
+def select(bank, morph, texts, case_ids, cfg, generator=None, mode=None):
+    """cfg.k_fine references per query: morphology (B, M), CoT text, case ID (None or outside the bank: none
+    excluded).
 
-    Stage 1 keeps the k_coarse morphologically nearest entries of other cases. Stage 2 scores them:
-    raw BM25 divided by the query's best candidate score, so the best is 1 and `tau` is a fraction of
-    it; candidates under tau are hard negatives and never chosen. The survivors are taken best first,
-    at most cfg.max_refs_per_case from one case (the others are skipped, not counted as hard negatives).
-    Fill rule, when fewer than k_fine candidates survive: the empty slots repeat the survivors (best first)
-    with weight 0, so the context is the weighted mean of the survivors alone and shapes stay (B, k_fine).
-    If none survive (the query shares no indexed word with any candidate) there is no text evidence: the
-    stage-1 order is used, with the same cap, and equal weights. n_filled counts the slots not held by a
-    survivor (k_fine in that case). `mode` (default cfg.retrieval) picks an ablation: "cot" skips stage 1
-    (every patch of another case is a candidate); "morph" and "random" take their candidates in stage-1
-    order (nearest first, or k_coarse drawn at random) with equal weights; "random" draws from `rng` (a
-    generator the caller keeps, so draws differ between calls; default: a fresh one seeded with cfg.seed).
-    """
+    Stage 1: the k_coarse morphologically nearest entries of other cases. Stage 2: their BM25 scores divided
+    by the best candidate's (the best is 1); under `tau`, a hard negative, never chosen. Survivors are taken
+    best first (ties in kNN order), at most max_refs_per_case per case, weights softmax(score /
+    ref_temperature). Fill rule, fewer than k_fine survivors: the empty slots repeat them (best first) with
+    weight 0, so shapes stay (B, k_fine). No survivor (no shared word: no text evidence): the stage-1 order,
+    the same cap, equal weights. n_filled: slots not held by a survivor. `mode` (default cfg.retrieval):
+    "morph" skips stage 2 (kNN order, equal weights); "random" draws k_coarse entries of other cases from
+    the CPU torch.Generator `generator` (default: seeded with cfg.seed), then the cap, equal weights."""
     mode = mode or cfg.retrieval
     if mode not in MODES:
         raise ValueError(f"retrieval={mode!r}: expected one of {MODES}")
     if not len(morph) == len(texts) == len(case_ids):
-        raise ValueError(f"select: {len(morph)} morphology vectors, {len(texts)} texts, {len(case_ids)} case "
-                         "IDs")
-    k = cfg.k_fine
+        raise ValueError(f"select: {len(morph)} morphology vectors, {len(texts)} texts, {len(case_ids)} IDs")
     codes = [bank.code_of.get(c, -1) for c in case_ids]
-    morph = np.asarray(morph, np.float32).reshape(len(codes), -1)
-    if mode in ("both", "morph"):
-        cands, dists = bank.neighbours(morph, codes, cfg.k_coarse)
-    else:
-        cands = [np.flatnonzero(bank.case_code != c) for c in codes]  # every patch of another case
-        if mode == "random":
-            rng = np.random.default_rng(cfg.seed) if rng is None else rng
-            cands = [rng.choice(c, min(cfg.k_coarse, len(c)), replace=False) for c in cands]
+    for c, code in zip(case_ids, codes):
+        if code >= 0 and bank.case_count[code] == len(bank):
+            raise ValueError(f"reference bank has no patches outside case {c!r}")
+    k, cap = cfg.k_fine, cfg.max_refs_per_case
+    if mode == "random":
+        generator = torch.Generator().manual_seed(cfg.seed) if generator is None else generator
+        others = [np.flatnonzero(bank.case_code != code) for code in codes]
+        cands = [o[torch.randperm(len(o), generator=generator)[:cfg.k_coarse].numpy()] for o in others]
         dists = [np.full(len(c), np.nan) for c in cands]
-    if mode in ("both", "cot"):  # stage 2: BM25 for the candidates' distinct texts only, all queries at once
-        docs = np.unique(np.concatenate([bank.doc[c] for c in cands]))
-        table = bank.cot.scores(texts, docs)  # (distinct docs, B)
+    else:  # stage 1, kNN: k_coarse + (entries of the query's case) neighbours, so exclusion leaves k_coarse
+        extra = max([bank.case_count[c] for c in codes if c >= 0], default=0)
+        z = (np.asarray(morph, np.float32).reshape(len(codes), -1) - bank.scaler.mean_) / bank.scaler.scale_
+        dists, cands = bank.knn.kneighbors(z, n_neighbors=min(len(bank), cfg.k_coarse + extra))
+        other = [bank.case_code[c] != code for c, code in zip(cands, codes)]
+        cands, dists = ([x[m][:cfg.k_coarse] for x, m in zip(xs, other)] for xs in (cands, dists))
     indices, weights = np.zeros((len(codes), k), np.int64), np.zeros((len(codes), k), np.float32)
-    n_filled, explain = [], []
+    n_filled, explain = np.zeros(len(codes), np.int64), []
     for i, (cand, dist) in enumerate(zip(cands, dists)):
-        if len(cand) == 0:
-            raise ValueError(f"reference bank has no patches outside case {case_ids[i]!r}")
         cases = bank.case_code[cand]
         raw = score = np.full(len(cand), np.nan)
-        keep = capped(range(len(cand)), cases, cfg.max_refs_per_case, k)  # stage-1 order
+        keep = capped(range(len(cand)), cases, cap, k)             # stage-1 order
         w = np.full(len(keep), 1 / len(keep))
         survivors = len(keep)
-        if mode in ("both", "cot"):
-            raw = table[np.searchsorted(docs, bank.doc[cand]), i]
+        if mode == "both":
+            raw = bank.cot.scores(texts[i])[bank.doc[cand]]
             score = raw / raw.max() if raw.max() > 0 else np.zeros_like(raw)
-            order = np.argsort(-score, kind="stable")  # ties keep the morphology order
-            passed = capped(order[score[order] >= cfg.tau], cases, cfg.max_refs_per_case, k)
+            order = np.argsort(-score, kind="stable")              # ties keep the morphology order
+            passed = capped(order[score[order] >= cfg.tau], cases, cap, k)
             survivors = len(passed)
             if survivors:
-                keep, w = passed, _softmax(score[passed] / cfg.ref_temperature)
+                x = score[passed] / cfg.ref_temperature
+                keep, w = passed, np.exp(x - x.max()) / np.exp(x - x.max()).sum()  # softmax
         indices[i] = np.resize(cand[keep], k)
         weights[i, :len(w)] = w
-        n_filled.append(k - survivors)
+        n_filled[i] = k - survivors
         explain.append(dict(case_id=case_ids[i], mode=mode, candidates=cand, distance=dist, bm25=raw,
                             score=score, hard_negative=score < cfg.tau))
-    return Selection(indices, weights, np.array(n_filled), explain)
+    return Selection(indices, weights, n_filled, explain)
 
-
-# -----------------------------------------------------------------------------
-# the same selection on the device, without host-device synchronisation
-
-def first_k(value, k, largest=False):
-    """Positions (B, k) of each row's k smallest (or largest) entries of value (B, n), in that order, equal
-    values by position (lowest first), as a stable sort would give them, at topk's cost. topk alone orders
-    ties arbitrarily, so it runs on an int64 key without ties: a float32's bit pattern read as an integer
-    orders the non-negative floats (inf included) and puts every negative one below them; times n, plus
-    the position (for largest: n - 1 - position)."""
-    n = value.shape[-1]
-    pos = torch.arange(n, device=value.device)
-    bits = value.float().contiguous().view(torch.int32).long()                     # (B, n)
-    key = bits * n + (n - 1 - pos if largest else pos)                             # (B, n)
-    return key.topk(k, dim=-1, largest=largest).indices
-
-
-def stage1_key(bank, morph, codes, mode, generator):
-    """(B, N) non-negative sort key of every entry for each query, +inf on the query's own case: the
-    morphology distance (modes both, morph), 0 (cot: every other patch, in bank order) or a uniform
-    random number (random: its k smallest are a draw without replacement)."""
-    if mode in ("both", "morph"):
-        z = (morph.float() - bank.z_mean) / bank.z_scale  # (B, M), standardised as in neighbours()
-        key = torch.cdist(z, bank.z, compute_mode="donot_use_mm_for_euclid_dist")  # (B, N), exact differences
-    elif mode == "cot":
-        key = torch.zeros(len(codes), len(bank), device=bank.device)
-    else:
-        key = torch.rand(len(codes), len(bank), device=bank.device, generator=generator)
-    return key.masked_fill(bank.entry_code == codes[:, None], float("inf"))
-
-
-def under_cap(cases, ok, cap):
-    """(B, n) bool: candidate j (positions best first) is allowed and fewer than `cap` allowed candidates of
-    its case come before it: capped() for whole batches, in fixed shapes. cases (B, n) case codes,
-    ok (B, n)."""
-    n = cases.shape[1]
-    same = cases[:, :, None] == cases[:, None, :]                                   # (B, n, n)
-    before = torch.ones(n, n, dtype=torch.bool, device=cases.device).tril(-1)      # (n, n): j < i
-    return ok & ((same & before & ok[:, None, :]).sum(2) < cap)
-
-
-@torch.no_grad()
-def select_device(bank, morph, rows, cfg, generator=None, mode=None):
-    """select() on the bank's device without host-device synchronisation: morphology (B, M) on the device,
-    rows (B,) from bank.query_rows(case_ids) (the queries' texts and cases, see index_queries). Returns
-    indices (B, k_fine) long and weights (B, k_fine) float32 on the device.
-
-    Same rules as select(): own case excluded, scores divided by the best candidate's, tau, the case cap,
-    softmax weights, the fill rule. Every shape is fixed: stage 1 keeps min(k1, N) candidates per query,
-    own-case entries last (their key is inf), and the first min(k1, other-case entries) of them count (k1:
-    k_coarse, or N for cot). Differences from select(): distances are float32 and equal distances are
-    ordered by entry index (select() takes the kd-tree's order), so the two agree on data without exact or
-    float32-level ties; mode random draws from torch's `generator` (default: a fresh one seeded with
-    cfg.seed), not numpy's, so its picks differ from select()'s.
-    """
-    mode = mode or cfg.retrieval
-    if mode not in MODES:
-        raise ValueError(f"retrieval={mode!r}: expected one of {MODES}")
-    if morph.ndim != 2 or morph.shape[0] != rows.shape[0]:
-        raise ValueError(f"select_device: morphology {tuple(morph.shape)} for {rows.shape[0]} query rows")
-    k, n, B = cfg.k_fine, len(bank), len(rows)
-    if mode == "random" and generator is None:
-        generator = torch.Generator(bank.device).manual_seed(cfg.seed)
-    k1 = min(n, n if mode == "cot" else cfg.k_coarse)
-    codes = bank.query_code[rows]  # (B,)
-    cand = first_k(stage1_key(bank, morph, codes, mode, generator), k1)  # (B, k1) entries, stage-1 order
-    n_valid = bank.query_others[rows].clamp(max=k1)  # (B,) candidates of other cases: the first of cand
-    valid = torch.arange(k1, device=bank.device) < n_valid[:, None]  # (B, k1) not an own-case entry
-    order = torch.arange(k1, device=bank.device).expand(B, -1)  # (B, k1) positions in cand, best first
-    ok = valid  # (B, k1) whether the candidate at order[:, j] may be picked
-    logit = torch.zeros(cand.shape, device=bank.device)  # (B, k1); equal weights unless scores say otherwise
-    if mode in ("both", "cot"):  # stage 2: BM25 of the query case against each candidate's text
-        raw = bank.query_bm25[rows].gather(1, bank.entry_doc[cand])  # (B, k1)
-        best = raw.masked_fill(~valid, 0).amax(1, keepdim=True)  # (B, 1); BM25 scores are >= 0
-        score = raw / best.clamp(min=torch.finfo(raw.dtype).tiny)  # best 1; all 0 when the best is 0
-        passed = valid & (score >= cfg.tau)  # (B, k1) not hard negatives
-        ranked = first_k(score.masked_fill(~passed, -1.0), k1, largest=True)  # (B, k1) survivors best first
-        some = passed.any(1, keepdim=True)  # (B, 1); none survives: stage-1 order, equal weights (select())
-        order = torch.where(some, ranked, order)
-        ok = torch.where(some, passed.gather(1, ranked), ok)
-        logit = torch.where(some, score / cfg.ref_temperature, logit)
-    ok = under_cap(bank.entry_code[cand.gather(1, order)], ok, cfg.max_refs_per_case)  # (B, k1)
-    count = ok.sum(1).clamp(max=k)  # (B,) slots held by a pick (>= 1: every query has another case)
-    first = first_k((~ok).float(), min(k, k1))  # (B, k') where the picks are in `order`, best first
-    slot = torch.arange(k, device=bank.device)  # fill rule: slot j repeats pick j mod count, weight 0
-    pick = order.gather(1, first.gather(1, slot % count[:, None]))  # (B, k) positions in cand
-    weights = logit.gather(1, pick).masked_fill(slot >= count[:, None], float("-inf")).softmax(1)  # (B, k)
-    return cand.gather(1, pick), weights
-
-
-# -----------------------------------------------------------------------------
-# the query as training and testing run it
 
 def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
-    """Reference selection (docs/design.md §6) at work, on the device: decoder B's prediction ->
-    morphology -> kNN + BM25 -> references.
-
-    logits_b (B, 2, X, Y, Z); case_ids: each query's case (its image-only CoT is the query text, and a
-    labeled query never retrieves its own patches); mode: cfg.retrieval unless given ("random" for the
-    sensitivity checks). Returns mcam.References: features (B, K, C, d, h, w), weights (B, K), the
-    masks (B, K, X, Y, Z) when decoder A reads them (cfg.ref_masks, cfg.ref_mask_detail) or the prototype
-    loss scores on them (cfg.ref_proto_weight, extensions.prototype_loss), and the chosen
-    bank entries (B, K); with cfg.ref_align, features and masks moved to the prediction's centroid.
-    On CUDA nothing here waits for the GPU (morphology_torch, select_device, the alignment's gathers), so
-    the step keeps the GPU queue full; both are tested against their numpy twins."""
-    masks = foreground(logits_b)                                          # (B, X, Y, Z)
-    if masks.is_cuda:                                                     # (B, M), the query morphology
-        morph = morphology_torch(masks)
-    else:                                                               # no GPU to keep busy: numpy is faster
-        morph = torch.from_numpy(morphology_batch(masks.numpy()))
-    indices, weights = select_device(bank, morph, bank.query_rows(case_ids), cfg, generator, mode)
-    with_masks = cfg.ref_masks or cfg.ref_mask_detail or cfg.ref_proto_weight > 0
-    return bank.references(indices, weights, masks=with_masks,
-                           query_centroids=mask_centroids(masks) if cfg.ref_align else None)
-
-
-def foreground(logits_b):
-    """Decoder B's predicted foreground (B, X, Y, Z) bool: argmax == 1, cheaper."""
-    return logits_b[:, 1] > logits_b[:, 0]
-
-
-SWAPS = ("retrieved", "random", "zeroed")  # what decoder A is given in the reference-sensitivity checks
-# "zeroed" may be asked for too: the reference branch kept, the references' contribution zero (decode_a)
+    """Reference selection as training and testing run it: decoder B's prediction logits_b (B, 2, X, Y, Z)
+    -> its foreground on the host -> morphology -> select() with each case's image CoT (index_queries; a
+    labeled query never retrieves its own case) -> mcam.References on the bank's device: features
+    (B, K, C, d, h, w), weights (B, K), the chosen entries (B, K). mode: cfg.retrieval unless given."""
+    if bank.features is None:
+        raise RuntimeError("reference bank features are empty: call refresh() first")
+    unknown = [c for c in case_ids if c not in bank.query_texts]
+    if unknown:
+        raise ValueError(f"reference bank: case {unknown[0]!r} has no query CoT; pass it to index_queries()")
+    masks = (logits_b[:, 1] > logits_b[:, 0]).cpu().numpy()              # (B, X, Y, Z) argmax == 1
+    sel = select(bank, morphology_batch(masks), [bank.query_texts[c] for c in case_ids], list(case_ids), cfg,
+                 generator, mode)
+    idx = torch.from_numpy(sel.indices).to(bank.device)                  # (B, K)
+    return References(features=bank.features[idx], weights=torch.from_numpy(sel.weights).to(bank.device),
+                      indices=idx)                                       # features (B, K, C, d, h, w)
 
 
 @torch.no_grad()
-def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS,
-                            transfer=False):
+def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS):
     """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: with the references
-    retrieved for decoder B's prediction logits_b, with as many random bank entries of other cases in their
-    place (drawn from `generator`, equal weights, the same case cap), with none (decoder A without its
-    reference branch) and "zeroed" (the branch kept, the references' contribution zero: the control that
-    cannot flatter them). How far decoder A's output moves between them is how much it uses what the
-    references contain (docs/design.md §6, §10).
-
-    With `transfer`, for the swaps with references, "<swap>_transfer" is the references' own answer: their
-    ground-truth masks averaged with their weights (B, X, Y, Z), the label an atlas method would transfer to
-    the query without any network. Scored against the query's label it says whether retrieval finds
-    references whose labels fit the query, whatever decoder A makes of them."""
+    retrieved for decoder B's prediction logits_b, with random entries of other cases (drawn from
+    `generator`), and "zeroed" (the scan's own stream kept, the references' contribution zero). How far it
+    moves between them is how much decoder A uses what the references contain (docs/design.md §10)."""
     out = {}
     for swap in swaps:
-        if swap == "zeroed":
-            out[swap] = model.decode_a(feats, None, zero_refs=True).float().softmax(1)[:, 1]
-            continue
-        refs = None if swap == "none" else query_references(
+        refs = None if swap == "zeroed" else query_references(
             bank, logits_b, case_ids, cfg, generator, mode="random" if swap == "random" else None)
-        out[swap] = model.decode_a(feats, refs).float().softmax(1)[:, 1]
-        if transfer and refs is not None:
-            centroids = mask_centroids(foreground(logits_b)) if cfg.ref_align else None
-            out[f"{swap}_transfer"] = bank.label_transfer(refs.indices, refs.weights, centroids)
+        out[swap] = model.decode_a(feats, refs, zero_refs=swap == "zeroed").float().softmax(1)[:, 1]
     return out
 
 
-# -----------------------------------------------------------------------------
-# explanation: text and figure
+# ----------------------------------------------------------------------------- explanation: text and figure
 
 def format_explanation(bank, sel, boxes=None):
     """Readable account of a selection: per query, every candidate with its morphology distance, BM25 score,
@@ -297,14 +446,13 @@ def format_explanation(bank, sel, boxes=None):
 
 
 def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
-    """PNG: each query patch's middle axial slice, then its chosen references' slices with score and
-    weight."""
+    """PNG: each query patch's middle axial slice, then its chosen references' with score and weight."""
     from matplotlib.figure import Figure
     rows, k = min(max_rows, len(boxes)), sel.indices.shape[1]
     fig = Figure(figsize=(2.2 * (k + 1), 2.4 * rows))
     axes = fig.subplots(rows, k + 1, squeeze=False)
     for r in range(rows):
-        patch = padded_crop(image, boxes[r])
+        patch = data.padded_crop(image, boxes[r])
         axes[r, 0].imshow(patch[:, :, patch.shape[2] // 2].T, cmap="gray")
         where = tuple(int(v) for v in boxes[r][:3])
         axes[r, 0].set_title(f"query {sel.explain[r]['case_id']}\nbox {where}", fontsize=8)

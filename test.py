@@ -1,43 +1,40 @@
-"""Sliding-window inference and the field's metrics (docs/design.md §10).
+"""Testing (docs/design.md §10): sliding-window inference, the field's metrics, decoder A's reference
+sensitivity, the ablation tables and the explanations of reference selection.
 
-    python test.py                          # runs/LA_8/ckpt_last.pt on the LA test list
-    python test.py --exp PHANTOM_8 --lcc    # keep the largest connected component
+    python test.py                          # runs/LA_8/ckpt_last.pt on its test list (validation split with
+    python test.py --exp PHANTOM_8 --lcc    #   val_cases); --lcc keeps the largest connected component
     python test.py --ckpt path/to/ckpt.pt   # any checkpoint; the model is rebuilt from its config
+    python test.py --window_batch=2         # test-time keys: window_batch, stride_xy, stride_z, device, amp
+    python test.py --exp LA_8 --explain ID  # why a case got its references (text and a PNG)
+    python test.py --exp LA_8 --filter-report   # the share of candidates the CoT filter rejects, per tau
 
-Metrics are the definitions of medpy.metric.binary (dc, jc, hd95, asd) in voxel units, without
-spacing. Where medpy raises on empty masks, this module scores instead:
-
-    both masks empty:        Dice 1, Jaccard 1, 95HD 0, ASD 0     (a perfect answer)
-    exactly one mask empty:  Dice 0, Jaccard 0, 95HD and ASD = the volume's diagonal in voxels
-                             (the largest distance possible; an empty prediction is never flattered)
-
+Metrics are medpy.metric.binary's (dc, jc, hd95, asd) in voxels, without spacing; where medpy raises on
+empty masks: both empty scores Dice 1, Jaccard 1, 95HD 0, ASD 0; one empty scores Dice 0, Jaccard 0, 95HD and
+ASD the volume's diagonal (the largest distance possible: an empty prediction is never flattered).
 The reported checkpoint is the last one; nothing here looks at the test set to choose it.
 """
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import ndimage, optimize, stats
 from tqdm import tqdm
 
 import data
 import files
+import phantom
+import pool
 import retrieve
-from bank import ReferenceBank
-from checkpoint import CheckpointError, load_checkpoint
-from config import Config, check_config, cli, fast_paths, resolve_device
-from morphology import morphology_batch
+from checkpoint import load_checkpoint
+from config import ConfigError, check_config, cli, fast_paths, get_config, resolve_device, show
 
 # ----------------------------------------------------------------------------- metrics
-
 
 def dice(pred, gt):
     """2 |P & G| / (|P| + |G|)  (medpy dc)."""
@@ -51,20 +48,15 @@ def jaccard(pred, gt):
     return 1.0 if union == 0 else np.count_nonzero(pred & gt) / union
 
 
-def _border(mask):
-    """The one-voxel surface of a mask: the mask minus its 6-connected erosion (as medpy)."""
-    faces = ndimage.generate_binary_structure(3, 1)
-    return mask ^ ndimage.binary_erosion(mask, structure=faces, iterations=1)
-
-
 def surface_distances(a, b):
     """Distance of every surface voxel of `a` to the nearest surface voxel of `b` (medpy's
-    __surface_distances).
-    Both masks are cut to their joint bounding box plus one voxel first, which changes no distance."""
+    __surface_distances; a surface is the mask minus its 6-connected erosion). Both masks are cut to their
+    joint bounding box plus one voxel first, which changes no distance and saves most of the work."""
     where = np.argwhere(a | b)
     box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(where.min(0), where.max(0)))
-    a, b = a[box], b[box]
-    return ndimage.distance_transform_edt(~_border(b))[_border(a)]
+    a, b = (m ^ ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(3, 1))
+            for m in (a[box], b[box]))                                          # the surfaces
+    return ndimage.distance_transform_edt(~b)[a]
 
 
 def _empty_case(pred, gt):
@@ -100,30 +92,10 @@ METRICS = {"dice": dice, "jaccard": jaccard, "hd95": hd95, "asd": asd}
 
 # ----------------------------------------------------------------------------- inference
 
-@dataclass
-class Probabilities:
-    """The foreground probabilities (X, Y, Z) of one volume, one field per output of predictor(): what is
-    scored, and what the reference-sensitivity report compares (None where it is not computed)."""
-    a: np.ndarray                          # decoder A, with the retrieved references when there is a bank
-    b: np.ndarray                          # decoder B
-    a_random: np.ndarray = None            # decoder A with random bank entries in place of its references
-    a_zeroed: np.ndarray = None            # decoder A with its references' contribution zeroed (branch kept)
-    transfer: np.ndarray = None            # the retrieved references' weighted masks alone (no network)
-    transfer_random: np.ndarray = None     # the random references' weighted masks alone
-
-    @property
-    def mean(self):
-        """The reported prediction's probability: the mean of both decoders'."""
-        return (self.a + self.b) / 2
-
-    @classmethod
-    def unstack(cls, prob):
-        """The fields of sliding_window's (K, X, Y, Z) average of predictor()'s outputs, which are stacked in
-        the order of the fields."""
-        return cls(**dict(zip(OUTPUTS, prob)))
-
-
-OUTPUTS = [field.name for field in dataclasses.fields(Probabilities)]
+# the foreground probabilities (X, Y, Z) of one volume in predictor()'s order: decoder A (with the retrieved
+# references when there is a bank), decoder B; for the sensitivity report, decoder A with random bank entries
+# in place of its references and with their contribution zeroed (None when not computed)
+Probabilities = namedtuple("Probabilities", "a b a_random a_zeroed", defaults=(None, None))
 
 
 def window_starts(size, patch, stride):
@@ -134,22 +106,24 @@ def window_starts(size, patch, stride):
 
 @torch.no_grad()
 def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, device):
-    """Average the per-window probabilities over the whole volume.
-
-    predict(x (N, 1, *patch)) -> foreground probabilities (N, K, *patch) for K outputs (e.g. the two
-    decoders).
-    image is (X, Y, Z) numpy; returns (K, X, Y, Z) numpy. Volumes smaller than the patch are zero-padded."""
-    x = torch.as_tensor(image, dtype=torch.float32, device=device)
-    padded = data.pad_to(x, patch)                                       # (X', Y', Z')
+    """Average the per-window probabilities over the whole volume: predict(x (N, 1, *patch)) -> (N, K, *patch)
+    for K outputs; image (X, Y, Z) numpy; returns (K, X, Y, Z) numpy. Volumes smaller than the patch are
+    zero-padded. Running out of memory is a ConfigError that says to lower window_batch."""
+    padded = data.pad_to(torch.as_tensor(image, dtype=torch.float32, device=device), patch)   # (X', Y', Z')
     size = padded.shape
-    starts = [(a, b, c) for a in window_starts(size[0], patch[0], stride_xy)
-              for b in window_starts(size[1], patch[1], stride_xy)
-              for c in window_starts(size[2], patch[2], stride_z)]
+    axes = [window_starts(n, p, s) for n, p, s in zip(size, patch, (stride_xy, stride_xy, stride_z))]
+    starts = [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
     total = count = None
     for i in range(0, len(starts), window_batch):
         chunk = starts[i:i + window_batch]
         windows = torch.stack([data.crop(padded, s, patch) for s in chunk])[:, None]   # (N, 1, *patch)
-        prob = predict(windows).float()                                                 # (N, K, *patch)
+        try:
+            prob = predict(windows).float()                                             # (N, K, *patch)
+        except RuntimeError as e:                      # torch.cuda.OutOfMemoryError is a RuntimeError too
+            if "out of memory" not in str(e):
+                raise
+            raise ConfigError(f"test: out of memory on {device} with window_batch={window_batch} windows of "
+                              f"patch_size={show(patch)} at once; lower --window_batch=...") from None
         if total is None:
             total = torch.zeros((prob.shape[1], *size), device=device)
             count = torch.zeros(size, device=device)
@@ -163,30 +137,26 @@ def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, dev
 
 
 def load_references(cfg, ckpt, device):
-    """The reference bank and CoT texts a CERS checkpoint was trained with (None, None for a plain
+    """The reference bank a CERS checkpoint was trained with, its image CoTs indexed (None for a plain
     network)."""
     if not cfg.references:
-        return None, None
+        return None
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False, factor=cfg.downsample,
                                 cache_dir=cfg.cache_dir)
-    bank = ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
+    bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
     bank.load_state_dict(ckpt["bank"])
     bank.index_queries(ckpt["pool"]["image"])
-    if bank.features is None:
-        raise CheckpointError("checkpoint: the reference bank has no features (stopped before the reference "
-                              "warm-up); train past ref_warmup first")
-    return bank, ckpt["pool"]["image"]
+    return bank
 
 
-def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channels_last=False):
-    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities, the
-    fields of Probabilities in their order: decoder A's and decoder B's (K = 2). With a reference bank each
-    batch of windows takes the training path: decoder B first, its prediction's morphology and the case's
-    image-only CoT select references, decoder A fuses them; with a `generator` decoder A also runs with random
-    bank entries in their place and with the references' contribution zeroed, and the references' weighted
-    masks come along (K = 6), for the sensitivity report."""
-    swaps = retrieve.SWAPS if generator is not None else ("retrieved",)
+def predictor(model, cfg, case_id, bank=None, generator=None, sensitivity=False, bf16=False,
+              channels_last=False):
+    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities in the
+    order of Probabilities. With a bank each batch of windows takes the training path: decoder B first, its
+    prediction's morphology and the case's image-only CoT select references, decoder A fuses them; with
+    `sensitivity` decoder A also runs with random references (from `generator`) and with them zeroed."""
+    swaps = ("retrieved", "random", "zeroed")[:3 if sensitivity else 1]
 
     def predict(x):
         if channels_last:
@@ -194,167 +164,292 @@ def predictor(model, cfg, case_id, bank=None, bf16=False, generator=None, channe
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             feats = model.encoder(x)
             b = model.decoder_b(feats)
-            if bank is None:
-                a = {"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]}
-            else:
-                a = retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg,
-                                                     generator, swaps, transfer=generator is not None)
-        out = {"a": a["retrieved"], "b": b.float().softmax(1)[:, 1]}
-        if generator is not None:
-            out.update(a_random=a["random"], a_zeroed=a["zeroed"], transfer=a["retrieved_transfer"],
-                       transfer_random=a["random_transfer"])
-        return torch.stack([out[name] for name in OUTPUTS if name in out], 1)
+            a = ({"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]} if bank is None else
+                 retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator,
+                                                  swaps))
+        outputs = [a["retrieved"], b.float().softmax(1)[:, 1], *(a[s] for s in swaps[1:])]   # Probabilities
+        return torch.stack(outputs, 1)                                                      # (N, K, *patch)
     return predict
 
 
-@torch.no_grad()
-def plot_references(png, model, bank, image_cots, cfg, case_id, device):
-    """references.png for the case's first window (at the volume's origin), explained by retrieve.select,
-    the readable twin of the device path that chose the references during testing."""
-    image, _ = data.downsample(*data.read_case(data.case_path(cfg.data_root, case_id)), cfg.downsample)
-    box = (0, 0, 0, *cfg.patch_size)
-    window = data.padded_crop(image, box)                           # (*patch), zero outside the volume
-    mask = (model.predict_b(torch.from_numpy(window)[None, None].to(device)).argmax(1) == 1).cpu().numpy()
-    selection = retrieve.select(bank, morphology_batch(mask), [image_cots[case_id]], [case_id], cfg)
-    return retrieve.plot_explanation(png, window, [box], bank, selection, max_rows=1)
-
-
 def score(prob, gt, lcc):
-    """The metrics of the mean of both decoders' Probabilities > 0.5 (largest component only with lcc) against
-    gt, and each decoder's own Dice."""
-    pred = prob.mean > 0.5
-    if lcc:
-        pred = largest_component(pred)
-    return {**{k: f(pred, gt) for k, f in METRICS.items()}, "dice_a": dice(prob.a > 0.5, gt),
-            "dice_b": dice(prob.b > 0.5, gt)}
+    """The metrics of the mean of both decoders > 0.5 (largest component only with lcc) against gt, and each
+    decoder's own Dice; with the sensitivity outputs, decoder A's Dice with random and zeroed references."""
+    pred = (prob.a + prob.b) / 2 > 0.5                                    # the reported prediction
+    pred = largest_component(pred) if lcc else pred
+    row = {**{k: f(pred, gt) for k, f in METRICS.items()}, "dice_a": dice(prob.a > 0.5, gt),
+           "dice_b": dice(prob.b > 0.5, gt)}
+    if prob.a_random is not None:
+        row.update(dice_a_random=dice(prob.a_random > 0.5, gt), dice_a_zeroed=dice(prob.a_zeroed > 0.5, gt),
+                   ref_delta=float(np.abs(prob.a - prob.a_random).mean()))
+        row["ref_gain"] = row["dice_a"] - row["dice_a_random"]          # paired: same case, same network
+    return row
 
 
-def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sensitivity=True):
-    """Test a checkpoint on its experiment's test list; prints the table and writes CSV, JSON and figures.
+TEST_KEYS = ("window_batch", "stride_xy", "stride_z", "device", "amp")   # what may change at test time
 
-    With references, every batch of windows takes the training path: decoder B first, its prediction's
-    morphology and the case's image-only CoT select references, then decoder A fuses their context. With
-    `sensitivity` decoder A is also scored with random bank entries in place of the retrieved references
-    and with none, and the mean |change| of its foreground probability (retrieved vs random) is reported:
-    whether decoder A uses what its references contain (docs/design.md §10). A model trained on a coarser
-    grid (cfg.downsample > 1) predicts on that grid and is scored there ("low_" keys) and, its probabilities
-    brought back to the original grid (data.upsample_probabilities), against the original labels (the
-    reported metrics, comparable with the protocol's)."""
-    device = torch.device(device) if device else resolve_device(Config())
-    model, cfg, ckpt = load_checkpoint(ckpt_path, device)
+
+def with_test_keys(cfg, overrides):
+    """A checkpoint's config with `--key=value` overrides of the TEST_KEYS, parsed as training's command line
+    parses them (get_config on the checkpoint's experiment and patch) and checked; the device is this
+    machine's ("auto") unless given. Any other key is refused: the checkpoint fixes it."""
+    keys = [item.removeprefix("--").partition("=")[0] for item in overrides]
+    for item, key in zip(overrides, keys):
+        if "=" not in item or key not in TEST_KEYS:
+            raise ConfigError(f"test: {item!r} cannot change at test time; give --key=value with a key of "
+                              f"{', '.join(TEST_KEYS)} (the checkpoint's config fixes the rest)")
+    parsed = get_config(cfg.exp, [f"--patch_size={show(cfg.patch_size)}", *overrides]) if keys else None
+    changes = {"device": "auto", **{k: getattr(parsed, k) for k in keys}}
+    return check_config(dataclasses.replace(cfg, **changes))
+
+
+def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sensitivity=True, overrides=()):
+    """Test a checkpoint on its test list (its validation split with val_cases): prints the table, writes
+    per_case.csv, summary.json, predictions.png and references.png, returns the summary. With `sensitivity`
+    decoder A is also scored with random references and with them zeroed. A model trained on a coarser grid is
+    scored there ("low_" keys) and, brought back to the original grid, against the original labels."""
+    model, cfg, ckpt = load_checkpoint(ckpt_path, "cpu")
+    cfg = with_test_keys(cfg, overrides)
+    device = torch.device(device) if device else resolve_device(cfg)
     out = files.check_writable(out_dir or Path(cfg.out_dir) / "test")      # before the data are read
-    bank, image_cots = load_references(cfg, ckpt, device)
+    data.check_volume_cache_writable(cfg)
+    bank = load_references(cfg, ckpt, device)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     bf16, channels_last = fast_paths(cfg, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
+    model = model.to(device, memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
     sensitivity = sensitivity and bank is not None
     rows, shown, seconds = [], [], []
     for n, case_id in enumerate(tqdm(split.test, desc="testing", disable=not progress, leave=False)):
         image, label = data.read_case(data.case_path(cfg.data_root, case_id))       # the original grid
         low_image, low_label = data.downsample(image, label, cfg.downsample)       # the model's grid
-        generator = torch.Generator(device).manual_seed(cfg.seed + n) if sensitivity else None
         t = time.time()
-        predict = predictor(model, cfg, case_id, bank, bf16, generator, channels_last)
+        generator = torch.Generator().manual_seed(cfg.seed + n)            # the random references' draws
+        predict = predictor(model, cfg, case_id, bank, generator, sensitivity, bf16, channels_last)
         stack = sliding_window(predict, low_image, cfg.patch_size, cfg.stride_xy, cfg.stride_z,
                                cfg.window_batch, device)                                 # (K, x, y, z)
         seconds.append(time.time() - t)
-        low = score(Probabilities.unstack(stack), low_label.astype(bool), lcc) if cfg.downsample > 1 else {}
-        prob = Probabilities.unstack(data.upsample_probabilities(stack, cfg.downsample, image.shape))
+        low = score(Probabilities(*stack), low_label.astype(bool), lcc) if cfg.downsample > 1 else {}
+        prob = Probabilities(*data.upsample_probabilities(stack, cfg.downsample, image.shape))
         gt = label.astype(bool)
-        row = {"case": case_id, **score(prob, gt, lcc),
-               **{f"low_{k}": v for k, v in low.items() if k in METRICS}}
-        if sensitivity:                                 # decoder A with random references, references zeroed
-            row.update(dice_a_random=dice(prob.a_random > 0.5, gt),
-                       dice_a_zeroed=dice(prob.a_zeroed > 0.5, gt),
-                       ref_delta=float(np.abs(prob.a - prob.a_random).mean()),
-                       transfer=dice(prob.transfer > 0.5, gt),
-                       transfer_random=dice(prob.transfer_random > 0.5, gt))
-            row["ref_gain"] = row["dice_a"] - row["dice_a_random"]        # paired: same case, same network
-        rows.append(row)
+        rows.append({"case": case_id, **score(prob, gt, lcc), **{f"low_{k}": low[k] for k in METRICS if low}})
         if len(shown) < 4:
-            shown.append((case_id, image, gt, Probabilities(prob.a, prob.b)))
-
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    files.write_text(out / "per_case.csv", table.getvalue())
+            shown.append((case_id, image, gt, prob))
+    lines = [",".join(rows[0])] + [",".join(map(str, r.values())) for r in rows]     # case IDs have no commas
+    files.write_text(out / "per_case.csv", "\n".join(lines) + "\n")
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                for k in rows[0] if k != "case"}
     summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows),
                    scored=split.scored, seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
                    config=dataclasses.asdict(cfg))
     files.write_text(out / "summary.json", json.dumps(summary, indent=1))
-    print_table(rows, summary, cfg, ckpt["iter"], lcc, split.scored)
+    print_table(rows, summary, cfg)
     figures = [plot_cases(shown, out / "predictions.png")]
     if bank is not None:                           # why the first test case's first window got its references
-        figures.append(plot_references(out / "references.png", model, bank, image_cots, cfg, split.test[0],
-                                       device))
-    print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, " + ", ".join(str(f) for f in figures))
+        image, boxes, sel = explain_case(model, bank, ckpt["pool"]["image"], cfg, split.test[0],
+                                         [(0, 0, 0, *cfg.patch_size)], device)
+        figures.append(retrieve.plot_explanation(out / "references.png", image, boxes, bank, sel, max_rows=1))
+    print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, " + ", ".join(map(str, figures)))
     return summary
 
 
-def print_table(rows, summary, cfg, iteration, lcc, scored="test"):
-    print(f"\n{cfg.exp}: last checkpoint (iteration {iteration}), "
-          f"largest connected component {'ON' if lcc else 'off'}, {len(rows)} {scored} cases")
-    print(f"{'case':24s} {'Dice %':>8s} {'Jacc %':>8s} {'95HD':>8s} {'ASD':>8s}")
+def print_table(rows, summary, cfg):
+    """The per-case table, its mean ± std, each decoder alone and the reference sensitivity."""
+    print(f"\n{cfg.exp}: last checkpoint (iteration {summary['iteration']}), largest connected component "
+          f"{'ON' if summary['lcc'] else 'off'}, {len(rows)} {summary['scored']} cases")
+    scale = {"dice": 100, "jaccard": 100, "hd95": 1, "asd": 1}
+    print(f"{'case':24s}" + "".join(f"{h:>12s}" for h in ("Dice %", "Jaccard %", "95HD", "ASD")))
     for r in rows:
-        print(f"{r['case']:24s} {100 * r['dice']:8.2f} {100 * r['jaccard']:8.2f} {r['hd95']:8.2f} "
-              f"{r['asd']:8.2f}")
-    m = {k: summary[k] for k in ("dice", "jaccard", "hd95", "asd")}
-    print(f"{'mean ± std':24s} {100 * m['dice']['mean']:5.2f}±{100 * m['dice']['std']:<5.2f} "
-          f"{100 * m['jaccard']['mean']:5.2f}±{100 * m['jaccard']['std']:<5.2f} "
-          f"{m['hd95']['mean']:5.2f}±{m['hd95']['std']:<5.2f} "
-          f"{m['asd']['mean']:5.2f}±{m['asd']['std']:<5.2f}")
-    pct = {k: 100 * v["mean"] for k, v in summary.items() if isinstance(v, dict) and "mean" in v}  # in %
+        print(f"{r['case']:24s}" + "".join(f"{s * r[k]:12.2f}" for k, s in scale.items()))
+    print(f"{'mean ± std':24s}" + "".join(f"{s * summary[k]['mean']:7.2f}±{s * summary[k]['std']:<4.2f}"
+                                          for k, s in scale.items()))
+    sensitivity = summary["sensitivity"]
+    pct = {k: 100 * v["mean"] for k, v in summary.items() if isinstance(v, dict) and "mean" in v}   # in %
     if cfg.downsample > 1:
-        low = {k: summary[f"low_{k}"]["mean"] for k in ("dice", "jaccard", "hd95", "asd")}
         print(f"the table is on the original grid (the prediction upsampled {cfg.downsample}x); on the "
-              f"model's {cfg.downsample}x coarser grid: Dice {100 * low['dice']:.2f} %, Jaccard "
-              f"{100 * low['jaccard']:.2f} %, 95HD {low['hd95']:.2f}, ASD {low['asd']:.2f} (voxels of that "
-              "grid)")
-    print(f"decoder A alone: Dice {pct['dice_a']:.2f} %, decoder B alone: "
-          f"{pct['dice_b']:.2f} %; {summary['seconds_per_volume']:.2f} s per volume"
-          + (" (with the sensitivity passes)" if summary["sensitivity"] else ""))
-    if summary["sensitivity"]:
-        print(f"reference sensitivity, decoder A Dice: retrieved {pct['dice_a']:.2f} %, random "
-              f"{pct['dice_a_random']:.2f} %, zeroed {pct['dice_a_zeroed']:.2f} %; mean |change| of its "
-              f"foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
+              f"model's grid: Dice {pct['low_dice']:.2f} %, Jaccard {pct['low_jaccard']:.2f} %, 95HD "
+              f"{summary['low_hd95']['mean']:.2f}, ASD {summary['low_asd']['mean']:.2f} (its voxels)")
+    print(f"decoder A alone: Dice {pct['dice_a']:.2f} %, decoder B alone: {pct['dice_b']:.2f} %; "
+          f"{summary['seconds_per_volume']:.2f} s per volume{' with the sensitivity passes' * sensitivity}")
+    if sensitivity:
         gains = np.array([r["ref_gain"] for r in rows])
-        print(f"retrieved vs random, case by case (same network): decoder A's Dice {100 * gains.mean():+.2f} "
-              f"points on average, higher on {(gains > 0).sum()} and lower on {(gains < 0).sum()} of "
-              f"{len(gains)} cases")
-        print(f"label transfer, the references' weighted masks alone (no network): Dice retrieved "
-              f"{pct['transfer']:.2f} %, random {pct['transfer_random']:.2f} %")
+        print(f"reference sensitivity, decoder A Dice: retrieved {pct['dice_a']:.2f} %, random "
+              f"{pct['dice_a_random']:.2f} %, zeroed {pct['dice_a_zeroed']:.2f} % (retrieved higher on "
+              f"{(gains > 0).sum()}, lower on {(gains < 0).sum()} of {len(gains)} cases); mean |change| of "
+              f"its foreground probability, retrieved vs random: {summary['ref_delta']['mean']:.4f}")
     print()
 
 
 def plot_cases(cases, png):
-    """Each case's slice through the middle of its target: image, then decoder A, decoder B and their mean
-    (red) over the ground truth (green)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(cases), 4, figsize=(12, 3.1 * len(cases)), squeeze=False)
+    """Each case's slice through the middle of its target: decoder A, decoder B and their mean (red) over the
+    ground truth (green) on the image."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.1 * len(cases)))
+    axes = fig.subplots(len(cases), 3, squeeze=False)
     for row, (case_id, image, gt, prob) in zip(axes, cases):
         z = int(np.argwhere(gt)[:, 2].mean()) if gt.any() else gt.shape[2] // 2
-        preds = {"decoder A": prob.a > 0.5, "decoder B": prob.b > 0.5, "mean (reported)": prob.mean > 0.5}
-        row[0].imshow(image[:, :, z].T, cmap="gray")
-        row[0].set_title(f"{case_id[:12]} z={z}", fontsize=8)
-        for ax, (name, pred) in zip(row[1:], preds.items()):
+        preds = {"decoder A": prob.a > 0.5, "decoder B": prob.b > 0.5, "mean (reported)": prob.a + prob.b > 1}
+        for ax, (name, pred) in zip(row, preds.items()):
             ax.imshow(image[:, :, z].T, cmap="gray")
             ax.contour(gt[:, :, z].T, levels=[0.5], colors="lime", linewidths=1)
             if pred[:, :, z].any():
                 ax.contour(pred[:, :, z].T, levels=[0.5], colors="red", linewidths=1)
-            ax.set_title(f"{name}: Dice {100 * dice(pred, gt):.1f} %", fontsize=8)
+            ax.set_title(f"{case_id[:12]} z={z}, {name}: Dice {100 * dice(pred, gt):.1f} %", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     fig.tight_layout()
     files.save_figure(fig, png, dpi=100)
-    plt.close(fig)
     return png
+
+
+@torch.no_grad()
+def explain_case(model, bank, image_cots, cfg, case_id, boxes=None, device="cpu"):
+    """Reference selection for boxes of a case (default: the bank's grid over its volume) as testing runs it:
+    decoder B's predicted masks give the morphology, the case's image CoT the text. Returns the volume on the
+    model's grid, the boxes and retrieve.select's Selection, which explains itself."""
+    image, _ = data.downsample(*data.read_case(data.case_path(cfg.data_root, case_id)), cfg.downsample)
+    boxes = boxes or retrieve.grid_boxes(image.shape, cfg.patch_size, cfg.bank_stride)
+    x = torch.from_numpy(np.stack([data.padded_crop(image, b) for b in boxes])[:, None])     # (n, 1, X, Y, Z)
+    masks = (model.predict_b(x.to(device)).argmax(1) == 1).cpu().numpy()                    # (n, X, Y, Z)
+    n = len(boxes)
+    return image, boxes, retrieve.select(bank, retrieve.morphology_batch(masks), [image_cots[case_id]] * n,
+                                         [case_id] * n, cfg)
+
+
+def explain(ckpt_path, case_id, overrides):
+    """--explain ID: each query patch of the case with its candidates' morphology distances, BM25 scores and
+    fates, and a PNG of the references chosen, from the checkpoint's network, bank and CoT texts."""
+    model, cfg, ckpt = load_checkpoint(ckpt_path, "cpu")
+    cfg = with_test_keys(cfg, overrides)
+    if not cfg.references or case_id not in ckpt["pool"]["image"]:
+        raise ConfigError(f"--explain: {ckpt_path} has no references for case {case_id!r}" + (
+            "" if cfg.references else " (trained with references=false)"))
+    bank = load_references(cfg, ckpt, "cpu")
+    image, boxes, sel = explain_case(model, bank, ckpt["pool"]["image"], cfg, case_id)
+    print(retrieve.format_explanation(bank, sel, boxes))
+    png = Path(ckpt_path).parent / f"explain_{case_id}.png"
+    print("figure:", retrieve.plot_explanation(png, image, boxes, bank, sel))
+
+
+def filter_report(bank, image_texts, cfg, taus=(0.5, 0.6, 0.7, 0.8, 0.9)):
+    """How much the CoT filter acts, as lines of text: every bank entry is a query (its ground-truth
+    morphology and case's image CoT, its own case excluded); per tau, the share of the morphology candidates
+    rejected as hard negatives, the queries with no survivor, the slots survivors hold, the cases chosen."""
+    ids = list(bank.case_ids)
+    lines = [f"queries: the {len(bank)} bank entries of {len(set(ids))} labeled cases "
+             f"({len(set(bank.texts))} distinct mask CoTs), k_coarse {cfg.k_coarse}, k_fine {cfg.k_fine}"]
+    for tau in taus:
+        sel = retrieve.select(bank, bank.morph, [image_texts[c] for c in ids], ids,
+                              dataclasses.replace(cfg, tau=tau), mode="both")     # the filter on
+        rejected = np.mean([rec["hard_negative"].mean() for rec in sel.explain])
+        cases = np.mean([len({ids[i] for i, w in zip(*row) if w > 0})
+                         for row in zip(sel.indices, sel.weights)])
+        lines.append(f"tau {tau:.2f}: {100 * rejected:5.1f} % of candidates rejected, "
+                     f"{100 * np.mean(sel.n_filled == cfg.k_fine):5.1f} % of queries with no survivor, "
+                     f"{cfg.k_fine - sel.n_filled.mean():.2f} of {cfg.k_fine} slots held by survivors, "
+                     f"{cases:.2f} distinct cases among the references")
+    return lines
+
+
+def filter_report_command(exp, overrides):
+    """--filter-report: filter_report() for an experiment's labeled cases, no training needed (any config key
+    may be given: tau, k_coarse, ...)."""
+    cfg = get_config(exp, overrides)
+    pool.check_cache_writable(cfg)                     # before any data are written or read
+    data.check_volume_cache_writable(cfg)
+    phantom.ensure_for(cfg)
+    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
+    volumes = data.load_volumes(cfg.data_root, split.labeled, factor=cfg.downsample, cache_dir=cfg.cache_dir)
+    texts = pool.build_pool(cfg, dataclasses.replace(split, unlabeled=[], test=[]), volumes)
+    bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
+    print("\n".join(filter_report(bank, texts.image, cfg)))
+
+
+# ----------------------------------------------------------------------------- ablation tables
+
+# (summary key, heading, scale); the sensitivity columns exist for runs with references
+TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
+         ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
+         ("dice_a_zeroed", "A, refs zeroed %", 100), ("ref_gain", "A: retrieved - random, points", 100),
+         ("ref_delta", "mean abs dp(A) x1e-3", 1000), ("run_seconds", "minutes", 1 / 60)]
+# (row, baseline) compared seed by seed: the unlabeled cases' share, the room above, what references add to
+# the network trained without them, each control's, and retrieval against random references
+PAIRS = [("no_references", "supervised_only"), ("supervised_all", "supervised_only"),
+         ("cers", "no_references"), ("no_cot_filter", "no_references"), ("no_mcam", "no_references"),
+         ("random_retrieval", "no_references"), ("cers", "random_retrieval")]
+ALPHA, POWER = 0.05, 0.8                               # the paired t-test the detectable difference is for
+
+
+def mean_spread(values):
+    """'mean ± spread' of values over seeds; the spread is the sample standard deviation (n - 1), so a few
+    seeds do not look steadier than they are; one value has none."""
+    mean = round(float(np.mean(values)), 2) + 0.0                      # + 0.0: a -0.00 reads 0.00
+    return f"{mean:.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+
+
+def detectable_difference(sd, n, alpha=ALPHA, power=POWER):
+    """The smallest true mean difference a two-sided paired t-test at `alpha` on n pairs with this standard
+    deviation of the differences detects with probability `power`: the noncentrality nc = delta sqrt(n) / sd
+    where the noncentral t (n - 1 degrees of freedom) passes either critical value that often."""
+    crit = stats.t.ppf(1 - alpha / 2, n - 1)
+    reach = lambda nc: stats.nct.sf(crit, n - 1, nc) + stats.nct.sf(crit, n - 1, -nc) - power  # both tails
+    return float(optimize.brentq(reach, 0.0, 100.0, xtol=1e-12)) * sd / np.sqrt(n)   # n = 2 needs nc 16
+
+
+def paired_bounds(diffs):
+    """(mean, low, high, above, detectable) of paired differences: the mean, its 95 % Student-t interval
+    (n - 1 degrees of freedom), the count above 0 and detectable_difference at the observed spread; low, high
+    and detectable are None for fewer than 2 pairs."""
+    d = np.asarray(diffs, float)
+    mean, above = float(d.mean()), int((d > 0).sum())
+    if len(d) < 2:
+        return mean, None, None, above, None
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(1 - ALPHA / 2, len(d) - 1)) * sd / np.sqrt(len(d))
+    return mean, mean - half, mean + half, above, detectable_difference(sd, len(d))
+
+
+def seed_dice(folder, name):
+    """{seed: Dice in points} of the runs of one ablation row."""
+    return {int(p.parent.parent.name[4:]): 100 * json.loads(p.read_text())["dice"]["mean"]
+            for p in Path(folder, name).glob("seed*/test/summary.json")}
+
+
+def paired_table(folder):
+    """Markdown lines: per pair of PAIRS present, the row's Dice (points) minus its baseline's on each seed
+    both have, the mean with its 95 % interval, the seeds above, and the smallest difference those seeds would
+    detect 4 times in 5 (— with one seed)."""
+    lines = ["| row − baseline | per seed (Dice points) | mean [95 % interval] | above on | detectable |",
+             "|---|---|---|---|---|"]
+    for name, base in PAIRS:
+        dice = seed_dice(folder, name), seed_dice(folder, base)
+        seeds = sorted(set(dice[0]) & set(dice[1]))
+        if seeds:
+            gain = [dice[0][s] - dice[1][s] for s in seeds]
+            mean, lo, hi, above, detect = paired_bounds(gain)
+            interval = "—" if lo is None else f"[{lo:+.2f}, {hi:+.2f}]"
+            per_seed = ", ".join(f"{s}: {g:+.2f}" for s, g in zip(seeds, gain))
+            lines.append(f"| {name} − {base} | {per_seed} | {mean:+.2f} {interval} | {above} of "
+                         f"{len(gain)} | {'—' if detect is None else f'{detect:.2f}'} |")
+    return lines if len(lines) > 2 else []
+
+
+def ablation_table(folder, title):
+    """A markdown table of every ablation run under `folder` (the rows of PAIRS first, then any other): per
+    row, the mean ± std over its seeds of each run's mean over the test cases; then the paired table."""
+    lines = [f"{title}; last checkpoints; mean ± std over seeds (n - 1)",
+             "| row | seeds | " + " | ".join(head for _, head, _ in TABLE) + " |",
+             "|---|---|" + "---|" * len(TABLE)]
+    named = list(dict.fromkeys(n for pair in PAIRS for n in pair))
+    for name in named + sorted({p.name for p in Path(folder).iterdir() if p.is_dir()} - set(named)):
+        runs = [json.loads(p.read_text()) for p in sorted(Path(folder, name).glob("seed*/test/summary.json"))]
+        if runs:
+            cells = [[scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key])
+                      for r in runs if key in r] for key, _, scale in TABLE]
+            lines.append(f"| {name} | {len(runs)} | " + " | ".join(mean_spread(v) if v else "–"
+                                                                   for v in cells) + " |")
+    paired = paired_table(folder)
+    return "\n".join(lines + ([""] + paired if paired else []))
 
 
 def main(argv=None):
@@ -364,17 +459,17 @@ def main(argv=None):
     parser.add_argument("--ckpt", help="checkpoint path (default runs/<exp>/ckpt_last.pt)")
     parser.add_argument("--lcc", action="store_true", help="keep the largest connected component")
     parser.add_argument("--out", help="output folder (default <run>/test)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--no-sensitivity", action="store_true",
-                        help="skip decoder A with random references and without references (faster)")
-    args = parser.parse_args(argv)
-    ckpt = Path(args.ckpt or Path("runs") / args.exp / "ckpt_last.pt")
-    if not ckpt.is_file():
-        raise CheckpointError(f"{ckpt}: no checkpoint (train first: python train.py --exp {args.exp})")
-    device = None
-    if args.device:                                    # checked as a config key, then sought on this machine
-        device = resolve_device(check_config(Config(device=args.device)))
-    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, device=device, sensitivity=not args.no_sensitivity)
+                        help="skip decoder A with random references and with them zeroed (faster)")
+    parser.add_argument("--explain", metavar="ID", help="why the case's patches got their references")
+    parser.add_argument("--filter-report", action="store_true", help="the CoT filter's rejections, per tau")
+    args, overrides = parser.parse_known_args(argv)
+    if args.filter_report:
+        return filter_report_command(args.exp, overrides)
+    ckpt = args.ckpt or Path("runs") / args.exp / "ckpt_last.pt"       # a missing one: "no checkpoint there"
+    if args.explain:
+        return explain(ckpt, args.explain, overrides)
+    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, sensitivity=not args.no_sensitivity, overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -1,55 +1,47 @@
-"""The dual-decoder mean-teacher training loop with CERS references (docs/design.md §9).
+"""The dual-decoder mean-teacher training loop with CERS references (docs/design.md §9) and its ablation rows.
 
-    python train.py --exp LA_8                      # the LA protocol, 8 labeled scans
-    python train.py --exp PHANTOM_8                 # offline default: synthetic data, CPU-sized
-    python train.py --exp LA_8 --max_iters=2000     # any config key, checked by type
-    python train.py --exp LA_8 --resume             # continue from runs/LA_8/ckpt_last.pt
-    python train.py --exp LA_8 --force              # replace a run with another config in runs/LA_8
-    python train.py --exp LA_8 --ablation all --seeds 3   # train and test each ablation (ablate.py)
+    python train.py --exp PHANTOM_8 [--check] [--resume | --force] [--max_iters=2000 ...] [--ablation all]
+    torchrun --nproc_per_node=2 train.py --exp LA_8    # one process per GPU, the protocol's global batch
 
-Labeled patches: Dice + cross-entropy on both decoders. Unlabeled patches: both student decoders
-follow the teacher's sharpened prediction, and each other's (cross-decoder consistency), with a
-sigmoid ramp-up. The teacher is an exponential moving average (EMA) of the student. Decoder A fuses
-the references that reasoning selects (retrieve.py). The extensions beyond the paper are one call each
-in train_step (extensions.py); the losses are in losses.py, the log in runlog.py.
-
-Read top to bottom: schedules and the EMA, the run's state (setup), one step (train_step), the loop
-(train) and the command line. Settings come from config.py.
+Labeled patches: Dice + cross-entropy on both decoders; unlabeled ones: both follow the EMA teacher's sharpened
+mean prediction and each other's, ramped up. Decoder A fuses the references reasoning selects (retrieve.py).
 """
 import argparse
+import contextlib
 import copy
+import csv
 import dataclasses
+import functools
 import json
 import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import ablate
 import data
-import extensions
 import files
 import phantom
 import pool
-import runlog
 import test
-from bank import ReferenceBank
 from checkpoint import (CheckpointError, check_run_folder, holds_run_folder, rng_state, save_checkpoint,
                         seed_everything, set_rng_state)
-from config import EXPERIMENTS, CersError, Config, ConfigError, cli, fast_paths, get_config, precision
-from distributed import (World, average_buffers, check_consistent, gather, init_world, main_first,
-                         main_process)
-from losses import mse, sharpen, supervised_loss
-from model import build_model
-from retrieve import decoder_a_probabilities, query_references
+from config import (EXPERIMENTS, CersError, Config, ConfigError, World, check_config, cli, fast_paths,
+                    get_config, init_world, main_first, main_process, precision, show)
+from model import build_model, mse, sharpen, supervised_loss
+from retrieve import ReferenceBank, decoder_a_probabilities, query_references
+
 
 # ----------------------------------------------------------------------------- schedules and the EMA
-
 def lr_at(it, cfg):
     """Poly decay: lr * (1 - it / max_iters) ** 0.9."""
     return cfg.lr * (1.0 - it / cfg.max_iters) ** 0.9
@@ -57,9 +49,7 @@ def lr_at(it, cfg):
 
 def sigmoid_rampup(current, length):
     """exp(-5 (1 - t)^2) with t = current / length clipped to [0, 1] (Laine & Aila 2017)."""
-    if length == 0:
-        return 1.0
-    t = min(max(current / length, 0.0), 1.0)
+    t = min(max(current / length, 0.0), 1.0) if length else 1.0
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
@@ -70,9 +60,8 @@ def consistency_weight(it, cfg):
 
 @torch.no_grad()
 def ema_update(teacher, student, decay, it):
-    """teacher = decay * teacher + (1 - decay) * student, for parameters and float buffers (BN statistics).
-    The decay is lowered early on (1 - 1/(it+1)) so the teacher is not stuck at the random init.
-    One fused (foreach) update for all tensors: per-tensor kernels would cost more than the arithmetic."""
+    """teacher = decay * teacher + (1 - decay) * student, for parameters and float buffers (BN statistics),
+    the decay lowered early on (1 - 1/(it+1)) so the teacher leaves the random init; one fused update."""
     decay = min(1.0 - 1.0 / (it + 1), decay)
     pairs = list(zip(teacher.state_dict().values(), student.state_dict().values()))
     floats = [(t, s) for t, s in pairs if t.dtype.is_floating_point]
@@ -82,9 +71,8 @@ def ema_update(teacher, student, decay, it):
             t.copy_(s)
 
 
-# ----------------------------------------------------------------------------- the step
-
-@dataclass
+# ----------------------------------------------------------------------------- the run and its step
+@dataclasses.dataclass
 class Run:
     """What a training step reads and updates (built by setup(); train() adds the loop around it)."""
     cfg: Config
@@ -95,9 +83,10 @@ class Run:
     teacher: torch.nn.Module
     optimizer: torch.optim.Optimizer
     sampler: data.BatchSampler
+    labeled_bs: int                    # labeled patches in this process's share of the batch
+    ref_gen: torch.Generator           # CPU draws of the random retrieval control
     bank: ReferenceBank = None         # when references are on
     cots: pool.CotTexts = None         # when references are on
-    ref_gen: torch.Generator = None    # the draws of the "random" retrieval ablation
     bf16: bool = False                 # bf16 autocast (fp32 weights, optimiser and losses)
     channels_last: bool = False        # channels-last 3D activations and weights
 
@@ -110,33 +99,24 @@ class Run:
 
 
 def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
-    """Networks, optimiser, batch sampler, knowledge pool and reference bank for one run.
-
-    fast: bf16 autocast + channels-last 3D; default: cfg.amp on CUDA. On the CPU, cfg.amp keeps fp32 and
-    still lays activations out channels-last (config.fast_paths)."""
+    """Networks, optimiser, batch sampler (each process its share of the batch), knowledge pool and reference
+    bank. fast: bf16 autocast + channels-last 3D; default: config.fast_paths."""
     bf16, channels_last = fast_paths(cfg, device) if fast is None else (fast, fast)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True          # fixed patch size: let cuDNN pick the fastest kernels
     seed_everything(cfg.seed)                          # the same initial weights on every rank
-    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-    student = build_model(cfg).to(device, memory_format=memory_format)
-    teacher = copy.deepcopy(student)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    student = build_model(cfg).to(device, memory_format=torch.channels_last_3d if channels_last else None)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()   # its EMA statistics, no dropout
     if cfg.compile:                                    # in place: state_dict keys stay as they are
-        for net in (student, teacher):
-            for part in (net.encoder, net.decoder_a, net.decoder_b):
-                part.compile()
-    net = student
-    if world.size > 1:                                # before the warm-up the MCAM parameters get no gradient
-        net = torch.nn.parallel.DistributedDataParallel(student, find_unused_parameters=cfg.references)
+        for part in (m for net in (student, teacher) for m in (net.encoder, net.decoder_a, net.decoder_b)):
+            part.compile()
+    net = student if world.size == 1 else torch.nn.parallel.DistributedDataParallel(student)
     torch.manual_seed(cfg.seed + world.rank)           # each rank its own noise and dropout
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, cfg.labeled_bs, cfg.batch_size,
+    n_lab = cfg.labeled_bs // world.size               # each process its share of the batch (check_run)
+    sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, n_lab, cfg.batch_size // world.size,
                                 cfg.patch_size, device, cfg.seed + world.rank)
-    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, bf16=bf16,
-              channels_last=channels_last, ref_gen=torch.Generator(device).manual_seed(cfg.seed + world.rank))
+    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, n_lab,
+              torch.Generator().manual_seed(cfg.seed + world.rank), bf16=bf16, channels_last=channels_last)
     if cfg.references:                                 # knowledge pool and reference bank
         with main_first(world):
             run.cots = pool.build_pool(cfg, split, volumes, progress=progress and world.main)
@@ -146,66 +126,42 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
 
 
 def train_step(run, it, image, label, ids):
-    """One iteration on a batch (labeled patches first): references, teacher targets, student losses, SGD
-    step, EMA teacher. Each extension beyond the paper is one call to extensions.py, which hands the batch or
-    the loss back unchanged when its switch is off. Returns the losses as device tensors (reading them is the
-    caller's choice)."""
-    cfg, student, teacher, bank = run.cfg, run.student, run.teacher, run.bank
-    n_lab = cfg.labeled_bs
-    image = extensions.strong_labeled_view(image, n_lab, cfg)             # strong_labeled
-    image = image.contiguous(memory_format=run.memory_format)              # (B, 1, X, Y, Z)
+    """One iteration on a batch (labeled patches first): bank refresh, teacher targets, the paper's losses,
+    SGD step, EMA teacher. Returns the losses as device tensors (reading them is the caller's choice)."""
+    cfg, teacher, bank, n_lab = run.cfg, run.teacher, run.bank, run.labeled_bs
+    image = image.contiguous(memory_format=run.memory_format)            # (B, 1, X, Y, Z)
 
-    # 1. references (after the warm-up): the bank follows the teacher's encoder every bank_refresh
-    #    iterations; each patch's query is the teacher's decoder-B prediction and its image-only CoT
-    use_refs = bank is not None and it >= cfg.ref_warmup
-    if use_refs and (it - cfg.ref_warmup) % cfg.bank_refresh == 0:
+    # 1. the bank follows the teacher's encoder every bank_refresh iterations (the first fill replaces)
+    if bank is not None and it % cfg.bank_refresh == 0:
         with torch.no_grad(), run.autocast():
             bank.refresh(lambda x: teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1],
-                         cfg.bank_momentum, replace=it == cfg.ref_warmup)   # the first replaces
+                         cfg.bank_momentum, replace=it == 0)
         if run.world.size > 1:
-            dist.broadcast(bank.features, 0)                              # bit-identical banks on every rank
+            dist.broadcast(bank.features, 0)                             # bit-identical banks on every rank
 
-    # 2. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened)
+    # 2. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened); with
+    #    references every patch queries the bank with the teacher's decoder-B prediction and its image CoT
     with torch.no_grad(), run.autocast():
-        t_in = image if use_refs else image[n_lab:]                     # labeled patches query references too
-        sigma = cfg.teacher_noise
-        noise = (torch.randn_like(t_in) * sigma).clamp(-2 * sigma, 2 * sigma)
-        feats = teacher.encoder(t_in + noise)
-        t_b = teacher.decoder_b(feats)                                     # (B or Bu, 2, X, Y, Z)
-        refs = refs_u = student_refs = None
-        zero_refs = False
-        if use_refs:
-            refs = query_references(bank, t_b, ids, cfg, run.ref_gen)     # mcam.References, (B, K, ...)
-            student_refs, zero_refs = extensions.counterfactual_refs(      # ref_counterfactual
-                refs, lambda: query_references(bank, t_b, ids, cfg, run.ref_gen, "random"), run.ref_gen, cfg)
-            feats, t_b, refs_u = [f[n_lab:] for f in feats], t_b[n_lab:], refs.part(slice(n_lab, None))
-        t_a = teacher.decode_a(feats, refs_u)
-        p_teacher = 0.5 * (t_a.float().softmax(1) + t_b.float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
+        first = n_lab if bank is not None else 0                        # the unlabeled part of the teacher's
+        t_in, sigma = image[n_lab - first:], cfg.teacher_noise          # input, which has labeled patches too
+        feats = teacher.encoder(t_in + (torch.randn_like(t_in) * sigma).clamp(-2 * sigma, 2 * sigma))
+        t_b = teacher.decoder_b(feats)                                   # (B or Bu, 2, X, Y, Z)
+        refs = None if bank is None else query_references(bank, t_b, ids, cfg, run.ref_gen)  # (B, K, ..)
+        t_a = teacher.decode_a([f[first:] for f in feats], refs and refs.part(slice(first, None)))
+        p_teacher = 0.5 * (t_a.float().softmax(1) + t_b[first:].float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
         target = sharpen(p_teacher, cfg.sharpen_t)
-        # what the student sees of the unlabeled patches (the references stay those of the patches as drawn)
-        image, target = extensions.mixed(image, target, label, n_lab, cfg)  # unlabeled_mix, mix_labeled
-        image = extensions.strong_unlabeled_view(image, n_lab, cfg)          # strong_view
-        image = image.contiguous(memory_format=run.memory_format)
 
-    # 3. student: supervised loss on labeled, consistency on unlabeled (decoder A sees the references)
-    #    (with ref_proto_weight the forward pass also hands back the bottleneck features)
-    with run.autocast():                                                   # (B, 2, X, Y, Z) each; (B, H, ..)
-        logits_a, logits_b, transferred, *bottleneck = run.net(image, student_refs, zero_refs=zero_refs,
-                                                               bottleneck=cfg.ref_proto_weight > 0)
+    # 3. student: supervised loss on the labeled patches, consistency on the unlabeled ones
+    with run.autocast():
+        logits_a, logits_b = run.net(image, refs)                        # (B, 2, X, Y, Z) each
     sup_a = supervised_loss(logits_a[:n_lab], label)
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
-    p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                        # (Bu, X, Y, Z)
+    p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                      # (Bu, X, Y, Z)
     p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
-    # the mean teacher (with mix_labeled: the supervised loss on the copy-pasted patches' hard targets)
-    loss_mt = mse(p_a, target) + mse(p_b, target)
-    loss_mt = extensions.copy_paste_loss(loss_mt, logits_a[n_lab:], logits_b[n_lab:], target, cfg)
+    loss_mt = mse(p_a, target) + mse(p_b, target)                        # the mean teacher
     sharp_a, sharp_b = sharpen(p_a, cfg.sharpen_t).detach(), sharpen(p_b, cfg.sharpen_t).detach()
-    loss_cross = mse(p_a, sharp_b) + mse(p_b, sharp_a)                     # cross-decoder consistency
-    w = consistency_weight(it, cfg)
-    loss = loss_sup + w * (loss_mt + loss_cross)
-    loss = loss + extensions.transfer_loss(transferred, label, target, n_lab, w, cfg)  # ref_masks
-    loss = loss + extensions.prototype_loss(refs, label, target, n_lab, w, cfg,          # ref_proto_weight
-                                            *bottleneck)
+    loss_cross = mse(p_a, sharp_b) + mse(p_b, sharp_a)                   # cross-decoder consistency
+    loss = loss_sup + consistency_weight(it, cfg) * (loss_mt + loss_cross)
 
     # 4. SGD step with the scheduled learning rate, then the teacher follows
     for group in run.optimizer.param_groups:
@@ -213,7 +169,7 @@ def train_step(run, it, image, label, ids):
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
-    ema_update(teacher, student, cfg.ema_decay, it)
+    ema_update(teacher, run.student, cfg.ema_decay, it)
     average_buffers(teacher, run.world)
     return {"loss": loss.detach(), "sup": loss_sup.detach(), "sup_a": sup_a.detach(),
             "cons": (loss_mt + loss_cross).detach()}
@@ -221,218 +177,303 @@ def train_step(run, it, image, label, ids):
 
 @torch.no_grad()
 def reference_delta(run, image, ids, it):
-    """Mean |change| of the student's decoder-A foreground probability when random bank entries replace
-    the retrieved references, on this batch, in eval mode (no dropout): how much decoder A uses what its
-    references contain. It reads the student and draws from its own generator, so training is unchanged."""
+    """How much decoder A uses its references (student, eval mode, own generator): the mean |change| of its
+    probability with random bank entries for the retrieved ones; the fused context's norm over the scan's."""
     student = run.student.eval()
     with run.autocast():
         feats = student.encoder(image.contiguous(memory_format=run.memory_format))
-        generator = torch.Generator(run.device).manual_seed(run.cfg.seed + it)
-        p = decoder_a_probabilities(student, feats, student.decoder_b(feats), ids, run.bank, run.cfg,
-                                    generator, ("retrieved", "random"))
+        logits_b, generator = student.decoder_b(feats), torch.Generator().manual_seed(run.cfg.seed + it)
+        p = decoder_a_probabilities(student, feats, logits_b, ids, run.bank, run.cfg, generator,
+                                    ("retrieved", "random"))
+        ratio = student.context_ratio(feats, query_references(run.bank, logits_b, ids, run.cfg, generator))
     run.student.train()
-    return float((p["retrieved"] - p["random"]).abs().mean())
+    return float((p["retrieved"] - p["random"]).abs().mean()), float(ratio)
 
 
-# ----------------------------------------------------------------------------- checks before a run writes
-
-class DivergedError(CersError):
-    """The losses stopped being finite; the message names the iteration and the last good checkpoint."""
+# ----------------------------------------------------------------------------- the log and its curves
+COLUMNS = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "context_ratio", "seconds"]
 
 
-def check_same_inputs(run, split, ckpt, path):
-    """Refuse to resume when the lists or the CoT texts differ from the checkpoint's (a changed case file gets
-    new texts: the cache is keyed by the file's content)."""
-    lists = {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test}
-    for name, ids in (ckpt.get("split") or {}).items():
-        if ids != lists[name]:
-            raise CheckpointError(f"--resume: the {name} cases of {split.root} differ from those {path} was "
-                                  f"trained on ({len(ids)} then, {len(lists[name])} now); restore the lists "
-                                  "or start a new run")
-    saved = ckpt.get("pool") or {}
-    for kind in saved if run.cots else ():
-        now = getattr(run.cots, kind)
-        changed = [i for i, text in saved[kind].items() if now.get(i) != text]
-        if changed:
-            raise CheckpointError(f"--resume: the {kind} CoT of case {changed[0]!r} differs from the one "
-                                  f"{path} was trained with ({len(changed)} case(s): a changed case file, "
-                                  "cache, prompt or reasoner); restore it or start a new run")
+def start_log(path, resume_at=None):
+    """A new log (the header); or, resuming from iteration `resume_at`, the log as it was then: later rows and
+    a row cut short by a kill are dropped atomically, so a resumed run logs what an uninterrupted one does."""
+    if resume_at is None or not Path(path).exists():
+        return files.write_text(path, ",".join(COLUMNS) + "\n")
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    logged = lambda line: int(line.split(",")[0]) if line.endswith("\n") and line[:1].isdigit() else math.inf
+    kept = lines[:1] + [line for line in lines[1:] if logged(line) <= resume_at]
+    if len(kept) < len(lines):
+        files.write_text(path, "".join(kept))
 
 
-def check_testable(cfg):
-    """Refuse, before training, a CERS run that test.py could not test: no bank features before ref_warmup."""
-    if cfg.references and cfg.ref_warmup >= cfg.max_iters:
-        raise ConfigError(f"config: ref_warmup={cfg.ref_warmup} >= max_iters={cfg.max_iters}: the references "
-                          "would never be used and the checkpoint could not be tested; lower --ref_warmup, "
-                          "set --references=false, or add --no-test")
+def plot_curves(log_path, png):
+    """Training curves: the losses; decoder A's use of its references; the consistency weight and lr."""
+    from matplotlib.figure import Figure
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig = Figure(figsize=(15, 3.5))
+    axes = fig.subplots(1, 3)
+    for ax, keys in zip(axes, [COLUMNS[2:6], ["ref_delta", "context_ratio"], ["cons_w", "lr"]]):
+        for key in keys:
+            ax.plot([int(r["iter"]) for r in rows], [float(r[key]) for r in rows], label=key)
+        ax.set_xlabel("iteration"), ax.legend()
+    axes[0].set_yscale("log")
+    files.save_figure(fig, png, dpi=100)
 
 
-def read_losses(losses, world):
-    """The step's losses as floats, averaged over the ranks: a host-device synchronisation, so called only at
-    log and checkpoint iterations."""
-    values = torch.stack(list(losses.values()))
+# ----------------------------------------------------------------------------- the checks and the record
+def check_run(cfg, world, resume=False, force=False, stop_at=None):
+    """What can refuse a run before it writes: the run folder and the checkpoint to resume (check_run_folder),
+    the folders it writes, room for two checkpoints (float32 student, teacher, momentum), the batch split
+    among processes, the lists and case files (unless a phantom is to come). Returns (checkpoint, Split)."""
+    ckpt = check_run_folder(cfg, world, resume, force, stop_at)
+    generate = cfg.phantom and not Path(cfg.data_root, "train.list").exists()
+    for folder in [cfg.cache_dir] * (cfg.downsample > 1) + [cfg.data_root] * generate + [cfg.out_dir]:
+        near = next(p for p in [Path(folder).absolute(), *Path(folder).absolute().parents] if p.exists())
+        if not (near.is_dir() and os.access(near, os.W_OK)):
+            raise files.WriteError(f"{folder}: cannot write it: {near} is "
+                                   + ("a file, not a folder" if near.is_file() else "not writable"))
+    need, free = 24 * sum(p.numel() for p in build_model(cfg).parameters()), shutil.disk_usage(near).free
+    if free < need:
+        raise files.WriteError(f"{cfg.out_dir}: {free >> 20} MB free, checkpoints need {need >> 20} MB")
+    if cfg.references:
+        pool.check_cache_writable(cfg)
+    if cfg.batch_size % world.size or cfg.labeled_bs % world.size:
+        raise ConfigError(f"config: batch_size={cfg.batch_size} and labeled_bs={cfg.labeled_bs} must divide "
+                          f"among {world.size} processes (the global batch stays the protocol's)")
+    return ckpt, None if generate else data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
+
+
+def provenance(cfg, world, device, split, how):
+    """What a run's numbers depend on beyond its config (versions, device, code, cases, command, processes), and
+    the few lines a run starts with: what differs from its experiment (config.json has it all), how, the rest."""
+    try:
+        commit, changes = (subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
+                                          capture_output=True, timeout=10, check=True).stdout.strip()
+                           for args in (["rev-parse", "HEAD"], ["status", "--porcelain"]))
+        changes = bool(changes)
+    except (OSError, subprocess.SubprocessError):      # no git, or not a checkout
+        commit = changes = "unknown"
+    record = {"torch": torch.__version__, "cuda": torch.version.cuda or "none",
+              "cudnn": str(torch.backends.cudnn.version() or "none"), "device": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else f"{os.uname().machine} CPU, {torch.get_num_threads()} threads",
+              "git_commit": commit, "git_changes": changes, "labeled": split.labeled if split else [],
+              "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "processes": world.size,
+              "global_batch": cfg.batch_size}
+    default = dataclasses.asdict(get_config(cfg.exp))
+    changed = ", ".join(f"{k}={show(v)}" for k, v in dataclasses.asdict(cfg).items() if v != default[k])
+    said = "; ".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in record.items())
+    return record, "\n".join(textwrap.fill(text, 110, break_on_hyphens=False)
+                             for text in (f"{cfg.exp}: {changed or 'as defined'}; {how}", said))
+
+
+# ----------------------------------------------------------------------------- processes under torchrun
+def average_buffers(module, world):
+    """Mean of the float buffers (BN statistics) over the ranks: they follow each rank's batches, not DDP."""
     if world.size > 1:
-        dist.all_reduce(values)
-        values /= world.size
-    return values.tolist()
+        buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
+        flat = torch.nn.utils.parameters_to_vector(buffers)
+        dist.all_reduce(flat)
+        torch.nn.utils.vector_to_parameters(flat / world.size, buffers)
 
 
-def check_finite(values, done, saved, ckpt_path):
-    """Stop the run when a loss is NaN or infinite: the weights are lost from there on, the checkpoint is
-    not."""
-    if not all(math.isfinite(v) for v in values):
-        last = f"{ckpt_path} (iteration {saved})" if saved else "none was written"
-        raise DivergedError(f"iteration {done}: the loss is not finite (loss, sup, sup_a, cons = "
-                            f"{', '.join(f'{v:.4g}' for v in values)}); the run stops. Last good checkpoint: "
-                            f"{last}. Lower --lr or check the data, then start again or --resume")
+def gather(world, obj):
+    """Every rank's obj, in rank order (the per-rank sampler and RNG states of a checkpoint)."""
+    out = [obj] * world.size
+    if world.size > 1:
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def check_consistent(world, tensors):
+    """Raise unless every rank holds the same values in each named tensor (sums compared in float64)."""
+    sums = gather(world, [(float(t.double().sum()), float(t.double().square().sum())) for t in tensors.values()])
+    if differ := [name for name, *each in zip(tensors, *sums) if len(set(each)) > 1]:
+        raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. {differ[:3]}")
+
+
+def plain_failures(train):
+    """Wrap train(cfg, ...): out of memory, and a torchrun process that died (the survivors say they are alive
+    in the process group's store), each end in one line naming what to lower or the rank, and the checkpoint."""
+    @functools.wraps(train)
+    def guarded(cfg, *args, **kwargs):
+        try:
+            return train(cfg, *args, **kwargs)
+        except (KeyboardInterrupt, MemoryError, RuntimeError) as e:   # torch.cuda.OutOfMemoryError too
+            text, size, lost = str(e).lower(), dist.get_world_size() if dist.is_initialized() else 1, []
+            if size > 1 and (isinstance(e, (KeyboardInterrupt, dist.DistError)) or "peer" in text):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)   # torchrun's: this rank says why it stops
+                with contextlib.suppress(Exception):   # the store may have gone with the rank that held it
+                    store, keys = dist.distributed_c10d._get_default_store(), [f"alive/{r}" for r in range(size)]
+                    store.set(keys[dist.get_rank()], "1")
+                    for _ in range(30):                # 3 s for every survivor to say it
+                        time.sleep(0 if store.check(keys) else 0.1)
+                    lost = [r for r, key in enumerate(keys) if not store.check([key])]
+            if not (lost or isinstance(e, MemoryError) or "out of memory" in text or "allocate memory" in text):
+                raise
+        path = Path(cfg.out_dir, "ckpt_last.pt")       # the failed frames' tensors are freed by now
+        where = f"the last checkpoint, {path}, is intact" if path.exists() else "no checkpoint was written"
+        if lost:
+            raise CersError(f"rank {', '.join(map(str, lost))} of {size} stopped (its own output says why), "
+                            f"so this one stops too; {where}; --resume goes on with all processes")
+        raise CersError(f"out of memory training with patch_size={show(cfg.patch_size)}, batch_size="
+                        f"{cfg.batch_size}, base_filters={cfg.base_filters} on device={cfg.device}: lower "
+                        f"--patch_size or --batch_size (--window_batch when testing); {where}")
+    return guarded
 
 
 # ----------------------------------------------------------------------------- the loop
-
 @holds_run_folder
-def train(cfg, resume=False, progress=True, stop_at=None, force=False):
-    """Train one experiment; returns the path of the last checkpoint.
-
-    stop_at: end after this iteration with a checkpoint, as if interrupted (resume continues the run).
-    force: replace a run with another config in cfg.out_dir. Everything is checked (config, checkpoint, data,
-    test files) before its files are written. Under torchrun every rank trains on its own batches; rank 0
-    alone prints, logs and checkpoints."""
+@plain_failures
+def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=False):
+    """Train one experiment; returns the last checkpoint's path. stop_at: end after this iteration, as if stopped.
+    force: replace a run with another config. check: check it all (check_run, the lock), say what would run,
+    write nothing. Under torchrun each rank trains on its share of the batch; rank 0 alone writes."""
     world, device = init_world(cfg)
-    out = Path(cfg.out_dir)
-    progress = progress and world.main
-    ckpt = check_run_folder(cfg, world, resume, force, stop_at)
-    if world.main:
-        print(f"config ({device}, {world.size} process(es)):")
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    if cfg.references:                                 # the CoT cache must take what the pool asks for
-        pool.check_cache_writable(cfg)
-    data.check_volume_cache_writable(cfg)              # before any data is written or read
+    out, progress, end = Path(cfg.out_dir), progress and world.main, min(stop_at or cfg.max_iters, cfg.max_iters)
+    ckpt, split = check_run(cfg, world, resume, force, stop_at)   # everything that can refuse the run
+    if check:
+        cots = f"{pool.resolve_backend(cfg)} CoT texts" if cfg.references else "no references"
+        return print(provenance(cfg, world, device, split, precision(*fast_paths(cfg, device)))[1] + "\ncheck "
+                     f"passed: iterations {ckpt['iter'] + 1 if ckpt else 1} to {end} would run with {cots}"
+                     + ("" if split else f" once a phantom is written to {cfg.data_root}"))
     phantom.ensure_for(cfg, world)                     # a phantom experiment writes its data first
     split, volumes = data.prepare_data(cfg, world)
-    data.load_volumes(cfg.data_root, [i for i in split.test if i not in volumes], progress=False,
-                      factor=cfg.downsample, cache_dir=cfg.cache_dir)       # now, not after training
     run = setup(cfg, split, volumes, device, world, progress=progress)
+    record, text = provenance(cfg, world, device, split, precision(run.bf16, run.channels_last)
+                              + (f"; a bank of {len(run.bank)} labeled patches" if run.bank is not None else ""))
     if world.main:
-        print(f"precision: {precision(run.bf16, run.channels_last)}"
-              + (f"; reference bank: {len(run.bank)} labeled patches, references from iteration "
-                 f"{cfg.ref_warmup}" if run.bank is not None else ""))
+        print(text)
 
-    start, ckpt_path, log_path = 0, out / "ckpt_last.pt", out / "log.csv"
+    kept = {"split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test},   # a resumed
+            "pool": {"mask": run.cots.mask, "image": run.cots.image} if run.cots else None}      # run must match
+    start, saved, ckpt_path, log_path = 0, None, out / "ckpt_last.pt", out / "log.csv"   # saved: last checkpoint
     if resume:
-        check_same_inputs(run, split, ckpt, ckpt_path)
-        run.student.load_state_dict(ckpt["student"])
-        run.teacher.load_state_dict(ckpt["teacher"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if changed := [k for k, now in kept.items() if now and ckpt.get(k) and ckpt[k] != now]:
+            raise CheckpointError(f"--resume: the {' and '.join(changed)} (cases, CoT texts) differ from "
+                                  f"{ckpt_path}'s: restore the lists, case files and cache, or start a new run")
+        for part in ("student", "teacher", "optimizer"):
+            getattr(run, part).load_state_dict(ckpt[part])
         mine = ckpt["ranks"][world.rank]
         run.sampler.load_state_dict(mine["sampler"])
         set_rng_state(mine["rng"])
-        run.ref_gen.set_state(mine["ref_gen"].cpu())
+        run.ref_gen.set_state(mine["ref_gen"])
         if run.bank is not None:
             run.bank.load_state_dict(ckpt["bank"])
-        start = ckpt["iter"]
+        start = saved = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     if world.main:                                     # the run folder is written only now, after every check
-        files.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        files.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), provenance=record), indent=1))
         if force and not resume:
-            ckpt_path.unlink(missing_ok=True)      # the replaced run's checkpoint would not match config.json
-        runlog.start_log(log_path, resume_at=start if resume else None)   # without rows after the checkpoint
-    saved = start if resume else None                  # the iteration of the last checkpoint written
+            ckpt_path.unlink(missing_ok=True)          # the replaced run's checkpoint would not match config.json
+        start_log(log_path, resume_at=start if resume else None)   # without rows after the checkpoint
 
-    run.student.train()
-    run.teacher.eval()                                 # the teacher uses its EMA statistics, no dropout
     t0 = time.time()
-    end = min(stop_at or cfg.max_iters, cfg.max_iters)
     bar = tqdm(range(start, end), initial=start, total=cfg.max_iters, desc=cfg.exp, disable=not progress)
     for it in bar:
         image, label, ids = run.sampler.next()         # (B, 1, X, Y, Z), (Lb, X, Y, Z): labeled first
         losses = train_step(run, it, image, label, ids)
 
-        # log and checkpoint: the only host-device synchronisations; no checkpoint is written from a run whose
-        # loss is no longer finite
+        # log and checkpoint: the only host-device synchronisations; never a checkpoint of a non-finite loss
         done = it + 1
         log_now = done % cfg.log_every == 0 or done == cfg.max_iters
         save_now = done % cfg.ckpt_every == 0 or done == end
-        values = read_losses(losses, world) if log_now or save_now else None
-        if log_now:
-            loss, sup, sup_a, cons = values
-            delta = float("nan")
-            if world.main and run.bank is not None and it >= cfg.ref_warmup:
-                delta = reference_delta(run, image, ids, it)
-            row = [done, lr_at(it, cfg), loss, sup, sup_a, cons, consistency_weight(it, cfg), delta,
-                   time.time() - t0]                   # runlog.COLUMNS
-            if world.main:
-                runlog.append_row(log_path, row)
-            bar.set_postfix(loss=f"{loss:.3f}", sup=f"{sup:.3f}", cons=f"{cons:.4f}", lr=f"{row[1]:.4f}")
-        if values is not None:
-            check_finite(values, done, saved, ckpt_path)
+        values = [sum(v) / world.size for v in zip(*gather(world, torch.stack([*losses.values()]).tolist()))
+                  ] if log_now or save_now else None    # the losses, averaged over the ranks
+        if log_now and world.main:
+            delta, ratio = reference_delta(run, image, ids, it) if run.bank is not None else (math.nan,) * 2
+            with files.appending(log_path) as f:      # COLUMNS, floats with 6 significant digits
+                csv.writer(f).writerow([done] + [f"{v:.6g}" for v in (lr_at(it, cfg), *values, consistency_weight(
+                    it, cfg), delta, ratio, time.time() - t0)])
+            bar.set_postfix(loss=f"{values[0]:.3f}", sup=f"{values[1]:.3f}", cons=f"{values[3]:.4f}")
+        if values is not None and not all(map(math.isfinite, values)):
+            raise CersError(f"iteration {done}: the loss is not finite ({', '.join(f'{v:.4g}' for v in values)}"
+                            f"); the run stops. Last good checkpoint: {f'iteration {saved}' if saved else 'none'}"
+                            ". Lower --lr or check the data, then start again or --resume")
         if save_now:
-            check_consistent(world, {**{f"teacher.{k}": v for k, v in run.teacher.state_dict().items()},
-                                     **({"bank.features": run.bank.features}
-                                        if run.bank is not None and run.bank.features is not None else {})})
+            check_consistent(world, {**run.teacher.state_dict(),
+                                     **({"bank": run.bank.features} if run.bank is not None else {})})
             ranks = gather(world, {"sampler": run.sampler.state_dict(), "rng": rng_state(),
                                    "ref_gen": run.ref_gen.get_state()})
             if world.main:
                 save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), iter=done, world_size=world.size,
                                 student=run.student.state_dict(), teacher=run.teacher.state_dict(),
-                                optimizer=run.optimizer.state_dict(), ranks=ranks,
-                                bank=run.bank.state_dict() if run.bank is not None else None,
-                                pool={"mask": run.cots.mask, "image": run.cots.image} if run.cots else None,
-                                split={"labeled": split.labeled, "unlabeled": split.unlabeled,
-                                       "test": split.test})
+                                optimizer=run.optimizer.state_dict(), ranks=ranks, **kept,
+                                bank=run.bank.state_dict() if run.bank is not None else None)
             saved = done
-    bar.close()
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
-        runlog.plot_curves(log_path, out / "curves.png")
-    if world.size > 1:                              # the last checkpoint is written when every rank gets past
+        plot_curves(log_path, out / "curves.png")
+    if world.size > 1:                                 # the last checkpoint is written when every rank gets past
         dist.barrier()
         dist.destroy_process_group()
     return ckpt_path
 
 
-def train_and_test(cfg, force=False):
-    """Train one experiment, then test its last checkpoint; returns the test summary (under torchrun rank 0
-    tests, and the other ranks return None)."""
-    ckpt = train(cfg, force=force)
-    return test.evaluate(ckpt) if main_process() else None
+# ----------------------------------------------------------------------------- the ablation rows
+PAPER = {"references": True, "retrieval": "both", "mcam_gates": True}   # CERS as the paper has it
+SUPERVISED = {"references": False, "consistency": 0.0}
+ABLATIONS = {                                          # each row: the experiment with these keys changed
+    "cers": PAPER, "no_references": {"references": False},          # the plain dual-decoder mean teacher
+    "supervised_only": SUPERVISED,                     # the labeled patches alone
+    "supervised_all": SUPERVISED,                      # every training case labeled (run_ablation): the room
+    "no_cot_filter": {**PAPER, "retrieval": "morph"},  # references by morphology alone
+    "no_mcam": {**PAPER, "mcam_gates": False},         # context added without coordinate-attention gates
+    "random_retrieval": {**PAPER, "retrieval": "random"}}   # references drawn at random
 
 
+def run_ablation(cfg, names, seeds, force=False):
+    """Train and test each row with each seed into <out_dir>/ablation/<row>/seed<S> (every run folder checked
+    first), then print and save the table of every run there (test.ablation_table): later calls add to it."""
+    if unknown := sorted(set(names) - set(ABLATIONS)):
+        raise ConfigError(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
+    rows = dict(ABLATIONS)
+    if "supervised_all" in names:                     # every training case (less the validation split)
+        phantom.ensure_for(cfg)
+        split = data.load_split(cfg.data_root, 1, cfg.val_cases)
+        rows["supervised_all"] = {**SUPERVISED, "num_labeled": len(split.labeled + split.unlabeled),
+                                  "labeled_bs": cfg.batch_size}
+    variants = [check_config(dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed"
+                                                 f"{seed}", **rows[name])) for name in names for seed in seeds]
+    for variant in variants:
+        check_run_folder(variant, World(), force=force)
+    for variant in variants:
+        t, ckpt = time.time(), train(variant, force=force)
+        if main_process():                             # under torchrun, rank 0 tests
+            summary = {**test.evaluate(ckpt), "run_seconds": time.time() - t}
+            files.write_text(Path(variant.out_dir, "test", "summary.json"), json.dumps(summary, indent=1))
+    if main_process():
+        table = test.ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
+        print("\n" + table)
+        files.write_text(Path(cfg.out_dir, "ablation", "table.md"), table + "\n")
+
+
+# ----------------------------------------------------------------------------- the command line
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the experiment's last checkpoint")
-    parser.add_argument("--force", action="store_true",
-                        help="replace a run with another config in the run folder")
+    parser.add_argument("--check", action="store_true", help="check what the run needs, say what would run")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    parser.add_argument("--force", action="store_true", help="replace a run with another config")
     parser.add_argument("--no-test", action="store_true", help="skip testing the last checkpoint")
     parser.add_argument("--stop-at", type=int, help="stop after this iteration (resume later with --resume)")
-    parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ablate.ABLATIONS)}: train "
-                        "and test each (ablate.py)")
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="with --ablation: seeds seed, seed + 1, ... per variant")
+    parser.add_argument("--ablation", help=f"'all' or a comma list of {', '.join(ABLATIONS)}")
+    parser.add_argument("--seeds", type=int, default=1, help="with --ablation: seeds seed, seed + 1, ...")
     args, overrides = parser.parse_known_args(argv)
     cfg = get_config(args.exp, overrides)
     if args.resume and args.force:
         raise ConfigError("--resume continues the run in the folder, --force replaces it: give one of them")
-    if args.stop_at is not None and args.stop_at < 1:
-        raise ConfigError(f"--stop-at={args.stop_at}: give an iteration >= 1")
     if args.ablation:
-        names = ablate.ablation_names(args.ablation)
-        if args.resume or args.stop_at is not None:
-            raise ConfigError("--ablation trains each variant from the start: --resume and --stop-at do not "
-                              "apply")
-        if args.seeds < 1:
-            raise ConfigError(f"--seeds={args.seeds}: give a count >= 1")
-        check_testable(cfg)
-        ablate.run_ablation(cfg, names, [cfg.seed + i for i in range(args.seeds)], train_and_test, args.force)
-        return
-    if not args.no_test and args.stop_at is None:
-        check_testable(cfg)
-    ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at, force=args.force)
-    if not args.no_test and args.stop_at is None:
-        if main_process():                             # under torchrun, rank 0 tests
-            test.evaluate(ckpt)
+        if args.resume or args.stop_at is not None or args.check or args.seeds < 1:
+            raise ConfigError("--ablation trains each row from the start, --seeds >= 1 times: --resume, "
+                              "--stop-at and --check do not apply")
+        names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
+        return run_ablation(cfg, names, [cfg.seed + i for i in range(args.seeds)], args.force)
+    ckpt = train(cfg, resume=args.resume, stop_at=args.stop_at, force=args.force, check=args.check)
+    if not (args.no_test or args.check) and args.stop_at is None and main_process():   # rank 0 tests
+        test.evaluate(ckpt)
 
 
 if __name__ == "__main__":

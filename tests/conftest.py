@@ -63,11 +63,12 @@ def tiny_la(tmp_path):
     return write_la(tmp_path / "LA")
 
 
-def spawn(args, cwd, file_limit=None):
+def spawn(args, cwd, file_limit=None, memory_limit=None):
     """A child Python running args (a script of the project and its arguments, or "-c" and code) in cwd, with
     one thread and the project importable; its stdout and stderr go to cwd/stdout.txt and cwd/stderr.txt (read
     them with finish). file_limit: the most bytes it may write into one file (RLIMIT_FSIZE, with SIGXFSZ
-    ignored so the write fails with EFBIG, as on a full disk)."""
+    ignored so the write fails with EFBIG, as on a full disk). memory_limit: the most bytes of data it may
+    allocate (RLIMIT_DATA: an allocation past it fails, as when memory runs out; the libraries' code is free)."""
     import resource
     import signal
     import subprocess
@@ -76,6 +77,8 @@ def spawn(args, cwd, file_limit=None):
         if file_limit:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+        if memory_limit:
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(Path(cwd, "stdout.txt"), "w") as out, open(Path(cwd, "stderr.txt"), "w") as err:
         return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=out, stderr=err,

@@ -1,25 +1,16 @@
-"""A loopback OpenAI-compatible chat server for the LLM and pool tests: scripted replies, bounded in count
-and time.
+"""A loopback OpenAI-compatible chat server for the pool tests: scripted replies, bounded in count and time.
 
-    with LoopbackLLM(script=[("429", 0.3), "ok"], latency=0.0) as server:
-        llm.LLMClient(server.url, "test-model").ask("...")
+    with LoopbackLLM(script=[("wait", 429, 0.3), "ok"], latency=0.0) as server:
+        pool.LLMClient(server.url, "test-model").ask("...")
         server.requests   # what the client sent: path, headers, JSON body
 
-Successive requests follow `script`, then "ok":
-    "ok"                      a valid four-part CoT
-    ("429", seconds)          too many requests, with Retry-After
-    "500"                     server error
-    "badjson"                 status 200 with a body that is not JSON
-    "slow"                    a valid CoT after `slow` seconds (longer than the client's timeout)
-    "missing"                 a completion whose text lacks the Boundary field
-    ("error", code, message)  an OpenAI-style error body with that status
-    ("drip", seconds)         a valid CoT sent one byte every `seconds` (each byte quick, the whole slow)
-    ("dripheaders", seconds)  the status line and headers sent that way
-    ("huge", size)            status 200 with `size` bytes and no Content-Length (closing ends the body)
-    ("claims", size)          a valid CoT under a Content-Length of `size`
-    ("redirect", location)    HTTP 307 to `location`
-It listens on 127.0.0.1 only, answers at most `max_requests` requests (503 after that) and shuts
-itself down after `lifetime` seconds.
+Successive requests follow `script`, then "ok" (a valid CoT, the `reply` text). "slow": that after `slow`
+seconds; "missing": a text without Boundary; "cut": cut at the token limit (finish_reason "length");
+"badjson": a body that is not JSON; "500": a server error; ("wait", status, seconds): that status with a
+Retry-After; ("error", status, message): an OpenAI-style error body; ("drip", s) / ("dripheaders", s): the
+body / the headers one byte every s seconds; ("huge", size): `size` bytes without Content-Length; ("claims",
+size): a valid CoT under a Content-Length of `size`; ("redirect", location): HTTP 307. It listens on
+127.0.0.1 only, answers at most `max_requests` requests (503 after) and shuts down after `lifetime` s.
 """
 import json
 import threading
@@ -82,38 +73,29 @@ class LoopbackLLM:
                     body = json.loads(raw)
                 except ValueError:
                     body = None
-                behaviour = owner.next_behaviour({"path": self.path, "headers": dict(self.headers),
-                                                  "body": body})
-                time.sleep(owner.latency)
-                completion = lambda text: {"choices": [{"index": 0, "message": {"role": "assistant",
-                                                                                "content": text}}]}
-                if behaviour == "ok":
-                    self.send(200, completion(owner.reply))
-                elif behaviour == "slow":
-                    time.sleep(owner.slow)
-                    self.send(200, completion(owner.reply))
-                elif behaviour == "missing":
-                    self.send(200, completion(MISSING))
-                elif behaviour == "badjson":
+                how = owner.next_behaviour({"path": self.path, "headers": dict(self.headers), "body": body})
+                name, *arg = (how,) if isinstance(how, str) else how
+                time.sleep(owner.latency + (owner.slow if name == "slow" else 0.0))
+                text = {"missing": MISSING, "cut": owner.reply[:-25]}.get(name, owner.reply)
+                done = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": "length" if name == "cut" else "stop"}]}
+                if name == "badjson":
                     self.send(200, b"<html>gateway says hello</html>")
-                elif behaviour == "500":
+                elif name == "500":
                     self.send(500, {"error": {"message": "internal error"}})
-                elif behaviour[0] == "drip":
-                    self.send(200, completion(owner.reply), drip=behaviour[1])
-                elif behaviour[0] == "dripheaders":
-                    self.send(200, completion(owner.reply), [("X-Padding", "x" * 200)],
-                              drip_head=behaviour[1])
-                elif behaviour[0] == "huge":
-                    self.send(200, b" " * behaviour[1], length=-1)
-                elif behaviour[0] == "claims":
-                    self.send(200, completion(owner.reply), length=behaviour[1])
-                elif behaviour[0] == "redirect":
-                    self.send(307, b"", [("Location", behaviour[1])])
-                elif behaviour[0] == "429":
-                    self.send(429, {"error": {"message": "slow down"}}, [("Retry-After", str(behaviour[1]))])
-                else:
-                    _, status, message = behaviour
-                    self.send(status, {"error": {"message": message, "type": "invalid_request_error"}})
+                elif name == "wait":
+                    self.send(arg[0], {"error": {"message": "slow down"}}, [("Retry-After", str(arg[1]))])
+                elif name == "error":
+                    self.send(arg[0], {"error": {"message": arg[1], "type": "invalid_request_error"}})
+                elif name == "huge":
+                    self.send(200, b" " * arg[0], length=-1)
+                elif name == "redirect":
+                    self.send(307, b"", [("Location", arg[0])])
+                elif name == "dripheaders":
+                    self.send(200, done, [("X-Padding", "x" * 200)], drip_head=arg[0])
+                else:  # ok, slow, missing, cut, drip, claims
+                    self.send(200, done, length=arg[0] if name == "claims" else None,
+                              drip=arg[0] if name == "drip" else 0.0)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -1,12 +1,14 @@
-"""Faults of the file system and the process: a full disk (a file-size limit in a child process) while saving
+"""Faults of the file system and the processes: a full disk (a file-size limit in a child process) while saving
 a checkpoint or writing the phantom, a second run on a folder, a folder that cannot be written, a generation
-killed half way, Ctrl-C and SIGTERM. Each ends in one line naming the file or the cause, with an exit status
-that says what happened, no temp file left, and the previous files intact."""
+killed half way, Ctrl-C, SIGTERM and SIGHUP, memory running out (a data-size limit), and one of torchrun's
+processes dying. Each ends in one line naming the file or the cause, with an exit status that says what
+happened, no temp file left, and the previous files intact."""
 import os
 import shutil
 import signal
 
 import pytest
+import torch
 
 import files
 import phantom
@@ -16,7 +18,7 @@ from checkpoint import read_checkpoint
 from config import cli
 from conftest import ROOT, finish, spawn, wait_for, write_la
 from test_bad_input import snapshot
-from test_train import tiny_cfg, tiny_overrides
+from test_train import one_thread, tiny_cfg, tiny_overrides  # noqa: F401 (one thread here too)
 
 SMALL = ["--n-train", "2", "--n-test", "1", "--shape", "24", "24", "16"]   # phantom.py: 3 cases, 24 x 24 x 16
 
@@ -24,9 +26,11 @@ SMALL = ["--n-train", "2", "--n-test", "1", "--shape", "24", "24", "16"]   # pha
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory):
     """A tiny LA-layout set and a CERS run on it stopped at iteration 2 of 4: (data root, run folder)."""
-    base = tmp_path_factory.mktemp("faults")
+    base, threads = tmp_path_factory.mktemp("faults"), torch.get_num_threads()
     root = write_la(base / "LA")
+    torch.set_num_threads(1)                          # as in the children; a busy machine's second thread waits
     train.train(tiny_cfg(root, base / "run"), progress=False, stop_at=2)
+    torch.set_num_threads(threads)
     return root, base / "run"
 
 
@@ -133,8 +137,8 @@ def test_a_phantom_generation_stopped_half_way_leaves_nothing(tmp_path, sig):
     assert len((root / "train.list").read_text().split()) == 2
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_and_sigterm_stop_training_saying_where_the_checkpoint_is(stopped, tmp_path, sig):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_sigterm_and_sighup_stop_training_saying_where_the_checkpoint_is(stopped, tmp_path, sig):
     root, _ = stopped
     out = tmp_path / "run"
     child = spawn(train_args(root, out, "--no-test", max_iters=10000), tmp_path)
@@ -146,3 +150,45 @@ def test_ctrl_c_and_sigterm_stop_training_saying_where_the_checkpoint_is(stopped
     assert line == (f"stopped by {sig.name}: the last checkpoint is {out / 'ckpt_last.pt'} (iteration "
                     f"{saved}); continue with --resume")
     assert saved >= 2 and temps(out) == []
+
+
+def test_running_out_of_memory_is_one_line_naming_the_sizes(tiny_la, tmp_path):
+    """Patches far too large for 0.75 GB of data (the tiny run needs under 0.5): exit status 2 and one line
+    naming memory, the sizes in play and the keys to lower."""
+    out = tmp_path / "run"
+    child = spawn(train_args(tiny_la, out, "--no-test", references="false", patch_size="128,128,128",
+                             max_iters=2), tmp_path, memory_limit=int(0.75 * 2 ** 30))
+    status, line = finish(child, tmp_path)
+    assert status == 2 and line.startswith("error: out of memory"), line
+    assert all(w in line for w in ("patch_size=128,128,128", "batch_size=4", "--patch_size", "--batch_size"))
+    assert temps(out) == []
+
+
+DIES_AT_3 = """
+import os, signal, sys
+import train
+from config import cli
+step = train.train_step
+def dies(run, it, *batch):
+    if it == 3 and run.world.rank == 1:                # after the checkpoint of iteration 2
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(run, it, *batch)
+train.train_step = dies
+sys.exit(cli(train.main))
+"""
+
+
+def test_a_dead_torchrun_process_stops_the_others_in_one_line(tiny_la, tmp_path):
+    """Two CPU processes (gloo); rank 1 is killed at iteration 4: rank 0 ends with one line naming rank 1, the
+    intact checkpoint and --resume, and no traceback (torchrun's own report aside)."""
+    (tmp_path / "dies.py").write_text(DIES_AT_3)
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    child = spawn(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--log-dir={logs}",
+                   "--redirects=3", tmp_path / "dies.py", "--exp", "PHANTOM_8", "--no-test",
+                   *tiny_overrides(tiny_la, out, references="false", max_iters=6)], tmp_path)
+    assert child.wait(120) != 0
+    err = next(logs.rglob("attempt_0/0/stderr.log")).read_text()
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.strip()][-1]
+    assert "Traceback" not in err and last.startswith("error: rank 1 of 2 stopped"), err[-2000:]
+    assert f"the last checkpoint, {out / 'ckpt_last.pt'}, is intact" in last and "--resume" in last
+    assert read_checkpoint(out / "ckpt_last.pt")["iter"] in (2, 4)

@@ -23,18 +23,8 @@ def dead_pid():
 
 
 def leftovers(folder):
+    """The temp files left in `folder`."""
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
-
-
-@pytest.fixture
-def file_size_limit():
-    """Limit the size of files this process writes (RLIMIT_FSIZE, SIGXFSZ ignored so a write fails with
-    EFBIG); restored afterwards."""
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, limits[1]))
-    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-    signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_replacing_writes_whole_files_or_nothing(tmp_path):
@@ -51,12 +41,17 @@ def test_replacing_writes_whole_files_or_nothing(tmp_path):
     assert len(names) == 20 and all(f".{os.getpid()}." in n for n in names)   # never shared, this PID in each
 
 
-def test_a_file_size_limit_is_one_error_naming_the_file(tmp_path, file_size_limit):
+def test_a_file_size_limit_is_one_error_naming_the_file(tmp_path):
     path = tmp_path / "ckpt_last.pt"
     files.write_bytes(path, b"previous")
-    file_size_limit(1000)
-    with pytest.raises(files.WriteError) as e:
-        files.write_bytes(path, bytes(5000))
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, limits[1]))   # a bigger write fails with EFBIG
+    try:
+        with pytest.raises(files.WriteError) as e:
+            files.write_bytes(path, bytes(5000))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     assert str(e.value).startswith(f"{path}: cannot write it: file too large") and "\n" not in str(e.value)
     assert path.read_bytes() == b"previous" and leftovers(tmp_path) == []
 
@@ -70,28 +65,24 @@ def test_os_errors_become_words(tmp_path, code, words):
             raise OSError(code, os.strerror(code))
 
 
-def test_a_folder_under_a_file_is_named(tmp_path):
+def test_a_folder_under_a_file_or_read_only_is_refused(tmp_path):
     (tmp_path / "notes").write_text("a file")
     named = re.escape(f"{tmp_path / 'notes'} is a file, not a folder")
     for folder in (tmp_path / "notes", tmp_path / "notes" / "run" / "deeper"):
         with pytest.raises(files.WriteError, match=named):
             files.check_writable(folder)
     assert (tmp_path / "notes").read_text() == "a file"
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_a_read_only_folder_is_refused(tmp_path):
     (tmp_path / "ro").mkdir(mode=0o555)
-    with pytest.raises(files.WriteError, match="permission denied"):
-        files.check_writable(tmp_path / "ro" / "run")
+    if os.geteuid() != 0:                               # root writes into read-only folders
+        with pytest.raises(files.WriteError, match="permission denied"):
+            files.check_writable(tmp_path / "ro" / "run")
 
 
 def test_check_writable_leaves_nothing_and_clears_dead_processes_temps(tmp_path):
     folder = tmp_path / "a" / "b"
     files.check_writable(folder)
     assert folder.is_dir() and list(folder.iterdir()) == []
-    dead = folder / f".x.pt.{dead_pid()}.0123abcd.tmp"
-    mine = files.temp_path(folder / "x.pt")
+    dead, mine = folder / f".x.pt.{dead_pid()}.0123abcd.tmp", files.temp_path(folder / "x.pt")
     other = folder / ".notes.tmp"                       # not a temp of this project's making
     for p in (dead, mine, other):
         p.write_bytes(b"")
@@ -99,28 +90,27 @@ def test_check_writable_leaves_nothing_and_clears_dead_processes_temps(tmp_path)
     assert not dead.exists() and mine.exists() and other.exists()
 
 
-def test_a_held_lock_refuses_a_second_holder_naming_the_pid(tmp_path):
-    out = tmp_path / "run"
-    with files.Lock(out / "run.lock", busy="busy: PID {pid}"):
-        assert (out / "run.lock").read_text().strip() == str(os.getpid())
-        with pytest.raises(files.WriteError, match=f"^busy: PID {os.getpid()}$"):
-            with files.Lock(out / "run.lock", busy="busy: PID {pid}"):
-                pass
-    assert not out.exists()                             # the lock made the folder and left it empty: removed
+@pytest.mark.parametrize("name", ["run", "runs/{exp}-{seed}", "50%_{0}_%s"])
+def test_a_held_lock_refuses_a_second_holder_naming_the_pid_and_the_path_verbatim(tmp_path, name):
+    """Braces and % in a folder name are never formatting fields: the message holds the path as it is."""
+    out = tmp_path / name
+    for busy in (f"{out}: busy, PID {{pid}}", lambda pid: f"{out}: busy, PID {pid}"):
+        with files.Lock(out / "run.lock", busy=busy):
+            assert (out / "run.lock").read_text().strip() == str(os.getpid())
+            with pytest.raises(files.WriteError) as e:
+                with files.Lock(out / "run.lock", busy=busy):
+                    pass
+        assert str(e.value) == f"{out}: busy, PID {os.getpid()}"
+        assert not (tmp_path / name.split("/")[0]).exists()    # the folders made for the lock are removed
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, capsys):
-    lock = tmp_path / "run.lock"
-    pid = dead_pid()
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_waiting_one_gets_it(tmp_path, capsys):
+    lock, pid, order = tmp_path / "run.lock", dead_pid(), []
     lock.write_text(f"{pid}\n")
     with files.Lock(lock, busy="busy {pid}"):
         assert lock.read_text().strip() == str(os.getpid())
     assert f"held by process {pid}, which ended without releasing it; taken over" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_a_waiting_lock_gets_it_when_released(tmp_path):
-    lock, order = tmp_path / "x.lock", []
 
     def second():
         with files.Lock(lock):                          # busy=None: wait

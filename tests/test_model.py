@@ -1,14 +1,15 @@
-"""The dual-decoder V-Net (model.py): shapes, the reference path's exact identity when untrained, and the
-references' label vote (ref_masks) as a logit prior with a learned weight."""
-import copy
+"""The dual-decoder V-Net (model.py): shapes, the plain network's initial weights, decoder A's two streams (the
+references move it from the start, the "no references" control, retrieval weights), gradients, channels-last,
+the context ratio, and overfitting one batch."""
 import dataclasses
+import hashlib
 
 import pytest
 import torch
 
 from config import Config
-from mcam import References, weighted_mask
-from model import PRIOR_CLIP, build_model, prior_logits
+from mcam import References
+from model import build_model, supervised_loss
 
 
 def tiny(**kw):
@@ -19,119 +20,143 @@ def batch(B=2, K=3, patch=(32, 32, 16), seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, 1, *patch, generator=g)
     refs = References(torch.randn(B, K, 64, *[p // 16 for p in patch], generator=g),
-                      torch.softmax(torch.randn(B, K, generator=g), 1),
-                      (torch.rand(B, K, *patch, generator=g) < 0.4).float())
+                      torch.softmax(torch.randn(B, K, generator=g), 1))
     return x, refs
 
 
-@pytest.mark.parametrize("ref_masks", [False, True])
-def test_shapes_and_untrained_identity(ref_masks):
-    torch.manual_seed(0)
-    net = build_model(tiny(ref_masks=ref_masks)).eval()
-    x, refs = batch()
-    refs = refs if ref_masks else refs._replace(masks=None)
-    a, b, labels = net(x, refs)
-    assert a.shape == b.shape == (2, 2, 32, 32, 16) and (labels is not None) == ref_masks
-    feats = net.encoder(x)
-    assert torch.equal(net.decode_a(feats, refs), net.decode_a(feats))   # no jump when references switch on
-    assert not hasattr(build_model(tiny(references=False)), "prior_scale")
-
-
-def test_prior_is_the_references_vote_with_a_learned_weight():
-    mask = torch.tensor([0.0, 0.25, 0.5, 1.0]).reshape(1, 1, 4, 1, 1)
-    p = prior_logits(mask).softmax(1)[:, 1]                                # the vote, clipped
-    assert torch.allclose(p.flatten(), torch.tensor([PRIOR_CLIP, 0.25, 0.5, 1 - PRIOR_CLIP]), atol=1e-6)
-    torch.manual_seed(0)
-    net = build_model(tiny(ref_masks=True)).eval()
-    x, refs = batch()
-    feats = net.encoder(x)
+def calibrated(net, x, refs):
+    """net in eval mode with BatchNorm statistics of one pass over (x, refs), as a trained network has them:
+    at initialisation the running statistics are 0 and 1, which no layer's output has."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None                                   # a cumulative average: this pass alone
+            m.reset_running_stats()
     with torch.no_grad():
-        net.prior_scale.fill_(0.7)
-    shift = net.decode_a(feats, refs) - net.decode_a(feats)             # injections still zero: only the vote
-    assert torch.allclose(shift, 0.7 * prior_logits(weighted_mask(refs.masks, refs.weights)), atol=1e-5)
+        net.train()(x, refs)
+    return net.eval()
 
 
-def trained(net, seed=1):
-    """Give the zero-started reference path weight, as training would: every MCAM injection and the vote."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.decoder_a.mcams:
-            m.inject.weight.copy_(0.1 * torch.randn(m.inject.weight.shape, generator=g))
-            m.inject.bias.copy_(0.1 * torch.randn(m.inject.bias.shape, generator=g))
-        if hasattr(net, "prior_scale"):
-            net.prior_scale.fill_(0.7)
-    return net
+def fingerprint(net):
+    h = hashlib.sha256()
+    for name, value in net.state_dict().items():
+        h.update(name.encode()), h.update(value.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def mcam_inputs(net):
-    """Record what each MCAM of decoder A is given: (dec, ctx, labels, mask) per call."""
+def test_shapes_and_the_two_streams():
+    torch.manual_seed(0)
+    net = build_model(tiny()).eval()
+    x, refs = batch()
+    a, b = net(x, refs)
+    assert a.shape == b.shape == net.predict_b(x).shape == (2, 2, 32, 32, 16)
+    assert net.decoder_a.head.in_channels == 8 and net.decoder_b.head.in_channels == 4   # both streams: 2f
+    assert len(net.decoder_a.mcams) == 4 and net.decoder_b.mcams is None
+
+
+def test_the_plain_network_is_the_v_net_with_its_initial_weights():
+    """references=false builds no fusion and no MCAM; at seed 0 its weights are those the V-Net has always
+    started from (a changed fingerprint means the baseline no longer starts where its runs did). A references
+    network of the same seed starts from the same encoder, decoder B and decoder-A main path."""
+    torch.manual_seed(0)
+    plain = build_model(tiny(references=False))
+    assert fingerprint(plain) == "01dbbc2a079a6d27"
+    assert plain.fusion is None and not any("mcams" in n or "fusion" in n for n, _ in plain.named_parameters())
+    torch.manual_seed(0)
+    cers = build_model(tiny())
+    shared = plain.state_dict()
+    for name, value in cers.state_dict().items():
+        if name in shared and not name.startswith("decoder_a.head"):
+            assert torch.equal(value, shared[name]), name
+    x, refs = batch()
+    feats = plain.eval().encoder(x)
+    assert torch.equal(plain.decode_a(feats, refs), plain.decode_a(feats))          # refs are not read
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_references_move_decoder_a_and_the_zeroed_control_keeps_the_branch(gated):
+    torch.manual_seed(0)
+    net = build_model(tiny(mcam_gates=gated))
+    x, refs = batch()
+    net = calibrated(net, x, refs)
+    feats = net.encoder(x)
+    retrieved, zeroed = net.decode_a(feats, refs), net.decode_a(feats, refs, zero_refs=True)
+    assert (retrieved - zeroed).abs().max() > 0.05                   # untrained, the references already act
+    other = refs._replace(features=torch.randn_like(refs.features))
+    assert (net.decode_a(feats, other) - retrieved).abs().max() > 0.05   # what the references contain
+    assert torch.equal(net.decode_a(feats), zeroed)                       # refs=None: the same control
+    with torch.no_grad():                                    # the control: the fusion's attention output zero
+        net.fusion.out.weight.zero_(), net.fusion.out.bias.zero_()
+    assert torch.equal(net.decode_a(feats, refs), zeroed)
+    a, b = net(x, refs, zero_refs=True)
+    assert torch.equal(a, zeroed) and torch.equal(b, net.decoder_b(feats))
+
+
+def test_a_zero_retrieval_weight_removes_a_reference():
+    torch.manual_seed(0)
+    net = build_model(tiny())
+    x, refs = batch(K=3)
+    net = calibrated(net, x, refs)
+    feats = net.encoder(x)
+    w = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.8, 0.0]])
+    full = net.decode_a(feats, References(refs.features, w))
+    two = net.decode_a(feats, References(refs.features[:, :2], w[:, :2]))
+    assert torch.allclose(full, two, atol=1e-5)
+    assert not torch.allclose(full, net.decode_a(feats, References(refs.features, w.roll(1, 1))), atol=1e-3)
+
+
+def test_every_parameter_and_reference_gets_a_gradient_from_the_first_step():
+    torch.manual_seed(0)
+    net = build_model(tiny()).train()
+    x, refs = batch()
+    features = refs.features.clone().requires_grad_()
+    a, b = net(x, refs._replace(features=features))
+    (a.square().mean() + b.square().mean()).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert (features.grad.flatten(2).abs().sum(2) > 0).all()        # every reference of every sample is used
+
+
+def test_channels_last_3d_gives_the_same_output():
+    torch.manual_seed(0)
+    net = build_model(tiny())
+    x, refs = batch()
+    net = calibrated(net, x, refs)
+    expected = net(x, refs)
+    cl = torch.channels_last_3d
+    net = net.to(memory_format=cl)
     seen = []
     for m in net.decoder_a.mcams:
-        m.register_forward_hook(lambda module, args, out: seen.append(args))
-    return seen
+        m.register_forward_hook(lambda module, args, out: seen.append(out))
+    got = net(x.contiguous(memory_format=cl), refs)
+    assert all(t.is_contiguous(memory_format=cl) for out in seen for t in out)   # both streams keep the layout
+    for e, g in zip(expected, got):
+        assert torch.allclose(e, g, atol=1e-4)
 
 
-@pytest.mark.parametrize("flags", [{}, {"ref_masks": True}, {"ref_mask_detail": True}, {"mcam_gates": False}])
-def test_zeroed_references_keep_decoder_a_and_the_query_stream(flags):
-    """The "no references" control: decoder A as with a fusion whose attention output is zero and references
-    whose masks are empty (the vote left out), and the bottleneck context is the scan's own features. Once
-    the MCAMs have weight it differs from refs=None, which drops the MCAMs and with them the query stream."""
+def test_context_ratio():
     torch.manual_seed(0)
-    net = trained(build_model(tiny(**flags)).eval())
+    net = build_model(tiny())
     x, refs = batch()
-    feats = net.encoder(x)
-    seen = mcam_inputs(net)
-    zeroed, labels = net.decode_a(feats, refs, return_labels=True, zero_refs=True)
-    assert torch.equal(seen[0][1], feats[-1])                              # the query's own stream
-    assert (labels is None) != bool(flags.get("ref_masks"))
-    assert labels is None or (labels.shape == (2, 4, 2, 2, 1) and not labels.any())
-    hand = copy.deepcopy(net)                                      # the fusion's output zeroed by hand
+    feats = calibrated(net, x, refs).encoder(x)
+    ratio = net.context_ratio(feats, refs)
+    assert ratio.ndim == 0 and torch.isfinite(ratio) and ratio > 0 and not ratio.requires_grad
+    term = net.fusion(feats[-1], refs.features, refs.weights)
+    assert torch.allclose(ratio, term.norm(dim=1).mean() / feats[-1].norm(dim=1).mean())
     with torch.no_grad():
-        hand.fusion.out.weight.zero_()
-        hand.fusion.out.bias.zero_()
-        if hasattr(hand, "prior_scale"):
-            hand.prior_scale.zero_()
-    empty = refs._replace(masks=torch.zeros_like(refs.masks))
-    assert torch.equal(zeroed, hand.decode_a(feats, empty))
-    assert torch.equal(zeroed, net.decode_a(feats, zero_refs=True))       # the references are not read
-    assert not torch.allclose(zeroed, net.decode_a(feats), atol=1e-3)      # the MCAMs act on the query
-    assert not torch.equal(zeroed, net.decode_a(feats, refs))              # what the references contain
-    plain = build_model(tiny(references=False)).eval()
-    assert torch.equal(plain.decode_a(feats, zero_refs=True), plain.decode_a(feats))
+        net.fusion.out.weight.zero_(), net.fusion.out.bias.zero_()
+    assert net.context_ratio(feats, refs) == 0                       # nothing added: an inert fusion reads 0
 
 
-def test_mask_detail_reaches_the_upper_stages_only():
+def test_overfits_one_batch():
     torch.manual_seed(0)
-    net = trained(build_model(tiny(ref_mask_detail=True)).eval())
-    assert [m.label_channels for m in net.decoder_a.mcams] == [0, 1, 1, 0]   # 1/8, 1/4, 1/2, full
-    assert not hasattr(net, "prior_scale") and not net.fusion.masks
-    x, refs = batch()
-    seen = mcam_inputs(net)
-    a, b, labels = net(x, refs)
-    assert a.shape == b.shape == (2, 2, 32, 32, 16) and labels is None
-    assert [tuple(s[0].shape[2:]) for s in seen] == [(4, 4, 2), (8, 8, 4), (16, 16, 8), (32, 32, 16)]
-    assert [s[3] is not None for s in seen] == [False, True, True, False] and seen[0][2] is None
-    torch.testing.assert_close(seen[1][3], weighted_mask(refs.masks, refs.weights))
-    feats = net.encoder(x)                                 # the mask is read: other mask, other output
-    other = refs._replace(masks=refs.masks.flip(2))
-    assert not torch.allclose(net.decode_a(feats, refs), net.decode_a(feats, other), atol=1e-4)
-
-
-def test_mask_detail_off_is_the_default_and_on_adds_only_a_mask_channel():
-    """Off (the default), decoder A never reads the references' masks. On, with the weights that read the mask
-    channel at zero and every other weight copied from the default network, decoder A is the default's."""
-    torch.manual_seed(0)
-    off = trained(build_model(tiny()).eval())
-    x, refs = batch()
-    feats = off.encoder(x)
-    assert torch.equal(off.decode_a(feats, refs), off.decode_a(feats, refs._replace(masks=None)))
-    on = build_model(tiny(ref_mask_detail=True)).eval()
-    state = on.state_dict()
-    for name, value in off.state_dict().items():                           # the mask channel comes last
-        assert value.ndim == state[name].ndim, name
-        state[name] = torch.zeros_like(state[name])
-        state[name][tuple(slice(0, s) for s in value.shape)] = value
-    on.load_state_dict(state)
-    torch.testing.assert_close(on.decode_a(feats, refs), off.decode_a(feats, refs), rtol=0, atol=1e-6)
-    changed = {n for n, v in on.state_dict().items() if v.shape != off.state_dict()[n].shape}
-    assert changed and all(n.startswith(("decoder_a.mcams.1.", "decoder_a.mcams.2.")) for n in changed)
+    net = build_model(tiny()).train()
+    x, refs = batch(patch=(16, 16, 16))
+    label = (x[:, 0] > 0.5).long()                                  # a target only the image can give
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(40):
+        a, b = net(x, refs)
+        loss = supervised_loss(a, label) + supervised_loss(b, label)
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses

@@ -1,35 +1,36 @@
-"""pool.py: prompt templates, the descriptors writer, the vision montage, the cache (damaged records, failed
-writes), resuming a killed build, and the API key (the LLM client itself: test_llm.py)."""
+"""pool.py: the four-part text on real LLM replies, prompts, image statistics, the descriptors writer, the
+LLM client against a loopback endpoint (deadline, size cap, redirects, retries, rate limits, hostile replies,
+the API key) and the cache (keys, damaged records, failed writes, kill -9, concurrent builds, read-only)."""
 import base64
+import csv
 import io
 import json
-import signal
-import subprocess
-import sys
+import socket
 import time
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-import llm
 import pool
 from config import ConfigError, get_config
-from cot import FIELDS, parse_cot
-from llm_server import LoopbackLLM
-from morphology import image_stats
-from test_morphology import toy_case
+from conftest import ROOT, finish, spawn, wait_for
+from llm_server import GOOD, LoopbackLLM
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-8f3a1c5e9d"  # a fake API key that must never leave the Authorization header
-
 CONTEXT = {"modality": "MRI", "anatomy": "heart", "target": "left atrium"}
+CLEAN = pool.format_cot(pool.parse_cot(GOOD))
+# a child process building the CoTs of N image jobs against URL into CACHE: python -c CHILD URL CACHE N
+CHILD = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import pool, test_pool\n"
+         "texts = pool.build_cots(test_pool.image_jobs(int(sys.argv[3])), pool.CotCache(sys.argv[2]), 'llm', "
+         "test_pool.CONTEXT, pool.LLMClient(sys.argv[1], 'test-model', timeout=5), progress=False)\n"
+         "print('built', texts.cached, texts.new)\n")
 
 
 def client(server, **kw):
-    return llm.LLMClient(server.url, "test-model", **{"timeout": 0.2, "backoff": 0.01, "retries": 3, **kw})
+    return pool.LLMClient(server.url, "test-model", **{"timeout": 0.2, "backoff": 0.01, "retries": 3, **kw})
 
 
 def image_jobs(n, shape=(16, 16, 8)):
@@ -37,48 +38,202 @@ def image_jobs(n, shape=(16, 16, 8)):
             for i in range(n)]
 
 
-# ----------------------------------------------------------------------------- prompts
+def toy_case(seed=0, shape=(48, 48, 32), blur=0.0):
+    """A small volume: bright target ball, a bright look-alike tube touching it, darker tissue, noise."""
+    def ball(centre, r):
+        return sum((g - c) ** 2 for g, c in zip(np.indices(shape), centre)) <= r ** 2
+    target, tube = ball((20, 24, 16), 8), np.zeros(shape, bool)
+    tube[27:40, 21:27, 13:19] = True
+    image = np.where(ball((24, 24, 16), 22), 1.0, 0.0) + 2.0 * (target | tube)
+    image = ndimage.gaussian_filter(image, blur) if blur else image
+    noise = np.random.default_rng(seed).normal(0, 0.15, shape)
+    return (image + noise).astype(np.float32), target.astype(np.uint8)
+
+
+def one_line_error(asker):
+    """The message of the LLMError that asking ends in: one line, starting with the server's URL."""
+    with pytest.raises(pool.LLMError) as failure:
+        asker.ask("a prompt")
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith("http://127.0.0.1:")
+    return message
+
+
+# ----------------------------------------------------------------------------- the four-part text and prompts
+
+def test_parse_real_llm_replies(brisc_csv):
+    with open(brisc_csv, newline="", encoding="utf-8") as f:
+        texts = [row[k] for row in csv.DictReader(f) for k in ("cot_mask", "cot_no_mask")]
+    assert len(texts) >= 100
+    for text in texts:
+        fields = pool.parse_cot(text)
+        assert all(len(v) > 10 for v in fields.values()) and pool.parse_cot(pool.format_cot(fields)) == fields
+    first = pool.parse_cot(texts[0])
+    assert first["texture"].startswith("Heterogeneous") and first["summary"].endswith("challenging.")
+
+
+def test_parse_tolerates_markdown_and_chatter():
+    text = ("Sure! Here is the analysis.\n\n1. **Texture:** Bright,  uniform\n   blood pool.\n"
+            "2. **Boundary**: Sharp rim.\n### context: Veins nearby.\n- SUMMARY： Easy case.\n\nBye.")
+    assert pool.parse_cot(text) == {"texture": "Bright, uniform blood pool.", "boundary": "Sharp rim.",
+                                    "context": "Veins nearby.", "summary": "Easy case."}
+    assert pool.parse_cot("<think>Texture: draft</think>" + GOOD) == pool.parse_cot(GOOD)
+
+
+@pytest.mark.parametrize("text", ["", "Texture: a\nBoundary: b\nContext: c",       # a field missing
+                                  "Texture: a\nBoundary: **  **\nContext: c\nSummary: d",  # a field empty
+                                  "The texture: is bright and the boundary: is sharp.", None])  # no headings
+def test_parse_rejects_malformed(text):
+    with pytest.raises(ValueError):
+        pool.parse_cot(text)
+
 
 def test_templates_render_and_hash():
-    values = {"modality": "MRI", "anatomy": "heart", "target": "left atrium", "descriptors": "- contrast: 3"}
+    values = {**CONTEXT, "descriptors": "- contrast: 3"}
     for kind in pool.KINDS:
         template = pool.load_template(kind)
         prompt = pool.render_prompt(template, values)
         assert "{" not in prompt and "left atrium" in prompt and "- contrast: 3" in prompt
-        assert all(f"{f.capitalize()}:" in prompt for f in FIELDS) and "128 tokens" in prompt
+        assert all(f"{f.capitalize()}:" in prompt for f in pool.FIELDS) and "128 tokens" in prompt
         digest = pool.prompt_hash(template, CONTEXT)
         assert digest == pool.prompt_hash(template, dict(CONTEXT))
-        assert digest != pool.prompt_hash(template, CONTEXT, vision=True)
-        assert digest != pool.prompt_hash(template + " ", CONTEXT)
-        assert digest != pool.prompt_hash(template, {**CONTEXT, "target": "left ventricle"})
+        changed = [pool.prompt_hash(template, CONTEXT, True), pool.prompt_hash(template + " ", CONTEXT),
+                   pool.prompt_hash(template, {**CONTEXT, "target": "left ventricle"})]
+        assert digest not in changed
     with pytest.raises(KeyError, match="placeholder"):
         pool.render_prompt("{modality} {unknown}", values)
 
 
-# ----------------------------------------------------------------------------- the descriptors back end
+# ----------------------------------------------------------------------------- image statistics, descriptors
+
+def test_image_stats_follow_the_image():
+    (sharp_image, mask), (blurred_image, _) = toy_case(), toy_case(blur=1.5)
+    sharp, blurred = pool.image_stats(sharp_image, mask), pool.image_stats(blurred_image, mask)
+    assert sharp == pool.image_stats(sharp_image, mask)                  # deterministic
+    assert sharp["boundary_sharpness"] > blurred["boundary_sharpness"]
+    assert sharp["edge_sharpness"] > blurred["edge_sharpness"]
+    assert sharp["lookalike_contact"] > 0 and 0 < sharp["lookalike_share"] < 1  # the tube touches the target
+    assert sharp["target_components"] == 1
+    only_image = pool.image_stats(sharp_image)
+    assert "lookalike_share" not in only_image and only_image["bright_structures"] == 1  # ball + tube merge
+    flat = pool.image_stats(np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.uint8))
+    assert all(np.isfinite(v) for v in flat.values())
+
 
 def test_descriptor_writer_follows_the_measurements():
-    image, mask = toy_case()
-    stats = image_stats(image, mask)
+    stats = pool.image_stats(*toy_case())
     for kind in pool.KINDS:
         text = pool.write_cot(stats, kind, **CONTEXT)
-        assert text == pool.write_cot(stats, kind, **CONTEXT)             # deterministic
-        assert set(parse_cot(text)) == set(FIELDS)
-        assert 60 <= len(text.split()) <= 120                             # about 128 tokens
-        assert not any(c.isdigit() for c in text)                         # no coordinates or numbers
-        assert "pulmonary veins" in text                                  # LA vocabulary
+        assert text == pool.write_cot(stats, kind, **CONTEXT) and pool.parse_cot(text)  # deterministic
+        assert 60 <= len(text.split()) <= 120 and not any(c.isdigit() for c in text)  # ~128 tokens, no digit
+        assert "pulmonary veins" in text                                   # LA vocabulary
     low = {k: lo - 1 for k, ((lo, hi), _) in pool.WORDING.items()}
     high = {k: hi + 1 for k, ((lo, hi), _) in pool.WORDING.items()}
-    blurred, sharp = (parse_cot(pool.write_cot({**stats, **s}, "mask", **CONTEXT)) for s in (low, high))
+    blurred, sharp = (pool.parse_cot(pool.write_cot({**stats, **s}, "mask", **CONTEXT)) for s in (low, high))
     assert blurred["boundary"].startswith("Blurred") and sharp["boundary"].startswith("Sharp")
     assert "Markedly heterogeneous" in sharp["texture"] and "Homogeneous" in blurred["texture"]
-    assert blurred["summary"].endswith("difficulty is weak contrast with its surroundings and blurred "
-                                       "margins.")
+    assert blurred["summary"].endswith("is weak contrast with its surroundings and blurred margins.")
     other = pool.write_cot(stats, "image", "CT", "abdomen", "liver")
     assert "adjacent abdomen structures" in other and "pulmonary" not in other
 
 
-# ----------------------------------------------------------------------------- the llm back end
+# ----------------------------------------------------------------------------- the LLM client
+
+def test_llm_request_format():
+    with LoopbackLLM() as server:
+        assert client(server, api_key=KEY, temperature=0.3).ask("describe") == CLEAN
+    (request,) = server.requests
+    assert (request["path"], request["headers"]["Authorization"]) == ("/v1/chat/completions", f"Bearer {KEY}")
+    assert request["body"] == {"model": "test-model", "temperature": 0.3,
+                               "messages": [{"role": "user", "content": "describe"}]}
+
+
+@pytest.mark.parametrize("behaviour", ["500", "badjson", "slow", "missing", "cut", ("wait", 503, 0)])
+def test_llm_retries_then_succeeds(behaviour):
+    with LoopbackLLM(script=[behaviour, behaviour], slow=0.6) as server:
+        assert client(server).ask("describe") == CLEAN
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("behaviour, cause", [("missing", "lacks Boundary"),
+                                              ("cut", "cut at the token limit")])
+def test_llm_gives_up_after_bounded_retries(behaviour, cause):
+    with LoopbackLLM(script=[behaviour] * 10) as server:
+        message = one_line_error(client(server, retries=3))
+    assert "no valid CoT after 4 attempts; last: invalid reply: " in message and cause in message
+    assert len(server.requests) == 4
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_short_retry_after_is_honoured_and_a_long_one_stops_the_build_at_once(tmp_path, status):
+    path = tmp_path / "cache.jsonl"
+    with LoopbackLLM(script=[("wait", status, 0.4), "ok", ("wait", status, 3600)]) as server:
+        start = time.monotonic()
+        with pytest.raises(pool.RateLimited) as failure:
+            pool.build_cots(image_jobs(4), pool.CotCache(path), "llm", CONTEXT, client(server),
+                            progress=False)
+        assert 0.4 <= time.monotonic() - start < 5 and len(server.requests) == 3  # then no sleep, no request
+    assert str(failure.value) == (f"{server.url}/v1/chat/completions: HTTP {status} (slow down): rate "
+                                  "limited, the server asks to wait 3600 s, over the 60 s this client waits; "
+                                  "stopped, finished texts are cached: re-run later")
+    assert len(pool.CotCache(path).records) == 1
+
+
+def test_llm_unreachable_server_is_retried_then_reported():
+    with socket.socket() as s:          # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(pool.LLMError, match="after 3 attempts; last: ConnectionError"):
+        pool.LLMClient(url, "test-model", timeout=0.2, backoff=0.01, retries=2).ask("describe")
+
+
+def test_control_characters_from_the_endpoint_reach_neither_cache_nor_terminal(tmp_path):
+    dirty = GOOD.replace("Mildly", "\x1b[31mMildly\x1b[0m\x07").replace("Sharp", "Sh\x9barp\x7f\r\u202e")
+    error = ("error", 400, "model 'nope'\x1b]0;owned\x07\nnot \x1b[2Jfound\x00")
+    with LoopbackLLM(reply=dirty, script=[error]) as server:
+        assert one_line_error(client(server)).endswith("completions: HTTP 400: model 'nope' not found")
+        texts = pool.build_cots(image_jobs(1), pool.CotCache(tmp_path / "c.jsonl"), "llm", CONTEXT,
+                                client(server), progress=False)
+    assert texts.image["case00"] == CLEAN and not pool.CONTROL.search((tmp_path / "c.jsonl").read_text())
+    assert len(server.requests) == 2                                     # a client error is not retried
+
+
+@pytest.mark.parametrize("behaviour", ["drip", "dripheaders"])
+def test_a_dripping_endpoint_trips_the_whole_request_deadline(behaviour):
+    """Every byte comes well within the timeout, the whole reply (several seconds) does not."""
+    with LoopbackLLM(script=[(behaviour, 0.02)]) as server:
+        start = time.monotonic()
+        message = one_line_error(client(server, timeout=1.0, retries=0))
+        assert 1.0 <= time.monotonic() - start < 2.0
+    assert message.endswith("no valid CoT after 1 attempts; last: no complete reply within 1 s")
+    with LoopbackLLM(script=[("drip", 0.02)]) as server:                 # and retried like a timeout
+        assert client(server, timeout=0.5).ask("describe") == CLEAN and len(server.requests) == 2
+
+
+def test_redirects_go_to_the_same_server_only():
+    with LoopbackLLM() as other:
+        away = other.url + "/v1/chat/completions"
+        with LoopbackLLM(script=[("redirect", away)]) as server:
+            message = one_line_error(client(server, api_key=KEY))
+        assert message == (f"{server.url}/v1/chat/completions: HTTP 307 redirects to another server "
+                           f"({away}); not followed, the prompt goes to the configured server only")
+        time.sleep(0.2)
+        assert len(server.requests) == 1 and other.requests == []          # neither the prompt nor the key
+    with LoopbackLLM(script=[("redirect", "/v2/chat/completions")]) as server:
+        assert client(server, api_key=KEY).ask("a prompt") == CLEAN
+    first, second = server.requests
+    assert (first["path"], second["path"]) == ("/v1/chat/completions", "/v2/chat/completions")
+    assert second["body"] == first["body"] and second["headers"]["Authorization"] == f"Bearer {KEY}"
+    with LoopbackLLM(script=[("redirect", "/v1/chat/completions")] * 20) as server:
+        assert one_line_error(client(server)).endswith(f"more than {pool.MAX_REDIRECTS} redirects")
+    assert len(server.requests) == pool.MAX_REDIRECTS + 1
+    assert pool.origin("http://127.0.0.1:8000/v1") == pool.origin("HTTP://127.0.0.1:8000/v2/chat")
+    assert pool.origin("http://example.org/v1") == pool.origin("http://EXAMPLE.org:80/x")
+    others = ["https://example.org/", "http://example.org:444/", "http://example.net:443/"]
+    assert all(pool.origin(url) != pool.origin("http://example.org:443/") for url in others)
+
+
+# ----------------------------------------------------------------------------- building and the cache
 
 def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
     import matplotlib.image
@@ -92,68 +247,57 @@ def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
     assert len(server.requests) == 2
     for request in server.requests:
         text, picture = request["body"]["messages"][0]["content"]
-        assert text["type"] == "text" and picture["type"] == "image_url"
         prefix, data = picture["image_url"]["url"].split(",", 1)
-        assert prefix == "data:image/png;base64"
+        assert (text["type"], picture["type"], prefix) == ("text", "image_url", "data:image/png;base64")
         rgb = matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png")[..., :3]
         red = (rgb[..., 0] > 0.8) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)
         assert red.any() == ("reference segmentation mask" in text["text"])
 
 
-# ----------------------------------------------------------------------------- the cache and building
+def test_cache_keys_by_content_prompt_model_and_back_end_and_skips_a_torn_line(tmp_path):
+    path, jobs = tmp_path / "cache.jsonl", image_jobs(3)
 
-def test_cache_skips_a_torn_line_and_keys_by_prompt_and_model(tmp_path):
-    path = tmp_path / "cache.jsonl"
-    jobs = image_jobs(3)
+    def build(jobs, asker=None, **kw):
+        return pool.build_cots(jobs, pool.CotCache(path), "llm", CONTEXT, asker or client(server),
+                               progress=False, **kw)
     with LoopbackLLM() as server:
-        first = pool.build_cots(jobs, pool.CotCache(path), "llm", CONTEXT, client(server), progress=False)
-        assert (first.new, first.cached, len(server.requests)) == (3, 0, 3)
-        again = pool.build_cots(jobs, pool.CotCache(path), "llm", CONTEXT, client(server), progress=False)
-        assert (again.new, again.cached, len(server.requests)) == (0, 3, 3)           # a re-run asks nothing
+        first = build(jobs)
+        again = build(jobs)
+        assert (first.new, again.new, again.cached, len(server.requests)) == (3, 0, 3, 3)  # nothing twice
         records = [json.loads(line) for line in path.read_text().splitlines()]
         assert {tuple(sorted(r)) for r in records} == {
             ("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
-        # a crash mid-write leaves a torn last line: skipped with a warning, the next record starts a new one
-        with open(path, "a") as f:
-            f.write(json.dumps(records[0])[:40])
-        with pytest.warns(UserWarning,
-                          match=r"cache.jsonl:4: skipping 1 damaged cache record\(s\) \(line 4;"):
-            cache = pool.CotCache(path)
-        assert len(cache.records) == 3
-        other_model = llm.LLMClient(server.url, "other-model", timeout=0.2)
-        assert pool.build_cots(jobs, cache, "llm", CONTEXT, other_model, progress=False).new == 3
-        prompts = tmp_path / "prompts"
-        prompts.mkdir()
-        for kind, name in pool.TEMPLATES.items():
-            (prompts / name).write_text(pool.load_template(kind) + "\nBe brief.")
-        changed = pool.build_cots(jobs, cache, "llm", CONTEXT, client(server), prompt_dir=prompts,
-                                  progress=False)
-        assert changed.new == 3 and len(server.requests) == 9
-    with pytest.warns(UserWarning, match=":4: skipping"):
-        assert len(pool.CotCache(path).records) == 9                          # every later record intact
-    with pytest.warns(UserWarning, match=":4: skipping"):
-        cache = pool.CotCache(path)
-    descriptors = pool.build_cots(jobs, cache, "descriptors", CONTEXT, progress=False)
+        path.write_text(path.read_text() + json.dumps(records[0])[:40])  # a crash mid-write: a torn line
+        with pytest.warns(UserWarning, match=r"cache.jsonl:4: skipping 1 damaged cache record\(s\) \(line"):
+            assert build([pool.Job("case00", "image", jobs[0].image + 1)]).new == 1  # a changed case
+            assert build(jobs, pool.LLMClient(server.url, "other-model", timeout=0.2)).new == 3
+            prompts = tmp_path / "prompts"
+            prompts.mkdir()
+            for kind, name in pool.TEMPLATES.items():
+                (prompts / name).write_text(pool.load_template(kind) + "\nBe brief.")
+            assert build(jobs, prompt_dir=prompts).new == 3 and len(server.requests) == 10
+            assert len(pool.CotCache(path).records) == 10                       # every later record intact
+            descriptors = pool.build_cots(jobs, pool.CotCache(path), "descriptors", CONTEXT, progress=False)
     assert descriptors.new == 3 and set(descriptors.image.values()).isdisjoint(again.image.values())
 
 
-def test_failed_case_is_reported_not_cached(tmp_path):
+@pytest.mark.parametrize("behaviour, cause", [("missing", "Boundary"), ("cut", "token limit")])
+def test_failed_case_is_reported_not_cached(tmp_path, behaviour, cause):
     path = tmp_path / "cache.jsonl"
-    with LoopbackLLM(script=["missing"] * 4) as server:
-        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, retries=3),
+    with LoopbackLLM(script=[behaviour] * 4) as server:
+        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server),
                                 progress=False)
         assert (texts.new, len(texts.failed)) == (2, 1)
         (case_id, kind), reason = next(iter(texts.failed.items()))
-        assert kind == "image" and "Boundary" in reason
-        assert case_id not in texts.image and len(path.read_text().splitlines()) == 2
+        assert kind == "image" and cause in reason and case_id not in texts.image
+        assert len(path.read_text().splitlines()) == 2
         retry = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server),
                                 progress=False)
         assert (retry.cached, retry.new, len(server.requests)) == (2, 1, 7)
 
 
 def test_records_of_the_wrong_shape_are_skipped_with_one_warning_and_asked_again(tmp_path):
-    path = tmp_path / "cache.jsonl"
-    jobs = image_jobs(8)
+    path, jobs = tmp_path / "cache.jsonl", image_jobs(8)
     pool.build_cots(jobs, pool.CotCache(path), "descriptors", CONTEXT, progress=False)
     good = [json.loads(line) for line in path.read_text().splitlines()]
     wrong = [{**good[0], "text": 42}, {k: v for k, v in good[1].items() if k != "content_hash"},
@@ -162,25 +306,24 @@ def test_records_of_the_wrong_shape_are_skipped_with_one_warning_and_asked_again
     path.write_text("".join(json.dumps(r) + "\n" for r in wrong) + json.dumps(good[7]) + "\n")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cache = pool.CotCache(path)
+        again = pool.build_cots(jobs, pool.CotCache(path), "descriptors", CONTEXT, progress=False)
     assert [str(w.message) for w in caught] == [
-        f"{path}:1: skipping 8 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or "
-        "an edit?); their texts are asked for again"]
-    again = pool.build_cots(jobs, cache, "descriptors", CONTEXT, progress=False)
+        f"{path}:1: skipping 8 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or an "
+        "edit?); their texts are asked for again"]
     assert (again.cached, again.new) == (1, 7) and again.image == {r["case_id"]: r["text"] for r in good}
 
 
-def test_a_huge_reply_is_refused_and_not_cached(tmp_path):
+def test_a_huge_reply_is_refused_at_once_and_not_cached(tmp_path):
     path = tmp_path / "cache.jsonl"
-    script = [("huge", 2 * llm.MAX_REPLY), ("claims", 10 ** 12)]
-    with LoopbackLLM(script=script) as server:
+    with LoopbackLLM(script=[("huge", 2 * pool.MAX_REPLY), ("claims", 10 ** 12)]) as server:
         texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, timeout=5),
                                 progress=False)
-    assert (texts.new, len(texts.failed), len(server.requests)) == (1, 2, 3)
-    assert sorted(r.split(": ", 1)[1].split(";")[0] for r in texts.failed.values()) == [
-        f"the reply runs over the {llm.MAX_REPLY} bytes accepted",
-        f"the reply would be {10 ** 12} bytes (Content-Length), over the {llm.MAX_REPLY} accepted"]
-    assert len(pool.CotCache(path).records) == 1 and len(path.read_text().splitlines()) == 1
+    assert (texts.new, len(texts.failed), len(server.requests)) == (1, 2, 3)   # neither is retried
+    assert sorted(r.split(": ", 1)[1] for r in texts.failed.values()) == [
+        f"the reply runs over the {pool.MAX_REPLY} bytes accepted; refused",
+        f"the reply would be {10 ** 12} bytes (Content-Length), over the {pool.MAX_REPLY} accepted; "
+        "refused unread"]
+    assert len(path.read_text().splitlines()) == 1
 
 
 def test_a_failed_cache_write_is_one_line_and_keeps_every_record(tmp_path):
@@ -188,79 +331,70 @@ def test_a_failed_cache_write_is_one_line_and_keeps_every_record(tmp_path):
     path = tmp_path / "cache.jsonl"
     pool.build_cots(image_jobs(2), pool.CotCache(path), "descriptors", CONTEXT, progress=False)
     before = path.read_bytes()
-    script = (f"import resource, signal, sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-              "import config, pool, test_pool\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before) + 100}, {len(before) + 100}))\n"
-              f"build = lambda argv: pool.build_cots(test_pool.image_jobs(4), pool.CotCache({str(path)!r}), "
-              "'descriptors', test_pool.CONTEXT, progress=False)\n"
-              "sys.exit(config.cli(build))\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == (f"error: {path}: cannot add a CoT text to the cache (File too large); the 2 texts "
-                           "cached so far are kept; re-run\n")
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["cache.jsonl"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                                   # no damaged line left behind
-        assert len(pool.CotCache(path).records) == 2
+    script = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import config, pool, test_pool\n"
+              "sys.exit(config.cli(lambda argv: pool.build_cots(test_pool.image_jobs(4), "
+              f"pool.CotCache({str(path)!r}), 'descriptors', test_pool.CONTEXT, progress=False)))\n")
+    status, last = finish(spawn(["-c", script], tmp_path, file_limit=len(before) + 100), tmp_path)
+    assert status == 2 and (tmp_path / "stdout.txt").read_text() == ""
+    assert last == (f"error: {path}: cannot add a CoT text to the cache (File too large); the 2 texts "
+                    "cached so far are kept; re-run")
+    assert path.read_bytes() == before                                  # no partial record left behind
 
 
 def test_check_cache_writable_refuses_before_any_data_are_read(tmp_path):
-    fine = cfg_for(tmp_path / "not" / "yet")                          # created by the build
-    assert pool.check_cache_writable(fine) == tmp_path / "not" / "yet" / "cot_cache.jsonl"
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "cot_cache.jsonl").mkdir()                  # a folder where the file goes
+    assert pool.check_cache_writable(cfg_for(tmp_path / "new")) == tmp_path / "new" / "cot_cache.jsonl"
+    (tmp_path / "taken" / "cot_cache.jsonl").mkdir(parents=True)      # a folder where the file goes
     (tmp_path / "file").write_text("")
-    for root, cause in [(tmp_path / "taken", "Is a directory"),
-                        (tmp_path / "file" / "LA", "Not a directory")]:
+    for root, cause in [(tmp_path / "taken", "read (Is a directory)"),
+                        (tmp_path / "file" / "LA", "created (Not a directory)")]:
         with pytest.raises(pool.CacheError) as failure:
             pool.check_cache_writable(cfg_for(root))
-        assert str(failure.value) == (f"{root / 'cot_cache.jsonl'}: the CoT cache cannot be written "
-                                      f"({cause}); make its folder writable or set --data_root")
+        assert str(failure.value) == (f"{root / 'cot_cache.jsonl'}: the CoT cache cannot be {cause}; "
+                                      "set --cot_cache or fix its folder")
+    elsewhere = cfg_for(tmp_path / "file", cot_cache=str(tmp_path / "cots.jsonl"))
+    assert pool.check_cache_writable(elsewhere) == tmp_path / "cots.jsonl"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["cot_cache.jsonl", "file", "taken"]
-
-
-def settled(server, quiet=0.5):
-    """The server's request count once no new request has come in for `quiet` seconds: requests a killed
-    client sent just before it died can still be accepted from the listen queue and counted a little later."""
-    count = -1
-    while count != len(server.requests):
-        count = len(server.requests)
-        time.sleep(quiet)
-    return count
 
 
 def test_killed_build_resumes_without_asking_again(tmp_path):
     path = tmp_path / "cache.jsonl"
-    script = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
-              "import llm, pool, test_pool\n"
-              f"client = llm.LLMClient(sys.argv[1], 'test-model', timeout=5)\n"
-              f"pool.build_cots(test_pool.image_jobs(12), pool.CotCache({str(path)!r}), 'llm', "
-              "test_pool.CONTEXT, client, progress=False)\n")
     with LoopbackLLM(latency=0.15) as server:
-        child = subprocess.Popen([sys.executable, "-c", script, server.url], cwd=ROOT)
+        child = spawn(["-c", CHILD, server.url, path, 12], tmp_path)
         try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and child.poll() is None:
-                if path.exists() and len(path.read_bytes().splitlines()) >= 3:
-                    break
-                time.sleep(0.02)
+            wait_for(child, tmp_path, lambda: path.exists() and len(path.read_bytes().splitlines()) >= 3)
         finally:
-            child.send_signal(signal.SIGKILL)
+            child.kill()                                                  # kill -9, holding the cache's lock
             child.wait(timeout=10)
-        done = len(pool.CotCache(path).records)
-        asked_before = settled(server)                                   # the dead child's last request in
+        done, asked_before = len(pool.CotCache(path).records), -1
+        while asked_before != len(server.requests):  # the dead child's last request may still come in
+            asked_before = len(server.requests)
+            time.sleep(0.5)
         assert 3 <= done < 12 and asked_before <= done + 1                # one worker: one was in flight
         texts = pool.build_cots(image_jobs(12), pool.CotCache(path), "llm", CONTEXT,
-                                client(server, timeout=5), workers=4, progress=False)  # no retry under load
-        assert (texts.cached, texts.new) == (done, 12 - done)
-        assert len(server.requests) - asked_before == 12 - done           # finished cases are not asked again
+                                client(server, timeout=5), workers=4, progress=False)  # the lock died with it
+        assert (texts.cached, texts.new, len(server.requests) - asked_before) == (done, 12 - done, 12 - done)
 
 
-def cfg_for(tmp_path, **kw):
+def test_two_builds_on_one_cache_ask_once_for_each_text(tmp_path):
+    """Two processes start while a third build holds the cache: both wait, then one asks for every text and
+    the other finds them cached."""
+    path, folders = tmp_path / "cache.jsonl", [tmp_path / "a", tmp_path / "b"]
+    with LoopbackLLM(latency=0.05) as server:
+        with pool.CotCache(path).writing():
+            for folder in folders:
+                folder.mkdir()
+            children = [spawn(["-c", CHILD, server.url, path, 6], folder) for folder in folders]
+            for child, folder in zip(children, folders):
+                wait_for(child, folder, lambda: "waiting" in (folder / "stdout.txt").read_text())
+        assert [finish(child, folder)[0] for child, folder in zip(children, folders)] == [0, 0]
+    last = sorted((f / "stdout.txt").read_text().splitlines()[-1] for f in folders)
+    assert last == ["built 0 6", "built 6 0"]
+    assert len(server.requests) == 6 and len(path.read_text().splitlines()) == 6
+
+
+def cfg_for(root, **kw):
     return SimpleNamespace(**{
-        "data_root": str(tmp_path), "cot_backend": "auto", "llm_url": "", "llm_model": "",
+        "data_root": str(root), "cot_backend": "auto", "llm_url": "", "llm_model": "",
         "llm_api_key_env": "CERS_TEST_KEY", "llm_temperature": 0.2, "llm_timeout": 0.5, "llm_workers": 2,
         "llm_retries": 1, "llm_vision": False, "modality": "late gadolinium-enhanced cardiac MRI",
         "anatomy": "heart", "target": "left atrium", **kw})
@@ -275,20 +409,40 @@ class Untouchable:
         raise AssertionError("an unlabeled or test label was used")
 
 
-def test_build_pool_offline_uses_only_labeled_masks(tmp_path, capsys):
+def test_build_pool_offline_uses_only_labeled_masks_and_a_read_only_full_cache(tmp_path, capsys, monkeypatch):
     volumes = {f"L{i}": toy_case(i) for i in range(2)}
     volumes.update({f"U{i}": (toy_case(10 + i)[0], Untouchable()) for i in range(2)})
     volumes["T0"] = (toy_case(20)[0], Untouchable())
-    split = SimpleNamespace(labeled=["L0", "L1"], unlabeled=["U0", "U1"], test=["T0"])
-    texts = pool.build_pool(cfg_for(tmp_path), split, volumes, progress=False)
+    split, cfg = SimpleNamespace(labeled=["L0", "L1"], unlabeled=["U0", "U1"], test=["T0"]), cfg_for(tmp_path)
+    texts = pool.build_pool(cfg, split, volumes, progress=False)
     assert sorted(texts.mask) == ["L0", "L1"] and sorted(texts.image) == sorted(volumes)
     assert texts.mask["L0"] != texts.image["L0"]
     out = capsys.readouterr().out
     assert out.count("offline descriptors back end") == 1 and "0 cached, 7 new, 0 failed" in out
-    again = pool.build_pool(cfg_for(tmp_path), split, volumes, progress=False)
-    assert (again.cached, again.new) == (7, 0) and again.image == texts.image
     with pytest.raises(ConfigError, match="needs llm_url and llm_model"):       # refused by the config
         get_config("PHANTOM_8", ["--cot_backend=llm"])
+
+    def read_only(file, mode="r", *args, **kwargs):  # refuses writing even to root, whom chmod does not stop
+        if set(mode) & set("wax+"):
+            raise PermissionError(13, "Permission denied")
+        return open(file, mode, *args, **kwargs)
+    monkeypatch.setattr(pool, "open", read_only, raising=False)
+    cache = tmp_path / "cot_cache.jsonl"
+    cache.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        assert pool.check_cache_writable(cfg) == cache
+        again = pool.build_pool(cfg, split, volumes, progress=False)
+        assert (again.cached, again.new, again.image, len(list(tmp_path.iterdir()))) == (7, 0, texts.image, 1)
+        with LoopbackLLM() as server:                                 # an LLM's texts are not cached: refused
+            with pytest.raises(pool.CacheError) as failure:
+                pool.build_pool(cfg_for(tmp_path, llm_url=server.url, llm_model="m"), split, volumes,
+                                progress=False)
+        assert server.requests == [] and str(failure.value) == (
+            f"{cache}: texts are missing from the CoT cache and it cannot be written (Permission denied); "
+            "make it writable or set --cot_cache")
+    finally:
+        tmp_path.chmod(0o755)
 
 
 def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
@@ -300,29 +454,31 @@ def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
         cfg = cfg_for(tmp_path, llm_url=server.url, llm_model="test-model", llm_workers=1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with pytest.raises(llm.LLMError) as failure:
+            with pytest.raises(pool.LLMError) as failure:
                 pool.build_pool(cfg, split, volumes, progress=False)
             texts = pool.build_pool(cfg, split, volumes, progress=False)   # only the failed case is re-asked
         assert len(server.requests) == 4 and texts.cached == 2
     assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
     assert "401" in str(failure.value) and "***" in str(failure.value)
     out, err = capfd.readouterr()
-    seen = [out, err, str(failure.value), repr(failure.value), repr(llm.LLMClient("u", "m", KEY))]
-    seen += [str(w.message) for w in caught]
-    seen += [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    seen = [out, err, str(failure.value), repr(failure.value), repr(pool.LLMClient("u", "m", KEY))]
+    seen += [str(w.message) for w in caught] + [p.read_text(errors="replace") for p in tmp_path.rglob("*")]
     assert len(seen) > 5 and not any(KEY in s for s in seen)
 
 
-def test_cli_builds_then_shows_a_phantom_pool(tmp_path, capsys):
-    pytest.importorskip("train")
-    pytest.importorskip("phantom")
+def test_cli_builds_then_shows_a_phantom_pool_without_raw_control_characters(tmp_path, capsys):
     args = ["--exp", "PHANTOM_8", f"--data_root={tmp_path}", "--phantom_cases=10,3",
-            "--phantom_shape=32,32,32"]
+            "--phantom_shape=32,32,32", f"--cot_cache={tmp_path / 'cots' / 'pool.jsonl'}"]
     pool.main(args + ["--workers=2"])
     assert "0 cached, 21 new, 0 failed (descriptors" in capsys.readouterr().out      # 8 mask + 13 image CoTs
     pool.main(args)
     assert "21 cached, 0 new, 0 failed" in capsys.readouterr().out
     case_id = (tmp_path / "train.list").read_text().split()[0]
+    with open(tmp_path / "cots" / "pool.jsonl", "a") as f:                # a hand-edited record
+        f.write(json.dumps({"case_id": case_id, "kind": "image", "backend": "llm", "model": "m\x1b]0;t\x07",
+                            "prompt_hash": "p", "content_hash": "c", "text": "\x1b[31mTexture: red"}) + "\n")
     pool.main(args + ["--show", case_id])
     out = capsys.readouterr().out
-    assert out.count("Texture:") == 2 and "mask CoT | descriptors | descriptors-v1" in out
+    assert out.count("Texture:") == 3 and "mask CoT | descriptors | descriptors-v1" in out
+    assert "image CoT | llm | m | prompt p" in out and "\nTexture: red\n" in out
+    assert not pool.CONTROL.search(out)

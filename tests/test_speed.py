@@ -1,4 +1,5 @@
-"""The fast path gives the plain path's losses; several processes (torchrun, gloo on CPU) train one model."""
+"""The fast path gives the plain path's losses; several processes (torchrun, gloo on CPU) train one model;
+bench.py times the CERS step against the plain one."""
 import os
 import subprocess
 import sys
@@ -8,11 +9,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import bench
 import data
 import train
+from config import World, cli
 from conftest import ROOT
-from distributed import World, check_consistent
 from test_train import TINY, tiny_cfg, tiny_overrides
+from train import check_consistent
 
 # fp32 with channels-last only reorders the same arithmetic; bf16 rounds activations to 8 significant bits
 CHANNELS_LAST_RTOL = 1e-4
@@ -27,7 +30,7 @@ def first_step_losses(cfg, split, volumes, batch, bf16, channels_last):
     run.teacher.to(memory_format=run.memory_format)
     run.student.train()
     run.teacher.eval()
-    return {k: float(v) for k, v in train.train_step(run, cfg.ref_warmup, *batch).items()}
+    return {k: float(v) for k, v in train.train_step(run, 0, *batch).items()}
 
 
 def bf16_autocast_works_on_this_cpu():
@@ -40,7 +43,7 @@ def bf16_autocast_works_on_this_cpu():
 
 
 def test_fast_path_gives_the_plain_losses(tiny_la, tmp_path):
-    cfg = tiny_cfg(tiny_la, tmp_path / "run", ref_warmup=0, consistency=1.0, rampup_iters=0)
+    cfg = tiny_cfg(tiny_la, tmp_path / "run", consistency=1.0, rampup_iters=0, patch_size="16,16,16")
     split, volumes = data.prepare_data(cfg)
     run = train.setup(cfg, split, volumes, torch.device("cpu"), progress=False)
     batch = run.sampler.next()                                      # one fixed batch for every variant
@@ -59,26 +62,25 @@ def test_fast_path_gives_the_plain_losses(tiny_la, tmp_path):
     assert fast != plain                                            # bf16 really ran
 
 
-def consistency_worker(rank, init_file, agree, results):
+def consistency_worker(rank, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     world = World(rank, 2)
-    tensor = torch.arange(6.0) + (0 if agree else rank * 1e-6)
-    try:
-        check_consistent(world, {"teacher.w": tensor, "bank.features": torch.ones(3)})
-        results[rank] = "ok"
-    except RuntimeError as e:
-        results[rank] = str(e)
+    for agree in (True, False):
+        tensor = torch.arange(6.0) + (0 if agree else rank * 1e-6)
+        try:
+            check_consistent(world, {"teacher.w": tensor, "bank.features": torch.ones(3)})
+            results[rank, agree] = "ok"
+        except RuntimeError as e:
+            results[rank, agree] = str(e)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("agree", [True, False])
-def test_check_consistent_compares_the_ranks(tmp_path, agree):
+def test_check_consistent_compares_the_ranks(tmp_path):
     results = mp.Manager().dict()
-    mp.spawn(consistency_worker, args=(str(tmp_path / "init"), agree, results), nprocs=2)
-    if agree:
-        assert dict(results) == {0: "ok", 1: "ok"}
-    else:
-        assert all("disagree on 1 tensors" in results[r] and "teacher.w" in results[r] for r in (0, 1))
+    mp.spawn(consistency_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert results[0, True] == results[1, True] == "ok"
+    assert all("disagree on 1 tensors" in results[r, False] and "teacher.w" in results[r, False]
+               for r in (0, 1))
 
 
 def test_torchrun_two_processes_train_one_model(tiny_la, tmp_path):
@@ -102,19 +104,11 @@ def test_torchrun_two_processes_train_one_model(tiny_la, tmp_path):
     assert (out / "log.csv").read_text().count("\n") == 1 + TINY["max_iters"]   # one header, one row per step
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_step_never_waits_for_the_gpu(tiny_la, tmp_path):
-    """A CERS step on CUDA (batch, references, losses, SGD, EMA) makes no synchronising call: the step
-    after the bank refresh runs with torch's sync debug mode set to raise on one."""
-    cfg = tiny_cfg(tiny_la, tmp_path / "run", device="cuda", ref_warmup=0, bank_refresh=100)
-    split, volumes = data.prepare_data(cfg)
-    run = train.setup(cfg, split, volumes, torch.device("cuda"), progress=False)
-    run.student.train()
-    run.teacher.eval()
-    train.train_step(run, 0, *run.sampler.next())                   # refreshes the bank: the planned pause
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        train.train_step(run, 1, *run.sampler.next())
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+def test_bench_times_both_steps_on_the_same_batches(tiny_la, tmp_path, capsys):
+    args = tiny_overrides(tiny_la, tmp_path / "run", patch_size="16,16,16")
+    result = bench.main(["--exp", "PHANTOM_8", *args, "--steps=1", "--warmup=0"])
+    out = capsys.readouterr().out
+    assert all(words in out for words in ("(a)/(b)", "ms per batch", "ms per window", "peak process memory"))
+    assert result["plain"]["step_s"] > 0 and result["cers"]["step_s"] > 0 and result["cers"]["window_s"] > 0
+    assert "retrieval_s" not in result["plain"] and result["cers"]["retrieval_s"] > 0
+    assert cli(bench.main, ["--steps=0"]) == 2 and "--steps" in capsys.readouterr().err

@@ -1,26 +1,24 @@
-"""Config, schedules, losses, extensions, the training loop (loss goes down, exact resume), ablation tables
-and test.py end to end."""
+"""train.py: the schedules and the EMA, the loop (loss goes down, references on every step, exact resume of the
+weights, the bank and the log), the record of a run (provenance, its header after the checks), the dry run
+(--check), out of memory in one line, and the ablation rows."""
 import csv
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 
-import ablate
-import extensions
-import losses
-import test as T
+import files
 import train
-from checkpoint import CheckpointError
-from config import ConfigError, get_config
+from config import CersError, ConfigError, World, cli, get_config
 from conftest import spawn, wait_for
 
-
-# a seconds-long CERS run on the tiny data: references from iteration 2, bank refreshed every 2
+# a seconds-long CERS run on the tiny data: the bank refreshed every 2 iterations, a checkpoint every 2
 TINY = {"phantom": "false", "num_labeled": 2, "patch_size": "32,32,16", "base_filters": 4, "max_iters": 4,
         "log_every": 1, "ckpt_every": 2, "rampup_iters": 2, "stride_xy": 16, "stride_z": 8, "window_batch": 4,
-        "device": "cpu", "ref_warmup": 2, "bank_refresh": 2, "k_coarse": 4, "k_fine": 2}
+        "device": "cpu", "bank_refresh": 2, "k_coarse": 4, "k_fine": 2}
 
 
 def tiny_overrides(root, out, **extra):
@@ -31,25 +29,30 @@ def tiny_cfg(root, out, **extra):
     return get_config("PHANTOM_8", tiny_overrides(root, out, **extra))
 
 
-def test_overrides_are_checked_by_type():
-    cfg = get_config("LA_8", ["--max_iters=10", "--lr=0.5", "--patch_size=96,96,64", "--amp=false"])
-    assert (cfg.max_iters, cfg.lr, cfg.patch_size, cfg.amp) == (10, 0.5, (96, 96, 64), False)
-    assert cfg.num_labeled == 8 and cfg.out_dir == "runs/LA_8" and cfg.bank_stride == (96, 96, 64)
-    for bad in (["--max_iters=ten"], ["--no_such_key=1"], ["--amp=maybe"], ["--patch_size=100,96,64"],
-                ["max_iters"]):
-        with pytest.raises(ConfigError):
-            get_config("LA_8", bad)
-    with pytest.raises(ConfigError, match="unknown experiment"):
-        get_config("LA_9")
+def read_log(path, drop=("seconds",)):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
-def test_la_protocol_settings():
-    cfg = get_config("LA_16")
-    assert cfg.num_labeled == 16 and cfg.patch_size == (112, 112, 80)
-    assert (cfg.batch_size, cfg.labeled_bs) == (4, 2)
-    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.ema_decay) == (0.01, 0.9, 1e-4, 0.99)
-    assert cfg.max_iters == 15000
-    assert (cfg.stride_xy, cfg.stride_z, cfg.base_filters) == (18, 4, 16)
+def same_weights(a, b):
+    a, b = (torch.load(p, weights_only=True) for p in (a, b))
+    assert a["iter"] == b["iter"]
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert (a["bank"] is None) == (b["bank"] is None)
+    assert a["bank"] is None or torch.equal(a["bank"]["features"], b["bank"]["features"])
+    return a
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train in this process on one thread, as the children do: bit-identical sums need the same count, and on
+    a busy machine a second thread waits more than it works."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_schedules():
@@ -57,97 +60,97 @@ def test_schedules():
     assert train.lr_at(0, cfg) == cfg.lr and train.lr_at(cfg.max_iters, cfg) == 0.0
     assert train.lr_at(7500, cfg) == pytest.approx(0.01 * 0.5 ** 0.9)
     assert train.sigmoid_rampup(0, 6000) == pytest.approx(math.exp(-5))
-    assert train.sigmoid_rampup(6000, 6000) == 1.0 == train.sigmoid_rampup(9000, 6000)
+    assert train.sigmoid_rampup(6000, 6000) == 1.0 == train.sigmoid_rampup(9000, 6000) == train.sigmoid_rampup(0, 0)
     assert train.consistency_weight(3000, cfg) == pytest.approx(cfg.consistency * math.exp(-5 * 0.25))
 
 
-def test_losses_known_answers():
-    label = torch.zeros(1, 4, 4, 4, dtype=torch.long)
-    label[0, :2] = 1
-    perfect = torch.stack([1 - label, label], 1).float() * 40 - 20     # confident and right
-    assert losses.supervised_loss(perfect, label) < 1e-6
-    assert losses.dice_loss(torch.zeros(1, 4, 4, 4), label.float()) == pytest.approx(1.0, abs=1e-4)
-    p = torch.tensor([0.2, 0.5, 0.9])
-    assert torch.allclose(losses.sharpen(p, 1.0), p)
-    s = losses.sharpen(p, 0.1)
-    assert s[0] < 1e-5 and s[1] == 0.5 and s[2] > 0.99999
-    assert losses.mse(torch.zeros(0), torch.zeros(0)) == 0.0                # no unlabeled patches: 0, not NaN
-
-
-def test_extensions_switched_off_change_nothing():
-    """Each extension hands back what it was given when its switch is off, and acts when it is on."""
-    torch.manual_seed(0)
-    image, target = torch.rand(4, 1, 16, 16, 16), torch.rand(2, 16, 16, 16)        # 2 labeled + 2 unlabeled
-    label = (torch.rand(2, 16, 16, 16) > 0.5).long()
-    logits_a, logits_b = torch.randn(2, 2, 16, 16, 16), torch.randn(2, 2, 16, 16, 16)     # unlabeled part
-    loss_mt = torch.tensor(0.3)
-    off = get_config("LA_8")                                         # the LA protocol: every extension off
-    assert extensions.strong_labeled_view(image, 2, off) is image
-    assert extensions.strong_unlabeled_view(image, 2, off) is image
-    assert all(a is b for a, b in zip(extensions.mixed(image, target, label, 2, off), (image, target)))
-    assert extensions.copy_paste_loss(loss_mt, logits_a, logits_b, target, off) is loss_mt
-    assert extensions.transfer_loss(None, label, target, 2, 1.0, off) == 0.0
-    on = get_config("LA_8", ["--strong_labeled=true", "--strong_view=true", "--mix_labeled=true"])
-    labeled_view = extensions.strong_labeled_view(image, 2, on)
-    assert not torch.equal(labeled_view[:2], image[:2]) and torch.equal(labeled_view[2:], image[2:])
-    unlabeled_view = extensions.strong_unlabeled_view(image, 2, on)
-    assert torch.equal(unlabeled_view[:2], image[:2]) and not torch.equal(unlabeled_view[2:], image[2:])
-    mixed, mixed_target = extensions.mixed(image, target, label, 2, on)   # each in part from a labeled one
-    assert torch.equal(mixed[:2], image[:2]) and not torch.equal(mixed_target, target)
-    hard = (target > 0.5).long()
-    assert extensions.copy_paste_loss(loss_mt, logits_a, logits_b, target, on) == pytest.approx(
-        float(losses.supervised_loss(logits_a, hard) + losses.supervised_loss(logits_b, hard)))
-
-
-def test_the_transfer_loss_compares_with_the_foreground_share():
-    """ref_masks: the transferred labels (B, H, d, h, w) against each patch's foreground share on their grid,
-    the unlabeled part weighted by the consistency weight."""
-    cfg = get_config("LA_8", ["--transfer_weight=2.0"])
-    label = torch.zeros(1, 4, 4, 4, dtype=torch.long)
-    label[0, :2] = 1                                                 # share 1 in the first half of x, 0 after
-    target = torch.full((1, 4, 4, 4), 0.5)
-    share = torch.stack([label[0].float(), target[0]])[:, None, ::2, ::2, ::2]     # (2, 1, 2, 2, 2)
-    exact = share.expand(2, 3, 2, 2, 2)                             # three heads, each transferring the share
-    assert extensions.transfer_loss(exact, label, target, 1, 0.5, cfg) == 0.0
-    off_by = exact + torch.tensor([0.1, 0.2]).view(2, 1, 1, 1, 1)  # labeled off by 0.1, unlabeled by 0.2
-    assert float(extensions.transfer_loss(off_by, label, target, 1, 0.5, cfg)) == pytest.approx(
-        2.0 * (0.1 ** 2 + 0.5 * 0.2 ** 2))
-
-
 def test_ema_update_moves_the_teacher():
-    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    student, teacher = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        student.weight += torch.tensor([3.0, 4.0])
+    student.running_mean += 1.0
+    student.num_batches_tracked += 7
     before = teacher.weight.clone()
     train.ema_update(teacher, student, 0.99, it=100)
     assert torch.allclose(teacher.weight, 0.99 * before + 0.01 * student.weight)
-    train.ema_update(teacher, student, 0.99, it=0)                   # first step copies the student
+    assert torch.allclose(teacher.running_mean, 0.01 * student.running_mean)       # float buffers follow
+    assert teacher.num_batches_tracked == 7                                          # the others are copied
+    train.ema_update(teacher, student, 0.99, it=0)                   # the first step copies the student
     assert torch.allclose(teacher.weight, student.weight)
 
 
-def test_a_few_iterations_lower_the_supervised_loss(tiny_la, tmp_path):
+def test_a_few_iterations_lower_the_supervised_loss_and_record_the_run(tiny_la, tmp_path, capsys):
+    """Overfitting a few labeled patches; the run's config.json has the provenance its header prints, and
+    log.csv has a row per iteration with decoder A's use of its references."""
     torch.manual_seed(0)
-    cfg = tiny_cfg(tiny_la, tmp_path / "run", max_iters=30, lr=0.05, dropout=0.0, consistency=0.0,
-                   log_every=5)
-    train.train(cfg, progress=False)
-    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
-    sup = [float(r.split(",")[3]) for r in rows]
+    out = tmp_path / "run"
+    train.train(tiny_cfg(tiny_la, out, max_iters=30, lr=0.05, dropout=0.0, consistency=0.0, log_every=5,
+                         bank_refresh=10), progress=False)
+    rows = read_log(out / "log.csv")
+    assert [int(r["iter"]) for r in rows] == list(range(5, 31, 5))
+    sup = [float(r["sup"]) for r in rows]
     assert sup[-1] < 0.7 * sup[0], sup
+    assert all(float(r["ref_delta"]) >= 0 and float(r["context_ratio"]) > 0 for r in rows)
+    record = json.loads((out / "config.json").read_text())
+    prov = record.pop("provenance")
+    assert record["max_iters"] == 30 and prov["labeled"] == ["CASE00", "CASE01"]
+    assert prov["torch"] == torch.__version__ and prov["processes"] == 1 and prov["global_batch"] == 4
+    assert set(prov) >= {"cuda", "cudnn", "device", "git_commit", "git_changes", "command"}
+    assert prov["git_commit"] == "unknown" or len(prov["git_commit"]) == 40
+    header = capsys.readouterr().out.split("PHANTOM_8: ")[1].split("trained 30 iterations")[0]
+    assert len(header.strip().splitlines()) <= 10 and (out / "curves.png").stat().st_size > 0
+    header = " ".join(header.split())
+    assert "max_iters=30" in header and "labeled: CASE00, CASE01;" in header and f"git_commit: {prov['git_commit']}" in header
 
 
-@pytest.mark.parametrize("mix", [{"unlabeled_mix": "false"}, {"unlabeled_mix": "true"},
-                                 {"mix_labeled": "true"}, {"unlabeled_mix": "true", "strong_view": "true"},
-                                 {"ref_masks": "true", "ref_counterfactual": 0.7, "ref_proto_weight": 1.0}])
-def test_resume_gives_the_same_weights_and_bank(tiny_la, tmp_path, mix):
-    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, **mix), progress=False)
-    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, **mix)
-    train.train(half, progress=False, stop_at=3)                     # interrupted after the bank's first fill
+def test_every_step_uses_references_that_are_never_the_query_s_own_case(tiny_la, tmp_path, monkeypatch):
+    seen, query = [], train.query_references
+
+    def spy(bank, logits_b, case_ids, cfg, generator=None, mode=None):
+        refs = query(bank, logits_b, case_ids, cfg, generator, mode)
+        seen.append((case_ids, [[bank.case_ids[j] for j in row] for row in refs.indices.tolist()], refs))
+        return refs
+
+    monkeypatch.setattr(train, "query_references", spy)
+    ckpt = train.train(tiny_cfg(tiny_la, tmp_path / "run", log_every=10), progress=False)
+    assert len(seen) == 4 + 1                                         # one a step, from the first; the log's
+    for case_ids, chosen, refs in seen:
+        assert refs.features.shape[:3] == (4, 2, 16 * 4)              # (B, k_fine, 16f, ...)
+        assert all(own not in picked for own, picked in zip(case_ids, chosen))
+    saved = torch.load(ckpt, weights_only=True)
+    assert set(saved["pool"]["image"]) >= {i for ids, _, _ in seen for i in ids}
+
+
+@pytest.mark.parametrize("references", ["true", "false"])
+def test_a_resumed_run_is_the_uninterrupted_one(tiny_la, tmp_path, references):
+    """Stopped after iteration 3 (a checkpoint at 2 and 3, the bank filled at 0 and 2) and resumed: the same
+    weights, bank and log as a run of 5 iterations in one go."""
+    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, references=references), progress=False)
+    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, references=references)
+    train.train(half, progress=False, stop_at=3)
     resumed = train.train(half, resume=True, progress=False)
-    a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
-    assert a["iter"] == b["iter"] == 5
-    for key in ("student", "teacher"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), (key, name)
-    assert a["bank"]["features"] is not None and torch.equal(a["bank"]["features"], b["bank"]["features"])
-    assert (tmp_path / "half" / "log.csv").read_text().count("\n") == 6  # header + 5 rows, none lost
+    assert same_weights(full, resumed)["iter"] == 5
+    assert read_log(tmp_path / "half" / "log.csv") == read_log(tmp_path / "full" / "log.csv")
+
+
+def test_the_log_drops_the_rows_after_the_checkpoint_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "log.csv"
+    train.start_log(path)
+    with open(path, "a", newline="") as f:                            # rows as the loop writes them (\r\n)
+        csv.writer(f).writerows([it, 0.01, 1.5, 0.5, 0.25, 0.125, 1.0, "nan", 0.5, 2 * it] for it in (2, 4, 6))
+    whole = path.read_bytes()
+    with open(path, "a", newline="") as f:
+        f.write("8,0.01,1.5\r\n10,0.0")                               # a row after the checkpoint, one cut short
+    cut = path.read_bytes()
+    monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(files.WriteError, match="log.csv"):
+        train.start_log(path, resume_at=6)
+    assert path.read_bytes() == cut and os.listdir(tmp_path) == ["log.csv"]   # as it was, no temp file
+    monkeypatch.undo()
+    train.start_log(path, resume_at=6)
+    assert path.read_bytes() == whole and [r["iter"] for r in read_log(path)] == ["2", "4", "6"]
+    train.start_log(path)                                             # a new run: the header alone
+    assert path.read_text() == ",".join(train.COLUMNS) + "\n"
 
 
 KILLED_IN_SECOND_SAVE = """
@@ -167,18 +170,9 @@ sys.exit(cli(train.main))
 """
 
 
-@pytest.fixture
-def one_thread():
-    """Train in this process on one thread, as the children do: bit-identical sums need the same count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_a_killed_run_resumes_to_the_same_weights(tiny_la, tmp_path, capsys, one_thread):
+def test_a_killed_run_resumes_to_the_same_weights(tiny_la, tmp_path, capsys):
     """kill -9 in the middle of the second checkpoint's write: the first checkpoint is intact, --resume takes
-    over the dead run's lock, removes its temp file and ends with the uninterrupted run's weights."""
+    over the dead run's lock, removes its temp file and ends with the uninterrupted run's weights and log."""
     full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5), progress=False)
     half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5)
     child = spawn(["-c", KILLED_IN_SECOND_SAVE, "--exp", "PHANTOM_8", "--no-test",
@@ -187,174 +181,134 @@ def test_a_killed_run_resumes_to_the_same_weights(tiny_la, tmp_path, capsys, one
     child.kill()
     assert child.wait(60) == -9
     out = tmp_path / "half"
-    assert sorted(p.name for p in out.glob(".ckpt_last.pt.*.tmp")) != [] and (out / "run.lock").exists()
+    assert list(out.glob(".ckpt_last.pt.*.tmp")) != [] and (out / "run.lock").exists()
     capsys.readouterr()
     resumed = train.train(half, resume=True, progress=False)
     seen = capsys.readouterr()
     assert f"rank 0: resumed {out / 'ckpt_last.pt'} at iteration 2" in seen.out
     assert f"held by process {child.pid}, which ended without releasing it; taken over" in seen.err
-    a, b = torch.load(full, weights_only=False), torch.load(resumed, weights_only=False)
-    assert a["iter"] == b["iter"] == 5
-    for key in ("student", "teacher"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), (key, name)
-    assert torch.equal(a["bank"]["features"], b["bank"]["features"])
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock") == []
+    same_weights(full, resumed)
+    assert read_log(out / "log.csv") == read_log(tmp_path / "full" / "log.csv")
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock"] == []
 
 
 def test_test_cases_never_change_training(tmp_path):
     """Training reads the labeled and unlabeled cases only: a phantom with more test cases (the train cases
     are the same files) gives bit-identical weights, so a run can be re-scored on a larger test set."""
-    ckpts = []
-    for n_test in (1, 3):
-        extra = dict(phantom="true", phantom_cases=f"6,{n_test}", phantom_shape="32,32,16", max_iters=3)
-        ckpts.append(train.train(tiny_cfg(tmp_path / f"data{n_test}", tmp_path / f"run{n_test}", **extra),
-                                 progress=False))
-    a, b = (torch.load(c, weights_only=False) for c in ckpts)
-    assert len(a["split"]["test"]) == 1 and len(b["split"]["test"]) == 3
-    assert a["split"]["test"] == b["split"]["test"][:1]
-    for key in ("student", "teacher"):
-        assert all(torch.equal(t, b[key][name]) for name, t in a[key].items()), key
-    assert torch.equal(a["bank"]["features"], b["bank"]["features"])
+    ckpts = [train.train(tiny_cfg(tmp_path / f"data{n}", tmp_path / f"run{n}", phantom="true", max_iters=2,
+                                  phantom_cases=f"6,{n}", phantom_shape="32,32,16"), progress=False) for n in (1, 3)]
+    assert torch.load(ckpts[1], weights_only=True)["split"]["test"][:1] == same_weights(*ckpts)["split"]["test"]
 
 
-def test_training_steps_use_the_references(tiny_la, tmp_path, monkeypatch):
-    """After the warm-up every step queries the bank; labeled queries never get their own case back."""
-    seen = []
-    query = train.query_references
+def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tiny_la, tmp_path, monkeypatch):
+    step = train.train_step
 
-    def spy(bank, logits_b, case_ids, cfg, generator=None, mode=None):
-        refs = query(bank, logits_b, case_ids, cfg, generator, mode)
-        chosen = [[bank.case_ids[j] for j in row] for row in refs.indices.tolist()]
-        seen.append((case_ids, chosen, refs.features.shape))
-        return refs
+    def oom_at_3(run, it, *batch):
+        if it == 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+        return step(run, it, *batch)
 
-    monkeypatch.setattr(train, "query_references", spy)
-    ckpt = train.train(tiny_cfg(tiny_la, tmp_path / "run"), progress=False)
-    assert len(seen) == 2                                             # iterations 3 and 4
-    for case_ids, chosen, shape in seen:
-        assert shape[:2] == (4, 2) and shape[2] == 4 * 16             # (B, k_fine, 16f, ...)
-        for own, refs in zip(case_ids, chosen):
-            assert own not in refs
-    saved = torch.load(ckpt, weights_only=False)
-    assert set(saved["pool"]["image"]) >= set(case_ids) and saved["bank"]["features"].shape[1] == 64
-
-
-@pytest.mark.parametrize("flags, sizes", [({"strong_view": "false"}, []), ({"strong_view": "true"}, [2]),
-                                           ({"strong_view": "true", "strong_labeled": "true"}, [2, 2]),
-                                           ({"strong_view": "false", "strong_labeled": "true"}, [2])])
-def test_strong_view_goes_to_the_patches_asked_for(tiny_la, tmp_path, monkeypatch, flags, sizes):
-    """strong_view changes the unlabeled patches, strong_labeled the labeled ones, each once a step; the batch
-    here is 2 labeled + 2 unlabeled, and a batch-sized call (4) would mean both parts at once."""
-    seen = []
-    view = extensions.data.strong_view
-
-    def spy(x):
-        seen.append(len(x))
-        return view(x)
-
-    monkeypatch.setattr(extensions.data, "strong_view", spy)
-    train.train(tiny_cfg(tiny_la, tmp_path / "run", references="false", max_iters=2, **flags), progress=False)
-    assert seen == sizes * 2                                          # the same calls in each of 2 iterations
+    monkeypatch.setattr(train, "train_step", oom_at_3)
+    cfg = tiny_cfg(tiny_la, tmp_path / "run")
+    with pytest.raises(CersError) as e:
+        train.train(cfg, progress=False)
+    ckpt = tmp_path / "run" / "ckpt_last.pt"
+    assert all(w in str(e.value) for w in ("out of memory", "patch_size=32,32,16", "batch_size=4",
+                                           "base_filters=4", "--patch_size", "--batch_size", str(ckpt)))
+    assert torch.load(ckpt, weights_only=True)["iter"] == 2 and not (tmp_path / "run" / "run.lock").exists()
+    monkeypatch.setattr(train, "train_step", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):                  # any other error stays a bug
+        train.train(cfg, progress=False, resume=True)
 
 
-def test_test_py_end_to_end(tiny_la, tmp_path, capsys):
-    ckpt = train.train(tiny_cfg(tiny_la, tmp_path / "run"), progress=False)
-    summary = T.evaluate(ckpt, lcc=True, progress=False)
-    out = capsys.readouterr().out
-    assert "largest connected component ON" in out and "mean ± std" in out
-    assert summary["cases"] == 2 and 0.0 <= summary["dice"]["mean"] <= 1.0
-    assert summary["sensitivity"]
-    assert all(0.0 <= summary[k]["mean"] <= 1.0 for k in ("transfer", "transfer_random"))
-    assert "label transfer" in out and "case by case" in out
-    rows = list(csv.DictReader(open(tmp_path / "run" / "test" / "per_case.csv")))  # the paired gain, per case
-    assert all(math.isclose(float(r["ref_gain"]), float(r["dice_a"]) - float(r["dice_a_random"]))
-               for r in rows)
-    for name in ("per_case.csv", "summary.json", "predictions.png", "references.png"):
-        assert (tmp_path / "run" / "test" / name).stat().st_size > 0
-    T.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "again"), "--device", "cpu"])
-    assert "largest connected component off" in capsys.readouterr().out
+def test_a_folder_with_only_the_record_takes_the_same_config_again(tiny_la, tmp_path):
+    """config.json (with its provenance) but no checkpoint, as a run stopped before its first one leaves: the
+    same config trains there again, another is refused without --force."""
+    cfg = tiny_cfg(tiny_la, tmp_path / "run", references="false", max_iters=1)
+    (train.train(cfg, progress=False)).unlink()
+    assert "provenance" in json.loads((tmp_path / "run" / "config.json").read_text())
+    assert train.train(cfg, progress=False).exists()
+    (tmp_path / "run" / "ckpt_last.pt").unlink()
+    with pytest.raises(ConfigError, match="lr=0.03 there, 0.02 here"):
+        train.train(tiny_cfg(tiny_la, tmp_path / "run", references="false", max_iters=1, lr=0.02), progress=False)
 
 
-def test_sliding_window_handles_odd_and_small_volumes():
-    import numpy as np
-    for shape in [(37, 29, 21), (20, 50, 9), (32, 32, 16)]:
-        image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-        # identity "network": the window's own voxels come back, so the average must equal the image
-        prob = T.sliding_window(lambda x: x, image, (32, 32, 16), 7, 5, 3, "cpu")
-        assert prob.shape == (1, *shape) and np.allclose(prob[0], image, atol=1e-6)
+# ----------------------------------------------------------------------------- the checks before a run
+
+def test_check_says_what_would_run_and_leaves_nothing(tiny_la, tmp_path, capsys):
+    before = sorted(p.name for p in tiny_la.iterdir())
+    out = tmp_path / "runs" / "run"
+    assert cli(train.main, ["--exp", "PHANTOM_8", "--check", *tiny_overrides(tiny_la, out)]) == 0
+    said = capsys.readouterr().out
+    assert "check passed: iterations 1 to 4 would run with descriptors CoT texts" in said
+    assert "labeled: CASE00, CASE01;" in said and "fp32 + channels-last 3D" in said and "device: " in said
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in tiny_la.iterdir()) == before
+    data = tmp_path / "phantom"                                       # not generated: only said
+    assert cli(train.main, ["--exp", "PHANTOM_8", "--check", f"--data_root={data}", f"--out_dir={out}"]) == 0
+    assert f"once a phantom is written to {data}" in capsys.readouterr().out and not data.exists()
 
 
-def test_retrieve_explain_queries_with_the_checkpoint(tiny_la, tmp_path, capsys):
-    """explain.py --explain: a test case needs a trained decoder B for its query; then it explains and
-    draws."""
-    import explain
+def test_check_refuses_what_the_run_would_refuse(tiny_la, tmp_path, capsys, monkeypatch):
+    def refused(*words, **overrides):
+        assert cli(train.main, ["--exp", "PHANTOM_8", "--check", *tiny_overrides(tiny_la, out, **overrides)]) == 2
+        seen = capsys.readouterr()
+        assert seen.out == "" and seen.err.count("\n") == 1 and all(w in seen.err for w in words), seen.err
+
     out = tmp_path / "run"
-    args = ["--exp", "PHANTOM_8", f"--data_root={tiny_la}", "--phantom=false", "--num_labeled=2",
-            "--patch_size=32,32,16", f"--out_dir={out}", "--k_coarse=4", "--k_fine=2", "--explain", "CASE06"]
-    with pytest.raises(CheckpointError, match="no checkpoint"):
-        explain.main(args)                                            # a test mask is never read instead
-    train.train(tiny_cfg(tiny_la, out), progress=False)
-    explain.main(args)
-    assert "CASE06" in capsys.readouterr().out
-    assert (out / "explain_CASE06.png").stat().st_size > 0
+    refused("no_such_place", "data root not found", data_root=tmp_path / "no_such_place")
+    with pytest.raises(ConfigError, match="labeled_bs=1 must divide among 2 processes"):
+        train.check_run(tiny_cfg(tiny_la, out, labeled_bs=1), World(0, 2))
+    with files.Lock(out / "run.lock"):                               # another run trains there
+        refused(f"another run (PID {os.getpid()}) is training in this folder")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 2 ** 20))
+    refused("1 MB free", "checkpoints need")
+    assert not out.exists()
 
 
-@pytest.mark.parametrize("ref_masks", [False, True])
-def test_references_switch_in_without_a_jump_then_matter(tiny_la, tmp_path, monkeypatch, ref_masks):
-    """At the first iteration with references, decoder A with them is decoder A without them, bit for bit (the
-    reference path starts as the identity); with the references' masks, a few iterations later decoder A's
-    output depends on which references it gets: the log's retrieved-vs-random change is clearly above zero.
-    (Without masks it stays near zero on this data: docs/results.md §2.3.)"""
-    import model
-    first = []
-    forward = model.DualDecoderVNet.forward
-
-    def spy(self, x, refs=None, **options):
-        a, b, transferred = forward(self, x, refs, **options)
-        if refs is not None and not first:              # the switch: compare with no references
-            with torch.no_grad():
-                first.append(torch.equal(a, self.decode_a(self.encoder(x))))
-        return a, b, transferred
-
-    monkeypatch.setattr(model.DualDecoderVNet, "forward", spy)
-    cfg = tiny_cfg(tiny_la, tmp_path / "run", max_iters=14, ref_warmup=4, dropout=0.0, lr=0.05,
-                   ref_masks=str(ref_masks).lower())
-    train.train(cfg, progress=False)
-    assert first == [True]
-    rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
-    before = [float(r["ref_delta"]) for r in rows if int(r["iter"]) <= 4]
-    after = [float(r["ref_delta"]) for r in rows if int(r["iter"]) > 4]
-    assert all(math.isnan(v) for v in before) and all(math.isfinite(float(r["sup_a"])) for r in rows)
-    assert all(v >= 0 for v in after)
-    if ref_masks:                                                   # decoder A reads its references' labels
-        assert after[-1] > 1e-3, after
+def test_a_run_prints_its_config_only_after_the_checks(tmp_path, capfd):
+    """Without data a run says so in one line, and nothing else (no config printed first)."""
+    args = ["--exp", "PHANTOM_8", *tiny_overrides(tmp_path / "no_data", tmp_path / "run")]
+    assert cli(train.main, args) == 2
+    seen = capfd.readouterr()
+    assert seen.out == "" and seen.err.startswith("error: ") and seen.err.count("\n") == 1, seen
 
 
-def test_ablation_table_aggregates_seeds(tmp_path):
-    """Each row is the mean ± std (n - 1) over the seeds of each run's mean; sensitivity columns only where
-    measured."""
-    for seed, dice, delta in ((1, 0.80, 0.002), (2, 0.90, 0.004)):
-        folder = tmp_path / "ref_masks" / f"seed{seed}" / "test"
-        folder.mkdir(parents=True)
-        (folder / "summary.json").write_text(json.dumps({
-            "dice": {"mean": dice}, "jaccard": {"mean": 0.7}, "hd95": {"mean": 5.0}, "asd": {"mean": 1.0},
-            "dice_a": {"mean": dice}, "dice_b": {"mean": dice}, "ref_delta": {"mean": delta},
-            "run_seconds": 60.0, "ref_gain": {"mean": delta * 10}}))
-    table = ablate.ablation_table(tmp_path, "t").splitlines()
-    row = [c.strip() for c in table[3].split("|")[1:-1]]
-    column = lambda head: row[table[1].split("|").index(f" {head} ") - 1]
-    assert row[:3] == ["ref_masks", "2", "85.00 ± 7.07"] and row[-1] == "1.00 ± 0.00"
-    assert column("mean abs dp(A) x1e-3") == "3.00 ± 1.41" and len(table) == 4
-    assert column("A: retrieved - random, points") == "3.00 ± 1.41"
-    assert column("A, random refs %") == "–" and column("transfer %") == "–"
+# ----------------------------------------------------------------------------- the ablation rows
 
+def test_the_ablation_runner_trains_and_tests_each_row_and_seed(tiny_la, tmp_path, monkeypatch, capsys):
+    """Each row is the experiment with its control changed (whatever the command line said of the paper's keys),
+    trained and tested per seed in its own folder; then the table of every run there."""
+    trained = {}
 
-def test_ablation_table_writes_no_negative_zero(tmp_path):
-    """A mean that rounds to zero from below reads 0.00, not -0.00 (retrieved = random to 1e-6)."""
-    folder = tmp_path / "cers" / "seed1" / "test"
-    folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({"dice": {"mean": 0.5}, "ref_gain": {"mean": -1e-6}}))
-    table = ablate.ablation_table(tmp_path, "t").splitlines()
-    row = [c.strip() for c in table[3].split("|")[1:-1]]
-    assert row[table[1].split("|").index(" A: retrieved - random, points ") - 1] == "0.00"  # one seed
+    def fake_train(cfg, force=False):
+        trained[os.path.relpath(cfg.out_dir, out)] = cfg
+        files.make_folder(os.path.join(cfg.out_dir, "test"))          # where test.evaluate writes
+        return "ckpt"
+
+    monkeypatch.setattr(train, "train", fake_train)
+    monkeypatch.setattr(train.test, "evaluate", lambda ckpt: {"dice": {"mean": 0.5}})
+    out = tmp_path / "abl"
+    args = ["--exp", "PHANTOM_8", *tiny_overrides(tiny_la, out, val_cases=2, retrieval="morph", mcam_gates="false")]
+    assert cli(train.main, [*args, "--ablation", "all"]) == 0
+    paper = {"references": True, "retrieval": "both", "mcam_gates": True}
+    rows = {name: {k: getattr(cfg, k) for k in (*paper, "consistency", "num_labeled", "labeled_bs")}
+            for name, cfg in trained.items()}
+    assert rows.pop("ablation/cers/seed1337") == {**paper, "consistency": 1.0, "num_labeled": 2, "labeled_bs": 2}
+    for name, key, value in [("no_cot_filter", "retrieval", "morph"), ("no_mcam", "mcam_gates", False),
+                             ("random_retrieval", "retrieval", "random")]:
+        assert rows.pop(f"ablation/{name}/seed1337") == {**paper, key: value, "consistency": 1.0,
+                                                           "num_labeled": 2, "labeled_bs": 2}
+    assert rows.pop("ablation/no_references/seed1337")["references"] is False
+    assert rows["ablation/supervised_all/seed1337"] == {**rows["ablation/supervised_only/seed1337"],
+                                                        "num_labeled": 4, "labeled_bs": 4}   # 6 IDs, 2 held out
+    assert rows["ablation/supervised_only/seed1337"]["consistency"] == 0.0 and len(rows) == 2
+    trained.clear()
+    assert cli(train.main, [*args, "--ablation", "cers,random_retrieval", "--seeds", "2"]) == 0
+    assert sorted(trained) == [f"ablation/{n}/seed{s}" for n in ("cers", "random_retrieval") for s in (1337, 1338)]
+    summary = json.loads((out / "ablation" / "cers" / "seed1338" / "test" / "summary.json").read_text())
+    assert summary["dice"] == {"mean": 0.5} and summary["run_seconds"] >= 0
+    table = (out / "ablation" / "table.md").read_text()
+    assert "| cers | 2 | 50.00 ± 0.00" in table and "cers − random_retrieval" in table
+    assert table in capsys.readouterr().out + "\n"
+    assert cli(train.main, ["--exp", "PHANTOM_8", "--ablation", "cers,paper"]) == 2
+    assert "unknown ['paper']" in capsys.readouterr().err
