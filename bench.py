@@ -1,15 +1,13 @@
-"""How fast CERS is: its training step against the plain dual-decoder mean teacher's, reference selection, and
-sliding-window inference.
+"""How fast CERS is: its training step against the plain mean teacher's, reference selection, inference.
 
     python bench.py --exp PHANTOM_8              # CPU-sized
     python bench.py --exp LA_8                   # LA patches (synthetic LA-sized volumes without data/LA)
     python bench.py --exp LA_8 --steps 50 --compile=true   # bench options, then any config key
 
-In one process, at the experiment's settings, train.setup and train.train_step (the very step train.py
-runs) are timed on the same batches twice: (a) CERS, references and MCAM on, and (b) the plain step, the same
-network with --references=false. Each figure is the median of N calls, each between two device
-synchronisations, after warm-up calls; no timed step refreshes the bank (unless bank_refresh is 1). Peak
-memory is the GPU's on CUDA, the process's on the CPU.
+In one process, at the experiment's settings, train.setup and train.train_step (the very step train.py runs)
+are timed on the same batches: (a) CERS, references and MCAM on, (b) the plain step, --references=false.
+Each figure is the median of N calls between device synchronisations, after warm-up; no timed step refreshes
+the bank (unless bank_refresh is 1). Peak memory is the GPU's on CUDA, the process's on the CPU.
 """
 import argparse
 import dataclasses
@@ -32,39 +30,17 @@ from config import EXPERIMENTS, ConfigError, cli, fast_paths, get_config, precis
 
 
 def timed(fn, device, repeat, warmup=0):
-    """Median wall seconds of fn() over `repeat` calls after `warmup` untimed ones, each between two device
+    """Median wall seconds of fn() over `repeat` calls after `warmup` ones, each between two device
     synchronisations so that queued device work is counted."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     seconds = []
     for _ in range(warmup + repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         seconds.append(time.perf_counter() - start)
     return float(np.median(seconds[warmup:]))
-
-
-def peak_memory(device):
-    """Peak GPU memory (GiB) since the last reset on CUDA; the process's peak resident memory on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # Linux reports KiB
-
-
-def bench_data(cfg):
-    """The config, split, volumes and their source: the experiment's data (a phantom is written when the
-    config asks for one), else synthetic LA-sized phantom volumes in a temporary folder, and the source says
-    so."""
-    source = f"data at {cfg.data_root}"
-    if not cfg.phantom and not (Path(cfg.data_root) / "train.list").exists():
-        shape = tuple(p + m for p, m in zip(cfg.patch_size, (80, 32, 8)))     # about an LA volume's size
-        cfg = dataclasses.replace(cfg, phantom=True, data_root=f"{tempfile.mkdtemp()}/synthetic",
-                                  phantom_shape=shape, phantom_cases=(cfg.num_labeled + 8, 1), val_cases=0)
-        source = f"SYNTHETIC phantom volumes {shape} (no data at the experiment's data_root)"
-    phantom.ensure_for(cfg)
-    return (cfg, *data.prepare_data(dataclasses.replace(cfg, references=True)), source)  # test cases too
 
 
 def bench_variant(cfg, split, volumes, batches, device, steps, warmup):
@@ -74,24 +50,23 @@ def bench_variant(cfg, split, volumes, batches, device, steps, warmup):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     run = train.setup(cfg, split, volumes, device, progress=False)
-    run.student.train()
     train.train_step(run, 0, *batches[0])                          # untimed: iteration 0 fills the bank
     its = (i for i in itertools.count(1) if cfg.bank_refresh == 1 or i % cfg.bank_refresh)   # no refresh
     todo = iter(batches)
     result = {"step_s": timed(lambda: train.train_step(run, next(its), *next(todo)), device, steps, warmup)}
-    result["peak_gib"] = peak_memory(device)
+    result["peak_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)     # Linux reports KiB
     if run.bank is None:
         return result
     image, _, ids = batches[0]
-    bf16, channels_last = fast_paths(cfg, device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), run.autocast():
         logits_b = run.teacher.decoder_b(run.teacher.encoder(image))                  # (B, 2, X, Y, Z)
         query = lambda: retrieve.query_references(run.bank, logits_b, ids, cfg, generator)
         result["retrieval_s"] = timed(query, device, steps, 1)
     windows = image[:1].expand(cfg.window_batch, *image.shape[1:]).contiguous()  # (window_batch, 1, *patch)
-    predict = test.predictor(run.student.eval(), cfg, ids[0], run.bank, generator, bf16=bf16,
-                             channels_last=channels_last)
+    predict = test.predictor(run.student.eval(), cfg, ids[0], run.bank, generator, bf16=run.bf16,
+                             channels_last=run.channels_last)
     result["window_s"] = timed(lambda: predict(windows), device, steps, 1) / cfg.window_batch
     return result
 
@@ -105,7 +80,15 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError(f"bench: need --steps >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    cfg, split, volumes, source = bench_data(get_config(args.exp, overrides))
+    cfg = get_config(args.exp, overrides)
+    source = f"data at {cfg.data_root}"
+    if not cfg.phantom and not (Path(cfg.data_root) / "train.list").exists():   # synthetic LA-sized volumes
+        shape = tuple(p + m for p, m in zip(cfg.patch_size, (80, 32, 8)))
+        cfg = dataclasses.replace(cfg, phantom=True, data_root=f"{tempfile.mkdtemp()}/synthetic",
+                                  phantom_shape=shape, phantom_cases=(cfg.num_labeled + 8, 1), val_cases=0)
+        source = f"SYNTHETIC phantom volumes {shape} (no data at the experiment's data_root)"
+    phantom.ensure_for(cfg)
+    split, volumes = data.prepare_data(dataclasses.replace(cfg, references=True))     # the test cases too
     device = resolve_device(cfg)
     sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, cfg.labeled_bs, cfg.batch_size,
                                 cfg.patch_size, device, cfg.seed)

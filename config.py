@@ -1,6 +1,5 @@
-"""The bottom layer (docs/design.md §2): the Config, named experiments, `--key=value` overrides checked by type
-(`get_config("LA_8", ["--k_fine=2"])`), every entry point's one-line errors (cli), device and torchrun place.
-"""
+"""The bottom layer (docs/design.md §2): the Config, named experiments, `--key=value` overrides checked by
+type, every entry point's one-line errors (cli), the device and the torchrun place."""
 import contextlib
 import difflib
 import math
@@ -8,8 +7,7 @@ import os
 import re
 import signal
 import sys
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -21,98 +19,83 @@ class Config:
     exp: str = "LA_8"                 # experiment name; outputs go to runs/<exp>
     data_root: str = "data/LA"        # the LA layout (docs/design.md §3; data.py)
     phantom: bool = False             # write a synthetic LA-layout dataset to data_root when it is missing
-    phantom_shape: tuple = (96, 96, 64); phantom_cases: tuple = (40, 10)   # its (X, Y, Z); (train, test) cases
+    phantom_shape: tuple = (96, 96, 64)   # the phantom's volume size (X, Y, Z)
+    phantom_cases: tuple = (40, 10)   # the phantom's (train, test) case counts
     num_labeled: int = 8              # the first N IDs of train.list are labeled (LA_N)
     downsample: int = 1               # read volumes on a grid this many times coarser (block means; LA_8_LOW)
     cache_dir: str = "data/cache"     # coarser volumes kept here, keyed by file content and factor ("": none)
     val_cases: int = 0                # score the last N IDs of train.list, held out, in place of test.list
     patch_size: tuple = (112, 112, 80)  # training patch and sliding window, each side divisible by 16
-    batch_size: int = 4; labeled_bs: int = 2   # patches per step, the first labeled_bs of them labeled
-    base_filters: int = 16; n_classes: int = 2   # V-Net width (16 in the LA protocol); background and target
+    batch_size: int = 4               # patches per step
+    labeled_bs: int = 2               # the first labeled_bs patches of a batch are labeled
+    base_filters: int = 16            # V-Net width (16 in the LA protocol)
+    n_classes: int = 2                # background and target
     dropout: float = 0.5              # Dropout3d at the bottleneck and before the heads
     references: bool = True           # decoder A fuses selected reference context (False: plain mean teacher)
     mcam_gates: bool = True           # coordinate-attention gates in MCAM (False: context added ungated)
-    max_iters: int = 15000; seed: int = 1337   # training iterations; the seed of weights, batches and noise
+    max_iters: int = 15000            # training iterations
+    seed: int = 1337                  # the seed of weights, batches and noise
     lr: float = 0.01                  # SGD base learning rate, poly decay (power 0.9) to 0
-    momentum: float = 0.9; weight_decay: float = 1e-4   # SGD's momentum and weight decay
+    momentum: float = 0.9             # SGD momentum
+    weight_decay: float = 1e-4        # SGD weight decay
     consistency: float = 1.0          # weight of the unlabeled losses after ramp-up (0: supervised only)
     rampup_iters: int = 6000          # sigmoid ramp-up length (the protocol's 40 x 150 iterations)
     sharpen_t: float = 0.1            # temperature of the sharpened consistency targets (1: soft targets)
-    ema_decay: float = 0.99; teacher_noise: float = 0.1   # teacher = EMA of the student; std of its input noise
-    cot_backend: str = "auto"         # who writes the CoTs (pool.py): "llm", "descriptors", auto = llm if llm_url
+    ema_decay: float = 0.99           # teacher = EMA of the student with this decay
+    teacher_noise: float = 0.1        # std of the noise added to the teacher's input
+    cot_backend: str = "auto"         # CoT writer (pool.py): "llm", "descriptors", "auto" (llm if llm_url)
     cot_cache: str = ""               # the CoT cache file; "" = <data_root>/cot_cache.jsonl
-    llm_url: str = ""; llm_model: str = ""   # an OpenAI-compatible server (http://localhost:8000) and its model
+    llm_url: str = ""                 # an OpenAI-compatible server (http://localhost:8000)
+    llm_model: str = ""               # the model that server runs
     llm_api_key_env: str = "CERS_API_KEY"  # name of the environment variable holding the API key
-    llm_temperature: float = 0.2; llm_timeout: float = 60.0   # sampling temperature; seconds for a request
-    llm_workers: int = 4; llm_retries: int = 5   # requests in flight; retries of a failed one
+    llm_temperature: float = 0.2      # sampling temperature
+    llm_timeout: float = 60.0         # seconds for a request
+    llm_workers: int = 4              # requests in flight
+    llm_retries: int = 5              # retries of a failed request
     llm_vision: bool = False          # attach a PNG montage of slices to each request
-    modality: str = "late gadolinium-enhanced cardiac MRI"; anatomy: str = "heart"; target: str = "left atrium"
-    bank_stride: tuple = ()           # grid stride of the reference bank's crops; () = patch_size (no overlap)
-    k_coarse: int = 32; k_fine: int = 4   # morphology neighbours per query; references kept by the CoT filter
+    modality: str = "late gadolinium-enhanced cardiac MRI"   # the imaging, as the CoT prompts name it
+    anatomy: str = "heart"            # the organ imaged, as the prompts name it
+    target: str = "left atrium"       # the structure segmented, as the prompts name it
+    bank_stride: tuple = ()           # grid stride of the reference bank's crops; () = patch_size
+    k_coarse: int = 32                # morphology neighbours per query
+    k_fine: int = 4                   # references kept by the CoT filter
     tau: float = 0.6                  # normalised BM25 score under which a candidate is a hard negative
     max_refs_per_case: int = 1        # at most this many references from one case (diverse references)
     ref_temperature: float = 1.0      # softmax temperature of the reference weights
     retrieval: str = "both"           # "both": kNN, then CoT filter; "morph": kNN only; "random": at random
-    bank_refresh: int = 200           # refresh the bank's features from the teacher every this many iterations
+    bank_refresh: int = 200           # refresh the bank's features from the teacher every N iterations
     bank_momentum: float = 0.0        # EMA momentum of that refresh (0: the teacher's features replace them)
-    stride_xy: int = 18; stride_z: int = 4; window_batch: int = 8   # sliding windows' strides (x, y; z); per pass
+    stride_xy: int = 18               # sliding windows' stride in x and y
+    stride_z: int = 4                 # sliding windows' stride in z
+    window_batch: int = 8             # sliding windows per forward pass
     device: str = "auto"              # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
     amp: bool = True                  # bf16 autocast + channels-last 3D on CUDA; channels-last fp32 on CPU
     compile: bool = False             # torch.compile the encoder and decoders (slow first steps, then faster)
-    deterministic: bool = False       # repeat a run exactly on this machine: deterministic kernels, no autotuning
-    log_every: int = 20; ckpt_every: int = 1000   # intervals of the CSV log and progress bar; of checkpoints
+    deterministic: bool = False       # deterministic kernels, no autotuning: a run repeats exactly here
+    log_every: int = 20               # interval of the CSV log and the progress bar
+    ckpt_every: int = 1000            # interval of checkpoints
     out_dir: str = ""                 # "" = runs/<exp>
 
 
 EXPERIMENTS = {
     "LA_4": dict(num_labeled=4), "LA_8": dict(num_labeled=8), "LA_16": dict(num_labeled=16),
     # offline, CPU-sized (docs/design.md §4); 50 test cases, as paired comparisons on one network need them
-    "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(48, 48, 32), phantom_cases=(80, 50),
-                      patch_size=(32, 32, 32), base_filters=8, max_iters=1200, rampup_iters=480, stride_xy=8,
-                      stride_z=8, ckpt_every=200, bank_refresh=50, lr=0.03),
-    # real LA on 2 CPU cores, on a 3x coarser grid; settings chosen on a validation split (docs/results.md §1.2)
+    "PHANTOM_8": dict(data_root="data/phantom", phantom=True, phantom_shape=(48, 48, 32),
+                      phantom_cases=(80, 50), patch_size=(32, 32, 32), base_filters=8, max_iters=1200,
+                      rampup_iters=480, stride_xy=8, stride_z=8, ckpt_every=200, bank_refresh=50, lr=0.03),
+    # real LA on 2 CPU cores on a 3x coarser grid, tuned on a validation split (docs/results.md §1.2)
     "LA_8_LOW": dict(downsample=3, patch_size=(48, 48, 32), base_filters=8, max_iters=1200, rampup_iters=480,
                      stride_xy=16, stride_z=8, ckpt_every=200, bank_refresh=100, lr=0.03, consistency=0.1,
                      sharpen_t=1.0),
 }
-
-
-class CersError(Exception):
-    """Bad input or a refused operation, in one line naming the file, the key, the value (cli prints it)."""
-
-
-class ConfigError(CersError, ValueError):
-    """A config value, command-line flag or device that cannot work."""
-
-
-def get_config(exp, overrides=()):
-    """The named experiment's config with `--key=value` overrides parsed by the key's type, then checked."""
-    if exp not in EXPERIMENTS:
-        raise ConfigError(f"config: unknown experiment {exp!r}; known: {', '.join(EXPERIMENTS)}")
-    cfg, hints = Config(exp=exp, **EXPERIMENTS[exp]), typing.get_type_hints(Config)
-    for item in overrides:
-        key, eq, text = item.removeprefix("--").partition("=")
-        if not eq or key not in hints:
-            close = difflib.get_close_matches(key, hints, 1)
-            raise ConfigError(f"config: unknown or malformed argument {item!r}"
-                              + (f" (did you mean --{close[0]}=...?)" if close else "") + "; flags are never "
-                              f"abbreviated, config keys are --key=value with a key of: {', '.join(hints)}")
-        hint = hints[key]
-        try:
-            setattr(cfg, key, tuple(int(v) for v in text.split(",") if v.strip()) if hint is tuple else hint(text)
-                    if hint is not bool else {"true": True, "1": True, "false": False, "0": False}[text.lower()])
-        except (ValueError, KeyError):
-            raise ConfigError(f"config: --{key}={text!r} is not a valid {hint.__name__}") from None
-    return check_config(cfg)
-
-
+HINTS = {f.name: f.type for f in fields(Config)}   # each key's type: str, int, float, bool or tuple (of ints)
 RULES = [  # (keys, test, what the value must be); the keys not named here follow BY_TYPE
-    ("phantom_shape", lambda v: len(v) == 3 and min(v) >= 16, "three sizes of at least 16 voxels, e.g. 64,64,48"),
+    ("phantom_shape", lambda v: len(v) == 3 and min(v) >= 16, "three sizes >= 16 voxels, e.g. 64,64,48"),
     ("phantom_cases", lambda v: len(v) == 2 and min(v) >= 1, "two counts >= 1 (train, test), e.g. 40,10"),
     ("patch_size", lambda v: len(v) == 3 and all(p > 0 and p % 16 == 0 for p in v),
      "three sides, each a positive multiple of 16, e.g. 112,112,80"),
     ("bank_stride", lambda v: len(v) == 3 and min(v) >= 1, "three strides >= 1, or empty for patch_size"),
-    ("cache_dir cot_cache llm_model", lambda v: v == v.strip(), "text without surrounding spaces (empty: default)"),
+    ("cache_dir cot_cache llm_model", lambda v: v == v.strip(), "text without spaces around it (or empty)"),
     ("val_cases rampup_iters llm_retries", lambda v: v >= 0, "a whole number >= 0"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "a whole number in [0, 2^32)"),
     ("n_classes", lambda v: v == 2, "2 (background and target: the losses, CoTs and metrics are binary)"),
@@ -128,7 +111,37 @@ RULES = [  # (keys, test, what the value must be); the keys not named here follo
     ("device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, cuda, cuda:N or mps")]
 CHECKS = {key: (test, what) for keys, test, what in RULES for key in keys.split()}
 BY_TYPE = {bool: (lambda v: True, "true or false"), str: (lambda v: bool(v.strip()), "a non-empty text"),
-           int: (lambda v: v >= 1, "a whole number >= 1"), float: (lambda v: 0 <= v < math.inf, "a number >= 0")}
+           int: (lambda v: v >= 1, "a whole number >= 1"),
+           float: (lambda v: 0 <= v < math.inf, "a number >= 0")}
+BOOLS = {"true": True, "1": True, "false": False, "0": False}   # how --key=value spells a bool
+
+
+class CersError(Exception):
+    """Bad input or a refused operation, in one line naming the file, the key, the value (cli prints it)."""
+
+
+class ConfigError(CersError, ValueError):
+    """A config value, command-line flag or device that cannot work."""
+
+
+def get_config(exp, overrides=()):
+    """The named experiment's config with `--key=value` overrides parsed by the key's type, then checked."""
+    if exp not in EXPERIMENTS:
+        raise ConfigError(f"config: unknown experiment {exp!r}; known: {', '.join(EXPERIMENTS)}")
+    cfg = Config(exp=exp, **EXPERIMENTS[exp])
+    for item in overrides:
+        key, eq, text = item.removeprefix("--").partition("=")
+        if not eq or key not in HINTS:
+            close = "".join(f" (did you mean --{k}=...?)" for k in difflib.get_close_matches(key, HINTS, 1))
+            raise ConfigError(f"config: unknown or malformed argument {item!r}{close}; flags are never "
+                              f"abbreviated, config keys are --key=value with a key of: {', '.join(HINTS)}")
+        hint = HINTS[key]
+        try:
+            setattr(cfg, key, BOOLS[text.lower()] if hint is bool else hint(text) if hint is not tuple
+                    else tuple(int(v) for v in text.split(",") if v.strip()))
+        except (ValueError, KeyError):
+            raise ConfigError(f"config: --{key}={text!r} is not a valid {hint.__name__}") from None
+    return check_config(cfg)
 
 
 def show(value):
@@ -144,29 +157,29 @@ def has_type(value, hint):
 
 
 def check_config(cfg, origin=None):
-    """Fill derived defaults, check every key (CHECKS, else BY_TYPE) and the keys against each other: a
-    ConfigError names the key, the value, what it must be, and origin (a checkpoint) when the config is saved."""
+    """Fill the derived defaults, check every key (CHECKS, else BY_TYPE), then the keys against each other; a
+    ConfigError names the key, the value, what it must be and origin (a checkpoint) for a saved config."""
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.exp}"
     cfg.bank_stride = cfg.bank_stride or cfg.patch_size
-    for key, hint in typing.get_type_hints(Config).items():
+    for key, hint in HINTS.items():
         value, (test, what) = getattr(cfg, key), CHECKS.get(key) or BY_TYPE[hint]
         if not has_type(value, hint) or not test(value):
             raise ConfigError(f"{origin}: config entry {key}={value!r} must be {what}" if origin else
                               f"config: {key}={show(value)} must be {what}; set --{key}=...")
-    for bad, message in [
-            (cfg.labeled_bs > cfg.batch_size, f"labeled_bs={cfg.labeled_bs} exceeds batch_size={cfg.batch_size}"),
-            (cfg.stride_xy > min(cfg.patch_size[:2]) or cfg.stride_z > cfg.patch_size[2],
-             f"stride_xy={cfg.stride_xy}, stride_z={cfg.stride_z} leave gaps between test windows of "
-             f"patch_size={show(cfg.patch_size)}; use strides no larger than the patch"),
-            (cfg.cot_backend == "llm" and not (cfg.llm_url and cfg.llm_model),
-             f"cot_backend=llm needs llm_url and llm_model (got {cfg.llm_url!r} and {cfg.llm_model!r})")]:
-        if bad:
-            raise ConfigError(f"{origin or 'config'}: {message}")
+    where, patch = origin or "config", cfg.patch_size
+    if cfg.labeled_bs > cfg.batch_size:
+        raise ConfigError(f"{where}: labeled_bs={cfg.labeled_bs} exceeds batch_size={cfg.batch_size}")
+    if cfg.stride_xy > min(patch[:2]) or cfg.stride_z > patch[2]:
+        raise ConfigError(f"{where}: stride_xy={cfg.stride_xy}, stride_z={cfg.stride_z} leave gaps between "
+                          f"test windows of patch_size={show(patch)}; use strides no larger than the patch")
+    if cfg.cot_backend == "llm" and not (cfg.llm_url and cfg.llm_model):
+        raise ConfigError(f"{where}: cot_backend=llm needs llm_url and llm_model (got {cfg.llm_url!r} and "
+                          f"{cfg.llm_model!r})")
     return cfg
 
 
 class Stop(KeyboardInterrupt):
-    """Ctrl-C, SIGTERM or SIGHUP, raised in the main thread: every `finally` runs; the message says what was kept."""
+    """Ctrl-C, SIGTERM or SIGHUP, in the main thread: every `finally` runs; the message says what was kept."""
 
     def __init__(self, signum=signal.SIGINT, message=""):
         super().__init__(message)
@@ -174,15 +187,15 @@ class Stop(KeyboardInterrupt):
 
 
 def cli(main, argv=None):
-    """Run main(argv) as a command: a CersError is one line on stderr and exit status 2, a Stop one line and 128
-    + its signal (130, 143, 129), anything else a bug with its traceback; open progress bars are closed first."""
+    """Run main(argv) as a command: a CersError is one line on stderr and exit status 2, a Stop one line and
+    128 + its signal (130, 143, 129), a bug its traceback; open progress bars are closed first."""
     def stop(signum, frame):
         raise Stop(signum)
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     line, status = None, 0
     try:
         main(argv)
-    except (CersError, KeyboardInterrupt) as e:        # KeyboardInterrupt: a Stop, or Ctrl-C before the handler
+    except (CersError, KeyboardInterrupt) as e:   # KeyboardInterrupt: a Stop, or Ctrl-C before the handler
         for bar in sorted(getattr(tqdm, "_instances", ()), key=lambda bar: -abs(bar.pos)):   # innermost first
             bar.leave = True
             bar.close()
@@ -198,8 +211,9 @@ def cli(main, argv=None):
 
 
 def resolve_device(cfg):
-    """The torch device of a checked config ("auto": cuda when available); one this machine lacks is refused."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    """The torch device of a checked config ("auto": cuda when available); one missing here is refused."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                          else cfg.device)
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"config: device={cfg.device} but PyTorch sees {torch.cuda.device_count()} CUDA "
                           "device(s) here; use --device=cpu or --device=auto")
@@ -227,8 +241,8 @@ class World:
 
 
 def init_world(cfg):
-    """This process's place (torchrun's RANK...; NCCL on CUDA, gloo on CPUs) and device, cfg.deterministic applied:
-    no cuDNN autotuning (its timings vary), a fixed cuBLAS workspace, a warning naming an op with no such kernel."""
+    """This process's place (torchrun's RANK...; NCCL on CUDA, gloo on CPUs) and device. cfg.deterministic
+    turns cuDNN autotuning off (timings vary), fixes the cuBLAS workspace, warns of ops with none."""
     device = resolve_device(cfg)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -252,7 +266,7 @@ def main_process():
 
 @contextlib.contextmanager
 def main_first(world):
-    """Rank 0 runs the block (writes the phantom, the CoT cache) before the other ranks, which find it done."""
+    """Rank 0 runs the block (writes the phantom, the CoT cache) first; the other ranks then find it done."""
     if world.size > 1 and not world.main:
         dist.barrier()
     yield

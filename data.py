@@ -1,13 +1,10 @@
-"""LA-format data: reading, splits, coarser grids, augmentation and semi-supervised batches (docs/design.md §3).
-
-The Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
+"""LA-format data: reading, splits, coarser grids, augmentation and semi-supervised batches (docs/design.md
+§3), for the Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
 
     <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   image float32 (X, Y, Z), label uint8 {0, 1}
     <root>/train.list, <root>/test.list                80 and 20 IDs, one a line
 
-`LA_N` labels the first N IDs of train.list; the other 80 - N are unlabeled. Volumes are read once and kept in
-memory on the training device, where the protocol's augmentation (random rot90 + flip in the x-y plane, then a
-random crop) runs, so the training loop never waits for a data loader.
+`LA_N` labels the first N IDs of train.list. Volumes are read once and augmented on the training device.
 """
 import hashlib
 import sys
@@ -24,6 +21,7 @@ from config import CersError, World
 
 CASE_DIR = "2018LA_Seg_Training Set"  # the LA layout: <data_root>/<CASE_DIR>/<ID>/<CASE_FILE> (with spaces)
 CASE_FILE = "mri_norm2.h5"
+CACHE_VERSION = 1   # bump when downsample() changes what it computes: older cache files are then not read
 
 
 class DataError(CersError, ValueError):
@@ -35,21 +33,21 @@ def case_path(root, case_id):
 
 
 def read_list(path):
-    """The IDs of a train.list / test.list file, one a line; blank lines, a byte-order mark and Windows line ends
-    are tolerated, an ID that is not one plain folder name is refused (shown with its invisible characters)."""
+    """The IDs of a list file, one a line (blank lines, a BOM, CRLF tolerated); each a plain folder name."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: list file not found")
     try:
         ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as plain UTF-8") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     if not ids:
         raise DataError(f"{path}: list file is empty")
     for case_id in ids:
-        if any(c.isspace() or c in "/\\" for c in case_id) or case_id in (".", "..") or not case_id.isprintable():
-            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no spaces, "
-                            "slashes or invisible characters)")
+        plain = case_id not in (".", "..") and case_id.isprintable()
+        if not plain or any(c.isspace() or c in "/\\" for c in case_id):
+            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no "
+                            "spaces, slashes or invisible characters)")
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise DataError(f"{path}: list has duplicate IDs: {', '.join(map(ascii, repeated[:5]))}")
@@ -57,8 +55,8 @@ def read_list(path):
 
 
 def open_case(path, read_voxels=True):
-    """Open one case file and check its datasets 'image' and 'label': present, one 3D shape, numbers. Returns
-    (image, label) as stored, or None without reading the voxels."""
+    """Check a case file (datasets 'image' and 'label' of one 3D shape, numbers); return them as stored, or
+    None without reading the voxels."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: case file not found")
@@ -66,16 +64,15 @@ def open_case(path, read_voxels=True):
         with h5py.File(path, "r") as f:
             for key in ("image", "label"):
                 if not isinstance(f.get(key), h5py.Dataset):
-                    raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(f.keys()) or 'nothing'})")
+                    raise DataError(f"{path}: missing dataset '{key}' (has: {', '.join(f) or 'nothing'})")
             image, label = f["image"], f["label"]
             if image.ndim != 3 or min(image.shape) < 1:
-                raise DataError(f"{path}: 'image' must be 3D (X, Y, Z) and not empty, got shape {image.shape}")
+                raise DataError(f"{path}: 'image' must be 3D (X, Y, Z), not empty; got shape {image.shape}")
             if image.shape != label.shape:
                 raise DataError(f"{path}: image shape {image.shape} != label shape {label.shape}")
-            for key, kinds in (("image", "iuf"), ("label", "biuf")):
-                if f[key].dtype.kind not in kinds:
-                    raise DataError(f"{path}: '{key}' has dtype {f[key].dtype}; expected numbers (image "
-                                    "float32, label uint8)")
+            if image.dtype.kind not in "iuf" or label.dtype.kind not in "biuf":
+                raise DataError(f"{path}: dtypes image {image.dtype}, label {label.dtype}; expected numbers "
+                                "(image float32, label uint8)")
             return (image[()], label[()]) if read_voxels else None
     except DataError:
         raise
@@ -104,26 +101,23 @@ class Split:
 
 
 def load_split(root, num_labeled, val_cases=0):
-    """The LA_N split of a dataset root, every listed case file checked (without reading its voxels).
-
-    val_cases > 0 holds the last `val_cases` IDs of train.list out of training and scores them in place of
-    test.list, which is then not read at all: schedules and thresholds are tuned there, never on the test list
-    (docs/design.md §3). The labeled cases stay the first N IDs of train.list."""
+    """The LA_N split, every listed case file opened (not read). val_cases > 0 holds the last val_cases IDs of
+    train.list out and scores them in place of test.list, which is then never read (docs/design.md §3)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data root not found (for LA, put the UA-MT data/LA folder here)")
     train = read_list(root / "train.list")
     if val_cases:
-        if num_labeled > len(train) - val_cases:          # (num_labeled >= 1: config.check_config)
-            raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} with val_cases={val_cases} needs "
-                            f"at least {num_labeled + val_cases} IDs; the list has {len(train)}")
+        if num_labeled > len(train) - val_cases:
+            raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} with val_cases={val_cases} "
+                            f"needs at least {num_labeled + val_cases} IDs; the list has {len(train)}")
         test, train, scored = train[-val_cases:], train[:-val_cases], "validation"
     else:
         test, scored = read_list(root / "test.list"), "test"
         leaked = sorted(set(test) & set(train), key=test.index)
         if leaked:
-            raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. {leaked[0]!r}: a "
-                            "test case must never be trained on; remove it from one of the lists")
+            raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. "
+                            f"{leaked[0]!r}: a test case must never be trained on; remove it from a list")
     if num_labeled > len(train):
         raise DataError(f"{root / 'train.list'}: num_labeled={num_labeled} but the list has {len(train)} IDs")
     for case_id in train + test:
@@ -134,50 +128,43 @@ def load_split(root, num_labeled, val_cases=0):
 
 
 def load_volumes(root, ids, progress=True, factor=1, cache_dir=""):
-    """Read every case once: {ID: (image, label)} as numpy arrays, on a grid `factor` times coarser than the
-    files' when factor > 1 (downsample), kept in `cache_dir` when given (cached_downsample)."""
-    def one(case_id):
-        path = case_path(root, case_id)
-        if factor == 1 or not cache_dir:
-            return downsample(*read_case(path), factor)
-        return cached_downsample(path, factor, Path(cache_dir))
-    return {i: one(i) for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+    """{ID: (image, label)} numpy arrays of every case, read once, on a grid `factor` times coarser."""
+    return {i: cached_downsample(case_path(root, i), factor, cache_dir)
+            for i in tqdm(ids, desc="reading cases", disable=not progress, leave=False)}
+
+
+def prepare_data(cfg, world=World()):
+    """The split and its volumes, the test cases too with references on (the pool describes every image)."""
+    split = load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
+    ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
+    return split, load_volumes(cfg.data_root, ids, world.main, cfg.downsample, cfg.cache_dir)
 
 
 # ----------------------------------------------------------------------------- a coarser grid (LA_8_LOW)
 
-CACHE_VERSION = 1   # bump when downsample() changes what it computes: older cache files are then not read
-
-
-def cache_file(path, factor, cache_dir):
-    """(cache file, content hash) of one case file on a grid `factor` times coarser: named by the hash."""
-    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
-    return Path(cache_dir) / f"{digest}-x{factor}-v{CACHE_VERSION}.npz", digest
-
-
-def read_cached(file, digest, factor):
-    """(image, label) of a cache file that is whole and was made from `digest` at `factor`, else None (a
-    missing, truncated or foreign file: the caller rebuilds it)."""
-    try:
-        with np.load(file) as z:
-            image, label = z["image"], z["label"]
-            ok = (str(z["source"]) == digest and int(z["factor"]) == factor and image.dtype == np.float32
-                  and label.dtype == np.uint8 and image.shape == label.shape and image.ndim == 3)
-            return (image, label) if ok else None
-    except FileNotFoundError:
-        return None
-    except Exception:  # a truncated or damaged zip raises BadZipFile, EOFError, ValueError, OSError, KeyError
-        print(f"note: {file}: damaged volume cache entry; rebuilding it", file=sys.stderr)
-        return None
+def check_volume_cache_writable(cfg):
+    """Refuse a volume cache that reading would fill but cannot write, before any data is written or read."""
+    if cfg.downsample > 1 and cfg.cache_dir:
+        files.check_writable(cfg.cache_dir)
 
 
 def cached_downsample(path, factor, cache_dir):
-    """downsample(read_case(path), factor), from the cache when a valid entry exists, else written there (the
-    reading and resampling are skipped by later runs); atomically, so a killed run leaves no partial file."""
-    file, digest = cache_file(path, factor, cache_dir)
-    hit = read_cached(file, digest, factor)
-    if hit is not None:
-        return hit
+    """downsample(read_case(path), factor), kept in cache_dir under the file's content hash (written
+    atomically; rebuilt when missing, damaged or foreign), so later runs skip the reading and resampling."""
+    if factor == 1 or not cache_dir:
+        return downsample(*read_case(path), factor)
+    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    file = Path(cache_dir) / f"{digest}-x{factor}-v{CACHE_VERSION}.npz"
+    try:
+        with np.load(file) as z:
+            image, label = z["image"], z["label"]
+            if (str(z["source"]) == digest and int(z["factor"]) == factor and image.dtype == np.float32
+                    and label.dtype == np.uint8 and image.shape == label.shape and image.ndim == 3):
+                return image, label                 # else made from another file: rebuilt below
+    except FileNotFoundError:
+        pass
+    except Exception:  # a truncated or damaged zip raises BadZipFile, EOFError, ValueError, OSError, KeyError
+        print(f"note: {file}: damaged volume cache entry; rebuilding it", file=sys.stderr)
     image, label = downsample(*read_case(path), factor)
     files.make_folder(cache_dir)
     with files.replacing(file) as tmp, open(tmp, "wb") as f:      # a file: savez would add .npz to a name
@@ -186,10 +173,8 @@ def cached_downsample(path, factor, cache_dir):
 
 
 def downsample(image, label, factor):
-    """(image, label) (X, Y, Z) on a grid `factor` times coarser: the image by block means, the label by
-    majority vote (a block is foreground when at least half of its voxels are). The far edge of an axis that
-    does not fill a whole block (at most factor - 1 voxels) is dropped; upsample_probabilities puts it back as
-    background. factor 1 returns the arrays unchanged."""
+    """(image, label) (X, Y, Z) on a grid `factor` times coarser: image block means, label majority vote (half
+    a block is foreground); the far edge that fills no whole block is dropped (upsample_probabilities)."""
     if factor == 1:
         return image, label
     if min(image.shape) < factor:
@@ -203,8 +188,8 @@ def downsample(image, label, factor):
 
 
 def upsample_probabilities(prob, factor, shape):
-    """Probabilities (K, x, y, z) of a downsampled grid back on the original grid `shape` (X, Y, Z): trilinear
-    interpolation of the block centres, then zeros for the edge downsample dropped. Returns (K, X, Y, Z)."""
+    """Probabilities (K, x, y, z) back on the original grid (K, *shape): trilinear from the block centres,
+    zeros on the edge downsample dropped."""
     if factor == 1:
         return prob
     up = torch.nn.functional.interpolate(torch.as_tensor(prob)[None], scale_factor=factor, mode="trilinear",
@@ -212,21 +197,6 @@ def upsample_probabilities(prob, factor, shape):
     out = np.zeros((prob.shape[0], *shape), np.float32)
     out[:, :up.shape[1], :up.shape[2], :up.shape[3]] = up
     return out
-
-
-def check_volume_cache_writable(cfg):
-    """Refuse a volume cache that reading would fill but cannot write, before any data is written or read."""
-    if cfg.downsample > 1 and cfg.cache_dir:
-        files.check_writable(cfg.cache_dir)
-
-
-def prepare_data(cfg, world=World()):
-    """The split and the in-memory volumes. Before it, an entry point checks the volume cache and writes a
-    phantom experiment's data (phantom.ensure_for). With references on, the test cases are read too: the
-    knowledge pool describes every image."""
-    split = load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
-    ids = split.labeled + split.unlabeled + (split.test if cfg.references else [])
-    return split, load_volumes(cfg.data_root, ids, world.main, cfg.downsample, cfg.cache_dir)
 
 
 def pad_to(x, size):
@@ -237,8 +207,7 @@ def pad_to(x, size):
 
 
 def rot_flip(x, k, axis):
-    """The protocol's x-y plane augmentation of (..., X, Y, Z): rotate by k * 90 degrees, flip along x (0) or y
-    (1). Image and label are stacked into one tensor before this, so they cannot drift apart."""
+    """The x-y augmentation of (..., X, Y, Z): rot90 k times, flip x (0) or y (1); image and label stacked."""
     return torch.flip(torch.rot90(x, k, dims=(-3, -2)), dims=(axis - 3,))
 
 
@@ -249,33 +218,31 @@ def crop(x, start, size):
 
 
 def padded_crop(volume, box):
-    """The box (x0, y0, z0, x1, y1, z1) of a numpy volume (X, Y, Z), zero where the box reaches outside it (the
-    padding rule of the training crops): the bank's patches and the patches explained."""
+    """The box (x0, y0, z0, x1, y1, z1) of a volume (X, Y, Z), zero outside it as in the training crops."""
     lo, hi = np.array(box[:3]), np.array(box[3:])
     out = np.zeros(hi - lo, volume.dtype)
-    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)                  # the part of the box in the volume
+    a, b = np.maximum(lo, 0), np.minimum(hi, volume.shape)                  # the box's part in the volume
     out[tuple(slice(i - l, j - l) for i, j, l in zip(a, b, lo))] = volume[tuple(map(slice, a, b))]
     return out
 
 
 class BatchSampler:
-    """Endless semi-supervised batches: `labeled_bs` labeled + (`batch_size` - `labeled_bs`) unlabeled patches.
+    """Endless batches, labeled patches first, each part through its cases in a fresh random order per pass;
+    one CPU generator draws everything, and state_dict resumes a run with the batches it would have drawn."""
 
-    Each part cycles through its cases in a fresh random order per pass, so the few labeled cases are seen
-    evenly. All randomness comes from one CPU generator; state_dict (a tensor and lists of ints) goes into
-    checkpoints, so a resumed run draws exactly the batches an uninterrupted one would."""
+    def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed):
+        if batch_size > labeled_bs and not unlabeled:
+            raise DataError(f"num_labeled={len(labeled)} labels every ID of train.list: the unlabeled "
+                            f"patches have no case to come from; use a smaller --num_labeled, or "
+                            f"--labeled_bs={batch_size} for a supervised run on all")
 
-    def __init__(self, volumes, labeled, unlabeled, labeled_bs, batch_size, patch, device, seed, augment=True):
-        if batch_size > labeled_bs and not unlabeled:     # (labeled_bs <= batch_size: config.check_config)
-            raise DataError(f"num_labeled={len(labeled)} labels every ID of train.list, so the "
-                            f"{batch_size - labeled_bs} unlabeled patches of each batch have no case to come from; "
-                            f"use a smaller --num_labeled, or --labeled_bs={batch_size} for a supervised run on all")
-        to = lambda a, dtype: torch.as_tensor(a, dtype=dtype).to(device)
+        def to(a, dtype):
+            return torch.as_tensor(a, dtype=dtype).to(device)
         # unlabeled cases keep no label at all, so no code path can use one by mistake
         self.volumes = {i: (to(volumes[i][0], torch.float32), to(volumes[i][1], torch.uint8) if i in labeled
                             else None) for i in labeled + unlabeled}
         self.parts = [(list(labeled), labeled_bs), (list(unlabeled), batch_size - labeled_bs)]
-        self.patch, self.augment = tuple(patch), augment
+        self.patch = tuple(patch)
         self.gen = torch.Generator().manual_seed(seed)
         self.orders, self.pos = [[], []], [0, 0]
 
@@ -295,13 +262,12 @@ class BatchSampler:
     def sample(self, case_id):
         """One augmented patch of a case: image (1, X, Y, Z) and label (X, Y, Z), or None when unlabeled."""
         image, label = self.volumes[case_id]
-        both = torch.stack([image, label.float() if label is not None else torch.zeros_like(image)])  # (2, X, Y, Z)
-        if self.augment:
-            both = rot_flip(both, self._randint(4), self._randint(2))
-        both = pad_to(both, self.patch)
+        mask = torch.zeros_like(image) if label is None else label.float()
+        both = torch.stack([image, mask])                                             # (2, X, Y, Z)
+        both = pad_to(rot_flip(both, self._randint(4), self._randint(2)), self.patch)
         start = [self._randint(dim - p + 1) for dim, p in zip(both.shape[-3:], self.patch)]
         both = crop(both, start, self.patch)                                          # (2, *patch)
-        return both[:1], (both[1].to(torch.uint8) if label is not None else None)
+        return both[:1], (None if label is None else both[1].to(torch.uint8))
 
     def next(self):
         """A batch: image (B, 1, X, Y, Z) float, label (labeled_bs, X, Y, Z) long, and the B case IDs."""

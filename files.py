@@ -1,7 +1,6 @@
-"""Every file the project writes goes through here: written to a temp file beside its target, then renamed,
-so a crash, a full disk or a second process never leaves a half-written file under the final name; an OS
+"""Every file the project writes goes through here: written to a temp file beside it, then renamed, so none
+is ever half written under its name (temp names .<name>.<pid>.<random>.tmp, a dead process's removed); an OS
 error becomes one line naming the file and the cause in words (WriteError); Lock keeps one process a folder.
-Temp names, .<name>.<pid>.<random>.tmp, are never shared, and a dead process's are removed.
 """
 import contextlib
 import errno
@@ -12,6 +11,7 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from config import CersError
@@ -128,12 +128,8 @@ def remove_stale_temps(folder):
 def check_writable(folder):
     """Create `folder`, write a probe there before any data are read (fail at once), clear dead temps."""
     folder = make_folder(folder)
-    probe = temp_path(folder / "probe")
-    with writing(folder):
-        try:
-            probe.write_bytes(b"probe")
-        finally:
-            probe.unlink(missing_ok=True)
+    with writing(folder), tempfile.TemporaryFile(dir=folder) as probe:    # nameless: nothing is left behind
+        probe.write(b"probe")
     remove_stale_temps(folder)
     return folder
 
@@ -141,7 +137,8 @@ def check_writable(folder):
 class Lock:
     """An exclusive flock on the file `path`, which holds the holder's PID: one process at a time. The kernel
     drops it when its process dies (a stale lock is taken over); release removes the file and the folders
-    made for it. `busy`: refuse while another process holds it, else (None) wait; see flock."""
+    made for it. While another process holds it: wait (busy None), or refuse with WriteError(busy), "{pid}" in
+    the text replaced by the holder's PID (never str.format: paths stay as they are)."""
 
     def __init__(self, path, busy=None):
         self.path, self.busy = Path(path), busy
@@ -158,8 +155,9 @@ class Lock:
                 except BaseException:
                     os.close(self.fd)
                     raise
-                if same_file(path, self.fd):
-                    break
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_ino == os.fstat(self.fd).st_ino:
+                        break
                 os.close(self.fd)                      # its holder removed the file as this one opened it
             holder = holder_pid(self.fd)
             os.ftruncate(self.fd, 0)
@@ -174,22 +172,19 @@ class Lock:
         with contextlib.suppress(OSError):
             self.path.unlink()                         # while locked: a waiting process then sees a new file
         os.close(self.fd)
-        for folder in self.made:
-            try:
+        with contextlib.suppress(OSError):             # up to the first folder that is not empty
+            for folder in self.made:
                 folder.rmdir()
-            except OSError:                            # not empty
-                break
 
 
 def flock(fd, path, busy):
-    """Lock the open lock file fd. While another process holds it: wait (busy None), or refuse with
-    WriteError(busy(pid)) or, for a text, busy with "{pid}" replaced (never str.format: paths stay as is)."""
+    """Lock the open lock file fd: see Lock."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         pid = holder_pid(fd) or "unknown"
         if busy is not None:
-            raise WriteError(busy(pid) if callable(busy) else busy.replace("{pid}", str(pid))) from None
+            raise WriteError(busy.replace("{pid}", str(pid))) from None
         print(f"waiting for process {pid}, which holds {path}", file=sys.stderr)
         fcntl.flock(fd, fcntl.LOCK_EX)
 
@@ -199,10 +194,3 @@ def holder_pid(fd):
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     return int(text) if text.isdigit() else None
 
-
-def same_file(path, fd):
-    """Whether the open file fd is still the file at `path`."""
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False

@@ -1,19 +1,14 @@
-"""Reference fusion and the multi-scale coordinate attention module, MCAM (docs/design.md §8).
+"""Reference fusion and MCAM, the multi-scale coordinate attention module (docs/design.md §8).
 
-Reasoning chooses which labeled references the network looks at (retrieve.py); this file turns them into
-decoder A's second stream and gates the two streams against each other (model.py wires them):
+The references retrieve.py chose start decoder A's context stream at the bottleneck x, and an MCAM at every
+scale gates that stream into the main stream (model.py wires them; Xavier init, as in the public code):
 
-    ReferenceFusion  at the bottleneck: the scan's tokens attend to the K references' tokens, each
-                     reference's attention mass scaled by its retrieval weight; the scan's features plus
-                     the gated attention start the context stream.
-    MCAM             at every decoder scale: the context from the scale below is projected and upsampled;
-                     both streams are pooled along X, Y and Z, the profiles turned into three sigmoid gates
-                     whose product gates the context; the main stream takes the gated context, which is
-                     also the context stream's next step.
-
-MCAM is the paper's multi-scale coordinate attention (coordinate attention, Hou et al., CVPR 2021, taken to
-three axes); `gated=False` passes the context ungated (the "without MCAM" ablation). Weights start from
-Xavier initialisation, as in the public code: the references move decoder A from the first step.
+    ctx      = x + t,  t = sigmoid(W [x, a]) * a   ReferenceFusion; a: x's tokens attend to the K references'
+                                                   tokens, reference k's logits plus log w_k (its weight)
+    c        = upsample(GELU(BN(proj(ctx))))                        MCAM: the context from the scale below
+    s_a      = GELU(GroupNorm(conv_s([pool_a(main), pool_a(c)])))  a in X, Y, Z; pool_a: mean over the others
+    g        = sigmoid(conv_X(s_X)) * sigmoid(conv_Y(s_Y)) * sigmoid(conv_Z(s_Z))        (gated=False: g = 1)
+    main_out = main + g * c,  ctx_out = g * c
 """
 import math
 from typing import NamedTuple, Optional
@@ -21,9 +16,6 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-ATTN_DROPOUT = 0.1  # dropout on the fusion's attention weights in training
-
 
 class References(NamedTuple):
     """What decoder A is given for a batch: the chosen bank entries and what it knows of them."""
@@ -41,22 +33,16 @@ def xavier_(module):
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv3d)):
             nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)
     return module
 
 
 def position_encoding(d, h, w, dim, device):
-    """Fixed 3D sinusoidal encoding of a d x h x w token grid, (d*h*w, dim).
-
-    dim // 6 sine/cosine pairs per axis (the remaining channels are zero), wavelengths from 2*pi to
-    200*pi tokens: enough to tell apart the positions of a bottleneck grid (7x7x5 for the LA patch).
-    Parameter-free, so every patch size gets an encoding."""
+    """Fixed sinusoidal encoding of a d x h x w token grid, (d*h*w, dim): dim // 6 sin/cos pairs per axis."""
     n = dim // 6
     freq = 100.0 ** (-torch.arange(n, device=device) / max(n, 1))                     # (n,)
     axes = [torch.arange(s, device=device, dtype=torch.float32) for s in (d, h, w)]
-    grid = torch.meshgrid(*axes, indexing="ij")
-    angles = [axis.reshape(-1, 1) * freq for axis in grid]                             # 3 x (N, n)
+    angles = [axis.reshape(-1, 1) * freq for axis in torch.meshgrid(*axes, indexing="ij")]   # 3 x (N, n)
     enc = torch.cat([fn(a) for a in angles for fn in (torch.sin, torch.cos)], 1)       # (N, 6n)
     return F.pad(enc, (0, dim - 6 * n))                                                # (N, dim)
 
@@ -74,35 +60,20 @@ def axis_profiles(t):
 
 
 class ReferenceFusion(nn.Module):
-    """Cross-attention from the scan's bottleneck tokens to the selected references' tokens, gated per token
-    and channel against the scan's own features.
+    """Gated cross-attention of the scan's bottleneck tokens to the references' tokens. log w_k added to the
+    logits of reference k weighs it by w_k (0 removes it; only ratios matter). Pre-norm; a 3D position
+    encoding on queries and keys (the bank holds every orientation: a reference lies like the query)."""
 
-    Queries come from x's N tokens, keys and values from all K*N reference tokens. The log retrieval
-    weight of reference k is added to the logits of its tokens, so before normalisation each of its
-    tokens gets exp(q.k / sqrt(d)) * w_k: uniform weights give plain attention, a zero weight removes
-    the reference, and only the weights' ratios matter. Pre-norm (LayerNorm) with a 3D sinusoidal
-    position encoding added to queries and keys (the bank holds every augmented orientation of its
-    patches, so a retrieved reference is laid out like the query). Returns what the references add,
-    sigmoid(W [x, a]) * a; the fused map is x plus that term."""
-
-    def __init__(self, channels, heads=4):
+    def __init__(self, channels, heads=4, dropout=0.1):
         super().__init__()
-        if channels % heads:
-            raise ValueError(f"ReferenceFusion: channels={channels} is not divisible by heads={heads}")
-        self.heads = heads
-        self.norm_q = nn.LayerNorm(channels)
-        self.norm_kv = nn.LayerNorm(channels)
-        self.q = nn.Linear(channels, channels)
-        self.k = nn.Linear(channels, channels)
-        self.v = nn.Linear(channels, channels)
-        self.out = nn.Linear(channels, channels)
+        self.heads, self.dropout = heads, dropout                  # dropout: on attention weights in training
+        self.norm_q, self.norm_kv = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.q, self.k, self.v, self.out = (nn.Linear(channels, channels) for _ in range(4))
         self.gate = nn.Linear(2 * channels, channels)
         xavier_(self)
 
     def forward(self, x, refs, weights):
-        """x (B, C, d, h, w) bottleneck; refs (B, K, C, d, h, w) bank features; weights (B, K).
-
-        Returns the gated attention term (B, C, d, h, w) in x's memory format."""
+        """x (B, C, d, h, w) bottleneck; refs (B, K, C, d, h, w); weights (B, K) -> the term t, like x."""
         B, C, d, h, w = x.shape
         K, N, H = refs.shape[1], d * h * w, self.heads
         if refs.shape != (B, K, C, d, h, w) or weights.shape != (B, K):
@@ -115,10 +86,9 @@ class ReferenceFusion(nn.Module):
         k = self.k(kv + pos.repeat(K, 1)).view(B, K * N, H, C // H).transpose(1, 2)    # (B, H, K*N, C/H)
         v = self.v(kv).view(B, K * N, H, C // H).transpose(1, 2)                       # (B, H, K*N, C/H)
         # log-weight bias per reference token; a weight of 0 becomes log(1e-30) = -69, i.e. no attention
-        bias = weights.float().clamp_min(1e-30).log().repeat_interleave(N, 1)          # (B, K*N)
-        attn_bias = bias[:, None, None].to(q.dtype)                                    # (B, 1, 1, K*N)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                           dropout_p=ATTN_DROPOUT if self.training else 0.0)  # (B,H,N,C/H)
+        bias = weights.float().clamp_min(1e-30).log().repeat_interleave(N, 1)[:, None, None]  # (B, 1, 1, K*N)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B,H,N,C/H)
         a = self.out(a.transpose(1, 2).reshape(B, N, C))                               # (B, N, C)
         term = torch.sigmoid(self.gate(torch.cat([xt, a], 2))) * a                     # (B, N, C)
         term = term.transpose(1, 2).unflatten(2, (d, h, w))                           # (B, C, d, h, w)
@@ -126,16 +96,7 @@ class ReferenceFusion(nn.Module):
 
 
 class MCAM(nn.Module):
-    """Multi-scale coordinate attention for one scale of decoder A (the paper's MCAM).
-
-        c        = upsample(GELU(BN(proj(ctx))))                       the context stream at this scale
-        s        = GELU(GroupNorm(conv_s([pool_a(main), pool_a(c)])))  a in X, Y, Z
-        g        = sigmoid(conv_X(s_X)) * sigmoid(conv_Y(s_Y)) * sigmoid(conv_Z(s_Z))
-        main_out = main + g * c,  ctx_out = g * c                      (gated=False: g = 1)
-
-    pool_a averages over the two other axes; the three profiles go through one shared squeeze convolution
-    concatenated along their line, then split. GroupNorm keeps the squeeze independent of the batch (B = 1
-    at inference). Projection, norm and activation run before the upsampling, on an eighth of the voxels."""
+    """The MCAM at one scale of decoder A; GroupNorm keeps the squeeze independent of the batch (B = 1)."""
 
     def __init__(self, channels, ctx_channels, gated=True):
         super().__init__()
@@ -148,23 +109,17 @@ class MCAM(nn.Module):
             self.gate_x, self.gate_y, self.gate_z = (nn.Conv1d(mid, channels, 1) for _ in range(3))
         xavier_(self)
 
-    def forward(self, main, ctx, return_gates=False):
-        """main (B, C, X, Y, Z) decoder A's main stream; ctx (B, Cc, x, y, z) the context from the scale below.
-
-        Returns (main_out, ctx_out), both (B, C, X, Y, Z); with return_gates also (g_x, g_y, g_z), shaped
-        (B, C, X, 1, 1), (B, C, 1, Y, 1), (B, C, 1, 1, Z) (None ungated)."""
+    def forward(self, main, ctx):
+        """main (B, C, X, Y, Z); ctx (B, Cc, x, y, z) from the scale below -> (main_out, ctx_out)."""
         B, C, X, Y, Z = main.shape
         c = self.proj(ctx).contiguous(memory_format=layout(main))                      # (B, C, x, y, z)
         c = F.interpolate(c, size=(X, Y, Z), mode="trilinear", align_corners=False)    # (B, C, X, Y, Z)
-        gates = None
         if self.gated:
             # pooling the concatenation [main, c] equals concatenating the pooled parts: no 2C-channel volume
-            pairs = zip(axis_profiles(main), axis_profiles(c))
-            profiles = [torch.cat(p, 1) for p in pairs]                                # (B, 2C, X|Y|Z)
+            profiles = [torch.cat(p, 1) for p in zip(axis_profiles(main), axis_profiles(c))]  # (B, 2C, X|Y|Z)
             sx, sy, sz = self.squeeze(torch.cat(profiles, 2)).split((X, Y, Z), 2)      # (B, mid, X|Y|Z)
             gx = torch.sigmoid(self.gate_x(sx)).view(B, C, X, 1, 1)                    # (B, C, X, 1, 1)
             gy = torch.sigmoid(self.gate_y(sy)).view(B, C, 1, Y, 1)                    # (B, C, 1, Y, 1)
             gz = torch.sigmoid(self.gate_z(sz)).view(B, C, 1, 1, Z)                    # (B, C, 1, 1, Z)
-            gates = (gx, gy, gz)
             c = c * gx * (gy * gz)                                                     # (B, C, X, Y, Z)
-        return (main + c, c, gates) if return_gates else (main + c, c)                 # (B, C, X, Y, Z) x 2
+        return main + c, c                                                             # (B, C, X, Y, Z) x 2

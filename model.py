@@ -1,32 +1,17 @@
 """The dual-decoder V-Net and the losses of training (docs/design.md §8, §9).
 
-A V-Net encoder (Milletari et al. 2016, as configured by UA-MT / MC-Net for LA: 16 base filters,
-batch norm, dropout at the bottleneck and before the head) is shared by two decoders:
-
-    decoder A: transposed convolutions; with references, two streams (mcam.py)
-    decoder B: trilinear upsampling + convolution; always plain
-
-Their disagreement is a training signal (train.py), and decoder B's prediction is what drives the
-reference query at training and test time.
-
-Decoder A of a references network is wired as the public CERS code wires it. At the bottleneck the
-scan's features plus the gated cross-attention to its references (mcam.ReferenceFusion) start a second,
-context stream. Decoder A upsamples it beside its main stream; at every scale an MCAM gates the context
-against both streams and the main stream takes the gated context before its convolutions; the head reads
-both streams concatenated. The reference modules start from Xavier initialisation (nothing at zero), so
-the references move decoder A from the first step.
-
-"No references" for such a network (decode_a with zero_refs, or with refs=None) sets the fused attention
-term to zero: the context stream starts from the scan's own bottleneck and every MCAM still runs. A
-network built without references (cfg.references false) is the plain dual-decoder mean teacher.
+A V-Net encoder (16 base filters, batch norm, dropout, as UA-MT / MC-Net set it up for LA) feeds two
+decoders whose disagreement is a training signal: decoder A (transposed convolutions) and decoder B (trilinear
+upsampling; always plain, its prediction drives the reference query). With references, decoder A is wired as
+the public CERS code wires it: a context stream starts from x + fusion(x, refs) at the bottleneck x, an MCAM
+per scale gates it into the main stream (main + g * c), and the head reads both streams; "no references"
+(zero_refs or refs=None) starts it from x alone. Built without references it is the plain mean teacher.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import mcam
-
-FUSION_HEADS = 4  # attention heads of the reference fusion at the bottleneck
 
 
 def conv_stage(c_in, c_out, n_convs):
@@ -44,13 +29,10 @@ def down(c_in, c_out):
 
 
 def up(c_in, c_out, mode):
-    """Double the resolution: 'deconv' (transposed convolution) or 'trilinear' (interpolation + 3x3x3
-    conv)."""
-    if mode == "deconv":
-        first = nn.ConvTranspose3d(c_in, c_out, 2, stride=2)
-    else:
-        first = nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
-                              nn.Conv3d(c_in, c_out, 3, padding=1))
+    """Double the resolution: 'deconv' (transposed convolution) or 'trilinear' (interpolation + conv)."""
+    first = (nn.ConvTranspose3d(c_in, c_out, 2, stride=2) if mode == "deconv" else
+             nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+                           nn.Conv3d(c_in, c_out, 3, padding=1)))
     return nn.Sequential(first, nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
 
 
@@ -74,34 +56,25 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Four up-stages with residual skip additions (V-Net style), then a 1x1x1 head.
-
-    take_context() makes it decoder A of a references network: a context stream climbs beside the main
-    one, an MCAM per scale gates it into the main stream, and the head reads both streams."""
+    """Four up-stages adding skip features (V-Net style), a 1x1x1 head; take_context() adds A's context."""
 
     def __init__(self, f=16, n_classes=2, mode="deconv", dropout=0.5):
         super().__init__()
         ch = [f, 2 * f, 4 * f, 8 * f, 16 * f]
         self.ups = nn.ModuleList([up(ch[i + 1], ch[i], mode) for i in reversed(range(4))])
-        self.stages = nn.ModuleList([conv_stage(ch[i], ch[i], n)
-                                     for i, n in zip(reversed(range(4)), (3, 3, 2, 1))])
+        self.stages = nn.ModuleList([conv_stage(c, c, n) for c, n in zip(ch[3::-1], (3, 3, 2, 1))])
         self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Conv3d(f, n_classes, 1)
         self.mcams = None
 
     def take_context(self, gated=True):
         """Add the MCAMs (one per scale, coarse to fine) and a head over both streams, Xavier-initialised."""
-        f, n_classes = self.head.in_channels, self.head.out_channels
-        ch = [8 * f, 4 * f, 2 * f, f]                            # the scales, coarse to fine
-        self.mcams = nn.ModuleList([mcam.MCAM(c, cc, gated) for c, cc in zip(ch, [16 * f] + ch[:-1])])
-        self.head = mcam.xavier_(nn.Conv3d(2 * f, n_classes, 1))
+        f = self.head.in_channels
+        self.mcams = nn.ModuleList([mcam.MCAM(2**i * f, 2**(i + 1) * f, gated) for i in (3, 2, 1, 0)])
+        self.head = mcam.xavier_(nn.Conv3d(2 * f, self.head.out_channels, 1))
 
     def forward(self, feats, context=None):
-        """feats: the encoder's five scales; context (B, 16f, X/16, Y/16, Z/16) the fused bottleneck map, which
-        decoder A of a references network needs and a plain decoder does not take."""
-        if (context is None) != (self.mcams is None):
-            raise ValueError("Decoder: a context is given exactly when built with take_context() (decoder A "
-                             "of a references network)")
+        """feats: the encoder's five scales; context: the fused bottleneck map, iff take_context() ran."""
         x = feats[-1]                                # (B, 16f, X/16, Y/16, Z/16)
         for i, (up_, stage) in enumerate(zip(self.ups, self.stages)):
             x = up_(x) + feats[-2 - i]               # (B, 8f, X/8, ..) .. (B, f, X, Y, Z)
@@ -122,22 +95,18 @@ class DualDecoderVNet(nn.Module):
         self.encoder = Encoder(in_channels, base_filters, dropout)
         self.decoder_a = Decoder(base_filters, n_classes, "deconv", dropout)
         self.decoder_b = Decoder(base_filters, n_classes, "trilinear", dropout)
-        self.fusion = None
         # the reference modules come last: the V-Net's own layers initialise as in the plain network
+        self.fusion = mcam.ReferenceFusion(16 * base_filters) if references else None
         if references:
-            self.fusion = mcam.ReferenceFusion(16 * base_filters, heads=FUSION_HEADS)
             self.decoder_a.take_context(gated)
 
     def forward(self, x, refs=None, zero_refs=False):
-        """x (B, 1, X, Y, Z); refs: mcam.References for decoder A, or None; zero_refs: see decode_a.
-        Returns the logits of decoder A and decoder B, each (B, n_classes, X, Y, Z)."""
+        """x (B, 1, X, Y, Z); refs: mcam.References or None. Returns the logits of decoders A and B."""
         feats = self.encoder(x)
-        return self.decode_a(feats, refs, zero_refs), self.decoder_b(feats)
+        return self.decode_a(feats, refs, zero_refs), self.decoder_b(feats)   # (B, n_classes, X, Y, Z) x 2
 
     def decode_a(self, feats, refs=None, zero_refs=False):
-        """Decoder A on encoder features. With references, the context stream starts from the fused map
-        x + gate * attention; with zero_refs or refs=None, from x alone (the "no references" control: the
-        references' contribution zero, the trained branch kept). Without a fusion refs are not read."""
+        """Decoder A on encoder features; zero_refs or refs=None: the "no references" control (term 0)."""
         context = None
         if self.fusion is not None:
             x = feats[-1]                                            # (B, 16f, X/16, Y/16, Z/16)
@@ -146,9 +115,7 @@ class DualDecoderVNet(nn.Module):
 
     @torch.no_grad()
     def context_ratio(self, feats, refs):
-        """How much the references add at the bottleneck: the mean per-token L2 norm of the gated attention
-        term over the mean per-token norm of the scan's features x, a float tensor (0: an inert fusion).
-        In eval mode for a figure free of the attention dropout."""
+        """How loud the references are: the fused term's mean per-token norm over x's (0: an inert fusion)."""
         if self.fusion is None:
             raise ValueError("context_ratio: this network was built without references (no fusion)")
         x = feats[-1]
@@ -161,29 +128,24 @@ class DualDecoderVNet(nn.Module):
 
 
 def build_model(cfg):
-    """The network an experiment config describes: the fusion and decoder A's context stream when
-    cfg.references (MCAMs without gates when not cfg.mcam_gates)."""
+    """The network an experiment config describes (fusion and context stream only when cfg.references)."""
     return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, cfg.references, cfg.mcam_gates)
 
 
 # ----------------------------------------------------------------------------- losses (pure functions)
-
 def dice_loss(prob, target, eps=1e-5):
     """1 - soft Dice of the foreground probability (B, X, Y, Z) against a {0, 1} target."""
-    inter = (prob * target).sum()
-    return 1.0 - (2.0 * inter + eps) / (prob.sum() + target.sum() + eps)
+    return 1.0 - (2.0 * (prob * target).sum() + eps) / (prob.sum() + target.sum() + eps)
 
 
 def supervised_loss(logits, label):
-    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z) and label
-    (Lb, X, Y, Z)."""
+    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z), label (Lb, X, Y, Z)."""
     prob = logits.float().softmax(1)[:, 1]
     return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
 
 
 def mean(t):
-    """The mean of t, and 0 (still in the graph) when t is empty: a batch of labeled patches only has no
-    unlabeled part, whose losses would otherwise be NaN."""
+    """The mean of t, and 0 (still in the graph) when t is empty (no unlabeled patches), not NaN."""
     return t.mean() if t.numel() else t.sum()
 
 

@@ -1,12 +1,6 @@
-"""Synthetic left-atrium phantoms in the exact LA layout, the offline default (docs/phantom.md).
-
-    <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   image float32 z-scored, label uint8 {0, 1}, (X, Y, Z)
-    <root>/train.list, <root>/test.list                one ID a line
-    <root>/phantom.json                                the parameters it was written with, and summary figures
-
-Each case is an LGE-MRI-like crop: the LA among the heart's other blood pools, all of one intensity, so
-only position, shape and context find the label (`threshold_dice`). A seed gives byte-identical files.
-"""
+"""Synthetic left-atrium phantoms in the exact LA layout, the offline default (docs/phantom.md): LGE-MRI-like
+crops where the LA shares its intensity with the heart's other blood pools, so only position, shape and
+context find the label (`threshold_dice`). A seed gives byte-identical files."""
 import argparse
 import io
 import json
@@ -21,7 +15,7 @@ from scipy import ndimage
 
 import files
 from config import EXPERIMENTS, CersError, ConfigError, World, cli, main_first
-from data import CASE_DIR, CASE_FILE
+from data import CASE_DIR, CASE_FILE, case_path, read_case, read_list
 
 PARAMS_FILE = "phantom.json"
 VERSION = 4  # of the generator: bump it when a change alters the cases, so ensure_phantom rewrites them
@@ -39,8 +33,8 @@ class NotAPhantom(CersError, FileExistsError):
 
 
 def smooth_field(rng, grid, scale, n_modes=6):
-    """A smooth random field (mean ~0, std ~1): n_modes cosines of wavelength about 2 * scale voxels."""
-    # each cosine is the real part of a product of three 1D complex exponentials: one matrix product
+    """A smooth random field (mean ~0, std ~1): n_modes cosines of wavelength about 2 * scale voxels, each the
+    real part of a product of three 1D complex exponentials, so all of it is one matrix product."""
     w = rng.normal(0.0, np.pi / (2 * scale), (3, n_modes))
     phase = rng.uniform(0, 2 * np.pi, (3, n_modes))
     ex, ey, ez = (np.exp(1j * (w[i, :, None] * grid[i].ravel() + phase[i, :, None])).astype(np.complex64)
@@ -112,8 +106,7 @@ def anatomy(rng, q, wobble):
     center = d * (reach(la_r, d) + reach(ra_r, d) + u(0.5, 2.5))
     pools["ra"] = (ellipsoid(q, center, ra_r, 0.1 * wobble[2]), atrial_wall)
     r = u(4.0, 5.5)                                                     # the SVC rises from the RA
-    pools["svc"] = (tube(q, np.array([center + [2, 3, 6], center + [3, 5, 40]]), np.array([r, r])),
-                    u(1.0, 2.0))
+    pools["svc"] = (tube(q, center + np.array([[2, 3, 6], [3, 5, 40]]), np.full(2, r)), u(1.0, 2.0))
     r, x = u(5.5, 7.5), u(-6.0, 2.0)                # the ascending aorta: in front of the LA, may touch it
     y = -la_r[1] * np.sqrt(max(1 - (x / la_r[0]) ** 2, 0.3)) - r - u(-2.0, 2.0)
     path = np.array([[x + 4, y - 5, -la_r[2]], [x, y, 0.3 * la_r[2]], [x - 3, y + 2, la_r[2] + 30]])
@@ -180,23 +173,13 @@ def make_case(rng, shape):
     u = rng.uniform
     image = ndimage.gaussian_filter(image, u(0.4, 1.3) * s, truncate=3.0)         # partial volume
     image *= np.exp(u(0.05, 0.35) * smooth_field(rng, grid, 30 * s))                # coil bias field
-    sigma = u(0.02, 0.12)                                                         # noise, relative to blood
-    noise = rng.standard_normal((2, *image.shape), dtype=np.float32) * sigma
+    noise = u(0.02, 0.12) * rng.standard_normal((2, *image.shape), dtype=np.float32)   # relative to blood
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)                    # magnitude of complex data
     image = image ** u(0.6, 1.6)                                                # scanner's intensity response
     image = ((image - image.mean()) / image.std()).astype(np.float32)
     target, atrium = own <= -INSET, own <= 0
     return image, target.astype(np.uint8), {"target": target, "atrium": atrium, "other": blood & ~atrium,
-                                            "wall": wall & ~atrium}
-
-
-def phantom_params(n_train, n_test, shape, seed):
-    """The checked parameters that define a phantom dataset, as stored in phantom.json."""
-    if n_train < 1 or n_test < 1 or len(shape) != 3 or min(shape) < 16:
-        raise ConfigError(f"phantom: need n_train, n_test >= 1 and a 3D shape of at least 16 voxels a side, "
-                          f"got n_train={n_train}, n_test={n_test}, shape={tuple(shape)}")
-    return {"n_train": int(n_train), "n_test": int(n_test), "shape": [int(v) for v in shape],
-            "seed": int(seed), "version": VERSION}
+                                            "wall": wall & ~atrium, "rest": ~(blood | wall)}
 
 
 def write_cases(folder, params):
@@ -204,17 +187,15 @@ def write_cases(folder, params):
     ids, stats, n_train = [], [], params["n_train"]
     for i in range(n_train + params["n_test"]):
         rng = np.random.default_rng([params["seed"], i])        # case i's own: the same whatever the counts
-        case_id = "".join(rng.choice(list(ID_CHARS), 20))
+        ids.append("".join(rng.choice(list(ID_CHARS), 20)))
         image, label, parts = make_case(rng, params["shape"])
         buffer = io.BytesIO()            # built in memory: h5py writing a file reports a full disk as noise
         with h5py.File(buffer, "w") as f:
             f.create_dataset("image", data=image)
             f.create_dataset("label", data=label, compression="gzip")
-        files.write_bytes(files.make_folder(folder / CASE_DIR / case_id) / CASE_FILE, buffer.getvalue())
-        rest = ~(parts["atrium"] | parts["other"] | parts["wall"])
-        ids.append(case_id)
-        stats.append([label.mean()] + [image[m].mean() if m.any() else np.nan
-                                       for m in (parts["target"], parts["other"], parts["wall"], rest)])
+        files.write_bytes(files.make_folder(folder / CASE_DIR / ids[-1]) / CASE_FILE, buffer.getvalue())
+        stats.append([label.mean()] + [image[parts[k]].mean() if parts[k].any() else np.nan
+                                       for k in ("target", "other", "wall", "rest")])
     for name, part in (("train.list", ids[:n_train]), ("test.list", ids[n_train:])):
         files.write_text(folder / name, "".join(f"{i}\n" for i in part))
     names = ["foreground_fraction", "target", "other_blood", "wall", "rest"]  # mean z-scored intensities
@@ -230,36 +211,33 @@ def written_params(root):
 
 
 def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0, rewrite=False):
-    """The phantom at `root`, written when missing, made with other parameters, or `rewrite` is set."""
-    root, params = Path(root), phantom_params(n_train, n_test, shape, seed)
-    if rewrite or written_params(root) != params:
-        with files.Lock(root.parent / f".{root.name}.lock"):    # a second writer waits, then finds it done
-            if rewrite or written_params(root) != params:
-                replace_phantom(root, params)
-    return root
-
-
-def write_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0):
-    """Write a phantom dataset at `root`, replacing an earlier phantom there, and return `root`."""
-    return ensure_phantom(root, n_train, n_test, shape, seed, rewrite=True)
-
-
-def replace_phantom(root, params):
-    """Build the phantom in a temp folder renamed onto `root` (never half written), the old one all gone."""
-    if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).exists():
-        raise NotAPhantom(f"{root}: not empty and not a phantom dataset; refusing to replace it "
-                          "(give an empty or new folder, or --phantom=false to use the data there)")
-    tmp, old = files.temp_path(root), files.temp_path(root)
-    try:
-        summary = {**write_cases(tmp, params), "threshold_dice": round(threshold_dice(tmp)["dice"], 4)}
-        files.write_text(tmp / PARAMS_FILE, json.dumps({"params": params, "summary": summary}, indent=1))
-        with files.writing(root):
-            if root.exists():
-                root.rename(old)
-            tmp.rename(root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    """The phantom at `root`, written when missing, made with other parameters (phantom.json) or `rewrite`:
+    under a lock beside it, in a temp folder renamed onto `root` (never half written), the old one removed."""
+    if n_train < 1 or n_test < 1 or len(shape) != 3 or min(shape) < 16:
+        raise ConfigError(f"phantom: need n_train, n_test >= 1 and a 3D shape of at least 16 voxels a side, "
+                          f"got n_train={n_train}, n_test={n_test}, shape={tuple(shape)}")
+    root = Path(root)
+    params = {"n_train": int(n_train), "n_test": int(n_test), "shape": [int(v) for v in shape],
+              "seed": int(seed), "version": VERSION}
+    if not rewrite and written_params(root) == params:
+        return root
+    with files.Lock(root.parent / f".{root.name}.lock"):
+        if not rewrite and written_params(root) == params:       # another process wrote it while this waited
+            return root
+        if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).exists():
+            raise NotAPhantom(f"{root}: not empty and not a phantom dataset; refusing to replace it "
+                              "(give an empty or new folder, or --phantom=false to use the data there)")
+        tmp, old = files.temp_path(root), files.temp_path(root)
+        try:
+            summary = {**write_cases(tmp, params), "threshold_dice": round(threshold_dice(tmp)["dice"], 4)}
+            files.write_text(tmp / PARAMS_FILE, json.dumps({"params": params, "summary": summary}, indent=1))
+            with files.writing(root):
+                if root.exists():
+                    root.rename(old)
+                tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return root
 
 
@@ -267,25 +245,17 @@ def ensure_for(cfg, world=World()):
     """Write an experiment's synthetic dataset when its config asks for one (rank 0 first under torchrun)."""
     if cfg.phantom:
         with main_first(world):
-            ensure_phantom(cfg.data_root, n_train=cfg.phantom_cases[0], n_test=cfg.phantom_cases[1],
-                           shape=tuple(cfg.phantom_shape), seed=0)
-
-
-def read_cases(root):
-    """(image, boolean label) of each case of an LA-layout root, train.list first, one at a time."""
-    for name in ("train.list", "test.list"):
-        for case_id in (Path(root) / name).read_text().split():
-            with h5py.File(Path(root) / CASE_DIR / case_id / CASE_FILE, "r") as f:
-                yield f["image"][()], f["label"][()].astype(bool)
+            ensure_phantom(cfg.data_root, *cfg.phantom_cases, shape=cfg.phantom_shape)  # (train, test) counts
 
 
 def threshold_dice(root, levels=512, sample=16):
     """Dice of the best single global threshold ("dice": mean per case, as test.py; "pooled": all voxels)."""
-    values = np.concatenate([image.ravel()[::sample] for image, _ in read_cases(root)])  # pass 1: candidates
+    paths = [case_path(root, i) for name in ("train.list", "test.list") for i in read_list(Path(root) / name)]
+    values = np.concatenate([read_case(p)[0].ravel()[::sample] for p in paths])       # pass 1: candidates
     t = np.unique(np.quantile(values, np.linspace(0.5, 0.9995, levels)))                # (T,)
     above, hits, sizes = [], [], []
-    for image, label in read_cases(root):                               # pass 2: one case in memory at a time
-        x, x_label = np.sort(image.ravel()), np.sort(image[label])
+    for image, label in map(read_case, paths):                          # pass 2: one case in memory at a time
+        x, x_label = np.sort(image.ravel()), np.sort(image[label == 1])
         above.append(x.size - np.searchsorted(x, t, "right"))                           # voxels over each t
         hits.append(x_label.size - np.searchsorted(x_label, t, "right"))                # label voxels over it
         sizes.append(x_label.size)
@@ -296,37 +266,14 @@ def threshold_dice(root, levels=512, sample=16):
     return {"dice": float(per_case[best]), "threshold": float(t[best]), "pooled": float(pooled.max())}
 
 
-def preview(root, png, n=4):
-    """Save 3 axial slices through the label of the first n training cases, label in red, anterior up."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cases = list(zip(range(n), read_cases(root)))
-    fig, axes = plt.subplots(3, len(cases), figsize=(2.6 * len(cases), 7.8), squeeze=False)
-    for j, (image, label) in cases:
-        zs, (vmin, vmax) = np.flatnonzero(label.any((0, 1))), np.percentile(image, [1, 99.5])
-        axes[0, j].set_title("x".join(map(str, image.shape)), fontsize=8)
-        for ax, level in zip(axes[:, j], (0.75, 0.5, 0.25)):             # of the label's z range, top first
-            z = int(round(zs[0] + level * (zs[-1] - zs[0])))
-            ax.imshow(image[:, :, z].T, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-            ax.contour(label[:, :, z].T.astype(np.uint8), [0.5], colors="r", linewidths=0.8)
-            ax.set(xticks=[], yticks=[]), ax.set_xlabel(f"z = {z}", fontsize=7, labelpad=1)
-    fig.suptitle("phantom LGE-MRI, axial; red: LA label (body, appendage, vein ostia)", fontsize=9)
-    fig.tight_layout()
-    files.save_figure(fig, png, dpi=80)
-    plt.close(fig)
-
-
 def main(argv=None):
-    """Write a phantom (and a preview), or only measure threshold_dice of any LA-layout dataset."""
+    """Write a phantom, or only measure threshold_dice of any LA-layout dataset."""
     p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset.", allow_abbrev=False)
-    n_train, n_test = EXPERIMENTS["PHANTOM_8"]["phantom_cases"]                # PHANTOM_8's folder by default
-    p.add_argument("--out", default="data/phantom", help="dataset root")
-    p.add_argument("--n-train", type=int, default=n_train)
-    p.add_argument("--n-test", type=int, default=n_test)
+    p.add_argument("--out", default="data/phantom", help="dataset root (PHANTOM_8's by default)")
+    p.add_argument("--n-train", type=int, default=EXPERIMENTS["PHANTOM_8"]["phantom_cases"][0])
+    p.add_argument("--n-test", type=int, default=EXPERIMENTS["PHANTOM_8"]["phantom_cases"][1])
     p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preview", metavar="PNG", help="also save axial slices of a few cases here")
     p.add_argument("--threshold-dice", metavar="ROOT", help="only measure the best global threshold Dice of "
                    "the LA-layout dataset at ROOT (real LA or a phantom)")
     args = p.parse_args(argv)
@@ -335,13 +282,10 @@ def main(argv=None):
         return print(f"{args.threshold_dice}: best global threshold {r['threshold']:.3f}, Dice "
                      f"{r['dice']:.3f} (mean over cases), pooled over all voxels {r['pooled']:.3f}")
     t0 = time.time()
-    root = write_phantom(args.out, args.n_train, args.n_test, args.shape, args.seed)
+    root = ensure_phantom(args.out, args.n_train, args.n_test, args.shape, args.seed, rewrite=True)
     summary = json.loads((root / PARAMS_FILE).read_text())["summary"]      # mean z-scored intensities by part
     print(f"wrote {args.n_train} train + {args.n_test} test cases to {root} in {time.time() - t0:.1f} s: "
           + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    if args.preview:
-        preview(root, args.preview)
-        print(f"preview: {args.preview}")
 
 
 if __name__ == "__main__":

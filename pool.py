@@ -1,14 +1,13 @@
 """Knowledge pool: the chain-of-thought (CoT) texts of every case (docs/design.md §4, §5).
 
-Each text has four parts, `Texture: ... Boundary: ... Context: ... Summary: ...`: a "mask CoT" of each
-labeled case written with its mask, an "image CoT" of every case from the image alone. Two back ends write
-them from the image statistics (image_stats): `llm`, an OpenAI-compatible /v1/chat/completions endpoint
-prompted with prompts/*.txt, and `descriptors`, offline and deterministic (write_cot). The endpoint may be
-slow, broken or hostile, so a request has one deadline, a size cap, same-server redirects only and bounded
-retries; the API key is never printed, logged or stored, and control characters of a reply never reach the
-cache or the terminal. Texts are cached in an append-only JSONL file keyed by case, kind, back end, model,
-prompt and content hash; a build that must write holds an exclusive lock on it, so concurrent builds never
-ask twice for one text.
+Each text has four parts (Texture, Boundary, Context, Summary): a "mask CoT" of each labeled case written
+with its mask, an "image CoT" of every case from the image alone. Two back ends write them from
+image_stats(): `llm`, an OpenAI-compatible chat endpoint prompted with prompts/cot_*.txt, and `descriptors`,
+offline (write_cot, worded by prompts/descriptors.json). The endpoint may be slow, broken or hostile: a
+request has one deadline, a size cap, same-server redirects only and bounded retries; the API key is never
+printed, logged or stored; a reply's control characters reach neither cache nor terminal. Texts are cached
+in an append-only JSONL file keyed by case, kind, back end, model, prompt and content hash, locked while a
+build writes, so concurrent builds never ask twice for one text.
 
     python pool.py --exp LA_8                                     # offline descriptors back end
     python pool.py --exp LA_8 --backend llm --url http://localhost:8000 --model NAME [--vision]
@@ -17,9 +16,9 @@ ask twice for one text.
 import argparse
 import base64
 import fcntl
+import functools
 import hashlib
 import io
-import itertools
 import json
 import os
 import random
@@ -32,14 +31,13 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
-from requests.adapters import HTTPAdapter
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -58,8 +56,10 @@ HEADING = re.compile(r"^[ \t>#*\-]*(?:\d+[.)][ \t]*)?[*_]*[ \t]*(texture|boundar
 CONTROL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)?"
                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
-KINDS = ("mask", "image")  # the mask CoT of a labeled case, the image-only CoT of any case
+# the mask CoT of a labeled case, the image-only CoT of any case: their prompt templates
 TEMPLATES = {"mask": "cot_mask.txt", "image": "cot_image.txt"}
+KINDS = tuple(TEMPLATES)
+PLACEHOLDERS = ("modality", "anatomy", "target", "descriptors")  # what a template may name in braces
 
 
 def clean(text):
@@ -96,17 +96,19 @@ def format_cot(fields):
 
 
 def load_template(kind, prompt_dir=PROMPT_DIR):
-    return (Path(prompt_dir) / TEMPLATES[kind]).read_text(encoding="utf-8")
+    """The prompt template of a kind of CoT; a {placeholder} it cannot fill is refused in one line."""
+    path = Path(prompt_dir) / TEMPLATES[kind]
+    template = path.read_text(encoding="utf-8")
+    for name in re.findall(r"\{(\w+)\}", template):
+        if name not in PLACEHOLDERS:
+            raise CersError(f"{path}: unknown placeholder {{{name}}}; a prompt template may use "
+                            f"{', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+    return template
 
 
 def render_prompt(template, values):
-    """The template with each {name} replaced; an unknown placeholder is an error naming it."""
-    def fill(match):
-        if match.group(1) not in values:
-            raise KeyError(f"prompt template has placeholder {{{match.group(1)}}}; "
-                           f"known: {', '.join(sorted(values))}")
-        return str(values[match.group(1)])
-    return re.sub(r"\{(\w+)\}", fill, template)
+    """The template with each {name} replaced by values[name]."""
+    return re.sub(r"\{(\w+)\}", lambda match: str(values[match.group(1)]), template)
 
 
 def prompt_hash(template, context, vision=False):
@@ -197,72 +199,34 @@ def image_stats(image, mask=None):
 
 # ----------------------------------------------------------------------------- the descriptors back end
 
-WRITER = "descriptors-v1"  # the model name this back end records; bump it when the wording changes
-HETERO = ("Homogeneous", "Mildly heterogeneous", "Markedly heterogeneous")
-SHARP = ("Blurred, low-gradient", "Moderately defined", "Sharp, well-defined")
-# statistic: ((low, high) cut points, wording below low / in between / at or above high); the cut points sit
-# at about the tertiles of the LA training cases, so on LA each phrase describes about a third of them
-WORDING = {
-    "heterogeneity": ((0.33, 0.40), HETERO), "target_heterogeneity": ((0.26, 0.32), HETERO),
-    "edge_sharpness": ((0.75, 0.88), SHARP), "boundary_sharpness": ((0.65, 0.80), SHARP),
-    "noise": ((0.13, 0.175), ("minimal noise", "moderate noise", "prominent noise")),
-    "contrast": ((2.9, 3.2), ("bright structures are only slightly brighter than the tissue around them",
-                              "moderate contrast between bright structures and tissue",
-                              "bright structures stand out clearly from darker tissue")),
-    "target_contrast": ((0.05, 0.25), ("it is barely brighter than its immediate surroundings",
-                                       "moderate contrast against the {wall}",
-                                       "it stands out clearly against the {wall}")),
-    "target_sphericity": ((0.67, 0.72), ("lobulated, irregular", "mildly lobulated", "smooth, compact")),
-    "lookalike_contact": ((0.50, 0.66), (
-        "the {wall} separates it from most neighbours",
-        "in places it opens into neighbouring {signal} without a visible wall",
-        "much of its border opens into neighbouring {signal} with no visible wall")),
-    "lookalike_share": ((0.72, 0.80), ("A minority", "Much", "Most")),
-    "largest_share": ((0.93, 0.975), (
-        "the bright regions stay mostly separate", "most bright regions join into a connected {signal}",
-        "the bright regions merge into one {signal}, so borders must be inferred")),
-    "bright_structures": ((3, 5), ("few", "several", "many")),
-    "bright_fraction": ((0.18, 0.24), ("in a small part", "in a moderate part", "across much")),
-}
-COT = {  # the first three parts; the Summary names the difficulties below
-    "mask": "Texture: {target_heterogeneity} {signal} in the {target} with {noise}; {target_contrast}.\n"
-            "Boundary: {boundary_sharpness} margins with a {target_sphericity} contour; {lookalike_contact}."
-            "\nContext: {lookalike_share} of the bright tissue lies outside the {target}; the {neighbours} "
-            "share its intensity and {bright_structures} separate bright structures compete with it.\n",
-    "image": "Texture: {heterogeneity} bright {signal} on {modality} with {noise}; {contrast}.\n"
-             "Boundary: {edge_sharpness} edges of bright structures; {largest_share}.\n"
-             "Context: There are {bright_structures} separate bright structures {bright_fraction} of the "
-             "field of view; the {neighbours} share the {signal} intensity and may mimic the {target}.\n",
-}
-DIFFICULTY = {  # statistic: (the difficulty it stands for, the level at which it is one), in order of weight
-    "mask": {"target_contrast": ("weak contrast with its surroundings", 0),
-             "boundary_sharpness": ("blurred margins", 0),
-             "lookalike_contact": ("bright neighbours merging with it", 2),
-             "target_heterogeneity": ("uneven internal signal", 2), "noise": ("image noise", 2)},
-    "image": {"contrast": ("weak contrast", 0), "edge_sharpness": ("blurred edges", 0),
-              "largest_share": ("one merged bright pool", 2),
-              "bright_structures": ("many look-alike structures", 2),
-              "heterogeneity": ("uneven signal", 2), "noise": ("image noise", 2)},
-}
-# how the writer names the parts of a target it knows; other targets get the generic words
-VOCAB = {"left atrium": {"signal": "blood pool", "wall": "thin atrial wall",
-                         "neighbours": "pulmonary veins, appendage, aortic root and left ventricle"}}
-GENERIC = {"signal": "signal", "wall": "surrounding tissue", "neighbours": "adjacent {anatomy} structures"}
+DESCRIPTORS = PROMPT_DIR / "descriptors.json"  # its wording; the file's "about" says how it is laid out
+# the model name this back end records in the cache: changed wording makes new keys, so new texts
+WRITER = "descriptors-" + hashlib.sha256(DESCRIPTORS.read_bytes()).hexdigest()[:8]
+
+
+@functools.cache
+def descriptor_words():
+    """The wording of the descriptors back end (prompts/descriptors.json); a broken edit is one line."""
+    try:
+        return json.loads(DESCRIPTORS.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CersError(f"{DESCRIPTORS}: not valid JSON ({e}); undo the last edit") from None
 
 
 def write_cot(stats, kind, modality, anatomy, target):
-    """A four-part CoT worded from image_stats() through WORDING: deterministic, about 128 tokens, no
-    numbers."""
-    vocab = {k: w.format(anatomy=anatomy) for k, w in VOCAB.get(target.lower(), GENERIC).items()}
+    """A four-part CoT worded from image_stats(): deterministic, about 128 tokens, no numbers."""
+    words = descriptor_words()
+    known = words["vocab"].get(target.lower(), words["generic"])
+    vocab = {k: w.format(anatomy=anatomy) for k, w in known.items()}
     levels = {k: int(stats[k] >= lo) + int(stats[k] >= hi)
-              for k, ((lo, hi), _) in WORDING.items() if k in stats}
-    words = {k: WORDING[k][1][lv].format(**vocab) for k, lv in levels.items()}
-    hard = [why for k, (why, at) in DIFFICULTY[kind].items() if levels[k] == at]
+              for k, ((lo, hi), _) in words["wording"].items() if k in stats}
+    phrases = {k: words["wording"][k][1][lv].format(**vocab) for k, lv in levels.items()}
+    hard = [why for k, (why, at) in words["difficulty"][kind].items() if levels[k] == at]
     overall = ("Clearly depicted" if len(hard) <= 1 else "Moderately challenging" if len(hard) == 2
                else "Challenging")
     reason = " and ".join(hard[:2]) or f"following its full extent within the {anatomy}"
-    return (COT[kind].format(modality=modality, target=target, **vocab, **words)
-            + f"Summary: {overall} {target} whose main segmentation difficulty is {reason}.")
+    return ("\n".join(words["cot"][kind]).format(modality=modality, target=target, **vocab, **phrases)
+            + f"\nSummary: {overall} {target} whose main segmentation difficulty is {reason}.")
 
 # ----------------------------------------------------------------------------- the llm back end
 
@@ -346,23 +310,19 @@ def reply_text(reply):
     return content if isinstance(content, str) else ""
 
 
-class WatchedAdapter(HTTPAdapter):
-    """An HTTPAdapter whose shut() ends reads blocked in other threads by shutting the sockets it opened
+class WatchedAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter whose shut() ends reads blocked in other threads by shutting down the sockets it opened
     (closing a response or a session does not wake them)."""
-
-    def __init__(self):
-        self.sockets, self.is_shut = [], False
-        super().__init__(max_retries=0)
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        adapter = self
+        self.sockets, self.is_shut, adapter = [], False, self
 
-        class Watched:  # mixed into each connection class: keeps its socket
+        class Watched:  # mixed into each connection class: keeps its socket, shut at once after shut()
             def connect(self):
                 super().connect()
                 adapter.sockets.append(self.sock)
-                if adapter.is_shut:  # connected just as the deadline passed
+                if adapter.is_shut:
                     adapter.shut()
         self.poolmanager.pool_classes_by_scheme = {
             k: type(c.__name__, (c,), {"ConnectionCls": type("Conn", (Watched, c.ConnectionCls), {})})
@@ -444,9 +404,10 @@ class LLMClient:
         """(status, headers, body) of the final reply to one POST, same-server redirects followed, all within
         `timeout` seconds (a watchdog shuts the sockets then); Retry for what may pass, LLMError else."""
         url, deadline = self.endpoint(), time.monotonic() + self.timeout
+        late = f"no complete reply within {self.timeout:g} s"
         adapter, session = WatchedAdapter(), requests.Session()
-        for prefix in ("http://", "https://"):
-            session.mount(prefix, adapter)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         watchdog = threading.Timer(self.timeout, adapter.shut)
         watchdog.daemon = True
         watchdog.start()
@@ -456,7 +417,10 @@ class LLMClient:
                 with session.post(url, json=body, headers=headers, timeout=left, stream=True,
                                   allow_redirects=False) as response:
                     if response.status_code not in REDIRECTS or "Location" not in response.headers:
-                        return response.status_code, response.headers, self.read(response, url, deadline)
+                        reply = self.read(response, url)
+                        if time.monotonic() > deadline:  # a read the watchdog ended can look whole
+                            raise Retry(late)
+                        return response.status_code, response.headers, reply
                     target = urljoin(url, response.headers["Location"])
                 if origin(target) != origin(url):
                     raise self.error(f"HTTP {response.status_code} redirects to another server ({target}); "
@@ -465,7 +429,7 @@ class LLMClient:
             raise self.error(f"more than {MAX_REDIRECTS} redirects")
         except requests.RequestException as e:
             if adapter.is_shut or isinstance(e, requests.Timeout):
-                raise Retry(f"no complete reply within {self.timeout:g} s") from None
+                raise Retry(late) from None
             if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
                 raise Retry(f"{type(e).__name__} (is the server running?)") from None
             raise
@@ -473,22 +437,18 @@ class LLMClient:
             watchdog.cancel()
             session.close()
 
-    def read(self, response, url, deadline):
+    def read(self, response, url):
         """The body of a streamed reply, refused over MAX_REPLY bytes (unread when Content-Length says so)."""
         length = response.headers.get("Content-Length", "").strip()
         if length.isdigit() and int(length) > MAX_REPLY:
             raise self.error(f"the reply would be {int(length)} bytes (Content-Length), over the {MAX_REPLY} "
                              "accepted; refused unread", url)
-        chunks, size = [], 0
-        # the empty chunk at the end checks the deadline once more: a read the watchdog ended can look whole
-        for chunk in itertools.chain(response.iter_content(16384), [b""]):
-            if time.monotonic() > deadline:
-                raise Retry(f"no complete reply within {self.timeout:g} s")
-            size += len(chunk)
-            if size > MAX_REPLY:
+        body = bytearray()
+        for chunk in response.iter_content(16384):
+            body += chunk
+            if len(body) > MAX_REPLY:
                 raise self.error(f"the reply runs over the {MAX_REPLY} bytes accepted; refused", url)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return bytes(body)
 
 # ----------------------------------------------------------------------------- the cache
 
@@ -509,7 +469,7 @@ def content_hash(image, mask=None):
 
 def cache_path(cfg):
     """cfg.cot_cache, or <data_root>/cot_cache.jsonl when that is empty."""
-    return Path(getattr(cfg, "cot_cache", "") or Path(cfg.data_root) / "cot_cache.jsonl")
+    return Path(cfg.cot_cache or Path(cfg.data_root) / "cot_cache.jsonl")
 
 
 def check_cache_writable(cfg):
@@ -535,7 +495,7 @@ class CotCache:
     KEY = ("case_id", "kind", "backend", "model", "prompt_hash", "content_hash")
 
     def __init__(self, path):
-        self.path, self.file, self.damaged = Path(path), None, 0
+        self.path, self.damaged = Path(path), 0
         self.load()
 
     def load(self):
@@ -564,9 +524,6 @@ class CotCache:
                           "again")
         self.damaged = len(damaged)
 
-    def get(self, *key):
-        return self.records[key]["text"] if key in self.records else None
-
     @contextmanager
     def writing(self):
         """The cache opened for appending under an exclusive lock, then re-read: builds on one cache take
@@ -585,14 +542,10 @@ class CotCache:
                 fcntl.flock(file, fcntl.LOCK_EX)
             self.load()
             self.file = file
-            try:
-                yield self
-            finally:
-                self.file = None
+            yield self
 
-    def add(self, case_id, kind, backend, model, prompt_hash, content_hash, text):
-        """Append one record, whole or not at all (inside writing())."""
-        key = (case_id, kind, backend, model, prompt_hash, content_hash)
+    def add(self, key, text):
+        """Append the record of a text under `key` (KEY's values), whole or not at all (inside writing())."""
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         record = {**dict(zip(self.KEY, key)), "created": created, "text": text}
         line = ("\n" if self.torn else "") + json.dumps(record, ensure_ascii=False) + "\n"
@@ -613,18 +566,14 @@ class CotCache:
 
 @dataclass
 class Job:
-    """One text to write: the mask CoT of a labeled case, or the image-only CoT of any case (no mask at
-    all)."""
+    """One text to write: the mask CoT of a labeled case (its mask given), else the image-only CoT of a case,
+    which by construction never sees a mask."""
     case_id: str
-    kind: str
     image: np.ndarray
     mask: np.ndarray = None
 
     def __post_init__(self):
-        if self.kind not in KINDS or (self.kind == "mask") != (self.mask is not None):
-            given = "with" if self.mask is not None else "without"
-            raise ValueError(f"{self.case_id}: a CoT job is ('mask', with a mask) or ('image', which takes "
-                             f"no mask), got {self.kind!r} {given} a mask")
+        self.kind = "image" if self.mask is None else "mask"
         self.content_hash = content_hash(self.image, self.mask)
 
 
@@ -637,36 +586,33 @@ class CotTexts:
     failed: dict = field(default_factory=dict)  # (case ID, kind) -> reason; not cached, asked again next run
 
 
-def build_cots(jobs, cache, backend, context, client=None, vision=False, workers=1, prompt_dir=PROMPT_DIR,
+def build_cots(jobs, cache, context, client=None, vision=False, workers=1, prompt_dir=PROMPT_DIR,
                progress=True):
-    """The texts of `jobs`: cached ones read, the rest written by `workers` threads and cached as they
-    finish, under the cache's lock (none taken when every text is cached). `context` fills the prompts; the
-    llm back end needs `client` (an LLMClient), `vision` attaches a montage. Failed texts go to .failed;
-    RateLimited stops the build."""
-    if backend not in ("llm", "descriptors") or (backend == "llm") != (client is not None):
-        raise ValueError(f"back end {backend!r} with client {client!r}: llm needs an LLMClient, descriptors "
-                         "none")
-    vision, model = vision and backend == "llm", client.model if backend == "llm" else WRITER
+    """The texts of `jobs`: cached ones read, the rest written by `workers` threads and cached as they finish,
+    under the cache's lock (none taken when every text is cached). `context` fills the prompts; with `client`
+    (an LLMClient) the llm back end writes, with a montage when `vision`, else the descriptors one. Failed
+    texts go to .failed; RateLimited stops the build."""
+    backend, model = ("llm", client.model) if client else ("descriptors", WRITER)
+    vision = vision and client is not None
     templates = {k: load_template(k, prompt_dir) for k in KINDS}
     hashes = {k: prompt_hash(templates[k], context, vision) for k in KINDS}
     texts, stopped = CotTexts(), []
 
+    def key(job):
+        return job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash
+
     def missing():
         """The jobs whose text the cache lacks; the others' texts go into `texts`."""
-        todo = []
         for job in jobs:
-            text = cache.get(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash)
-            if text is None:
-                todo.append(job)
-            else:
-                getattr(texts, job.kind)[job.case_id] = text
-        return todo
+            if key(job) in cache.records:
+                getattr(texts, job.kind)[job.case_id] = cache.records[key(job)]["text"]
+        return [job for job in jobs if key(job) not in cache.records]
 
     def write(job):
         if stopped:  # the endpoint asked for a long pause: ask it nothing more
             raise stopped[0]
         stats = image_stats(job.image, job.mask)
-        if backend == "descriptors":
+        if client is None:
             return write_cot(stats, job.kind, **context)
         listed = "\n".join(f"- {k}: {v:.3g}" for k, v in stats.items())
         try:
@@ -693,7 +639,7 @@ def build_cots(jobs, cache, backend, context, client=None, vision=False, workers
                     except LLMError as e:
                         texts.failed[(job.case_id, job.kind)] = str(e)
                         continue
-                    cache.add(job.case_id, job.kind, backend, model, hashes[job.kind], job.content_hash, text)
+                    cache.add(key(job), text)
                     getattr(texts, job.kind)[job.case_id], texts.new = text, texts.new + 1
             finally:
                 executor.shutdown(wait=False, cancel_futures=True)  # on Ctrl-C, drop what has not started
@@ -727,12 +673,11 @@ def build_pool(cfg, split, volumes, progress=True):
                            cfg.llm_retries)
     elif cfg.llm_vision:
         print("pool: llm_vision has no effect on the descriptors back end")
-    jobs = [Job(i, "mask", volumes[i][0], volumes[i][1]) for i in split.labeled]
-    jobs += [Job(i, "image", volumes[i][0]) for i in [*split.labeled, *split.unlabeled, *split.test]]
+    jobs = [Job(i, volumes[i][0], volumes[i][1]) for i in split.labeled]
+    jobs += [Job(i, volumes[i][0]) for i in [*split.labeled, *split.unlabeled, *split.test]]
     context = {"modality": cfg.modality, "anatomy": cfg.anatomy, "target": cfg.target}
     cache = CotCache(cache_path(cfg))
-    texts = build_cots(jobs, cache, backend, context, client, cfg.llm_vision, cfg.llm_workers,
-                       progress=progress)
+    texts = build_cots(jobs, cache, context, client, cfg.llm_vision, cfg.llm_workers, progress=progress)
     print(f"pool: {texts.cached} cached, {texts.new} new, {len(texts.failed)} failed "
           f"({backend}, model {client.model if client else WRITER}, cache {cache.path})")
     if texts.failed:
@@ -748,20 +693,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment.",
                                      allow_abbrev=False)
     parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
-    flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model",  # short flag -> config key
+    flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model", "cot_cache": "cot_cache",
              "temperature": "llm_temperature", "timeout": "llm_timeout", "workers": "llm_workers"}
-    for flag, key in flags.items():
+    for flag, key in flags.items():  # each becomes a --key=value override, its type checked by get_config
         parser.add_argument(f"--{flag}", help=f"sets {key}")
-    parser.add_argument("--cot_cache", help="the CoT cache file (default <data_root>/cot_cache.jsonl)")
     parser.add_argument("--vision", action="store_true", help="sets llm_vision: attach a montage of slices")
     parser.add_argument("--show", metavar="ID", help="print the cached texts of one case and exit")
     args, rest = parser.parse_known_args(argv)
-    # the flags become config overrides, so get_config checks their types like any other --key=value
     overrides = [f"--{key}={getattr(args, flag)}" for flag, key in flags.items()
                  if getattr(args, flag) is not None]
     cfg = get_config(args.exp, overrides + ["--llm_vision=True"] * args.vision + rest)
-    if args.cot_cache is not None:
-        cfg.cot_cache = args.cot_cache
     if args.show:
         cache = CotCache(cache_path(cfg))
         records = sorted((r for r in cache.records.values() if r["case_id"] == args.show),
@@ -773,8 +714,8 @@ def main(argv=None):
     check_cache_writable(cfg)
     data.check_volume_cache_writable(cfg)    # before any data is written or read
     phantom.ensure_for(cfg)                  # a phantom experiment writes its data first
-    split, volumes = data.prepare_data(cfg)
-    volumes.update(data.load_volumes(cfg.data_root, split.test, factor=cfg.downsample))
+    # with references, prepare_data reads the test cases too: the pool describes every image
+    split, volumes = data.prepare_data(replace(cfg, references=True))
     build_pool(cfg, split, volumes)
 
 

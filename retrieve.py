@@ -1,17 +1,11 @@
-"""Semantic-aware reference selection (docs/design.md §6, §7): what training, testing and explanations run.
-
-    morphology_batch    shape descriptors of masks: bank entries (ground truth) and queries (decoder B)
-    tokenize, CotIndex  radiology CoT text -> stems; BM25 (rank-bm25) over the pool's distinct texts
-    ReferenceBank       labeled patches in the four training orientations: morphology, mask CoT, features
-    select              morphology kNN (scikit-learn), then the BM25 CoT filter, the case cap, the weights
-    query_references    select() for decoder B's predictions -> mcam.References for decoder A
-    format_explanation, plot_explanation   why a selection chose what it did
-"""
+"""Semantic-aware reference selection (docs/design.md §6, §7): the shape descriptors of masks, the BM25
+index of the pool's CoT texts, the bank of labeled patches, and the one selection that training, testing
+and explanations run (morphology kNN, then the BM25 CoT filter, the case cap, the weights)."""
 import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import groupby
+from itertools import groupby, product
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +24,6 @@ MODES = ("both", "morph", "random")  # the paper; its no-CoT-filter control; its
 SWAPS = ("retrieved", "random", "zeroed")  # what decoder A is given in the reference-sensitivity checks
 
 # ----------------------------------------------------------------------------- morphology descriptors
-
 MORPH_NAMES = (
     "fg_fraction", "extent_x", "extent_y", "extent_z",  # foreground share; bounding box / patch, per axis
     "axis_ratio_mid", "axis_ratio_min",        # principal-axis lengths over the longest (1 round, 0 thin)
@@ -43,10 +36,7 @@ FACE6 = ndimage.generate_binary_structure(3, 1)  # voxels are neighbours when th
 
 
 def morphology_batch(masks):
-    """Shape descriptors (B, MORPH_DIM) float32 of binary masks (B, X, Y, Z); an empty mask gives zeros.
-
-    Every training batch describes its queries with this, so it reads 2D projections of the masks and
-    labels components with one scipy call over the batch, cropped to the masks' bounding box."""
+    """Shape descriptors (B, MORPH_DIM) float32 of binary masks (B, X, Y, Z); an empty mask gives zeros."""
     m = np.asarray(masks).astype(bool, copy=False)
     B, shape = m.shape[0], np.array(m.shape[1:], dtype=np.float64)
     pxy, pxz, pyz = (m.view(np.uint8).sum(axis=a, dtype=np.int32).astype(np.float64) for a in (3, 2, 1))
@@ -57,8 +47,7 @@ def morphology_batch(masks):
     mean = np.stack([px @ cx, py @ cy, pz @ cz], 1) / safe[:, None]    # (B, 3)
     sxy, sxz, syz = (np.einsum("bij,i,j->b", p, a, b)
                      for p, a, b in ((pxy, cx, cy), (pxz, cx, cz), (pyz, cy, cz)))
-    second = np.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2],
-                      1).reshape(B, 3, 3)
+    second = np.stack([px @ cx**2, sxy, sxz, sxy, py @ cy**2, syz, sxz, syz, pz @ cz**2], 1).reshape(B, 3, 3)
     # covariance of voxels taken as unit cubes (+1/12): a box's axis ratios are exactly its side ratios
     cov = second / safe[:, None, None] - mean[:, :, None] * mean[:, None, :] + np.eye(3) / 12
     ev = np.linalg.eigvalsh(cov)[:, ::-1]                              # (B, 3), longest axis first
@@ -89,7 +78,6 @@ def morphology_batch(masks):
 
 
 # ----------------------------------------------------------------------------- CoT text: tokenizer and BM25
-
 FIELD_LABEL = re.compile(r"\b(?:texture|boundary|context|summary)\s*:", re.IGNORECASE)  # not evidence
 WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one match; '/' separates
 STOPWORDS = frozenset("""
@@ -109,11 +97,8 @@ SUFFIXES = ("ations", "ation", "ments", "ment", "ness", "ities", "ity", "ously",
 def stem(word):
     """A small suffix stripper: crude, but it maps the inflected forms of one root to one token."""
     stripped = False
-    while True:
-        suffix = next((s for s in SUFFIXES if word.endswith(s) and len(word) - len(s) >= 3
-                       and not (s == "s" and word[-2] in "isu")), None)  # keep mass, status, ... whole
-        if suffix is None:
-            break
+    while suffix := next((s for s in SUFFIXES if word.endswith(s) and len(word) - len(s) >= 3
+                          and not (s == "s" and word[-2] in "isu")), None):  # keep mass, status, ... whole
         word, stripped = word[:-len(suffix)], True
     if stripped and len(word) > 3 and word[-1] == word[-2] and word[-1] not in "aeiouylsz":
         word = word[:-1]  # blurred -> blurr -> blur
@@ -133,10 +118,9 @@ def tokenize(text):
 
 
 class CotIndex:
-    """BM25 over distinct texts (a case's patches share its CoT): IDF from the whole pool, a score per text.
-    rank-bm25's BM25Okapi holds the corpus statistics; its IDF is replaced by the smoothed, always positive
-    log(1 + (N - n + 0.5) / (n + 0.5)) (Lucene's): a pool has few cases, so most words sit in over half the
-    documents, where Okapi's IDF is negative. A query text's scores are computed once (texts are fixed)."""
+    """BM25 over distinct texts (a case's patches share its CoT), corpus statistics from rank-bm25. The IDF is
+    Lucene's log(1 + (N - n + 0.5) / (n + 0.5)), always positive: a pool has few cases, so most words sit in
+    over half the documents, where Okapi's IDF is negative."""
 
     def __init__(self, texts, tokenizer=tokenize, k1=1.5, b=0.75):
         self.texts = list(dict.fromkeys(texts))
@@ -154,22 +138,17 @@ class CotIndex:
         rows, cols, tf, dl = (np.array(x) for x in zip(*pairs))
         value = idf[cols] * tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl / bm.avgdl))
         self.weights = scipy.sparse.csr_matrix((value, (rows, cols)), (len(self.texts), len(self.vocab)))
-        self.cache = {}  # query text -> its scores
+        self.cache = {}  # query text -> its scores: the texts are fixed
 
     def scores(self, text):
-        """Raw BM25 scores (n_texts,) float64 of every distinct text for the query text; repeated query words
-        count repeatedly, as in BM25."""
+        """Raw BM25 scores (n_texts,) float64 of every distinct text for the query text (repeats count)."""
         if text not in self.cache:
-            q = np.zeros(len(self.vocab))
-            for term in self.tokenizer(text):
-                if term in self.vocab:
-                    q[self.vocab[term]] += 1
-            self.cache[text] = self.weights @ q
+            terms = [self.vocab[t] for t in self.tokenizer(text) if t in self.vocab]
+            self.cache[text] = self.weights @ np.bincount(terms, minlength=len(self.vocab)).astype(np.float64)
         return self.cache[text]
 
 
 # ----------------------------------------------------------------------------- the bank of labeled patches
-
 # the four distinct patches data.rot_flip(x, k, axis) makes (a y flip is an x flip after a half turn)
 ORIENTATIONS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -182,34 +161,21 @@ def orient(volume, variant):
 def grid_boxes(shape, patch, stride):
     """Crop boxes (x0, y0, z0, x1, y1, z1) covering a volume: starts every `stride` plus one flush with the
     far edge; an axis shorter than the patch gets one box centred on it (reaching outside, read as zeros)."""
-    starts = []
-    for size, p, s in zip(shape, patch, stride):
-        if size <= p:
-            starts.append([-((p - size) // 2)])
-        else:
-            axis = list(range(0, size - p + 1, s))
-            starts.append(axis + ([size - p] if axis[-1] != size - p else []))
-    return [(x, y, z, x + patch[0], y + patch[1], z + patch[2])
-            for x in starts[0] for y in starts[1] for z in starts[2]]
+    starts = [sorted({*range(0, size - p + 1, s), size - p}) if size > p else [-((p - size) // 2)]
+              for size, p, s in zip(shape, patch, stride)]
+    return [(*start, *(a + p for a, p in zip(start, patch))) for start in product(*starts)]
 
 
 class ReferenceBank:
     """Labeled patches: grid crops of every labeled volume in each ORIENTATION the augmentation gives a patch
     (a rotated query meets entries laid out as it is). Per entry: case ID, orientation, crop box (in the
-    oriented volume), morphology of its ground truth, the case's mask CoT and, in `features` (N, C, d, h, w),
-    the teacher encoder's bottleneck of the crop, refreshed while the teacher trains."""
+    oriented volume), its ground truth's morphology, the case's mask CoT, the teacher encoder's features."""
 
     def __init__(self, case_ids, boxes, morph, texts, volumes=None, variants=None, device="cpu"):
         self.case_ids, self.texts = list(case_ids), list(texts)
         self.boxes = np.asarray(boxes, np.int64).reshape(-1, 6)
         self.morph = np.asarray(morph, np.float32)
-        n = len(self.case_ids)
-        self.variants = np.zeros(n, np.int64) if variants is None else np.asarray(variants, np.int64)
-        if n == 0 or not len(self.boxes) == len(self.morph) == len(self.texts) == len(self.variants) == n \
-                or self.morph.ndim != 2 or not np.isfinite(self.morph).all():
-            raise ValueError(f"reference bank: {n} case IDs, {len(self.boxes)} boxes, {len(self.variants)} "
-                             f"orientations, {len(self.texts)} texts, morphology {self.morph.shape}: need "
-                             "N > 0 of each and finite morphology (N, M)")
+        self.variants = np.asarray(np.zeros(len(self.case_ids)) if variants is None else variants, np.int64)
         self.volumes = volumes or {}  # case ID -> (image, label) (X, Y, Z), cut by refresh()
         self.device = torch.device(device)
         self.features = None          # (N, C, d, h, w) once refresh() has run
@@ -229,22 +195,19 @@ class ReferenceBank:
 
     @classmethod
     def build(cls, cfg, volumes, labeled_ids, mask_cots, device="cpu"):
-        """Bank of every labeled volume's grid crops (cfg.patch_size, stride cfg.bank_stride) in each of the
-        ORIENTATIONS: the grid is laid over the oriented volume, so every crop is a whole patch."""
-        case_ids, variants, boxes, morph, texts = [], [], [], [], []
+        """Every labeled volume's grid crops (cfg.patch_size, cfg.bank_stride), laid over each orientation."""
+        entries, morph = [], []                                   # (case ID, orientation, box) per entry
         for cid in labeled_ids:
             if cid not in mask_cots:
                 raise ValueError(f"reference bank: labeled case {cid!r} has no mask CoT in the pool")
             for v in range(len(ORIENTATIONS)):
                 label = orient(volumes[cid][1], v)
-                vboxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
-                morph.append(morphology_batch(np.stack([data.padded_crop(label, b) > 0 for b in vboxes])))
-                case_ids += [cid] * len(vboxes)
-                variants += [v] * len(vboxes)
-                boxes += vboxes
-                texts += [mask_cots[cid]] * len(vboxes)
-        return cls(case_ids, boxes, np.concatenate(morph), texts, {cid: volumes[cid] for cid in labeled_ids},
-                   variants, device)
+                boxes = grid_boxes(label.shape, cfg.patch_size, cfg.bank_stride)
+                morph.append(morphology_batch(np.stack([data.padded_crop(label, b) > 0 for b in boxes])))
+                entries += [(cid, v, b) for b in boxes]
+        case_ids, variants, boxes = zip(*entries)
+        return cls(case_ids, boxes, np.concatenate(morph), [mask_cots[c] for c in case_ids],
+                   {cid: volumes[cid] for cid in labeled_ids}, variants, device)
 
     def __len__(self):
         return len(self.case_ids)
@@ -260,12 +223,10 @@ class ReferenceBank:
 
     @torch.no_grad()
     def refresh(self, encoder_fn, momentum, batch_size=4, replace=False):
-        """features <- encoder_fn(crops (n, 1, X, Y, Z)) (n, C, d, h, w), the teacher's bottleneck now; with
-        momentum > 0 an EMA, momentum * features + (1 - momentum) * new. The first call fills them, and
+        """features <- encoder_fn(crops (n, 1, X, Y, Z)) (n, C, d, h, w), the teacher's bottleneck now, or
+        with momentum > 0 the EMA momentum * features + (1 - momentum) * new. The first call fills them;
         `replace` (a run's first refresh) replaces what an earlier fill or a checkpoint left."""
         if self.crops is None:  # cut once, each volume oriented once per orientation: the patches never move
-            if not self.volumes:
-                raise RuntimeError("reference bank has no volumes to cut: build it with ReferenceBank.build")
             crops = []
             for (cid, v), at in groupby(range(len(self)), lambda i: (self.case_ids[i], self.variants[i])):
                 image = orient(self.volumes[cid][0], v)
@@ -289,8 +250,7 @@ class ReferenceBank:
                 "texts": list(self.texts), "features": self.features}
 
     def load_state_dict(self, state):
-        """Restore a saved bank onto this one, which must hold the same patches (cases, orientations, boxes);
-        ValueError, naming what differs, for anything else."""
+        """Restore a saved bank onto this one, which must hold the same patches (else a ValueError)."""
         keys = ["boxes", "case_ids", "features", "morph", "texts", "variants"]
         if not isinstance(state, dict) or sorted(state) != keys:
             raise ValueError(f"saved reference bank: expected a dict of {keys}")
@@ -306,13 +266,12 @@ class ReferenceBank:
                 or not (f is None or torch.is_tensor(f) and f.ndim == 5 and len(f) == len(self)):
             raise ValueError(f"saved reference bank: morphology, texts or features do not fit its "
                              f"{len(self)} patches (features {None if f is None else tuple(f.shape)})")
-        self.morph, self.texts = morph.astype(np.float32), list(texts)
+        self.morph, self.texts = morph.astype(np.float32), texts
         self._index()
         self.features = None if f is None else f.float().to(self.device)
 
 
 # ----------------------------------------------------------------------------- the one selection
-
 @dataclass
 class Selection:
     indices: np.ndarray   # (B, k_fine) int64 bank entries
@@ -322,35 +281,26 @@ class Selection:
 
 
 def capped(order, cases, cap, k):
-    """The first k of the candidate positions `order` (best first), skipping each candidate whose case
-    already holds `cap` picks: the diversity rule (at most max_refs_per_case references from one case)."""
+    """The first k of the candidate positions `order` (best first), at most `cap` of one case (diversity)."""
     taken, out = Counter(), []
     for j in order:
-        if len(out) == k:
-            break
-        if taken[cases[j]] < cap:
+        if len(out) < k and taken[cases[j]] < cap:
             taken[cases[j]] += 1
             out.append(j)
     return np.array(out, np.int64)
 
 
 def select(bank, morph, texts, case_ids, cfg, generator=None, mode=None):
-    """cfg.k_fine references per query: morphology (B, M), CoT text, case ID (None or outside the bank: none
-    excluded).
-
-    Stage 1: the k_coarse morphologically nearest entries of other cases. Stage 2: their BM25 scores divided
-    by the best candidate's (the best is 1); under `tau`, a hard negative, never chosen. Survivors are taken
-    best first (ties in kNN order), at most max_refs_per_case per case, weights softmax(score /
-    ref_temperature). Fill rule, fewer than k_fine survivors: the empty slots repeat them (best first) with
-    weight 0, so shapes stay (B, k_fine). No survivor (no shared word: no text evidence): the stage-1 order,
-    the same cap, equal weights. n_filled: slots not held by a survivor. `mode` (default cfg.retrieval):
-    "morph" skips stage 2 (kNN order, equal weights); "random" draws k_coarse entries of other cases from
-    the CPU torch.Generator `generator` (default: seeded with cfg.seed), then the cap, equal weights."""
+    """cfg.k_fine references per query of morphology (B, M), CoT text and case ID (None or outside the bank:
+    nothing excluded). Stage 1: the k_coarse morphologically nearest entries of other cases. Stage 2: their
+    BM25 scores over the best candidate's; under `tau` a hard negative, never chosen. Survivors best first
+    (ties in kNN order), at most max_refs_per_case per case, weights softmax(score / ref_temperature); fewer
+    than k_fine: they repeat with weight 0 (n_filled counts the slots no survivor holds); none (no shared
+    word): the stage-1 order, the cap, equal weights. `mode` (default cfg.retrieval): "morph" skips stage 2;
+    "random" draws k_coarse entries of other cases from the CPU `generator` (default: seeded by cfg.seed)."""
     mode = mode or cfg.retrieval
     if mode not in MODES:
         raise ValueError(f"retrieval={mode!r}: expected one of {MODES}")
-    if not len(morph) == len(texts) == len(case_ids):
-        raise ValueError(f"select: {len(morph)} morphology vectors, {len(texts)} texts, {len(case_ids)} IDs")
     codes = [bank.code_of.get(c, -1) for c in case_ids]
     for c, code in zip(case_ids, codes):
         if code >= 0 and bank.case_count[code] == len(bank):
@@ -373,8 +323,7 @@ def select(bank, morph, texts, case_ids, cfg, generator=None, mode=None):
         cases = bank.case_code[cand]
         raw = score = np.full(len(cand), np.nan)
         keep = capped(range(len(cand)), cases, cap, k)             # stage-1 order
-        w = np.full(len(keep), 1 / len(keep))
-        survivors = len(keep)
+        w, survivors = np.full(len(keep), 1 / len(keep)), len(keep)
         if mode == "both":
             raw = bank.cot.scores(texts[i])[bank.doc[cand]]
             score = raw / raw.max() if raw.max() > 0 else np.zeros_like(raw)
@@ -393,10 +342,9 @@ def select(bank, morph, texts, case_ids, cfg, generator=None, mode=None):
 
 
 def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
-    """Reference selection as training and testing run it: decoder B's prediction logits_b (B, 2, X, Y, Z)
-    -> its foreground on the host -> morphology -> select() with each case's image CoT (index_queries; a
-    labeled query never retrieves its own case) -> mcam.References on the bank's device: features
-    (B, K, C, d, h, w), weights (B, K), the chosen entries (B, K). mode: cfg.retrieval unless given."""
+    """Selection as training and testing run it: decoder B's logits_b (B, 2, X, Y, Z) -> foreground on the
+    host -> morphology -> select() with each case's image CoT (a labeled query never retrieves its own case)
+    -> mcam.References on the bank's device: features (B, K, C, d, h, w), weights (B, K), entries (B, K)."""
     if bank.features is None:
         raise RuntimeError("reference bank features are empty: call refresh() first")
     unknown = [c for c in case_ids if c not in bank.query_texts]
@@ -412,10 +360,9 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
 
 @torch.no_grad()
 def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generator, swaps=SWAPS):
-    """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: with the references
-    retrieved for decoder B's prediction logits_b, with random entries of other cases (drawn from
-    `generator`), and "zeroed" (the scan's own stream kept, the references' contribution zero). How far it
-    moves between them is how much decoder A uses what the references contain (docs/design.md §10)."""
+    """Decoder A's foreground probability (B, X, Y, Z) float32 for each of `swaps`: the references retrieved
+    for logits_b, random entries of other cases (from `generator`), "zeroed" (their contribution zero). How
+    far it moves between them is how much decoder A uses what the references contain (docs/design.md §10)."""
     out = {}
     for swap in swaps:
         refs = None if swap == "zeroed" else query_references(
@@ -425,17 +372,14 @@ def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generat
 
 
 # ----------------------------------------------------------------------------- explanation: text and figure
-
 def format_explanation(bank, sel, boxes=None):
-    """Readable account of a selection: per query, every candidate with its morphology distance, BM25 score,
-    normalised score and fate (chosen with its weight, hard negative, or not needed)."""
+    """Readable account of a selection: each query's candidates, their distance, BM25, score and fate."""
     lines = []
     for i, rec in enumerate(sel.explain):
         where = f" box {tuple(int(v) for v in boxes[i][:3])}" if boxes is not None else ""
         lines.append(f"query {i} (case {rec['case_id']}{where}), mode {rec['mode']}, {sel.n_filled[i]} "
                      "filled slot(s)")
-        lines.append(f"  {'entry':>6} {'case':<14} {'box start':<16} {'dist':>6} {'bm25':>7} {'score':>6}"
-                     "  fate")
+        lines.append("   entry case           box start          dist    bm25  score  fate")
         for j, c in enumerate(rec["candidates"][:64]):
             fate = (f"chosen, weight {sel.weights[i][sel.indices[i] == c].sum():.3f}" if c in sel.indices[i]
                     else "hard negative" if rec["hard_negative"][j] else "not needed")

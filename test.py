@@ -31,7 +31,7 @@ import files
 import phantom
 import pool
 import retrieve
-from checkpoint import load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 from config import ConfigError, check_config, cli, fast_paths, get_config, resolve_device, show
 
 # ----------------------------------------------------------------------------- metrics
@@ -49,9 +49,8 @@ def jaccard(pred, gt):
 
 
 def surface_distances(a, b):
-    """Distance of every surface voxel of `a` to the nearest surface voxel of `b` (medpy's
-    __surface_distances; a surface is the mask minus its 6-connected erosion). Both masks are cut to their
-    joint bounding box plus one voxel first, which changes no distance and saves most of the work."""
+    """Distance of every surface voxel of `a` to the nearest surface voxel of `b` (medpy's; a surface is the
+    mask minus its 6-connected erosion), on the joint bounding box plus one voxel: the same, faster."""
     where = np.argwhere(a | b)
     box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(where.min(0), where.max(0)))
     a, b = (m ^ ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(3, 1))
@@ -59,42 +58,32 @@ def surface_distances(a, b):
     return ndimage.distance_transform_edt(~b)[a]
 
 
-def _empty_case(pred, gt):
-    """None when both masks have voxels; otherwise the documented score (0 or the diagonal)."""
-    if pred.any() and gt.any():
-        return None
-    return 0.0 if not (pred.any() or gt.any()) else float(np.linalg.norm(pred.shape))
-
-
 def hd95(pred, gt):
-    """95th percentile of the symmetric surface distances (medpy hd95)."""
-    empty = _empty_case(pred, gt)
-    if empty is not None:
-        return empty
+    """95th percentile of the symmetric surface distances (medpy hd95); 0 or the diagonal for empty masks."""
+    if not (pred.any() and gt.any()):
+        return 0.0 if not (pred.any() or gt.any()) else float(np.linalg.norm(pred.shape))
     return float(np.percentile(np.hstack([surface_distances(pred, gt), surface_distances(gt, pred)]), 95))
 
 
 def asd(pred, gt):
     """Mean distance from the prediction's surface to the ground truth's (medpy asd: one direction)."""
-    empty = _empty_case(pred, gt)
-    return empty if empty is not None else float(surface_distances(pred, gt).mean())
+    if not (pred.any() and gt.any()):
+        return hd95(pred, gt)                                   # the same score for empty masks
+    return float(surface_distances(pred, gt).mean())
 
 
 def largest_component(mask):
     """Keep the largest 26-connected component (the field's optional post-processing)."""
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    if n <= 1:
-        return mask
-    return labels == (np.bincount(labels.ravel())[1:].argmax() + 1)
+    return mask if n <= 1 else labels == (np.bincount(labels.ravel())[1:].argmax() + 1)
 
 
 METRICS = {"dice": dice, "jaccard": jaccard, "hd95": hd95, "asd": asd}
 
 # ----------------------------------------------------------------------------- inference
 
-# the foreground probabilities (X, Y, Z) of one volume in predictor()'s order: decoder A (with the retrieved
-# references when there is a bank), decoder B; for the sensitivity report, decoder A with random bank entries
-# in place of its references and with their contribution zeroed (None when not computed)
+# foreground probabilities (X, Y, Z) of one volume in predictor()'s order: decoder A (retrieved references
+# when there is a bank), decoder B, then for the sensitivity report decoder A with random and zeroed ones
 Probabilities = namedtuple("Probabilities", "a b a_random a_zeroed", defaults=(None, None))
 
 
@@ -106,9 +95,8 @@ def window_starts(size, patch, stride):
 
 @torch.no_grad()
 def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, device):
-    """Average the per-window probabilities over the whole volume: predict(x (N, 1, *patch)) -> (N, K, *patch)
-    for K outputs; image (X, Y, Z) numpy; returns (K, X, Y, Z) numpy. Volumes smaller than the patch are
-    zero-padded. Running out of memory is a ConfigError that says to lower window_batch."""
+    """Per-window probabilities predict(x (N, 1, *patch)) -> (N, K, *patch) averaged over image (X, Y, Z)
+    numpy, zero-padded when smaller than the patch: (K, X, Y, Z) numpy. Out of memory: a ConfigError."""
     padded = data.pad_to(torch.as_tensor(image, dtype=torch.float32, device=device), patch)   # (X', Y', Z')
     size = padded.shape
     axes = [window_starts(n, p, s) for n, p, s in zip(size, patch, (stride_xy, stride_xy, stride_z))]
@@ -132,30 +120,38 @@ def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, dev
             data.crop(count, s, patch).add_(1)
     mean = total / count                                                 # (K, X', Y', Z')
     lo = [(p - s) // 2 for p, s in zip(size, image.shape)]                # undo the symmetric padding
-    X, Y, Z = image.shape
-    return mean[:, lo[0]:lo[0] + X, lo[1]:lo[1] + Y, lo[2]:lo[2] + Z].cpu().numpy()
+    return mean[(slice(None), *(slice(o, o + s) for o, s in zip(lo, image.shape)))].cpu().numpy()
 
 
-def load_references(cfg, ckpt, device):
-    """The reference bank a CERS checkpoint was trained with, its image CoTs indexed (None for a plain
-    network)."""
+def load_references(cfg, ckpt, path, device, cases=()):
+    """The reference bank a CERS checkpoint was trained with (None for a plain network), queried with its
+    image CoTs; those of `cases` it lacks (test cases added since training) the pool builds as in training."""
     if not cfg.references:
         return None
-    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
-    volumes = data.load_volumes(cfg.data_root, split.labeled, progress=False, factor=cfg.downsample,
+    labeled, texts = ckpt["split"]["labeled"], dict(ckpt["pool"]["image"])
+    new = [c for c in cases if c not in texts]
+    if new:
+        pool.check_cache_writable(cfg)                 # before any data are read
+    volumes = data.load_volumes(cfg.data_root, labeled + new, progress=False, factor=cfg.downsample,
                                 cache_dir=cfg.cache_dir)
-    bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, ckpt["pool"]["mask"], device)
-    bank.load_state_dict(ckpt["bank"])
-    bank.index_queries(ckpt["pool"]["image"])
+    bank = retrieve.ReferenceBank.build(cfg, volumes, labeled, ckpt["pool"]["mask"], device)
+    try:
+        bank.load_state_dict(ckpt["bank"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its reference bank does not fit the labeled case files now in "
+                              f"{cfg.data_root} ({e}); restore them") from None
+    if new:
+        built = pool.build_pool(cfg, data.Split(cfg.data_root, [], [], new), volumes, progress=False)
+        texts.update(built.image)
+    bank.index_queries(texts)
     return bank
 
 
 def predictor(model, cfg, case_id, bank=None, generator=None, sensitivity=False, bf16=False,
               channels_last=False):
-    """predict(x) for sliding_window: (N, 1, *patch) windows -> (N, K, *patch) foreground probabilities in the
-    order of Probabilities. With a bank each batch of windows takes the training path: decoder B first, its
-    prediction's morphology and the case's image-only CoT select references, decoder A fuses them; with
-    `sensitivity` decoder A also runs with random references (from `generator`) and with them zeroed."""
+    """predict(x) for sliding_window: (N, 1, *patch) -> (N, K, *patch) probabilities as in Probabilities.
+    With a bank windows take the training path (decoder B, references for its prediction and the case's image
+    CoT, decoder A); `sensitivity` adds decoder A with random references (`generator`) and zeroed ones."""
     swaps = ("retrieved", "random", "zeroed")[:3 if sensitivity else 1]
 
     def predict(x):
@@ -190,9 +186,8 @@ TEST_KEYS = ("window_batch", "stride_xy", "stride_z", "device", "amp")   # what 
 
 
 def with_test_keys(cfg, overrides):
-    """A checkpoint's config with `--key=value` overrides of the TEST_KEYS, parsed as training's command line
-    parses them (get_config on the checkpoint's experiment and patch) and checked; the device is this
-    machine's ("auto") unless given. Any other key is refused: the checkpoint fixes it."""
+    """A checkpoint's config with `--key=value` overrides of the TEST_KEYS, parsed and checked as training's
+    command line is; the device is this machine's ("auto") unless given. Any other key is the checkpoint's."""
     keys = [item.removeprefix("--").partition("=")[0] for item in overrides]
     for item, key in zip(overrides, keys):
         if "=" not in item or key not in TEST_KEYS:
@@ -204,17 +199,19 @@ def with_test_keys(cfg, overrides):
 
 
 def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sensitivity=True, overrides=()):
-    """Test a checkpoint on its test list (its validation split with val_cases): prints the table, writes
-    per_case.csv, summary.json, predictions.png and references.png, returns the summary. With `sensitivity`
-    decoder A is also scored with random references and with them zeroed. A model trained on a coarser grid is
-    scored there ("low_" keys) and, brought back to the original grid, against the original labels."""
+    """Test a checkpoint on the data's test list (validation split with val_cases): print the table, write
+    per_case.csv, summary.json and the figures, return the summary. `sensitivity` adds decoder A with random
+    and zeroed references; a coarser grid's model is scored there ("low_" keys) and on the original labels."""
     model, cfg, ckpt = load_checkpoint(ckpt_path, "cpu")
     cfg = with_test_keys(cfg, overrides)
     device = torch.device(device) if device else resolve_device(cfg)
     out = files.check_writable(out_dir or Path(cfg.out_dir) / "test")      # before the data are read
     data.check_volume_cache_writable(cfg)
-    bank = load_references(cfg, ckpt, device)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
+    if seen := [c for c in split.test if c in ckpt["split"]["labeled"] + ckpt["split"]["unlabeled"]]:
+        raise CheckpointError(f"{ckpt_path}: test case {seen[0]!r} was trained on (the lists in "
+                              f"{cfg.data_root} changed since); score it with the lists it was trained with")
+    bank = load_references(cfg, ckpt, ckpt_path, device, split.test)
     bf16, channels_last = fast_paths(cfg, device)
     model = model.to(device, memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
     sensitivity = sensitivity and bank is not None
@@ -245,8 +242,8 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     print_table(rows, summary, cfg)
     figures = [plot_cases(shown, out / "predictions.png")]
     if bank is not None:                           # why the first test case's first window got its references
-        image, boxes, sel = explain_case(model, bank, ckpt["pool"]["image"], cfg, split.test[0],
-                                         [(0, 0, 0, *cfg.patch_size)], device)
+        image, boxes, sel = explain_case(model, bank, cfg, split.test[0], [(0, 0, 0, *cfg.patch_size)],
+                                         device)
         figures.append(retrieve.plot_explanation(out / "references.png", image, boxes, bank, sel, max_rows=1))
     print(f"wrote {out / 'per_case.csv'}, {out / 'summary.json'}, " + ", ".join(map(str, figures)))
     return summary
@@ -280,12 +277,10 @@ def print_table(rows, summary, cfg):
 
 
 def plot_cases(cases, png):
-    """Each case's slice through the middle of its target: decoder A, decoder B and their mean (red) over the
-    ground truth (green) on the image."""
+    """Per case, a slice through its target: decoder A, B and their mean (red) on the truth (green)."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(9, 3.1 * len(cases)))
-    axes = fig.subplots(len(cases), 3, squeeze=False)
-    for row, (case_id, image, gt, prob) in zip(axes, cases):
+    for row, (case_id, image, gt, prob) in zip(fig.subplots(len(cases), 3, squeeze=False), cases):
         z = int(np.argwhere(gt)[:, 2].mean()) if gt.any() else gt.shape[2] // 2
         preds = {"decoder A": prob.a > 0.5, "decoder B": prob.b > 0.5, "mean (reported)": prob.a + prob.b > 1}
         for ax, (name, pred) in zip(row, preds.items()):
@@ -294,8 +289,7 @@ def plot_cases(cases, png):
             if pred[:, :, z].any():
                 ax.contour(pred[:, :, z].T, levels=[0.5], colors="red", linewidths=1)
             ax.set_title(f"{case_id[:12]} z={z}, {name}: Dice {100 * dice(pred, gt):.1f} %", fontsize=8)
-    for ax in axes.flat:
-        ax.axis("off")
+            ax.axis("off")
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     fig.tight_layout()
     files.save_figure(fig, png, dpi=100)
@@ -303,38 +297,36 @@ def plot_cases(cases, png):
 
 
 @torch.no_grad()
-def explain_case(model, bank, image_cots, cfg, case_id, boxes=None, device="cpu"):
-    """Reference selection for boxes of a case (default: the bank's grid over its volume) as testing runs it:
-    decoder B's predicted masks give the morphology, the case's image CoT the text. Returns the volume on the
-    model's grid, the boxes and retrieve.select's Selection, which explains itself."""
+def explain_case(model, bank, cfg, case_id, boxes=None, device="cpu"):
+    """Reference selection for boxes of a case (default: the bank's grid) as testing runs it, from decoder B's
+    masks and the case's image CoT: the volume on the model's grid, the boxes and the Selection."""
     image, _ = data.downsample(*data.read_case(data.case_path(cfg.data_root, case_id)), cfg.downsample)
     boxes = boxes or retrieve.grid_boxes(image.shape, cfg.patch_size, cfg.bank_stride)
     x = torch.from_numpy(np.stack([data.padded_crop(image, b) for b in boxes])[:, None])     # (n, 1, X, Y, Z)
     masks = (model.predict_b(x.to(device)).argmax(1) == 1).cpu().numpy()                    # (n, X, Y, Z)
     n = len(boxes)
-    return image, boxes, retrieve.select(bank, retrieve.morphology_batch(masks), [image_cots[case_id]] * n,
-                                         [case_id] * n, cfg)
+    texts = [bank.query_texts[case_id]] * n
+    return image, boxes, retrieve.select(bank, retrieve.morphology_batch(masks), texts, [case_id] * n, cfg)
 
 
 def explain(ckpt_path, case_id, overrides):
-    """--explain ID: each query patch of the case with its candidates' morphology distances, BM25 scores and
-    fates, and a PNG of the references chosen, from the checkpoint's network, bank and CoT texts."""
+    """--explain ID: per query patch its candidates' morphology distances, BM25 scores and fates; a PNG."""
     model, cfg, ckpt = load_checkpoint(ckpt_path, "cpu")
     cfg = with_test_keys(cfg, overrides)
     if not cfg.references or case_id not in ckpt["pool"]["image"]:
         raise ConfigError(f"--explain: {ckpt_path} has no references for case {case_id!r}" + (
             "" if cfg.references else " (trained with references=false)"))
-    bank = load_references(cfg, ckpt, "cpu")
-    image, boxes, sel = explain_case(model, bank, ckpt["pool"]["image"], cfg, case_id)
+    bank = load_references(cfg, ckpt, ckpt_path, "cpu")
+    image, boxes, sel = explain_case(model, bank, cfg, case_id)
     print(retrieve.format_explanation(bank, sel, boxes))
     png = Path(ckpt_path).parent / f"explain_{case_id}.png"
     print("figure:", retrieve.plot_explanation(png, image, boxes, bank, sel))
 
 
 def filter_report(bank, image_texts, cfg, taus=(0.5, 0.6, 0.7, 0.8, 0.9)):
-    """How much the CoT filter acts, as lines of text: every bank entry is a query (its ground-truth
-    morphology and case's image CoT, its own case excluded); per tau, the share of the morphology candidates
-    rejected as hard negatives, the queries with no survivor, the slots survivors hold, the cases chosen."""
+    """How much the CoT filter acts, as lines: every bank entry queries with its ground-truth morphology and
+    its case's image CoT (its own case excluded); per tau, the share of candidates rejected as hard negatives,
+    the queries with no survivor, the slots survivors hold, the distinct cases chosen."""
     ids = list(bank.case_ids)
     lines = [f"queries: the {len(bank)} bank entries of {len(set(ids))} labeled cases "
              f"({len(set(bank.texts))} distinct mask CoTs), k_coarse {cfg.k_coarse}, k_fine {cfg.k_fine}"]
@@ -352,8 +344,7 @@ def filter_report(bank, image_texts, cfg, taus=(0.5, 0.6, 0.7, 0.8, 0.9)):
 
 
 def filter_report_command(exp, overrides):
-    """--filter-report: filter_report() for an experiment's labeled cases, no training needed (any config key
-    may be given: tau, k_coarse, ...)."""
+    """--filter-report: filter_report() for an experiment's labeled cases (any config key), no training."""
     cfg = get_config(exp, overrides)
     pool.check_cache_writable(cfg)                     # before any data are written or read
     data.check_volume_cache_writable(cfg)
@@ -381,25 +372,22 @@ ALPHA, POWER = 0.05, 0.8                               # the paired t-test the d
 
 
 def mean_spread(values):
-    """'mean ± spread' of values over seeds; the spread is the sample standard deviation (n - 1), so a few
-    seeds do not look steadier than they are; one value has none."""
+    """'mean ± sample standard deviation (n - 1)' of seeds: a few seeds look no steadier than they are."""
     mean = round(float(np.mean(values)), 2) + 0.0                      # + 0.0: a -0.00 reads 0.00
     return f"{mean:.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
 
 
 def detectable_difference(sd, n, alpha=ALPHA, power=POWER):
     """The smallest true mean difference a two-sided paired t-test at `alpha` on n pairs with this standard
-    deviation of the differences detects with probability `power`: the noncentrality nc = delta sqrt(n) / sd
-    where the noncentral t (n - 1 degrees of freedom) passes either critical value that often."""
+    deviation of the differences detects with probability `power` (noncentral t, nc = delta sqrt(n) / sd)."""
     crit = stats.t.ppf(1 - alpha / 2, n - 1)
     reach = lambda nc: stats.nct.sf(crit, n - 1, nc) + stats.nct.sf(crit, n - 1, -nc) - power  # both tails
     return float(optimize.brentq(reach, 0.0, 100.0, xtol=1e-12)) * sd / np.sqrt(n)   # n = 2 needs nc 16
 
 
 def paired_bounds(diffs):
-    """(mean, low, high, above, detectable) of paired differences: the mean, its 95 % Student-t interval
-    (n - 1 degrees of freedom), the count above 0 and detectable_difference at the observed spread; low, high
-    and detectable are None for fewer than 2 pairs."""
+    """(mean, low, high, above, detectable) of paired differences: the mean, its 95 % Student-t interval, the
+    count above 0, detectable_difference at the observed spread; low, high, detectable None for one pair."""
     d = np.asarray(diffs, float)
     mean, above = float(d.mean()), int((d > 0).sum())
     if len(d) < 2:
@@ -409,46 +397,41 @@ def paired_bounds(diffs):
     return mean, mean - half, mean + half, above, detectable_difference(sd, len(d))
 
 
-def seed_dice(folder, name):
-    """{seed: Dice in points} of the runs of one ablation row."""
-    return {int(p.parent.parent.name[4:]): 100 * json.loads(p.read_text())["dice"]["mean"]
-            for p in Path(folder, name).glob("seed*/test/summary.json")}
-
-
-def paired_table(folder):
-    """Markdown lines: per pair of PAIRS present, the row's Dice (points) minus its baseline's on each seed
-    both have, the mean with its 95 % interval, the seeds above, and the smallest difference those seeds would
-    detect 4 times in 5 (— with one seed)."""
-    lines = ["| row − baseline | per seed (Dice points) | mean [95 % interval] | above on | detectable |",
-             "|---|---|---|---|---|"]
+def paired_table(runs):
+    """Markdown lines, per pair of PAIRS in runs ({row: {seed: summary}}): the row's Dice minus its baseline's
+    (points) on each seed both have, the mean [95 % interval], the seeds above, the detectable difference."""
+    lines = []
     for name, base in PAIRS:
-        dice = seed_dice(folder, name), seed_dice(folder, base)
-        seeds = sorted(set(dice[0]) & set(dice[1]))
-        if seeds:
-            gain = [dice[0][s] - dice[1][s] for s in seeds]
+        row, ref = ({seed: 100 * r["dice"]["mean"] for seed, r in runs.get(n, {}).items()}
+                    for n in (name, base))
+        if seeds := sorted(set(row) & set(ref)):
+            gain = [row[s] - ref[s] for s in seeds]
             mean, lo, hi, above, detect = paired_bounds(gain)
             interval = "—" if lo is None else f"[{lo:+.2f}, {hi:+.2f}]"
             per_seed = ", ".join(f"{s}: {g:+.2f}" for s, g in zip(seeds, gain))
             lines.append(f"| {name} − {base} | {per_seed} | {mean:+.2f} {interval} | {above} of "
                          f"{len(gain)} | {'—' if detect is None else f'{detect:.2f}'} |")
-    return lines if len(lines) > 2 else []
+    head = "| row − baseline | per seed (Dice points) | mean [95 % interval] | above on | detectable |"
+    return lines and [head, "|---|---|---|---|---|", *lines]
 
 
 def ablation_table(folder, title):
-    """A markdown table of every ablation run under `folder` (the rows of PAIRS first, then any other): per
-    row, the mean ± std over its seeds of each run's mean over the test cases; then the paired table."""
+    """A markdown table of the runs <folder>/<row>/seed<N>/test/summary.json (the rows of PAIRS first): the
+    mean ± std over seeds of each run's mean over the test cases; then the paired table."""
+    named = list(dict.fromkeys(n for pair in PAIRS for n in pair))
+    runs = {name: {int(p.parent.parent.name[4:]): json.loads(p.read_text())
+                   for p in sorted(Path(folder, name).glob("seed*/test/summary.json"))}
+            for name in named + sorted({p.name for p in Path(folder).iterdir() if p.is_dir()} - set(named))}
     lines = [f"{title}; last checkpoints; mean ± std over seeds (n - 1)",
              "| row | seeds | " + " | ".join(head for _, head, _ in TABLE) + " |",
              "|---|---|" + "---|" * len(TABLE)]
-    named = list(dict.fromkeys(n for pair in PAIRS for n in pair))
-    for name in named + sorted({p.name for p in Path(folder).iterdir() if p.is_dir()} - set(named)):
-        runs = [json.loads(p.read_text()) for p in sorted(Path(folder, name).glob("seed*/test/summary.json"))]
-        if runs:
+    for name, seeds in runs.items():
+        if seeds:
             cells = [[scale * (r[key]["mean"] if isinstance(r[key], dict) else r[key])
-                      for r in runs if key in r] for key, _, scale in TABLE]
-            lines.append(f"| {name} | {len(runs)} | " + " | ".join(mean_spread(v) if v else "–"
-                                                                   for v in cells) + " |")
-    paired = paired_table(folder)
+                      for r in seeds.values() if key in r] for key, _, scale in TABLE]
+            lines.append(f"| {name} | {len(seeds)} | " + " | ".join(mean_spread(v) if v else "–"
+                                                                    for v in cells) + " |")
+    paired = paired_table(runs)
     return "\n".join(lines + ([""] + paired if paired else []))
 
 

@@ -3,8 +3,8 @@
     python train.py --exp PHANTOM_8 [--check] [--resume | --force] [--max_iters=2000 ...] [--ablation all]
     torchrun --nproc_per_node=2 train.py --exp LA_8    # one process per GPU, the protocol's global batch
 
-Labeled patches: Dice + cross-entropy on both decoders; unlabeled ones: both follow the EMA teacher's sharpened
-mean prediction and each other's, ramped up. Decoder A fuses the references reasoning selects (retrieve.py).
+Labeled patches: Dice + cross-entropy on both decoders; unlabeled ones: both follow the EMA teacher's
+sharpened mean prediction and each other's, ramped up. Decoder A fuses the references reasoning selects.
 """
 import argparse
 import contextlib
@@ -33,9 +33,9 @@ import files
 import phantom
 import pool
 import test
-from checkpoint import (CheckpointError, check_run_folder, holds_run_folder, rng_state, save_checkpoint,
+from checkpoint import (CheckpointError, check_run_folder, read_checkpoint, rng_state, save_checkpoint,
                         seed_everything, set_rng_state)
-from config import (EXPERIMENTS, CersError, Config, ConfigError, World, check_config, cli, fast_paths,
+from config import (EXPERIMENTS, CersError, Config, ConfigError, Stop, World, check_config, cli, fast_paths,
                     get_config, init_world, main_first, main_process, precision, show)
 from model import build_model, mse, sharpen, supervised_loss
 from retrieve import ReferenceBank, decoder_a_probabilities, query_references
@@ -47,15 +47,10 @@ def lr_at(it, cfg):
     return cfg.lr * (1.0 - it / cfg.max_iters) ** 0.9
 
 
-def sigmoid_rampup(current, length):
-    """exp(-5 (1 - t)^2) with t = current / length clipped to [0, 1] (Laine & Aila 2017)."""
-    t = min(max(current / length, 0.0), 1.0) if length else 1.0
-    return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
 def consistency_weight(it, cfg):
-    """The weight of the unlabeled losses: consistency times the sigmoid ramp-up."""
-    return cfg.consistency * sigmoid_rampup(it, cfg.rampup_iters)
+    """consistency * exp(-5 (1 - t)^2), t = it / rampup_iters up to 1: the sigmoid ramp-up (Laine & Aila)."""
+    t = min(it / cfg.rampup_iters, 1.0) if cfg.rampup_iters else 1.0
+    return cfg.consistency * math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 @torch.no_grad()
@@ -74,7 +69,7 @@ def ema_update(teacher, student, decay, it):
 # ----------------------------------------------------------------------------- the run and its step
 @dataclasses.dataclass
 class Run:
-    """What a training step reads and updates (built by setup(); train() adds the loop around it)."""
+    """What a training step reads and updates (built by setup)."""
     cfg: Config
     device: torch.device
     world: World
@@ -85,8 +80,8 @@ class Run:
     sampler: data.BatchSampler
     labeled_bs: int                    # labeled patches in this process's share of the batch
     ref_gen: torch.Generator           # CPU draws of the random retrieval control
-    bank: ReferenceBank = None         # when references are on
-    cots: pool.CotTexts = None         # when references are on
+    bank: ReferenceBank = None         # with references: the bank and the knowledge pool's CoT texts
+    cots: pool.CotTexts = None
     bf16: bool = False                 # bf16 autocast (fp32 weights, optimiser and losses)
     channels_last: bool = False        # channels-last 3D activations and weights
 
@@ -99,8 +94,7 @@ class Run:
 
 
 def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
-    """Networks, optimiser, batch sampler (each process its share of the batch), knowledge pool and reference
-    bank. fast: bf16 autocast + channels-last 3D; default: config.fast_paths."""
+    """Networks, optimiser, batch sampler, pool and bank; fast: bf16 + channels-last (default: fast_paths)."""
     bf16, channels_last = fast_paths(cfg, device) if fast is None else (fast, fast)
     seed_everything(cfg.seed)                          # the same initial weights on every rank
     student = build_model(cfg).to(device, memory_format=torch.channels_last_3d if channels_last else None)
@@ -117,7 +111,7 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
                                 cfg.patch_size, device, cfg.seed + world.rank)
     run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, n_lab,
               torch.Generator().manual_seed(cfg.seed + world.rank), bf16=bf16, channels_last=channels_last)
-    if cfg.references:                                 # knowledge pool and reference bank
+    if cfg.references:
         with main_first(world):
             run.cots = pool.build_pool(cfg, split, volumes, progress=progress and world.main)
         run.bank = ReferenceBank.build(cfg, volumes, split.labeled, run.cots.mask, device)
@@ -126,8 +120,7 @@ def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
 
 
 def train_step(run, it, image, label, ids):
-    """One iteration on a batch (labeled patches first): bank refresh, teacher targets, the paper's losses,
-    SGD step, EMA teacher. Returns the losses as device tensors (reading them is the caller's choice)."""
+    """One iteration on a batch, labeled patches first; returns the losses as device tensors (unread)."""
     cfg, teacher, bank, n_lab = run.cfg, run.teacher, run.bank, run.labeled_bs
     image = image.contiguous(memory_format=run.memory_format)            # (B, 1, X, Y, Z)
 
@@ -139,11 +132,12 @@ def train_step(run, it, image, label, ids):
         if run.world.size > 1:
             dist.broadcast(bank.features, 0)                             # bit-identical banks on every rank
 
-    # 2. teacher targets for the unlabeled patches (noisy input, mean of both decoders, sharpened); with
-    #    references every patch queries the bank with the teacher's decoder-B prediction and its image CoT
+    # 2. teacher targets for the unlabeled patches: noisy input, mean of both decoders, sharpened. With
+    #    references the teacher sees every patch: its decoder-B prediction and the patch's image CoT query the
+    #    bank (retrieve.select, on the host), and the student fuses the same references
     with torch.no_grad(), run.autocast():
-        first = n_lab if bank is not None else 0                        # the unlabeled part of the teacher's
-        t_in, sigma = image[n_lab - first:], cfg.teacher_noise          # input, which has labeled patches too
+        first = n_lab if bank is not None else 0                        # where the unlabeled patches start
+        t_in, sigma = image[n_lab - first:], cfg.teacher_noise          # (B or Bu, 1, X, Y, Z)
         feats = teacher.encoder(t_in + (torch.randn_like(t_in) * sigma).clamp(-2 * sigma, 2 * sigma))
         t_b = teacher.decoder_b(feats)                                   # (B or Bu, 2, X, Y, Z)
         refs = None if bank is None else query_references(bank, t_b, ids, cfg, run.ref_gen)  # (B, K, ..)
@@ -154,7 +148,7 @@ def train_step(run, it, image, label, ids):
     # 3. student: supervised loss on the labeled patches, consistency on the unlabeled ones
     with run.autocast():
         logits_a, logits_b = run.net(image, refs)                        # (B, 2, X, Y, Z) each
-    sup_a = supervised_loss(logits_a[:n_lab], label)
+    sup_a = supervised_loss(logits_a[:n_lab], label)                     # decoder A's part, logged
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
     p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                      # (Bu, X, Y, Z)
     p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
@@ -199,10 +193,9 @@ def start_log(path, resume_at=None):
     a row cut short by a kill are dropped atomically, so a resumed run logs what an uninterrupted one does."""
     if resume_at is None or not Path(path).exists():
         return files.write_text(path, ",".join(COLUMNS) + "\n")
-    with open(path, newline="") as f:
-        lines = f.read().splitlines(keepends=True)
-    logged = lambda line: int(line.split(",")[0]) if line.endswith("\n") and line[:1].isdigit() else math.inf
-    kept = lines[:1] + [line for line in lines[1:] if logged(line) <= resume_at]
+    lines = Path(path).read_bytes().decode().splitlines(keepends=True)   # rows end in \r\n: kept as they are
+    kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and line[:1].isdigit()
+                        and int(line.split(",")[0]) <= resume_at]
     if len(kept) < len(lines):
         files.write_text(path, "".join(kept))
 
@@ -217,16 +210,16 @@ def plot_curves(log_path, png):
     for ax, keys in zip(axes, [COLUMNS[2:6], ["ref_delta", "context_ratio"], ["cons_w", "lr"]]):
         for key in keys:
             ax.plot([int(r["iter"]) for r in rows], [float(r[key]) for r in rows], label=key)
-        ax.set_xlabel("iteration"), ax.legend()
+        ax.set_xlabel("iteration")
+        ax.legend()
     axes[0].set_yscale("log")
     files.save_figure(fig, png, dpi=100)
 
 
 # ----------------------------------------------------------------------------- the checks and the record
 def check_run(cfg, world, resume=False, force=False, stop_at=None):
-    """What can refuse a run before it writes: the run folder and the checkpoint to resume (check_run_folder),
-    the folders it writes, room for two checkpoints (float32 student, teacher, momentum), the batch split
-    among processes, the lists and case files (unless a phantom is to come). Returns (checkpoint, Split)."""
+    """What can refuse a run before it writes, returning (checkpoint, Split): check_run_folder, the folders
+    it writes, room for two checkpoints (fp32 student, teacher, momentum), the batch split, lists, cases."""
     ckpt = check_run_folder(cfg, world, resume, force, stop_at)
     generate = cfg.phantom and not Path(cfg.data_root, "train.list").exists()
     for folder in [cfg.cache_dir] * (cfg.downsample > 1) + [cfg.data_root] * generate + [cfg.out_dir]:
@@ -246,8 +239,8 @@ def check_run(cfg, world, resume=False, force=False, stop_at=None):
 
 
 def provenance(cfg, world, device, split, how):
-    """What a run's numbers depend on beyond its config (versions, device, code, cases, command, processes), and
-    the few lines a run starts with: what differs from its experiment (config.json has it all), how, the rest."""
+    """What a run's numbers depend on beyond its config (versions, device, code, cases, command, processes),
+    and the lines it starts with: what differs from its experiment (config.json has it all), how, the rest."""
     try:
         commit, changes = (subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
                                           capture_output=True, timeout=10, check=True).stdout.strip()
@@ -256,8 +249,9 @@ def provenance(cfg, world, device, split, how):
     except (OSError, subprocess.SubprocessError):      # no git, or not a checkout
         commit = changes = "unknown"
     record = {"torch": torch.__version__, "cuda": torch.version.cuda or "none",
-              "cudnn": str(torch.backends.cudnn.version() or "none"), "device": torch.cuda.get_device_name(device)
-              if device.type == "cuda" else f"{os.uname().machine} CPU, {torch.get_num_threads()} threads",
+              "cudnn": str(torch.backends.cudnn.version() or "none"),
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else f"{os.uname().machine} CPU, {torch.get_num_threads()} threads",
               "git_commit": commit, "git_changes": changes, "labeled": split.labeled if split else [],
               "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "processes": world.size,
               "global_batch": cfg.batch_size}
@@ -268,7 +262,7 @@ def provenance(cfg, world, device, split, how):
                              for text in (f"{cfg.exp}: {changed or 'as defined'}; {how}", said))
 
 
-# ----------------------------------------------------------------------------- processes under torchrun
+# ----------------------------------------------------------------------------- processes, and how a run stops
 def average_buffers(module, world):
     """Mean of the float buffers (BN statistics) over the ranks: they follow each rank's batches, not DDP."""
     if world.size > 1:
@@ -279,7 +273,7 @@ def average_buffers(module, world):
 
 
 def gather(world, obj):
-    """Every rank's obj, in rank order (the per-rank sampler and RNG states of a checkpoint)."""
+    """Every rank's obj, in rank order (the losses; the per-rank sampler and RNG states of a checkpoint)."""
     out = [obj] * world.size
     if world.size > 1:
         dist.all_gather_object(out, obj)
@@ -288,33 +282,48 @@ def gather(world, obj):
 
 def check_consistent(world, tensors):
     """Raise unless every rank holds the same values in each named tensor (sums compared in float64)."""
-    sums = gather(world, [(float(t.double().sum()), float(t.double().square().sum())) for t in tensors.values()])
-    if differ := [name for name, *each in zip(tensors, *sums) if len(set(each)) > 1]:
-        raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. {differ[:3]}")
+    sums = [(float(t.double().sum()), float(t.double().square().sum())) for t in tensors.values()]
+    if differ := [name for name, *each in zip(tensors, *gather(world, sums)) if len(set(each)) > 1]:
+        raise RuntimeError(f"rank {world.rank}: the ranks disagree on {len(differ)} tensors, e.g. "
+                           f"{differ[:3]}")
 
 
-def plain_failures(train):
-    """Wrap train(cfg, ...): out of memory, and a torchrun process that died (the survivors say they are alive
-    in the process group's store), each end in one line naming what to lower or the rank, and the checkpoint."""
+def holds_run_folder(train):
+    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock (files.Lock), so a second run there is
+    refused; a signal (config.Stop), running out of memory and a torchrun process that died (the survivors say
+    they are alive in the process group's store) each end in one line naming the last checkpoint."""
     @functools.wraps(train)
     def guarded(cfg, *args, **kwargs):
+        path, main = Path(cfg.out_dir, "ckpt_last.pt"), main_process()
+        busy = (f"{path.parent}: another run (PID {{pid}}) is training in this folder; wait for it to end, "
+                "or train elsewhere with --out_dir=...")
         try:
-            return train(cfg, *args, **kwargs)
-        except (KeyboardInterrupt, MemoryError, RuntimeError) as e:   # torch.cuda.OutOfMemoryError too
+            with files.Lock(path.parent / "run.lock", busy) if main else contextlib.nullcontext():
+                return train(cfg, *args, **kwargs)
+        except (KeyboardInterrupt, MemoryError, RuntimeError) as e:   # Stop; torch.cuda.OutOfMemoryError
             text, size, lost = str(e).lower(), dist.get_world_size() if dist.is_initialized() else 1, []
             if size > 1 and (isinstance(e, (KeyboardInterrupt, dist.DistError)) or "peer" in text):
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)   # torchrun's: this rank says why it stops
-                with contextlib.suppress(Exception):   # the store may have gone with the rank that held it
-                    store, keys = dist.distributed_c10d._get_default_store(), [f"alive/{r}" for r in range(size)]
+                with contextlib.suppress(Exception):   # the store may be gone with the rank that held it
+                    store = dist.distributed_c10d._get_default_store()
+                    keys = [f"alive/{r}" for r in range(size)]
                     store.set(keys[dist.get_rank()], "1")
                     for _ in range(30):                # 3 s for every survivor to say it
                         time.sleep(0 if store.check(keys) else 0.1)
                     lost = [r for r, key in enumerate(keys) if not store.check([key])]
-            if not (lost or isinstance(e, MemoryError) or "out of memory" in text or "allocate memory" in text):
+            if isinstance(e, Stop) and main and not lost:
+                try:
+                    last = (f"the last checkpoint is {path} (iteration {read_checkpoint(path)['iter']}); "
+                            "continue with --resume" if path.exists() else
+                            f"no checkpoint was written (none at {path})")
+                except CheckpointError as error:
+                    last = str(error)
+                raise Stop(e.signum, last) from None
+            if not (lost or isinstance(e, MemoryError) or "out of memory" in text
+                    or "allocate memory" in text):
                 raise
-        path = Path(cfg.out_dir, "ckpt_last.pt")       # the failed frames' tensors are freed by now
         where = f"the last checkpoint, {path}, is intact" if path.exists() else "no checkpoint was written"
-        if lost:
+        if lost:                                       # raised here, the failed frames' tensors are freed
             raise CersError(f"rank {', '.join(map(str, lost))} of {size} stopped (its own output says why), "
                             f"so this one stops too; {where}; --resume goes on with all processes")
         raise CersError(f"out of memory training with patch_size={show(cfg.patch_size)}, batch_size="
@@ -325,34 +334,35 @@ def plain_failures(train):
 
 # ----------------------------------------------------------------------------- the loop
 @holds_run_folder
-@plain_failures
 def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=False):
-    """Train one experiment; returns the last checkpoint's path. stop_at: end after this iteration, as if stopped.
-    force: replace a run with another config. check: check it all (check_run, the lock), say what would run,
-    write nothing. Under torchrun each rank trains on its share of the batch; rank 0 alone writes."""
+    """Train one experiment; returns the last checkpoint's path. stop_at: end after this iteration, as if
+    stopped. force: replace a run with another config. check: check it all (check_run, the lock), say what
+    would run, write nothing. Under torchrun each rank trains its share of the batch; rank 0 alone writes."""
     world, device = init_world(cfg)
-    out, progress, end = Path(cfg.out_dir), progress and world.main, min(stop_at or cfg.max_iters, cfg.max_iters)
+    out, end = Path(cfg.out_dir), min(stop_at or cfg.max_iters, cfg.max_iters)
     ckpt, split = check_run(cfg, world, resume, force, stop_at)   # everything that can refuse the run
     if check:
         cots = f"{pool.resolve_backend(cfg)} CoT texts" if cfg.references else "no references"
-        return print(provenance(cfg, world, device, split, precision(*fast_paths(cfg, device)))[1] + "\ncheck "
-                     f"passed: iterations {ckpt['iter'] + 1 if ckpt else 1} to {end} would run with {cots}"
-                     + ("" if split else f" once a phantom is written to {cfg.data_root}"))
+        print(provenance(cfg, world, device, split, precision(*fast_paths(cfg, device)))[1])
+        print(f"check passed: iterations {ckpt['iter'] + 1 if ckpt else 1} to {end} would run with {cots}"
+              + ("" if split else f" once a phantom is written to {cfg.data_root}"))
+        return None
     phantom.ensure_for(cfg, world)                     # a phantom experiment writes its data first
     split, volumes = data.prepare_data(cfg, world)
     run = setup(cfg, split, volumes, device, world, progress=progress)
-    record, text = provenance(cfg, world, device, split, precision(run.bf16, run.channels_last)
-                              + (f"; a bank of {len(run.bank)} labeled patches" if run.bank is not None else ""))
+    bank = f"; a bank of {len(run.bank)} labeled patches" if run.bank is not None else ""
+    record, text = provenance(cfg, world, device, split, precision(run.bf16, run.channels_last) + bank)
     if world.main:
         print(text)
 
-    kept = {"split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test},   # a resumed
-            "pool": {"mask": run.cots.mask, "image": run.cots.image} if run.cots else None}      # run must match
-    start, saved, ckpt_path, log_path = 0, None, out / "ckpt_last.pt", out / "log.csv"   # saved: last checkpoint
+    # the cases and CoT texts a resumed run must find again; `saved`: the last checkpoint's iteration
+    kept = {"split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test},
+            "pool": {"mask": run.cots.mask, "image": run.cots.image} if run.cots else None}
+    start, saved, ckpt_path, log_path = 0, None, out / "ckpt_last.pt", out / "log.csv"
     if resume:
         if changed := [k for k, now in kept.items() if now and ckpt.get(k) and ckpt[k] != now]:
             raise CheckpointError(f"--resume: the {' and '.join(changed)} (cases, CoT texts) differ from "
-                                  f"{ckpt_path}'s: restore the lists, case files and cache, or start a new run")
+                                  f"{ckpt_path}'s: restore the lists, case files and cache, or train anew")
         for part in ("student", "teacher", "optimizer"):
             getattr(run, part).load_state_dict(ckpt[part])
         mine = ckpt["ranks"][world.rank]
@@ -364,18 +374,21 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=Fal
         start = saved = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     if world.main:                                     # the run folder is written only now, after every check
-        files.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), provenance=record), indent=1))
+        files.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), provenance=record),
+                                                         indent=1))
         if force and not resume:
-            ckpt_path.unlink(missing_ok=True)          # the replaced run's checkpoint would not match config.json
+            ckpt_path.unlink(missing_ok=True)          # the replaced run's would not match config.json
         start_log(log_path, resume_at=start if resume else None)   # without rows after the checkpoint
 
     t0 = time.time()
-    bar = tqdm(range(start, end), initial=start, total=cfg.max_iters, desc=cfg.exp, disable=not progress)
+    bar = tqdm(range(start, end), initial=start, total=cfg.max_iters, desc=cfg.exp,
+               disable=not (progress and world.main))
     for it in bar:
         image, label, ids = run.sampler.next()         # (B, 1, X, Y, Z), (Lb, X, Y, Z): labeled first
         losses = train_step(run, it, image, label, ids)
 
-        # log and checkpoint: the only host-device synchronisations; never a checkpoint of a non-finite loss
+        # log and checkpoint: only then do the losses reach the host (with references, every step already
+        # waits for decoder B's prediction, which retrieve.select reads there); never save a non-finite loss
         done = it + 1
         log_now = done % cfg.log_every == 0 or done == cfg.max_iters
         save_now = done % cfg.ckpt_every == 0 or done == end
@@ -383,14 +396,15 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=Fal
                   ] if log_now or save_now else None    # the losses, averaged over the ranks
         if log_now and world.main:
             delta, ratio = reference_delta(run, image, ids, it) if run.bank is not None else (math.nan,) * 2
+            row = [lr_at(it, cfg), *values, consistency_weight(it, cfg), delta, ratio, time.time() - t0]
             with files.appending(log_path) as f:      # COLUMNS, floats with 6 significant digits
-                csv.writer(f).writerow([done] + [f"{v:.6g}" for v in (lr_at(it, cfg), *values, consistency_weight(
-                    it, cfg), delta, ratio, time.time() - t0)])
+                csv.writer(f).writerow([done] + [f"{v:.6g}" for v in row])
             bar.set_postfix(loss=f"{values[0]:.3f}", sup=f"{values[1]:.3f}", cons=f"{values[3]:.4f}")
         if values is not None and not all(map(math.isfinite, values)):
-            raise CersError(f"iteration {done}: the loss is not finite ({', '.join(f'{v:.4g}' for v in values)}"
-                            f"); the run stops. Last good checkpoint: {f'iteration {saved}' if saved else 'none'}"
-                            ". Lower --lr or check the data, then start again or --resume")
+            raise CersError(f"iteration {done}: the loss is not finite ("
+                            f"{', '.join(f'{v:.4g}' for v in values)}); the run stops. Last good checkpoint: "
+                            f"{f'iteration {saved}' if saved else 'none'}. Lower --lr or check the data, "
+                            "then start again or --resume")
         if save_now:
             check_consistent(world, {**run.teacher.state_dict(),
                                      **({"bank": run.bank.features} if run.bank is not None else {})})
@@ -405,7 +419,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=Fal
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
         plot_curves(log_path, out / "curves.png")
-    if world.size > 1:                                 # the last checkpoint is written when every rank gets past
+    if world.size > 1:                                 # every rank past the last checkpoint's writing
         dist.barrier()
         dist.destroy_process_group()
     return ckpt_path
@@ -434,8 +448,9 @@ def run_ablation(cfg, names, seeds, force=False):
         split = data.load_split(cfg.data_root, 1, cfg.val_cases)
         rows["supervised_all"] = {**SUPERVISED, "num_labeled": len(split.labeled + split.unlabeled),
                                   "labeled_bs": cfg.batch_size}
-    variants = [check_config(dataclasses.replace(cfg, seed=seed, out_dir=f"{cfg.out_dir}/ablation/{name}/seed"
-                                                 f"{seed}", **rows[name])) for name in names for seed in seeds]
+    variants = [check_config(dataclasses.replace(cfg, seed=seed, **rows[name],
+                                                 out_dir=f"{cfg.out_dir}/ablation/{name}/seed{seed}"))
+                for name in names for seed in seeds]
     for variant in variants:
         check_run_folder(variant, World(), force=force)
     for variant in variants:

@@ -1,13 +1,19 @@
-"""Shared test set-up: CPU only, deterministic, and the project's own modules first on sys.path."""
+"""Shared test set-up: CPU only, deterministic, one thread, the project's own modules first on sys.path."""
 import os
+import resource
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+torch.set_num_threads(1)   # as in the children: bit-identical sums need it, and a busy CPU runs it faster
 
 # the real LA benchmark, when present beside the project (CI has it); tests that need it skip otherwise
 SHARED = Path(os.environ.get("CERS_SHARED", ROOT.parent / "shared"))
@@ -64,15 +70,10 @@ def tiny_la(tmp_path):
 
 
 def spawn(args, cwd, file_limit=None, memory_limit=None):
-    """A child Python running args (a script of the project and its arguments, or "-c" and code) in cwd, with
-    one thread and the project importable; its stdout and stderr go to cwd/stdout.txt and cwd/stderr.txt (read
-    them with finish). file_limit: the most bytes it may write into one file (RLIMIT_FSIZE, with SIGXFSZ
-    ignored so the write fails with EFBIG, as on a full disk). memory_limit: the most bytes of data it may
-    allocate (RLIMIT_DATA: an allocation past it fails, as when memory runs out; the libraries' code is free)."""
-    import resource
-    import signal
-    import subprocess
-
+    """A child Python running args (a project script and its arguments, or "-c" and code) in cwd on one
+    thread, stdout and stderr to cwd/stdout.txt and stderr.txt (see finish). file_limit: the most bytes it may
+    write to a file (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG, as on a full disk). memory_limit: the most bytes of
+    data it may allocate (RLIMIT_DATA: an allocation past it fails, as when memory runs out)."""
     def limit():
         if file_limit:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -87,7 +88,6 @@ def spawn(args, cwd, file_limit=None, memory_limit=None):
 
 def wait_for(child, cwd, ready, timeout=120):
     """Wait until ready() is true while the child runs: a text in its stdout.txt, a file it writes."""
-    import time
     end = time.time() + timeout
     while not ready():
         assert child.poll() is None, Path(cwd, "stderr.txt").read_text()[-3000:]

@@ -1,16 +1,16 @@
 """A loopback OpenAI-compatible chat server for the pool tests: scripted replies, bounded in count and time.
 
-    with LoopbackLLM(script=[("wait", 429, 0.3), "ok"], latency=0.0) as server:
+    with LoopbackLLM(script=[("wait", 429, 0.3), "ok"]) as server:
         pool.LLMClient(server.url, "test-model").ask("...")
         server.requests   # what the client sent: path, headers, JSON body
 
 Successive requests follow `script`, then "ok" (a valid CoT, the `reply` text). "slow": that after `slow`
-seconds; "missing": a text without Boundary; "cut": cut at the token limit (finish_reason "length");
-"badjson": a body that is not JSON; "500": a server error; ("wait", status, seconds): that status with a
-Retry-After; ("error", status, message): an OpenAI-style error body; ("drip", s) / ("dripheaders", s): the
-body / the headers one byte every s seconds; ("huge", size): `size` bytes without Content-Length; ("claims",
-size): a valid CoT under a Content-Length of `size`; ("redirect", location): HTTP 307. It listens on
-127.0.0.1 only, answers at most `max_requests` requests (503 after) and shuts down after `lifetime` s.
+s; "missing": a text without Boundary; "cut": cut at the token limit; "badjson": a body that is not JSON;
+"500": a server error; ("wait", status, s): that status with a Retry-After; ("error", status, message): an
+OpenAI-style error; ("drip", s) / ("dripheaders", s): the body / the headers one byte every s seconds;
+("huge", size): size bytes without Content-Length; ("claims", size): a valid CoT under a Content-Length of
+size; ("redirect", location): HTTP 307. It listens on 127.0.0.1, answers at most `max_requests` (503 after)
+and lives `lifetime` s.
 """
 import json
 import threading
@@ -47,25 +47,23 @@ class LoopbackLLM:
             def log_message(self, *args):
                 pass
 
-            def write(self, data, drip=0.0):
-                """Write `data` at once, or one byte every `drip` seconds; a client that hung up ends it."""
-                try:
-                    for piece in [data[i:i + 1] for i in range(len(data))] if drip else [data]:
-                        self.wfile.write(piece)
-                        self.wfile.flush()
-                        time.sleep(drip)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout and size tests)
-
             def send(self, status, body, headers=(), length=None, drip=0.0, drip_head=0.0):
+                """The reply; head and body each at once, or one byte every `drip_head` / `drip` seconds.
+                length -1: no Content-Length, the closed connection ends the body."""
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 head = f"HTTP/1.0 {status} {self.responses.get(status, ('',))[0]}\r\n"
                 for key, value in [*headers, ("Content-Type", "application/json")]:
                     head += f"{key}: {value}\r\n"
-                if length != -1:  # -1: no Content-Length, the closed connection ends the body
+                if length != -1:
                     head += f"Content-Length: {len(data) if length is None else length}\r\n"
-                self.write((head + "\r\n").encode(), drip_head)
-                self.write(data, drip)
+                try:
+                    for part, every in ((head.encode() + b"\r\n", drip_head), (data, drip)):
+                        for piece in [part[i:i + 1] for i in range(len(part))] if every else [part]:
+                            self.wfile.write(piece)
+                            self.wfile.flush()
+                            time.sleep(every)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout and size tests)
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))

@@ -1,5 +1,5 @@
-"""Checkpoints are data: written and read as tensors and plain Python values only (weights_only), random states
-restored exactly, and every entry checked against the network its config builds before use."""
+"""Checkpoints are data: written and read as tensors and plain Python values only (weights_only), random
+states restored exactly, and every entry checked against the network its config builds before use."""
 import dataclasses
 import io
 import os
@@ -26,8 +26,8 @@ def state():
     rank = {"sampler": {"gen": torch.Generator().get_state(), "orders": [[1, 0], [0]], "pos": [1, 0]},
             "rng": C.rng_state(), "ref_gen": torch.Generator().get_state()}
     return dict(config=dataclasses.asdict(cfg), iter=2, world_size=1, student=net.state_dict(),
-                teacher=net.state_dict(), optimizer=optimizer.state_dict(), ranks=[rank], bank=None, pool=None,
-                split={"labeled": ["A"], "unlabeled": ["B"], "test": ["C"]})
+                teacher=net.state_dict(), optimizer=optimizer.state_dict(), ranks=[rank], bank=None,
+                pool=None, split={"labeled": ["A"], "unlabeled": ["B"], "test": ["C"]})
 
 
 def write(path, ckpt):
@@ -42,8 +42,7 @@ def refused(capsys, path, *words):
     assert cli(lambda argv: C.read_checkpoint(path)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}") and err.count("\n") == 1 and "Traceback" not in err, err
-    for word in words:
-        assert word in err, (word, err)
+    assert all(word in err for word in words), (words, err)
 
 
 def test_a_checkpoint_round_trips_as_data(state, tmp_path):
@@ -89,26 +88,30 @@ class Marker:
         return open, (str(self.path), "w")
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_unrun(state, tmp_path, capsys):
+def test_unsafe_files_are_refused_unrun_and_damaged_or_missing_ones_named(state, tmp_path, capsys):
     marker = tmp_path / "marker"
     for i, evil in enumerate([{"student": Marker(marker)}, {"bank": {"features": Marker(marker)}}]):
         refused(capsys, write(tmp_path / f"evil{i}.pt", {**state, **evil}), "refused", "open")
     refused(capsys, write(tmp_path / "numpy.pt", {**state, "student": np.zeros(3, dtype=object)}), "numpy")
     assert not marker.exists()
+    (tmp_path / "text.pt").write_text("a text file, not a checkpoint\n" * 10)
+    refused(capsys, tmp_path / "text.pt", "not a checkpoint")                  # truncated: test_bad_input.py
+    refused(capsys, tmp_path / "none.pt", "no checkpoint there")
 
 
 def test_contents_are_checked_naming_the_entry(state, tmp_path, capsys):
-    cfg, key, rank = state["config"], next(iter(state["student"])), state["ranks"][0]
+    cfg, student, rank = state["config"], state["student"], state["ranks"][0]
+    key = next(iter(student))
     cases = [
         ("patch_size='32,32,32'", dict(config={**cfg, "patch_size": "32,32,32"})),
         ("stride_xy=64", dict(config={**cfg, "stride_xy": 64})),
         ("not_a_key", dict(config={**cfg, "not_a_key": 1})),
         ("['iter'] is bool", dict(iter=True)),
-        ("['student'] is list", dict(student=list(state["student"].values()))),
-        (f"['student']['{key}'] is str", dict(student={**state["student"], key: "weights"})),
-        ("meta device", dict(student={k: v.to("meta") for k, v in state["student"].items()})),
-        (f"teacher['{key}'] is (3,)", dict(teacher={**state["student"], key: torch.zeros(3)})),
-        (f"student['{key}'] is missing", dict(student={k: v for k, v in state["student"].items() if k != key})),
+        ("['student'] is list", dict(student=list(student.values()))),
+        (f"['student']['{key}'] is str", dict(student={**student, key: "weights"})),
+        ("meta device", dict(student={k: v.to("meta") for k, v in student.items()})),
+        (f"teacher['{key}'] is (3,)", dict(teacher={**student, key: torch.zeros(3)})),
+        (f"student['{key}'] is missing", dict(student={k: v for k, v in student.items() if k != key})),
         ("optimizer", dict(optimizer={**state["optimizer"], "param_groups": []})),
         ("['rng']['numpy'] is str", dict(ranks=[{**rank, "rng": {**rank["rng"], "numpy": "MT19937"}}])),
         ("['split'] is missing", dict(split=None))]
@@ -116,8 +119,3 @@ def test_contents_are_checked_naming_the_entry(state, tmp_path, capsys):
         ckpt = {k: v for k, v in {**state, **change}.items() if not (k == "split" and v is None)}
         refused(capsys, write(tmp_path / f"bad{i}.pt", ckpt), words)
 
-
-def test_damaged_files_are_named(tmp_path, capsys):
-    (tmp_path / "text.pt").write_text("a text file, not a checkpoint\n" * 10)
-    refused(capsys, tmp_path / "text.pt", "not a checkpoint")                  # truncated: test_bad_input.py
-    refused(capsys, tmp_path / "none.pt", "no checkpoint there")

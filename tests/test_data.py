@@ -19,12 +19,15 @@ def test_split_and_volumes(tiny_la):
     assert image.dtype == np.float32 and label.dtype == np.uint8 and image.shape == label.shape
 
 
-def test_one_real_la_case(la_root):
+def test_one_real_la_case_and_the_splits(la_root):
     split = data.load_split(la_root, 8)
     assert len(split.labeled) == 8 and len(split.unlabeled) == 72 and len(split.test) == 20
     image, label = data.read_case(data.case_path(la_root, split.labeled[0]))
     assert image.ndim == 3 and image.shape[2] == 88 and 148 <= image.shape[0] <= 244
     assert set(np.unique(label)) == {0, 1}
+    val = data.load_split(la_root, 8, val_cases=10)                 # disjoint from test.list
+    assert len(val.labeled) == 8 and len(val.unlabeled) == 62 and len(val.test) == 10
+    assert not set(split.test) & set(val.labeled + val.unlabeled + val.test)
 
 
 def rewrite(path, **arrays):
@@ -77,7 +80,7 @@ def test_rot_flip_keeps_image_and_label_aligned():
             assert out.shape[-1] == 5 and sorted(out.shape[1:3]) == [7, 9]
 
 
-def test_batches_are_aligned_padded_and_labeled_first(tiny_la):
+def test_batches_are_aligned_padded_labeled_first_and_resume_exactly(tiny_la):
     split = data.load_split(tiny_la, 2)
     vols = data.load_volumes(tiny_la, split.labeled + split.unlabeled, progress=False)
     # the label equals (image > 1) in the tiny data's noise-free version: use a clean copy
@@ -94,21 +97,12 @@ def test_batches_are_aligned_padded_and_labeled_first(tiny_la):
         assert torch.equal(label.bool(), (image[:2, 0] > 2) & inside)
         seen.update(ids[:2])
     assert seen == set(split.labeled)                               # the labeled part cycles over all cases
-
-
-def test_sampler_state_resumes_the_same_batches(tiny_la):
-    split = data.load_split(tiny_la, 2)
-    vols = data.load_volumes(tiny_la, split.labeled + split.unlabeled, progress=False)
-    make = lambda: data.BatchSampler(vols, split.labeled, split.unlabeled, 2, 4, (32, 32, 16), "cpu", seed=3)
-    a = make()
-    for _ in range(3):
-        a.next()
-    b = make()
+    resumed = data.BatchSampler(vols, split.labeled, split.unlabeled, 2, 4, patch, "cpu", seed=1)
     saved = io.BytesIO()
-    torch.save(a.state_dict(), saved)                               # as a checkpoint holds it: data only
-    b.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    torch.save(sampler.state_dict(), saved)                         # as a checkpoint holds it: data only
+    resumed.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
     for _ in range(3):
-        (ia, la, ida), (ib, lb, idb) = a.next(), b.next()
+        (ia, la, ida), (ib, lb, idb) = sampler.next(), resumed.next()
         assert ida == idb and torch.equal(ia, ib) and torch.equal(la, lb)
 
 

@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 
 import pool
-from config import ConfigError, get_config
+from config import CersError, ConfigError, get_config
 from conftest import ROOT, finish, spawn, wait_for
 from llm_server import GOOD, LoopbackLLM
 
@@ -24,7 +24,7 @@ CONTEXT = {"modality": "MRI", "anatomy": "heart", "target": "left atrium"}
 CLEAN = pool.format_cot(pool.parse_cot(GOOD))
 # a child process building the CoTs of N image jobs against URL into CACHE: python -c CHILD URL CACHE N
 CHILD = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import pool, test_pool\n"
-         "texts = pool.build_cots(test_pool.image_jobs(int(sys.argv[3])), pool.CotCache(sys.argv[2]), 'llm', "
+         "texts = pool.build_cots(test_pool.image_jobs(int(sys.argv[3])), pool.CotCache(sys.argv[2]), "
          "test_pool.CONTEXT, pool.LLMClient(sys.argv[1], 'test-model', timeout=5), progress=False)\n"
          "print('built', texts.cached, texts.new)\n")
 
@@ -34,7 +34,7 @@ def client(server, **kw):
 
 
 def image_jobs(n, shape=(16, 16, 8)):
-    return [pool.Job(f"case{i:02d}", "image", np.random.default_rng(i).normal(size=shape).astype(np.float32))
+    return [pool.Job(f"case{i:02d}", np.random.default_rng(i).normal(size=shape).astype(np.float32))
             for i in range(n)]
 
 
@@ -72,23 +72,20 @@ def test_parse_real_llm_replies(brisc_csv):
     assert first["texture"].startswith("Heterogeneous") and first["summary"].endswith("challenging.")
 
 
-def test_parse_tolerates_markdown_and_chatter():
+def test_parse_tolerates_markdown_and_chatter_and_rejects_a_missing_field():
     text = ("Sure! Here is the analysis.\n\n1. **Texture:** Bright,  uniform\n   blood pool.\n"
             "2. **Boundary**: Sharp rim.\n### context: Veins nearby.\n- SUMMARY： Easy case.\n\nBye.")
     assert pool.parse_cot(text) == {"texture": "Bright, uniform blood pool.", "boundary": "Sharp rim.",
                                     "context": "Veins nearby.", "summary": "Easy case."}
     assert pool.parse_cot("<think>Texture: draft</think>" + GOOD) == pool.parse_cot(GOOD)
+    for bad in ["", "Texture: a\nBoundary: b\nContext: c",                 # a field missing
+                "Texture: a\nBoundary: **  **\nContext: c\nSummary: d",   # a field empty
+                "The texture: is bright and the boundary: is sharp.", None]:  # no headings
+        with pytest.raises(ValueError):
+            pool.parse_cot(bad)
 
 
-@pytest.mark.parametrize("text", ["", "Texture: a\nBoundary: b\nContext: c",       # a field missing
-                                  "Texture: a\nBoundary: **  **\nContext: c\nSummary: d",  # a field empty
-                                  "The texture: is bright and the boundary: is sharp.", None])  # no headings
-def test_parse_rejects_malformed(text):
-    with pytest.raises(ValueError):
-        pool.parse_cot(text)
-
-
-def test_templates_render_and_hash():
+def test_templates_render_and_hash_and_refuse_an_unknown_placeholder(tmp_path):
     values = {**CONTEXT, "descriptors": "- contrast: 3"}
     for kind in pool.KINDS:
         template = pool.load_template(kind)
@@ -96,12 +93,15 @@ def test_templates_render_and_hash():
         assert "{" not in prompt and "left atrium" in prompt and "- contrast: 3" in prompt
         assert all(f"{f.capitalize()}:" in prompt for f in pool.FIELDS) and "128 tokens" in prompt
         digest = pool.prompt_hash(template, CONTEXT)
-        assert digest == pool.prompt_hash(template, dict(CONTEXT))
         changed = [pool.prompt_hash(template, CONTEXT, True), pool.prompt_hash(template + " ", CONTEXT),
                    pool.prompt_hash(template, {**CONTEXT, "target": "left ventricle"})]
         assert digest not in changed
-    with pytest.raises(KeyError, match="placeholder"):
-        pool.render_prompt("{modality} {unknown}", values)
+
+    (tmp_path / "cot_mask.txt").write_text("The {modality} of {organ}.")    # a user's template with a typo
+    with pytest.raises(CersError) as failure:
+        pool.build_cots(image_jobs(1), pool.CotCache(tmp_path / "c.jsonl"), CONTEXT, prompt_dir=tmp_path)
+    assert str(failure.value) == (f"{tmp_path / 'cot_mask.txt'}: unknown placeholder {{organ}}; a prompt "
+                                  "template may use {modality}, {anatomy}, {target}, {descriptors}")
 
 
 # ----------------------------------------------------------------------------- image statistics, descriptors
@@ -120,33 +120,30 @@ def test_image_stats_follow_the_image():
     assert all(np.isfinite(v) for v in flat.values())
 
 
-def test_descriptor_writer_follows_the_measurements():
+def test_descriptor_writer_follows_the_measurements(tmp_path, monkeypatch):
     stats = pool.image_stats(*toy_case())
     for kind in pool.KINDS:
         text = pool.write_cot(stats, kind, **CONTEXT)
         assert text == pool.write_cot(stats, kind, **CONTEXT) and pool.parse_cot(text)  # deterministic
         assert 60 <= len(text.split()) <= 120 and not any(c.isdigit() for c in text)  # ~128 tokens, no digit
         assert "pulmonary veins" in text                                   # LA vocabulary
-    low = {k: lo - 1 for k, ((lo, hi), _) in pool.WORDING.items()}
-    high = {k: hi + 1 for k, ((lo, hi), _) in pool.WORDING.items()}
+    cuts = pool.descriptor_words()["wording"]
+    low = {k: lo - 1 for k, ((lo, hi), _) in cuts.items()}
+    high = {k: hi + 1 for k, ((lo, hi), _) in cuts.items()}
     blurred, sharp = (pool.parse_cot(pool.write_cot({**stats, **s}, "mask", **CONTEXT)) for s in (low, high))
     assert blurred["boundary"].startswith("Blurred") and sharp["boundary"].startswith("Sharp")
     assert "Markedly heterogeneous" in sharp["texture"] and "Homogeneous" in blurred["texture"]
     assert blurred["summary"].endswith("is weak contrast with its surroundings and blurred margins.")
     other = pool.write_cot(stats, "image", "CT", "abdomen", "liver")
     assert "adjacent abdomen structures" in other and "pulmonary" not in other
+    pool.descriptor_words.cache_clear()                                 # an edit of the wording that broke it
+    monkeypatch.setattr(pool, "DESCRIPTORS", tmp_path / "descriptors.json")
+    (tmp_path / "descriptors.json").write_text('{"wording": ')
+    with pytest.raises(CersError, match=r"descriptors.json: not valid JSON \(Expecting value: line 1"):
+        pool.write_cot(stats, "mask", **CONTEXT)
 
 
 # ----------------------------------------------------------------------------- the LLM client
-
-def test_llm_request_format():
-    with LoopbackLLM() as server:
-        assert client(server, api_key=KEY, temperature=0.3).ask("describe") == CLEAN
-    (request,) = server.requests
-    assert (request["path"], request["headers"]["Authorization"]) == ("/v1/chat/completions", f"Bearer {KEY}")
-    assert request["body"] == {"model": "test-model", "temperature": 0.3,
-                               "messages": [{"role": "user", "content": "describe"}]}
-
 
 @pytest.mark.parametrize("behaviour", ["500", "badjson", "slow", "missing", "cut", ("wait", 503, 0)])
 def test_llm_retries_then_succeeds(behaviour):
@@ -155,13 +152,17 @@ def test_llm_retries_then_succeeds(behaviour):
     assert len(server.requests) == 3
 
 
-@pytest.mark.parametrize("behaviour, cause", [("missing", "lacks Boundary"),
-                                              ("cut", "cut at the token limit")])
-def test_llm_gives_up_after_bounded_retries(behaviour, cause):
-    with LoopbackLLM(script=[behaviour] * 10) as server:
-        message = one_line_error(client(server, retries=3))
-    assert "no valid CoT after 4 attempts; last: invalid reply: " in message and cause in message
-    assert len(server.requests) == 4
+def test_llm_gives_up_after_bounded_retries():
+    for behaviour, cause in [("missing", "lacks Boundary"), ("cut", "cut at the token limit")]:
+        with LoopbackLLM(script=[behaviour] * 10) as server:
+            message = one_line_error(client(server, retries=3))
+        assert "no valid CoT after 4 attempts; last: invalid reply: " in message and cause in message
+        assert len(server.requests) == 4
+    with socket.socket() as s:                                            # nothing listens on this port
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    asker = pool.LLMClient(url, "test-model", timeout=0.2, backoff=0.01, retries=2)
+    assert "no valid CoT after 3 attempts; last: ConnectionError" in one_line_error(asker)
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -170,32 +171,13 @@ def test_a_short_retry_after_is_honoured_and_a_long_one_stops_the_build_at_once(
     with LoopbackLLM(script=[("wait", status, 0.4), "ok", ("wait", status, 3600)]) as server:
         start = time.monotonic()
         with pytest.raises(pool.RateLimited) as failure:
-            pool.build_cots(image_jobs(4), pool.CotCache(path), "llm", CONTEXT, client(server),
+            pool.build_cots(image_jobs(4), pool.CotCache(path), CONTEXT, client(server),
                             progress=False)
         assert 0.4 <= time.monotonic() - start < 5 and len(server.requests) == 3  # then no sleep, no request
     assert str(failure.value) == (f"{server.url}/v1/chat/completions: HTTP {status} (slow down): rate "
                                   "limited, the server asks to wait 3600 s, over the 60 s this client waits; "
                                   "stopped, finished texts are cached: re-run later")
     assert len(pool.CotCache(path).records) == 1
-
-
-def test_llm_unreachable_server_is_retried_then_reported():
-    with socket.socket() as s:          # a loopback port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    with pytest.raises(pool.LLMError, match="after 3 attempts; last: ConnectionError"):
-        pool.LLMClient(url, "test-model", timeout=0.2, backoff=0.01, retries=2).ask("describe")
-
-
-def test_control_characters_from_the_endpoint_reach_neither_cache_nor_terminal(tmp_path):
-    dirty = GOOD.replace("Mildly", "\x1b[31mMildly\x1b[0m\x07").replace("Sharp", "Sh\x9barp\x7f\r\u202e")
-    error = ("error", 400, "model 'nope'\x1b]0;owned\x07\nnot \x1b[2Jfound\x00")
-    with LoopbackLLM(reply=dirty, script=[error]) as server:
-        assert one_line_error(client(server)).endswith("completions: HTTP 400: model 'nope' not found")
-        texts = pool.build_cots(image_jobs(1), pool.CotCache(tmp_path / "c.jsonl"), "llm", CONTEXT,
-                                client(server), progress=False)
-    assert texts.image["case00"] == CLEAN and not pool.CONTROL.search((tmp_path / "c.jsonl").read_text())
-    assert len(server.requests) == 2                                     # a client error is not retried
 
 
 @pytest.mark.parametrize("behaviour", ["drip", "dripheaders"])
@@ -210,7 +192,7 @@ def test_a_dripping_endpoint_trips_the_whole_request_deadline(behaviour):
         assert client(server, timeout=0.5).ask("describe") == CLEAN and len(server.requests) == 2
 
 
-def test_redirects_go_to_the_same_server_only():
+def test_request_format_and_redirects_to_the_same_server_only():
     with LoopbackLLM() as other:
         away = other.url + "/v1/chat/completions"
         with LoopbackLLM(script=[("redirect", away)]) as server:
@@ -219,11 +201,13 @@ def test_redirects_go_to_the_same_server_only():
                            f"({away}); not followed, the prompt goes to the configured server only")
         time.sleep(0.2)
         assert len(server.requests) == 1 and other.requests == []          # neither the prompt nor the key
-    with LoopbackLLM(script=[("redirect", "/v2/chat/completions")]) as server:
-        assert client(server, api_key=KEY).ask("a prompt") == CLEAN
+    with LoopbackLLM(script=[("redirect", "/v2/chat/completions")]) as server:  # the request, moved once
+        assert client(server, api_key=KEY, temperature=0.3).ask("describe") == CLEAN
     first, second = server.requests
     assert (first["path"], second["path"]) == ("/v1/chat/completions", "/v2/chat/completions")
-    assert second["body"] == first["body"] and second["headers"]["Authorization"] == f"Bearer {KEY}"
+    assert first["body"] == second["body"] == {"model": "test-model", "temperature": 0.3,
+                                               "messages": [{"role": "user", "content": "describe"}]}
+    assert first["headers"]["Authorization"] == second["headers"]["Authorization"] == f"Bearer {KEY}"
     with LoopbackLLM(script=[("redirect", "/v1/chat/completions")] * 20) as server:
         assert one_line_error(client(server)).endswith(f"more than {pool.MAX_REDIRECTS} redirects")
     assert len(server.requests) == pool.MAX_REDIRECTS + 1
@@ -238,11 +222,9 @@ def test_redirects_go_to_the_same_server_only():
 def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
     import matplotlib.image
     image, mask = toy_case()
-    with pytest.raises(ValueError, match="'image' with a mask"):
-        pool.Job("a", "image", image, mask)                  # the image-only path never receives a label
-    jobs = [pool.Job("a", "mask", image, mask), pool.Job("a", "image", image)]
+    jobs = [pool.Job("a", image, mask), pool.Job("a", image)]          # a mask CoT, an image-only CoT
     with LoopbackLLM() as server:
-        pool.build_cots(jobs, pool.CotCache(tmp_path / "cache.jsonl"), "llm", CONTEXT, client(server),
+        pool.build_cots(jobs, pool.CotCache(tmp_path / "cache.jsonl"), CONTEXT, client(server),
                         vision=True, progress=False)
     assert len(server.requests) == 2
     for request in server.requests:
@@ -254,11 +236,11 @@ def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
         assert red.any() == ("reference segmentation mask" in text["text"])
 
 
-def test_cache_keys_by_content_prompt_model_and_back_end_and_skips_a_torn_line(tmp_path):
+def test_cache_keys_by_content_prompt_model_and_back_end(tmp_path):
     path, jobs = tmp_path / "cache.jsonl", image_jobs(3)
 
     def build(jobs, asker=None, **kw):
-        return pool.build_cots(jobs, pool.CotCache(path), "llm", CONTEXT, asker or client(server),
+        return pool.build_cots(jobs, pool.CotCache(path), CONTEXT, asker or client(server),
                                progress=False, **kw)
     with LoopbackLLM() as server:
         first = build(jobs)
@@ -267,73 +249,62 @@ def test_cache_keys_by_content_prompt_model_and_back_end_and_skips_a_torn_line(t
         records = [json.loads(line) for line in path.read_text().splitlines()]
         assert {tuple(sorted(r)) for r in records} == {
             ("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
-        path.write_text(path.read_text() + json.dumps(records[0])[:40])  # a crash mid-write: a torn line
-        with pytest.warns(UserWarning, match=r"cache.jsonl:4: skipping 1 damaged cache record\(s\) \(line"):
-            assert build([pool.Job("case00", "image", jobs[0].image + 1)]).new == 1  # a changed case
-            assert build(jobs, pool.LLMClient(server.url, "other-model", timeout=0.2)).new == 3
-            prompts = tmp_path / "prompts"
-            prompts.mkdir()
-            for kind, name in pool.TEMPLATES.items():
-                (prompts / name).write_text(pool.load_template(kind) + "\nBe brief.")
-            assert build(jobs, prompt_dir=prompts).new == 3 and len(server.requests) == 10
-            assert len(pool.CotCache(path).records) == 10                       # every later record intact
-            descriptors = pool.build_cots(jobs, pool.CotCache(path), "descriptors", CONTEXT, progress=False)
+        assert build([pool.Job("case00", jobs[0].image + 1)]).new == 1      # a changed case
+        assert build(jobs, pool.LLMClient(server.url, "other-model", timeout=0.2)).new == 3
+        prompts = tmp_path / "prompts"
+        prompts.mkdir()
+        for kind, name in pool.TEMPLATES.items():
+            (prompts / name).write_text(pool.load_template(kind) + "\nBe brief.")
+        assert build(jobs, prompt_dir=prompts).new == 3 and len(server.requests) == 10
+        descriptors = pool.build_cots(jobs, pool.CotCache(path), CONTEXT, progress=False)
     assert descriptors.new == 3 and set(descriptors.image.values()).isdisjoint(again.image.values())
 
 
-@pytest.mark.parametrize("behaviour, cause", [("missing", "Boundary"), ("cut", "token limit")])
-def test_failed_case_is_reported_not_cached(tmp_path, behaviour, cause):
-    path = tmp_path / "cache.jsonl"
-    with LoopbackLLM(script=[behaviour] * 4) as server:
-        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server),
-                                progress=False)
-        assert (texts.new, len(texts.failed)) == (2, 1)
-        (case_id, kind), reason = next(iter(texts.failed.items()))
-        assert kind == "image" and cause in reason and case_id not in texts.image
-        assert len(path.read_text().splitlines()) == 2
-        retry = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server),
-                                progress=False)
-        assert (retry.cached, retry.new, len(server.requests)) == (2, 1, 7)
-
-
-def test_records_of_the_wrong_shape_are_skipped_with_one_warning_and_asked_again(tmp_path):
+def test_damaged_records_are_skipped_with_one_warning_and_asked_again(tmp_path):
     path, jobs = tmp_path / "cache.jsonl", image_jobs(8)
-    pool.build_cots(jobs, pool.CotCache(path), "descriptors", CONTEXT, progress=False)
+    pool.build_cots(jobs, pool.CotCache(path), CONTEXT, progress=False)
     good = [json.loads(line) for line in path.read_text().splitlines()]
     wrong = [{**good[0], "text": 42}, {k: v for k, v in good[1].items() if k != "content_hash"},
              {**good[2], "kind": ["image"]}, {**good[3], "case_id": None}, {**good[4], "kind": "sketch"},
              {**good[5], "text": ""}, [good[6]], good[7]["text"]]        # the last two are not even dicts
-    path.write_text("".join(json.dumps(r) + "\n" for r in wrong) + json.dumps(good[7]) + "\n")
+    torn = json.dumps(good[0])[:40]                                      # a crash mid-write, at the end
+    path.write_text("".join(json.dumps(r) + "\n" for r in wrong) + json.dumps(good[7]) + "\n" + torn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        again = pool.build_cots(jobs, pool.CotCache(path), "descriptors", CONTEXT, progress=False)
-    assert [str(w.message) for w in caught] == [
-        f"{path}:1: skipping 8 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or an "
+        again = pool.build_cots(jobs, pool.CotCache(path), CONTEXT, progress=False)
+        assert len(pool.CotCache(path).records) == 8                     # the records after the torn line
+    assert [str(w.message) for w in caught] == 2 * [
+        f"{path}:1: skipping 9 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or an "
         "edit?); their texts are asked for again"]
     assert (again.cached, again.new) == (1, 7) and again.image == {r["case_id"]: r["text"] for r in good}
 
 
-def test_a_huge_reply_is_refused_at_once_and_not_cached(tmp_path):
+def test_failed_texts_are_reported_not_cached_and_asked_again(tmp_path):
+    """A huge reply and a false Content-Length are refused at once, a CoT lacking a part after the retries."""
     path = tmp_path / "cache.jsonl"
-    with LoopbackLLM(script=[("huge", 2 * pool.MAX_REPLY), ("claims", 10 ** 12)]) as server:
-        texts = pool.build_cots(image_jobs(3), pool.CotCache(path), "llm", CONTEXT, client(server, timeout=5),
+    with LoopbackLLM(script=[("huge", 2 * pool.MAX_REPLY), ("claims", 10 ** 12), *4 * ["missing"]]) as server:
+        texts = pool.build_cots(image_jobs(4), pool.CotCache(path), CONTEXT, client(server, timeout=5),
                                 progress=False)
-    assert (texts.new, len(texts.failed), len(server.requests)) == (1, 2, 3)   # neither is retried
-    assert sorted(r.split(": ", 1)[1] for r in texts.failed.values()) == [
-        f"the reply runs over the {pool.MAX_REPLY} bytes accepted; refused",
-        f"the reply would be {10 ** 12} bytes (Content-Length), over the {pool.MAX_REPLY} accepted; "
-        "refused unread"]
-    assert len(path.read_text().splitlines()) == 1
+        assert (texts.new, len(texts.failed), len(server.requests)) == (1, 3, 7)   # huge, claims: no retry
+        reasons = sorted(r.split(": ", 1)[1] for r in texts.failed.values())
+        assert reasons[0].startswith("no valid CoT after 4 attempts; last: invalid reply: CoT reply lacks")
+        assert reasons[1:] == [
+            f"the reply runs over the {pool.MAX_REPLY} bytes accepted; refused",
+            f"the reply would be {10 ** 12} bytes (Content-Length), over the {pool.MAX_REPLY} accepted; "
+            "refused unread"]
+        assert len(path.read_text().splitlines()) == 1 and list(texts.image) == ["case03"]
+        retry = pool.build_cots(image_jobs(4), pool.CotCache(path), CONTEXT, client(server), progress=False)
+        assert (retry.cached, retry.new, len(server.requests)) == (1, 3, 10)
 
 
 def test_a_failed_cache_write_is_one_line_and_keeps_every_record(tmp_path):
     """The file-size limit cuts the next record short: the partial line is removed, the error is one line."""
     path = tmp_path / "cache.jsonl"
-    pool.build_cots(image_jobs(2), pool.CotCache(path), "descriptors", CONTEXT, progress=False)
+    pool.build_cots(image_jobs(2), pool.CotCache(path), CONTEXT, progress=False)
     before = path.read_bytes()
     script = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import config, pool, test_pool\n"
               "sys.exit(config.cli(lambda argv: pool.build_cots(test_pool.image_jobs(4), "
-              f"pool.CotCache({str(path)!r}), 'descriptors', test_pool.CONTEXT, progress=False)))\n")
+              f"pool.CotCache({str(path)!r}), test_pool.CONTEXT, progress=False)))\n")
     status, last = finish(spawn(["-c", script], tmp_path, file_limit=len(before) + 100), tmp_path)
     assert status == 2 and (tmp_path / "stdout.txt").read_text() == ""
     assert last == (f"error: {path}: cannot add a CoT text to the cache (File too large); the 2 texts "
@@ -370,7 +341,7 @@ def test_killed_build_resumes_without_asking_again(tmp_path):
             asked_before = len(server.requests)
             time.sleep(0.5)
         assert 3 <= done < 12 and asked_before <= done + 1                # one worker: one was in flight
-        texts = pool.build_cots(image_jobs(12), pool.CotCache(path), "llm", CONTEXT,
+        texts = pool.build_cots(image_jobs(12), pool.CotCache(path), CONTEXT,
                                 client(server, timeout=5), workers=4, progress=False)  # the lock died with it
         assert (texts.cached, texts.new, len(server.requests) - asked_before) == (done, 12 - done, 12 - done)
 
@@ -396,8 +367,8 @@ def cfg_for(root, **kw):
     return SimpleNamespace(**{
         "data_root": str(root), "cot_backend": "auto", "llm_url": "", "llm_model": "",
         "llm_api_key_env": "CERS_TEST_KEY", "llm_temperature": 0.2, "llm_timeout": 0.5, "llm_workers": 2,
-        "llm_retries": 1, "llm_vision": False, "modality": "late gadolinium-enhanced cardiac MRI",
-        "anatomy": "heart", "target": "left atrium", **kw})
+        "llm_retries": 1, "llm_vision": False, "cot_cache": "", "modality": "LGE MRI", "anatomy": "heart",
+        "target": "left atrium", **kw})
 
 
 class Untouchable:
@@ -445,21 +416,24 @@ def test_build_pool_offline_uses_only_labeled_masks_and_a_read_only_full_cache(t
         tmp_path.chmod(0o755)
 
 
-def test_api_key_is_sent_and_never_leaks(tmp_path, capfd, monkeypatch):
+def test_api_key_and_control_characters_reach_neither_messages_nor_cache(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv("CERS_TEST_KEY", KEY)
     volumes = {"L0": toy_case(0), "U0": (toy_case(1)[0], Untouchable())}
     split = SimpleNamespace(labeled=["L0"], unlabeled=["U0"], test=[])
-    # the server echoes the key in an error, as some providers do; it must not reach the message
-    with LoopbackLLM(script=[("error", 401, f"Incorrect API key provided: {KEY}")]) as server:
+    dirty = GOOD.replace("Mildly", "\x1b[31mMildly\x1b[0m\x07").replace("Sharp", "Sh\x9barp\x7f\r\u202e")
+    # the server echoes the key in an error, as some providers do, with escape sequences
+    error = ("error", 401, f"Incorrect API key provided: {KEY}\x1b]0;owned\x07\nnot \x1b[2Jfound\x00")
+    with LoopbackLLM(reply=dirty, script=[error]) as server:
         cfg = cfg_for(tmp_path, llm_url=server.url, llm_model="test-model", llm_workers=1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with pytest.raises(pool.LLMError) as failure:
                 pool.build_pool(cfg, split, volumes, progress=False)
             texts = pool.build_pool(cfg, split, volumes, progress=False)   # only the failed case is re-asked
-        assert len(server.requests) == 4 and texts.cached == 2
+        assert len(server.requests) == 4 and texts.cached == 2             # a client error is not retried
     assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
-    assert "401" in str(failure.value) and "***" in str(failure.value)
+    assert "completions: HTTP 401: Incorrect API key provided: *** not found; finished" in str(failure.value)
+    assert set(texts.image.values()) == {CLEAN} and not pool.CONTROL.search(pool.cache_path(cfg).read_text())
     out, err = capfd.readouterr()
     seen = [out, err, str(failure.value), repr(failure.value), repr(pool.LLMClient("u", "m", KEY))]
     seen += [str(w.message) for w in caught] + [p.read_text(errors="replace") for p in tmp_path.rglob("*")]
@@ -479,6 +453,6 @@ def test_cli_builds_then_shows_a_phantom_pool_without_raw_control_characters(tmp
                             "prompt_hash": "p", "content_hash": "c", "text": "\x1b[31mTexture: red"}) + "\n")
     pool.main(args + ["--show", case_id])
     out = capsys.readouterr().out
-    assert out.count("Texture:") == 3 and "mask CoT | descriptors | descriptors-v1" in out
+    assert out.count("Texture:") == 3 and f"mask CoT | descriptors | {pool.WRITER}" in out
     assert "image CoT | llm | m | prompt p" in out and "\nTexture: red\n" in out
     assert not pool.CONTROL.search(out)

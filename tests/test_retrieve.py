@@ -70,9 +70,19 @@ def ball(shape, centre, radius):
     return sum((g - c) ** 2 for g, c in zip(np.indices(shape), centre)) <= radius ** 2
 
 
-# ----------------------------------------------------------------------------- morphology descriptors
+def blob_volumes(shapes, seed=0):
+    """Case ID -> (image, label) of these shapes: noise, and a box of foreground that differs per case."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i, (cid, shape) in enumerate(shapes.items()):
+        label = np.zeros(shape, np.uint8)
+        label[2 + i:10, 3:12 - i, 1:6] = 1
+        out[cid] = (rng.normal(size=shape).astype(np.float32), label)
+    return out
 
-def test_morphology_sphere():
+
+# ----------------------------------------------------------------------------- morphology descriptors
+def test_morphology_sphere_and_box():
     r = 12
     d = dict(zip(MORPH_NAMES, morphology_batch(ball((48, 48, 40), (24, 24, 20), r)[None])[0]))
     assert d["fg_fraction"] == pytest.approx(4 / 3 * np.pi * r ** 3 / (48 * 48 * 40), rel=0.03)
@@ -82,9 +92,6 @@ def test_morphology_sphere():
     centroid = [d[f"centroid_{a}"] for a in "xyz"]
     assert centroid == pytest.approx([0.5 / 48, 0.5 / 48, 0.5 / 40], abs=1e-6)  # voxel 24 vs (48 - 1) / 2
     assert (d["components"], d["largest_share"], d["border_contact"]) == (1, 1, 0)
-
-
-def test_morphology_box_exact():
     mask = np.zeros((40, 30, 20), bool)
     mask[0:20, 10:20, 5:10] = True          # 20 x 10 x 5, touching the x = 0 face
     d = dict(zip(MORPH_NAMES, morphology_batch(mask[None])[0]))
@@ -97,8 +104,7 @@ def test_morphology_box_exact():
 
 
 def test_morphology_batch_is_its_masks_one_by_one():
-    """Components, largest share and surface against scipy's labelling and a count of differing neighbour
-    pairs inside the patch, mask by mask; a batch gives each mask its own row, an empty mask zeros."""
+    """Each mask's row as if alone; components, largest share, surface against scipy and a pair count."""
     shape = (40, 36, 28)
     box = np.pad(np.ones((25, 26, 25), bool), [(0, 15), (10, 0), (3, 0)])     # on three patch faces
     noise = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=shape), 1.5) > 0.15
@@ -122,7 +128,6 @@ def test_morphology_batch_is_its_masks_one_by_one():
 
 
 # ----------------------------------------------------------------------------- tokenizer and BM25
-
 def test_tokenizer_handles_radiology_text():
     toks = tokenize("Texture: Heterogeneous, ILL-DEFINED masses; enhancing/enhanced enhancement. "
                     "Summary: The margins are blurred and blurring.")
@@ -155,15 +160,13 @@ def test_bm25_matches_rank_bm25():
         CotIndex(["the", "and of"])
 
 
-@pytest.fixture(scope="module")
-def rows(brisc_csv):
+def test_real_cots(brisc_csv):
+    """Real LLM CoTs of brain-tumour MRI, three diagnoses (chance 1/3). Each image's no-mask CoT queries the
+    others' mask CoTs: the share of its 5 best with its diagnosis. The filter, morphology out of play (all
+    equal), rejects some candidates, mostly of another diagnosis; what it keeps beats chance."""
     with open(brisc_csv, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def test_same_diagnosis_precision_on_real_cots(rows):
-    """Each image's no-mask CoT queries the others' mask CoTs; the share of the 5 best with its diagnosis."""
-    assert len({r["diagnosis"] for r in rows}) == 3  # chance is 1/3
+        rows = list(csv.DictReader(f))
+    assert len({r["diagnosis"] for r in rows}) == 3
     diagnosis = np.array([r["diagnosis"] for r in rows])
 
     def precision(tokenizer):
@@ -177,14 +180,8 @@ def test_same_diagnosis_precision_on_real_cots(rows):
     ours, plain = precision(tokenize), precision(lambda t: re.findall(r"[a-z0-9]+", t.lower()))
     print(f"same-diagnosis precision@5: radiology tokenizer {ours:.3f}, plain tokens {plain:.3f}")
     assert ours > 0.55, (ours, plain)
-
-
-def test_cot_filter_acts_on_real_cots(rows):
-    """Real LLM CoTs of brain-tumour MRI, three diagnoses, morphology out of play (all equal): the filter
-    rejects some candidates, mostly those of another diagnosis, and what it keeps beats chance."""
     ids = [f"img{i}" for i in range(len(rows))]
     bank = ReferenceBank(ids, np.zeros((len(ids), 6)), np.zeros((len(ids), 3)), [r["cot_mask"] for r in rows])
-    diagnosis = np.array([r["diagnosis"] for r in rows])
     sel = select(bank, np.zeros((len(rows), 3)), [r["cot_no_mask"] for r in rows], ids,
                  settings(k_coarse=len(rows), tau=0.6))
     same, other = [], []
@@ -195,12 +192,11 @@ def test_cot_filter_acts_on_real_cots(rows):
     print(f"tau 0.6 rejects {100 * np.mean(same):.1f} % of same-, {100 * np.mean(other):.1f} % of "
           "other-diagnosis candidates")
     assert 0.2 < np.mean(same) < 0.95 and np.mean(other) > np.mean(same) + 0.1
-    assert (diagnosis[sel.indices] == diagnosis[:, None]).mean() > 0.5          # chance is about 1/3
+    assert (diagnosis[sel.indices] == diagnosis[:, None]).mean() > 0.5
 
 
 # ----------------------------------------------------------------------------- selection
-
-def test_leave_one_case_out():
+def test_leave_one_case_out_and_bad_input():
     bank, at = cluster_bank(seed=1), [0, 9, 250]
     own, morph, texts = [bank.case_ids[i] for i in at], bank.morph[at], [bank.texts[i] for i in at]
     for mode in retrieve.MODES:
@@ -210,25 +206,32 @@ def test_leave_one_case_out():
             assert len(rec["candidates"]) == 16  # exclusion still leaves k_coarse candidates
     sel = select(bank, morph, texts, [None, "elsewhere", None], settings())  # nothing of theirs to exclude
     assert [bank.case_ids[rec["candidates"][0]] for rec in sel.explain] == own
+    lonely = ReferenceBank(["A", "A"], np.zeros((2, 6)), np.eye(2), [COT["A"]] * 2)
+    with pytest.raises(ValueError, match="outside case 'A'"):
+        select(lonely, np.zeros((1, 2)), [QUERY], ["A"], settings())
+    for mode in ("bm25", "cot"):
+        with pytest.raises(ValueError, match=f"retrieval='{mode}'"):
+            select(bank, morph, texts, own, settings(retrieval=mode))
 
 
-def test_hard_negative_is_dropped():
-    bank = hand_bank()
+def test_hard_negative_is_dropped_and_explained(tmp_path):
+    bank = hand_bank(with_images=True)
     sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=6, k_fine=2))
     rec = sel.explain[0]
     assert bank.case_ids[rec["candidates"][0]] == "A"  # morphologically closest ...
     a = np.array([bank.case_ids[c] == "A" for c in rec["candidates"]])
     assert rec["hard_negative"][a].all() and not rec["hard_negative"][~a].all()  # ... but reasons otherwise
     assert {bank.case_ids[i] for i in sel.indices[0]} <= {"B", "C"} and sel.n_filled[0] == 0
-    morph_only = select(bank, np.zeros((1, 3)), [QUERY], [None], 
+    morph_only = select(bank, np.zeros((1, 3)), [QUERY], [None],
                         settings(k_coarse=6, k_fine=2, retrieval="morph"))
     assert {bank.case_ids[i] for i in morph_only.indices[0]} == {"A"}
     np.testing.assert_allclose(morph_only.weights[0], [0.5, 0.5])        # equal weights without the filter
-
-
-def test_weights_are_softmax_of_scores():
-    bank = hand_bank()
-    for temp in (1.0, 0.1):
+    text = retrieve.format_explanation(bank, sel)
+    assert "hard negative" in text and "chosen, weight" in text
+    path = retrieve.plot_explanation(tmp_path / "e.png", bank.volumes["A"][0], [(0, 0, 0, 8, 8, 8)],
+                                     bank, sel)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    for temp in (1.0, 0.1):                                              # weights: softmax of the scores
         sel = select(bank, np.zeros((1, 3)), [QUERY], [None],
                      settings(k_coarse=8, k_fine=3, tau=0.0, ref_temperature=temp))
         rec = sel.explain[0]
@@ -237,7 +240,7 @@ def test_weights_are_softmax_of_scores():
         assert s[0] == 1.0 and np.all(np.diff(s) <= 0)  # divided by the best score; best first
 
 
-def test_fill_rule():
+def test_fill_rule_and_case_cap():
     bank = hand_bank(patches=1)
     # one survivor: the empty slots repeat it with weight 0
     sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=4, k_fine=4, tau=0.99))
@@ -251,10 +254,7 @@ def test_fill_rule():
     sel = select(bank, np.zeros((1, 3)), [QUERY], ["B"], settings(k_coarse=4, k_fine=5, tau=0.0))
     assert sel.n_filled[0] == 2 and np.isclose(sel.weights[0].sum(), 1) and (sel.weights[0][3:] == 0).all()
     assert list(sel.indices[0][3:]) == list(sel.indices[0][:2])
-
-
-def test_case_cap_gives_diverse_references():
-    """At most max_refs_per_case references of one case, in every mode; the rest of the order fills in."""
+    # at most max_refs_per_case references of one case, in every mode; the rest of the order fills in
     bank = hand_bank(patches=3)                                   # cases A-D on a line, 3 patches each
     for cap in (1, 2):
         for mode in retrieve.MODES:
@@ -266,7 +266,7 @@ def test_case_cap_gives_diverse_references():
     nearest = select(bank, np.zeros((1, 3)), [QUERY], [None],
                      settings(k_coarse=12, k_fine=3, retrieval="morph", max_refs_per_case=1))
     assert [bank.case_ids[i] for i in nearest.indices[0]] == ["A", "B", "C"]    # nearest patch of each case
-    uncapped = select(bank, np.zeros((1, 3)), [QUERY], [None], 
+    uncapped = select(bank, np.zeros((1, 3)), [QUERY], [None],
                       settings(k_coarse=12, k_fine=3, retrieval="morph"))
     assert [bank.case_ids[i] for i in uncapped.indices[0]] == ["A", "A", "A"]
     # a query of case B: only C passes tau (A and D are hard negatives), so the cap leaves one reference and
@@ -277,8 +277,7 @@ def test_case_cap_gives_diverse_references():
 
 
 def test_random_draws():
-    """Mode random: other cases only, without replacement, equal weights; draws move on with the generator,
-    repeat from the same generator state, and default to a generator seeded with cfg.seed."""
+    """Mode random: other cases, no repeats, equal weights; draws follow the generator (default: cfg.seed)."""
     bank = cluster_bank(seed=2)
     ids = [bank.case_ids[i] for i in range(0, 400, 10)]           # 40 queries of 40 bank cases
     morph, texts = np.zeros((len(ids), MORPH_DIM)), [QUERY] * len(ids)
@@ -298,23 +297,10 @@ def test_random_draws():
     assert (default[0] == first.indices).all()                    # seed 0: the same draws as the generator
 
 
-def test_bad_mode_and_lonely_case_fail_loudly():
-    bank = hand_bank()
-    for mode in ("bm25", "cot"):
-        with pytest.raises(ValueError, match=f"retrieval='{mode}'"):
-            select(bank, np.zeros((1, 3)), [QUERY], [None], settings(retrieval=mode))
-    lonely = ReferenceBank(["A", "A"], np.zeros((2, 6)), np.eye(2), [COT["A"]] * 2)
-    with pytest.raises(ValueError, match="outside case 'A'"):
-        select(lonely, np.zeros((1, 2)), [QUERY], ["A"], settings())
-    with pytest.raises(ValueError, match="need N > 0"):
-        ReferenceBank(["A"], np.zeros((1, 6)), [[np.nan, 0]], [COT["A"]])
-
-
 # ----------------------------------------------------------------------------- the bank
-
-def test_grid_and_orientations():
+def test_grid_orientations_and_build():
     """The grid covers the volume, centred on an axis shorter than the patch; the bank's four orientations
-    are exactly the distinct patches data.rot_flip makes."""
+    are exactly the distinct patches data.rot_flip makes; the bank holds every box in each of them."""
     boxes = grid_boxes((20, 10, 6), (8, 8, 8), (8, 8, 8))
     assert sorted({b[0] for b in boxes}) == [0, 8, 12] and sorted({b[1] for b in boxes}) == [0, 2]
     assert {(b[2], b[5]) for b in boxes} == {(-1, 7)}  # centred on the short axis
@@ -325,20 +311,7 @@ def test_grid_and_orientations():
     banked = {orient(vol, v).tobytes() for v in range(len(ORIENTATIONS))}
     trained = {data.rot_flip(torch.from_numpy(vol), k, a).numpy().tobytes() for k in range(4) for a in (0, 1)}
     assert banked == trained and len(banked) == 4
-
-
-def blob_volumes(shapes, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for i, (cid, shape) in enumerate(shapes.items()):
-        label = np.zeros(shape, np.uint8)
-        label[2 + i:10, 3:12 - i, 1:6] = 1
-        out[cid] = (rng.normal(size=shape).astype(np.float32), label)
-    return out
-
-
-def test_build_from_volumes():
-    volumes = blob_volumes({"c1": (20, 18, 10), "c2": (12, 14, 7)})
+    volumes = blob_volumes({"c1": (20, 18, 10), "c2": (12, 14, 7)})     # the bank: each box, each orientation
     bank = ReferenceBank.build(GRID, volumes, ["c1", "c2"], {"c1": COT["B"], "c2": COT["C"]})
     counts = {(cid, v): len(grid_boxes(orient(volumes[cid][1], v).shape, (8, 8, 8), (8, 8, 8)))
               for cid in volumes for v in range(len(ORIENTATIONS))}
@@ -390,24 +363,16 @@ def test_refresh_and_checkpoint_round_trip(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the path of training and tests
-
-def built_bank(device="cpu"):
-    """ReferenceBank.build on four small volumes, features refreshed, the query texts of A-D and of U."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_query_references_and_swaps(device):
+    """Decoder B's logits -> foreground -> morphology -> select() with each case's image CoT -> features of
+    the chosen entries, on the bank's device: select()'s picks, random draws included; the three swaps."""
     bank = ReferenceBank.build(GRID, blob_volumes({c: (16, 16, 8) for c in COT}), list(COT), COT, device)
     with pytest.raises(RuntimeError, match="refresh"):
         retrieve.query_references(bank, torch.zeros(1, 2, 8, 8, 8, device=device), ["B"], settings())
     bank.refresh(lambda x: torch.nn.functional.avg_pool3d(x, 4).repeat(1, 3, 1, 1, 1), momentum=0.0)
-    bank.index_queries({**COT, "U": QUERY})
-    return bank
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
-def test_query_references_is_select_end_to_end(device):
-    """Decoder B's logits -> foreground -> morphology -> select() with each case's image CoT -> features of
-    the chosen entries, on the bank's device; the same picks as select() on the same inputs, random draws
-    included."""
-    bank = built_bank(device)
+    bank.index_queries({**COT, "U": QUERY})                               # the query texts of A-D and of U
     logits = torch.randn(3, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
     logits[:, 1, 2:6, 2:7, 1:5] += 3                                      # a blob each, with noise around it
     ids = ["B", "U", "D"]
@@ -424,26 +389,12 @@ def test_query_references_is_select_end_to_end(device):
         assert torch.equal(refs.features, bank.features[refs.indices])
     with pytest.raises(ValueError, match="'V' has no query CoT"):
         retrieve.query_references(bank, logits[:1].to(device), ["V"], cfg)
-
-
-def test_decoder_a_probabilities_swaps():
-    """Retrieved and random references are selections of their own; "zeroed" runs decoder A with zero_refs."""
-    bank, given = built_bank(), []
+    # decoder_a_probabilities: retrieved and random references are selections of their own, "zeroed" none
+    given = []
     model = SimpleNamespace(decode_a=lambda feats, refs, zero_refs=False:
                             given.append((refs, zero_refs)) or torch.zeros(2, 2, 8, 8, 8))
-    logits_b = torch.randn(2, 2, 8, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = retrieve.decoder_a_probabilities(model, None, logits_b, ["B", "C"], bank, settings(k_fine=3),
-                                           torch.Generator().manual_seed(1))
+    out = retrieve.decoder_a_probabilities(model, None, logits[:2].to(device), ["B", "C"], bank,
+                                           settings(k_fine=3), torch.Generator().manual_seed(1))
     assert set(out) == set(retrieve.SWAPS) and out["zeroed"].shape == (2, 8, 8, 8)
     assert [(refs is None, zero) for refs, zero in given] == [(False, False), (False, False), (True, True)]
     assert not torch.equal(given[0][0].indices, given[1][0].indices)
-
-
-def test_explanation_text_and_figure(tmp_path):
-    bank = hand_bank(with_images=True)
-    sel = select(bank, np.zeros((1, 3)), [QUERY], [None], settings(k_coarse=6, k_fine=2))
-    text = retrieve.format_explanation(bank, sel)
-    assert "hard negative" in text and "chosen, weight" in text
-    image = bank.volumes["A"][0]
-    path = retrieve.plot_explanation(tmp_path / "e.png", image, [(0, 0, 0, 8, 8, 8)], bank, sel)
-    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -1,7 +1,8 @@
-"""train.py: the schedules and the EMA, the loop (loss goes down, references on every step, exact resume of the
-weights, the bank and the log), the record of a run (provenance, its header after the checks), the dry run
-(--check), out of memory in one line, and the ablation rows."""
+"""train.py: the schedules and the EMA, the loop (loss goes down, references on every step, exact resume of
+the weights, the bank and the log, also after a kill), the record of a run, the dry run (--check), out of
+memory in one line, and the ablation rows."""
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -45,23 +46,14 @@ def same_weights(a, b):
     return a
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train in this process on one thread, as the children do: bit-identical sums need the same count, and on
-    a busy machine a second thread waits more than it works."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_schedules():
-    cfg = get_config("LA_8")
+    cfg = dataclasses.replace(get_config("LA_8"), consistency=0.5)
     assert train.lr_at(0, cfg) == cfg.lr and train.lr_at(cfg.max_iters, cfg) == 0.0
     assert train.lr_at(7500, cfg) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert train.sigmoid_rampup(0, 6000) == pytest.approx(math.exp(-5))
-    assert train.sigmoid_rampup(6000, 6000) == 1.0 == train.sigmoid_rampup(9000, 6000) == train.sigmoid_rampup(0, 0)
-    assert train.consistency_weight(3000, cfg) == pytest.approx(cfg.consistency * math.exp(-5 * 0.25))
+    weight = [train.consistency_weight(it, dataclasses.replace(cfg, rampup_iters=n))
+              for it, n in [(0, 6000), (3000, 6000), (6000, 6000), (9000, 6000), (0, 0)]]
+    assert weight[:2] == pytest.approx([0.5 * math.exp(-5), 0.5 * math.exp(-5 * 0.25)])
+    assert weight[2:] == [0.5] * 3
 
 
 def test_ema_update_moves_the_teacher():
@@ -80,8 +72,8 @@ def test_ema_update_moves_the_teacher():
 
 
 def test_a_few_iterations_lower_the_supervised_loss_and_record_the_run(tiny_la, tmp_path, capsys):
-    """Overfitting a few labeled patches; the run's config.json has the provenance its header prints, and
-    log.csv has a row per iteration with decoder A's use of its references."""
+    """Overfitting a few labeled patches; config.json has the provenance the header prints, and log.csv a row
+    per iteration with decoder A's use of its references."""
     torch.manual_seed(0)
     out = tmp_path / "run"
     train.train(tiny_cfg(tiny_la, out, max_iters=30, lr=0.05, dropout=0.0, consistency=0.0, log_every=5,
@@ -100,7 +92,8 @@ def test_a_few_iterations_lower_the_supervised_loss_and_record_the_run(tiny_la, 
     header = capsys.readouterr().out.split("PHANTOM_8: ")[1].split("trained 30 iterations")[0]
     assert len(header.strip().splitlines()) <= 10 and (out / "curves.png").stat().st_size > 0
     header = " ".join(header.split())
-    assert "max_iters=30" in header and "labeled: CASE00, CASE01;" in header and f"git_commit: {prov['git_commit']}" in header
+    assert "max_iters=30" in header and "labeled: CASE00, CASE01;" in header
+    assert f"git_commit: {prov['git_commit']}" in header
 
 
 def test_every_step_uses_references_that_are_never_the_query_s_own_case(tiny_la, tmp_path, monkeypatch):
@@ -121,38 +114,6 @@ def test_every_step_uses_references_that_are_never_the_query_s_own_case(tiny_la,
     assert set(saved["pool"]["image"]) >= {i for ids, _, _ in seen for i in ids}
 
 
-@pytest.mark.parametrize("references", ["true", "false"])
-def test_a_resumed_run_is_the_uninterrupted_one(tiny_la, tmp_path, references):
-    """Stopped after iteration 3 (a checkpoint at 2 and 3, the bank filled at 0 and 2) and resumed: the same
-    weights, bank and log as a run of 5 iterations in one go."""
-    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5, references=references), progress=False)
-    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, references=references)
-    train.train(half, progress=False, stop_at=3)
-    resumed = train.train(half, resume=True, progress=False)
-    assert same_weights(full, resumed)["iter"] == 5
-    assert read_log(tmp_path / "half" / "log.csv") == read_log(tmp_path / "full" / "log.csv")
-
-
-def test_the_log_drops_the_rows_after_the_checkpoint_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "log.csv"
-    train.start_log(path)
-    with open(path, "a", newline="") as f:                            # rows as the loop writes them (\r\n)
-        csv.writer(f).writerows([it, 0.01, 1.5, 0.5, 0.25, 0.125, 1.0, "nan", 0.5, 2 * it] for it in (2, 4, 6))
-    whole = path.read_bytes()
-    with open(path, "a", newline="") as f:
-        f.write("8,0.01,1.5\r\n10,0.0")                               # a row after the checkpoint, one cut short
-    cut = path.read_bytes()
-    monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
-    with pytest.raises(files.WriteError, match="log.csv"):
-        train.start_log(path, resume_at=6)
-    assert path.read_bytes() == cut and os.listdir(tmp_path) == ["log.csv"]   # as it was, no temp file
-    monkeypatch.undo()
-    train.start_log(path, resume_at=6)
-    assert path.read_bytes() == whole and [r["iter"] for r in read_log(path)] == ["2", "4", "6"]
-    train.start_log(path)                                             # a new run: the header alone
-    assert path.read_text() == ",".join(train.COLUMNS) + "\n"
-
-
 KILLED_IN_SECOND_SAVE = """
 import sys, time
 import files, train
@@ -170,34 +131,61 @@ sys.exit(cli(train.main))
 """
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tiny_la, tmp_path, capsys):
-    """kill -9 in the middle of the second checkpoint's write: the first checkpoint is intact, --resume takes
-    over the dead run's lock, removes its temp file and ends with the uninterrupted run's weights and log."""
-    full = train.train(tiny_cfg(tiny_la, tmp_path / "full", max_iters=5), progress=False)
-    half = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5)
-    child = spawn(["-c", KILLED_IN_SECOND_SAVE, "--exp", "PHANTOM_8", "--no-test",
-                   *tiny_overrides(tiny_la, half.out_dir, max_iters=5)], tmp_path)
-    wait_for(child, tmp_path, lambda: "saving" in (tmp_path / "stdout.txt").read_text())
-    child.kill()
-    assert child.wait(60) == -9
-    out = tmp_path / "half"
-    assert list(out.glob(".ckpt_last.pt.*.tmp")) != [] and (out / "run.lock").exists()
+@pytest.mark.parametrize("references", ["true", "false"])
+def test_a_resumed_run_is_the_uninterrupted_one(tiny_la, tmp_path, capsys, references):
+    """Killed (kill -9) in the middle of its second checkpoint's write, or stopped after iteration 3, and
+    resumed: the same weights, bank and log as 5 iterations in one go. After the kill the first checkpoint is
+    intact; --resume takes over the dead run's lock and removes its temp file."""
+    cfg, out = tiny_cfg(tiny_la, tmp_path / "half", max_iters=5, references=references), tmp_path / "half"
+    full = train.train(dataclasses.replace(cfg, out_dir=str(tmp_path / "full")), progress=False)
+    if references == "true":
+        child = spawn(["-c", KILLED_IN_SECOND_SAVE, "--exp", "PHANTOM_8", "--no-test",
+                       *tiny_overrides(tiny_la, out, max_iters=5)], tmp_path)
+        wait_for(child, tmp_path, lambda: "saving" in (tmp_path / "stdout.txt").read_text())
+        child.kill()
+        assert child.wait(60) == -9
+        assert list(out.glob(".ckpt_last.pt.*.tmp")) != [] and (out / "run.lock").exists()
+    else:
+        train.train(cfg, progress=False, stop_at=3)
     capsys.readouterr()
-    resumed = train.train(half, resume=True, progress=False)
-    seen = capsys.readouterr()
-    assert f"rank 0: resumed {out / 'ckpt_last.pt'} at iteration 2" in seen.out
-    assert f"held by process {child.pid}, which ended without releasing it; taken over" in seen.err
-    same_weights(full, resumed)
+    resumed = train.train(cfg, resume=True, progress=False)
+    seen, at = capsys.readouterr(), 2 if references == "true" else 3
+    assert f"rank 0: resumed {out / 'ckpt_last.pt'} at iteration {at}" in seen.out
+    if references == "true":
+        assert f"held by process {child.pid}, which ended without releasing it; taken over" in seen.err
+    assert same_weights(full, resumed)["iter"] == 5
     assert read_log(out / "log.csv") == read_log(tmp_path / "full" / "log.csv")
     assert [p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".lock"] == []
+
+
+def test_the_log_drops_the_rows_after_the_checkpoint_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "log.csv"
+    train.start_log(path)
+    with open(path, "a", newline="") as f:                            # rows as the loop writes them (\r\n)
+        csv.writer(f).writerows([it, 0.01, 1.5, 0.5, 0.25, 0.1, 1.0, "nan", 0.5, 2 * it] for it in (2, 4, 6))
+    whole = path.read_bytes()
+    with open(path, "a", newline="") as f:
+        f.write("8,0.01,1.5\r\n10,0.0")                       # a row after the checkpoint, one cut short
+    cut = path.read_bytes()
+    monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(files.WriteError, match="log.csv"):
+        train.start_log(path, resume_at=6)
+    assert path.read_bytes() == cut and os.listdir(tmp_path) == ["log.csv"]   # as it was, no temp file
+    monkeypatch.undo()
+    train.start_log(path, resume_at=6)
+    assert path.read_bytes() == whole and [r["iter"] for r in read_log(path)] == ["2", "4", "6"]
+    train.start_log(path)                                             # a new run: the header alone
+    assert path.read_text() == ",".join(train.COLUMNS) + "\n"
 
 
 def test_test_cases_never_change_training(tmp_path):
     """Training reads the labeled and unlabeled cases only: a phantom with more test cases (the train cases
     are the same files) gives bit-identical weights, so a run can be re-scored on a larger test set."""
     ckpts = [train.train(tiny_cfg(tmp_path / f"data{n}", tmp_path / f"run{n}", phantom="true", max_iters=2,
-                                  phantom_cases=f"6,{n}", phantom_shape="32,32,16"), progress=False) for n in (1, 3)]
-    assert torch.load(ckpts[1], weights_only=True)["split"]["test"][:1] == same_weights(*ckpts)["split"]["test"]
+                                  phantom_cases=f"6,{n}", phantom_shape="32,32,16"), progress=False)
+             for n in (1, 3)]
+    more = torch.load(ckpts[1], weights_only=True)["split"]["test"]
+    assert same_weights(*ckpts)["split"]["test"] == more[:1]
 
 
 def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tiny_la, tmp_path, monkeypatch):
@@ -205,7 +193,7 @@ def test_out_of_memory_is_one_line_and_keeps_the_checkpoint(tiny_la, tmp_path, m
 
     def oom_at_3(run, it, *batch):
         if it == 2:
-            raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp] DefaultCPUAllocator: can't allocate memory")
         return step(run, it, *batch)
 
     monkeypatch.setattr(train, "train_step", oom_at_3)
@@ -230,11 +218,10 @@ def test_a_folder_with_only_the_record_takes_the_same_config_again(tiny_la, tmp_
     assert train.train(cfg, progress=False).exists()
     (tmp_path / "run" / "ckpt_last.pt").unlink()
     with pytest.raises(ConfigError, match="lr=0.03 there, 0.02 here"):
-        train.train(tiny_cfg(tiny_la, tmp_path / "run", references="false", max_iters=1, lr=0.02), progress=False)
+        train.train(dataclasses.replace(cfg, lr=0.02), progress=False)
 
 
 # ----------------------------------------------------------------------------- the checks before a run
-
 def test_check_says_what_would_run_and_leaves_nothing(tiny_la, tmp_path, capsys):
     before = sorted(p.name for p in tiny_la.iterdir())
     out = tmp_path / "runs" / "run"
@@ -248,36 +235,34 @@ def test_check_says_what_would_run_and_leaves_nothing(tiny_la, tmp_path, capsys)
     assert f"once a phantom is written to {data}" in capsys.readouterr().out and not data.exists()
 
 
-def test_check_refuses_what_the_run_would_refuse(tiny_la, tmp_path, capsys, monkeypatch):
-    def refused(*words, **overrides):
-        assert cli(train.main, ["--exp", "PHANTOM_8", "--check", *tiny_overrides(tiny_la, out, **overrides)]) == 2
-        seen = capsys.readouterr()
+def test_check_and_a_run_refuse_in_one_line_before_anything_else(tiny_la, tmp_path, capfd, monkeypatch):
+    """--check refuses what the run would refuse; a run refused says so in one line and nothing else (no
+    config printed first), before a phantom is written."""
+    def refused(*words, check=("--check",), **overrides):
+        argv = ["--exp", "PHANTOM_8", *check, *tiny_overrides(tiny_la, out, **overrides)]
+        assert cli(train.main, argv) == 2
+        seen = capfd.readouterr()
         assert seen.out == "" and seen.err.count("\n") == 1 and all(w in seen.err for w in words), seen.err
 
     out = tmp_path / "run"
-    refused("no_such_place", "data root not found", data_root=tmp_path / "no_such_place")
+    for check in (("--check",), ()):
+        refused("error: ", "no_data", "data root not found", check=check, data_root=tmp_path / "no_data")
     with pytest.raises(ConfigError, match="labeled_bs=1 must divide among 2 processes"):
         train.check_run(tiny_cfg(tiny_la, out, labeled_bs=1), World(0, 2))
+    busy = (f"error: {out}: another run (PID {os.getpid()}) is training in this folder; wait for it to end, "
+            "or train elsewhere with --out_dir=...\n")
     with files.Lock(out / "run.lock"):                               # another run trains there
-        refused(f"another run (PID {os.getpid()}) is training in this folder")
+        for check in (("--check",), ()):
+            refused(busy, check=check, phantom="true", data_root=tmp_path / "ph")
+    assert not (tmp_path / "ph").exists()                            # no phantom written
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 2 ** 20))
     refused("1 MB free", "checkpoints need")
     assert not out.exists()
 
 
-def test_a_run_prints_its_config_only_after_the_checks(tmp_path, capfd):
-    """Without data a run says so in one line, and nothing else (no config printed first)."""
-    args = ["--exp", "PHANTOM_8", *tiny_overrides(tmp_path / "no_data", tmp_path / "run")]
-    assert cli(train.main, args) == 2
-    seen = capfd.readouterr()
-    assert seen.out == "" and seen.err.startswith("error: ") and seen.err.count("\n") == 1, seen
-
-
 # ----------------------------------------------------------------------------- the ablation rows
-
 def test_the_ablation_runner_trains_and_tests_each_row_and_seed(tiny_la, tmp_path, monkeypatch, capsys):
-    """Each row is the experiment with its control changed (whatever the command line said of the paper's keys),
-    trained and tested per seed in its own folder; then the table of every run there."""
+    """Each row: the experiment, the paper's keys as in PAPER, its control changed; each seed; the table."""
     trained = {}
 
     def fake_train(cfg, force=False):
@@ -288,23 +273,22 @@ def test_the_ablation_runner_trains_and_tests_each_row_and_seed(tiny_la, tmp_pat
     monkeypatch.setattr(train, "train", fake_train)
     monkeypatch.setattr(train.test, "evaluate", lambda ckpt: {"dice": {"mean": 0.5}})
     out = tmp_path / "abl"
-    args = ["--exp", "PHANTOM_8", *tiny_overrides(tiny_la, out, val_cases=2, retrieval="morph", mcam_gates="false")]
+    args = ["--exp", "PHANTOM_8", *tiny_overrides(tiny_la, out, val_cases=2, retrieval="morph",
+                                                   mcam_gates="false")]
     assert cli(train.main, [*args, "--ablation", "all"]) == 0
-    paper = {"references": True, "retrieval": "both", "mcam_gates": True}
-    rows = {name: {k: getattr(cfg, k) for k in (*paper, "consistency", "num_labeled", "labeled_bs")}
-            for name, cfg in trained.items()}
-    assert rows.pop("ablation/cers/seed1337") == {**paper, "consistency": 1.0, "num_labeled": 2, "labeled_bs": 2}
-    for name, key, value in [("no_cot_filter", "retrieval", "morph"), ("no_mcam", "mcam_gates", False),
-                             ("random_retrieval", "retrieval", "random")]:
-        assert rows.pop(f"ablation/{name}/seed1337") == {**paper, key: value, "consistency": 1.0,
-                                                           "num_labeled": 2, "labeled_bs": 2}
-    assert rows.pop("ablation/no_references/seed1337")["references"] is False
-    assert rows["ablation/supervised_all/seed1337"] == {**rows["ablation/supervised_only/seed1337"],
-                                                        "num_labeled": 4, "labeled_bs": 4}   # 6 IDs, 2 held out
-    assert rows["ablation/supervised_only/seed1337"]["consistency"] == 0.0 and len(rows) == 2
+    paper = {"references": True, "retrieval": "both", "mcam_gates": True, "consistency": 1.0,
+             "num_labeled": 2, "labeled_bs": 2}
+    rows = {name.split("/")[1]: {k: getattr(cfg, k) for k in paper} for name, cfg in trained.items()}
+    assert sorted(trained) == sorted(f"ablation/{name}/seed1337" for name in train.ABLATIONS)
+    for name, change in [("cers", {}), ("no_cot_filter", {"retrieval": "morph"}),
+                         ("no_mcam", {"mcam_gates": False}), ("random_retrieval", {"retrieval": "random"})]:
+        assert rows[name] == {**paper, **change}, name
+    assert rows["no_references"]["references"] is False and rows["supervised_only"]["consistency"] == 0.0
+    assert rows["supervised_all"] == {**rows["supervised_only"], "num_labeled": 4, "labeled_bs": 4}   # 6 - 2
     trained.clear()
     assert cli(train.main, [*args, "--ablation", "cers,random_retrieval", "--seeds", "2"]) == 0
-    assert sorted(trained) == [f"ablation/{n}/seed{s}" for n in ("cers", "random_retrieval") for s in (1337, 1338)]
+    assert sorted(trained) == [f"ablation/{n}/seed{s}" for n in ("cers", "random_retrieval")
+                               for s in (1337, 1338)]
     summary = json.loads((out / "ablation" / "cers" / "seed1338" / "test" / "summary.json").read_text())
     assert summary["dice"] == {"mean": 0.5} and summary["run_seconds"] >= 0
     table = (out / "ablation" / "table.md").read_text()
