@@ -1,13 +1,11 @@
-"""pool.py: the four-part text on real LLM replies, prompts, image statistics, the descriptors writer, the
-LLM client against a loopback endpoint (deadline, size cap, redirects, retries, rate limits, hostile replies,
-the API key) and the cache (keys, damaged records, failed writes, kill -9, concurrent builds, read-only)."""
+"""pool.py: four-part texts, prompts, image statistics, descriptors, the LLM client against a loopback server
+(deadline, size cap, redirects, retries, rate limits, hostile replies, API key) and the CoT cache."""
 import base64
 import csv
 import io
 import json
 import socket
 import time
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -24,13 +22,16 @@ CONTEXT = {"modality": "MRI", "anatomy": "heart", "target": "left atrium"}
 CLEAN = pool.format_cot(pool.parse_cot(GOOD))
 # a child process building the CoTs of N image jobs against URL into CACHE: python -c CHILD URL CACHE N
 CHILD = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import pool, test_pool\n"
-         "texts = pool.build_cots(test_pool.image_jobs(int(sys.argv[3])), pool.CotCache(sys.argv[2]), "
-         "test_pool.CONTEXT, pool.LLMClient(sys.argv[1], 'test-model', timeout=5), progress=False)\n"
-         "print('built', texts.cached, texts.new)\n")
+         "texts = test_pool.build(test_pool.image_jobs(int(sys.argv[3])), sys.argv[2], "
+         "pool.LLMClient(sys.argv[1], 'test-model', timeout=5))\nprint('built', texts.cached, texts.new)\n")
 
 
 def client(server, **kw):
     return pool.LLMClient(server.url, "test-model", **{"timeout": 0.2, "backoff": 0.01, "retries": 3, **kw})
+
+
+def build(jobs, path, asker=None, **kw):
+    return pool.build_cots(jobs, pool.CotCache(path), CONTEXT, asker, progress=False, **kw)
 
 
 def image_jobs(n, shape=(16, 16, 8)):
@@ -50,8 +51,7 @@ def toy_case(seed=0, shape=(48, 48, 32), blur=0.0):
     return (image + noise).astype(np.float32), target.astype(np.uint8)
 
 
-def one_line_error(asker):
-    """The message of the LLMError that asking ends in: one line, starting with the server's URL."""
+def one_line_error(asker):  # the message of the LLMError that asking ends in: one line, from the server's URL
     with pytest.raises(pool.LLMError) as failure:
         asker.ask("a prompt")
     message = str(failure.value)
@@ -59,9 +59,7 @@ def one_line_error(asker):
     return message
 
 
-# ----------------------------------------------------------------------------- the four-part text and prompts
-
-def test_parse_real_llm_replies(brisc_csv):
+def test_parse_real_replies_and_markdown_and_chatter_and_reject_a_missing_field(brisc_csv):
     with open(brisc_csv, newline="", encoding="utf-8") as f:
         texts = [row[k] for row in csv.DictReader(f) for k in ("cot_mask", "cot_no_mask")]
     assert len(texts) >= 100
@@ -70,9 +68,6 @@ def test_parse_real_llm_replies(brisc_csv):
         assert all(len(v) > 10 for v in fields.values()) and pool.parse_cot(pool.format_cot(fields)) == fields
     first = pool.parse_cot(texts[0])
     assert first["texture"].startswith("Heterogeneous") and first["summary"].endswith("challenging.")
-
-
-def test_parse_tolerates_markdown_and_chatter_and_rejects_a_missing_field():
     text = ("Sure! Here is the analysis.\n\n1. **Texture:** Bright,  uniform\n   blood pool.\n"
             "2. **Boundary**: Sharp rim.\n### context: Veins nearby.\n- SUMMARY： Easy case.\n\nBye.")
     assert pool.parse_cot(text) == {"texture": "Bright, uniform blood pool.", "boundary": "Sharp rim.",
@@ -92,10 +87,9 @@ def test_templates_render_and_hash_and_refuse_an_unknown_placeholder(tmp_path):
         prompt = pool.render_prompt(template, values)
         assert "{" not in prompt and "left atrium" in prompt and "- contrast: 3" in prompt
         assert all(f"{f.capitalize()}:" in prompt for f in pool.FIELDS) and "128 tokens" in prompt
-        digest = pool.prompt_hash(template, CONTEXT)
         changed = [pool.prompt_hash(template, CONTEXT, True), pool.prompt_hash(template + " ", CONTEXT),
                    pool.prompt_hash(template, {**CONTEXT, "target": "left ventricle"})]
-        assert digest not in changed
+        assert pool.prompt_hash(template, CONTEXT) not in changed
 
     (tmp_path / "cot_mask.txt").write_text("The {modality} of {organ}.")    # a user's template with a typo
     with pytest.raises(CersError) as failure:
@@ -104,9 +98,7 @@ def test_templates_render_and_hash_and_refuse_an_unknown_placeholder(tmp_path):
                                   "template may use {modality}, {anatomy}, {target}, {descriptors}")
 
 
-# ----------------------------------------------------------------------------- image statistics, descriptors
-
-def test_image_stats_follow_the_image():
+def test_image_stats_and_the_descriptor_writer_follow_the_image(tmp_path, monkeypatch):
     (sharp_image, mask), (blurred_image, _) = toy_case(), toy_case(blur=1.5)
     sharp, blurred = pool.image_stats(sharp_image, mask), pool.image_stats(blurred_image, mask)
     assert sharp == pool.image_stats(sharp_image, mask)                  # deterministic
@@ -118,10 +110,7 @@ def test_image_stats_follow_the_image():
     assert "lookalike_share" not in only_image and only_image["bright_structures"] == 1  # ball + tube merge
     flat = pool.image_stats(np.zeros((8, 8, 8), np.float32), np.zeros((8, 8, 8), np.uint8))
     assert all(np.isfinite(v) for v in flat.values())
-
-
-def test_descriptor_writer_follows_the_measurements(tmp_path, monkeypatch):
-    stats = pool.image_stats(*toy_case())
+    stats = sharp
     for kind in pool.KINDS:
         text = pool.write_cot(stats, kind, **CONTEXT)
         assert text == pool.write_cot(stats, kind, **CONTEXT) and pool.parse_cot(text)  # deterministic
@@ -143,9 +132,8 @@ def test_descriptor_writer_follows_the_measurements(tmp_path, monkeypatch):
         pool.write_cot(stats, "mask", **CONTEXT)
 
 
-# ----------------------------------------------------------------------------- the LLM client
-
-@pytest.mark.parametrize("behaviour", ["500", "badjson", "slow", "missing", "cut", ("wait", 503, 0)])
+@pytest.mark.parametrize("behaviour", ["500", "badjson", "slow", "missing", "cut", ("wait", 503, 0),
+                                       ("drip", 0.02)])  # a dripping reply is retried like a timeout
 def test_llm_retries_then_succeeds(behaviour):
     with LoopbackLLM(script=[behaviour, behaviour], slow=0.6) as server:
         assert client(server).ask("describe") == CLEAN
@@ -160,8 +148,7 @@ def test_llm_gives_up_after_bounded_retries():
         assert len(server.requests) == 4
     with socket.socket() as s:                                            # nothing listens on this port
         s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    asker = pool.LLMClient(url, "test-model", timeout=0.2, backoff=0.01, retries=2)
+        asker = client(SimpleNamespace(url=f"http://127.0.0.1:{s.getsockname()[1]}/v1"), retries=2)
     assert "no valid CoT after 3 attempts; last: ConnectionError" in one_line_error(asker)
 
 
@@ -171,8 +158,7 @@ def test_a_short_retry_after_is_honoured_and_a_long_one_stops_the_build_at_once(
     with LoopbackLLM(script=[("wait", status, 0.4), "ok", ("wait", status, 3600)]) as server:
         start = time.monotonic()
         with pytest.raises(pool.RateLimited) as failure:
-            pool.build_cots(image_jobs(4), pool.CotCache(path), CONTEXT, client(server),
-                            progress=False)
+            build(image_jobs(4), path, client(server))
         assert 0.4 <= time.monotonic() - start < 5 and len(server.requests) == 3  # then no sleep, no request
     assert str(failure.value) == (f"{server.url}/v1/chat/completions: HTTP {status} (slow down): rate "
                                   "limited, the server asks to wait 3600 s, over the 60 s this client waits; "
@@ -182,14 +168,11 @@ def test_a_short_retry_after_is_honoured_and_a_long_one_stops_the_build_at_once(
 
 @pytest.mark.parametrize("behaviour", ["drip", "dripheaders"])
 def test_a_dripping_endpoint_trips_the_whole_request_deadline(behaviour):
-    """Every byte comes well within the timeout, the whole reply (several seconds) does not."""
-    with LoopbackLLM(script=[(behaviour, 0.02)]) as server:
+    with LoopbackLLM(script=[(behaviour, 0.02)]) as server:  # each byte in time, the whole reply not
         start = time.monotonic()
         message = one_line_error(client(server, timeout=1.0, retries=0))
         assert 1.0 <= time.monotonic() - start < 2.0
     assert message.endswith("no valid CoT after 1 attempts; last: no complete reply within 1 s")
-    with LoopbackLLM(script=[("drip", 0.02)]) as server:                 # and retried like a timeout
-        assert client(server, timeout=0.5).ask("describe") == CLEAN and len(server.requests) == 2
 
 
 def test_request_format_and_redirects_to_the_same_server_only():
@@ -217,15 +200,12 @@ def test_request_format_and_redirects_to_the_same_server_only():
     assert all(pool.origin(url) != pool.origin("http://example.org:443/") for url in others)
 
 
-# ----------------------------------------------------------------------------- building and the cache
-
 def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
     import matplotlib.image
     image, mask = toy_case()
     jobs = [pool.Job("a", image, mask), pool.Job("a", image)]          # a mask CoT, an image-only CoT
     with LoopbackLLM() as server:
-        pool.build_cots(jobs, pool.CotCache(tmp_path / "cache.jsonl"), CONTEXT, client(server),
-                        vision=True, progress=False)
+        build(jobs, tmp_path / "cache.jsonl", client(server), vision=True)
     assert len(server.requests) == 2
     for request in server.requests:
         text, picture = request["body"]["messages"][0]["content"]
@@ -238,40 +218,31 @@ def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
 
 def test_cache_keys_by_content_prompt_model_and_back_end(tmp_path):
     path, jobs = tmp_path / "cache.jsonl", image_jobs(3)
-
-    def build(jobs, asker=None, **kw):
-        return pool.build_cots(jobs, pool.CotCache(path), CONTEXT, asker or client(server),
-                               progress=False, **kw)
     with LoopbackLLM() as server:
-        first = build(jobs)
-        again = build(jobs)
+        first, again = build(jobs, path, client(server)), build(jobs, path, client(server))
         assert (first.new, again.new, again.cached, len(server.requests)) == (3, 0, 3, 3)  # nothing twice
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        assert {tuple(sorted(r)) for r in records} == {
+        assert {tuple(sorted(json.loads(line))) for line in path.read_text().splitlines()} == {
             ("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
-        assert build([pool.Job("case00", jobs[0].image + 1)]).new == 1      # a changed case
-        assert build(jobs, pool.LLMClient(server.url, "other-model", timeout=0.2)).new == 3
-        prompts = tmp_path / "prompts"
-        prompts.mkdir()
+        assert build([pool.Job("case00", jobs[0].image + 1)], path, client(server)).new == 1  # a changed case
+        assert build(jobs, path, pool.LLMClient(server.url, "other-model", timeout=0.2)).new == 3
         for kind, name in pool.TEMPLATES.items():
-            (prompts / name).write_text(pool.load_template(kind) + "\nBe brief.")
-        assert build(jobs, prompt_dir=prompts).new == 3 and len(server.requests) == 10
-        descriptors = pool.build_cots(jobs, pool.CotCache(path), CONTEXT, progress=False)
+            (tmp_path / name).write_text(pool.load_template(kind) + "\nBe brief.")
+        assert build(jobs, path, client(server), prompt_dir=tmp_path).new == 3 and len(server.requests) == 10
+        descriptors = build(jobs, path)
     assert descriptors.new == 3 and set(descriptors.image.values()).isdisjoint(again.image.values())
 
 
 def test_damaged_records_are_skipped_with_one_warning_and_asked_again(tmp_path):
     path, jobs = tmp_path / "cache.jsonl", image_jobs(8)
-    pool.build_cots(jobs, pool.CotCache(path), CONTEXT, progress=False)
+    build(jobs, path)
     good = [json.loads(line) for line in path.read_text().splitlines()]
     wrong = [{**good[0], "text": 42}, {k: v for k, v in good[1].items() if k != "content_hash"},
              {**good[2], "kind": ["image"]}, {**good[3], "case_id": None}, {**good[4], "kind": "sketch"},
              {**good[5], "text": ""}, [good[6]], good[7]["text"]]        # the last two are not even dicts
     torn = json.dumps(good[0])[:40]                                      # a crash mid-write, at the end
     path.write_text("".join(json.dumps(r) + "\n" for r in wrong) + json.dumps(good[7]) + "\n" + torn)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        again = pool.build_cots(jobs, pool.CotCache(path), CONTEXT, progress=False)
+    with pytest.warns(Warning) as caught:
+        again = build(jobs, path)
         assert len(pool.CotCache(path).records) == 8                     # the records after the torn line
     assert [str(w.message) for w in caught] == 2 * [
         f"{path}:1: skipping 9 damaged cache record(s) (line 1, 2, 3, 4, 5, ...; an interrupted write or an "
@@ -280,51 +251,31 @@ def test_damaged_records_are_skipped_with_one_warning_and_asked_again(tmp_path):
 
 
 def test_failed_texts_are_reported_not_cached_and_asked_again(tmp_path):
-    """A huge reply and a false Content-Length are refused at once, a CoT lacking a part after the retries."""
-    path = tmp_path / "cache.jsonl"
+    path = tmp_path / "cache.jsonl"  # a huge reply, a false Content-Length: refused at once; a part missing
     with LoopbackLLM(script=[("huge", 2 * pool.MAX_REPLY), ("claims", 10 ** 12), *4 * ["missing"]]) as server:
-        texts = pool.build_cots(image_jobs(4), pool.CotCache(path), CONTEXT, client(server, timeout=5),
-                                progress=False)
+        texts = build(image_jobs(4), path, client(server, timeout=5))
         assert (texts.new, len(texts.failed), len(server.requests)) == (1, 3, 7)   # huge, claims: no retry
         reasons = sorted(r.split(": ", 1)[1] for r in texts.failed.values())
         assert reasons[0].startswith("no valid CoT after 4 attempts; last: invalid reply: CoT reply lacks")
-        assert reasons[1:] == [
-            f"the reply runs over the {pool.MAX_REPLY} bytes accepted; refused",
-            f"the reply would be {10 ** 12} bytes (Content-Length), over the {pool.MAX_REPLY} accepted; "
-            "refused unread"]
+        assert reasons[1:] == [f"the reply runs over the {pool.MAX_REPLY} bytes accepted; refused",
+                               f"the reply would be {10 ** 12} bytes (Content-Length), over the "
+                               f"{pool.MAX_REPLY} accepted; refused unread"]
         assert len(path.read_text().splitlines()) == 1 and list(texts.image) == ["case03"]
-        retry = pool.build_cots(image_jobs(4), pool.CotCache(path), CONTEXT, client(server), progress=False)
+        retry = build(image_jobs(4), path, client(server))
         assert (retry.cached, retry.new, len(server.requests)) == (1, 3, 10)
 
 
 def test_a_failed_cache_write_is_one_line_and_keeps_every_record(tmp_path):
-    """The file-size limit cuts the next record short: the partial line is removed, the error is one line."""
-    path = tmp_path / "cache.jsonl"
-    pool.build_cots(image_jobs(2), pool.CotCache(path), CONTEXT, progress=False)
+    path = tmp_path / "cache.jsonl"  # the file-size limit cuts the next record short
+    build(image_jobs(2), path)
     before = path.read_bytes()
-    script = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import config, pool, test_pool\n"
-              "sys.exit(config.cli(lambda argv: pool.build_cots(test_pool.image_jobs(4), "
-              f"pool.CotCache({str(path)!r}), test_pool.CONTEXT, progress=False)))\n")
+    script = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import config, test_pool\n"
+              f"sys.exit(config.cli(lambda argv: test_pool.build(test_pool.image_jobs(4), {str(path)!r})))\n")
     status, last = finish(spawn(["-c", script], tmp_path, file_limit=len(before) + 100), tmp_path)
     assert status == 2 and (tmp_path / "stdout.txt").read_text() == ""
     assert last == (f"error: {path}: cannot add a CoT text to the cache (File too large); the 2 texts "
                     "cached so far are kept; re-run")
     assert path.read_bytes() == before                                  # no partial record left behind
-
-
-def test_check_cache_writable_refuses_before_any_data_are_read(tmp_path):
-    assert pool.check_cache_writable(cfg_for(tmp_path / "new")) == tmp_path / "new" / "cot_cache.jsonl"
-    (tmp_path / "taken" / "cot_cache.jsonl").mkdir(parents=True)      # a folder where the file goes
-    (tmp_path / "file").write_text("")
-    for root, cause in [(tmp_path / "taken", "read (Is a directory)"),
-                        (tmp_path / "file" / "LA", "created (Not a directory)")]:
-        with pytest.raises(pool.CacheError) as failure:
-            pool.check_cache_writable(cfg_for(root))
-        assert str(failure.value) == (f"{root / 'cot_cache.jsonl'}: the CoT cache cannot be {cause}; "
-                                      "set --cot_cache or fix its folder")
-    elsewhere = cfg_for(tmp_path / "file", cot_cache=str(tmp_path / "cots.jsonl"))
-    assert pool.check_cache_writable(elsewhere) == tmp_path / "cots.jsonl"
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cot_cache.jsonl", "file", "taken"]
 
 
 def test_killed_build_resumes_without_asking_again(tmp_path):
@@ -341,19 +292,16 @@ def test_killed_build_resumes_without_asking_again(tmp_path):
             asked_before = len(server.requests)
             time.sleep(0.5)
         assert 3 <= done < 12 and asked_before <= done + 1                # one worker: one was in flight
-        texts = pool.build_cots(image_jobs(12), pool.CotCache(path), CONTEXT,
-                                client(server, timeout=5), workers=4, progress=False)  # the lock died with it
+        texts = build(image_jobs(12), path, client(server, timeout=5), workers=4)  # the lock died with it
         assert (texts.cached, texts.new, len(server.requests) - asked_before) == (done, 12 - done, 12 - done)
 
 
 def test_two_builds_on_one_cache_ask_once_for_each_text(tmp_path):
-    """Two processes start while a third build holds the cache: both wait, then one asks for every text and
-    the other finds them cached."""
-    path, folders = tmp_path / "cache.jsonl", [tmp_path / "a", tmp_path / "b"]
+    """Two builds wait for a third's cache lock, then one asks for every text, the other finds them cached."""
+    path, folders = tmp_path / "cache.jsonl", [tmp_path, tmp_path / "b"]
     with LoopbackLLM(latency=0.05) as server:
         with pool.CotCache(path).writing():
-            for folder in folders:
-                folder.mkdir()
+            folders[1].mkdir()
             children = [spawn(["-c", CHILD, server.url, path, 6], folder) for folder in folders]
             for child, folder in zip(children, folders):
                 wait_for(child, folder, lambda: "waiting" in (folder / "stdout.txt").read_text())
@@ -364,15 +312,13 @@ def test_two_builds_on_one_cache_ask_once_for_each_text(tmp_path):
 
 
 def cfg_for(root, **kw):
-    return SimpleNamespace(**{
-        "data_root": str(root), "cot_backend": "auto", "llm_url": "", "llm_model": "",
-        "llm_api_key_env": "CERS_TEST_KEY", "llm_temperature": 0.2, "llm_timeout": 0.5, "llm_workers": 2,
-        "llm_retries": 1, "llm_vision": False, "cot_cache": "", "modality": "LGE MRI", "anatomy": "heart",
-        "target": "left atrium", **kw})
+    return SimpleNamespace(**{**dict(
+        data_root=str(root), cot_backend="auto", llm_url="", llm_model="", llm_api_key_env="CERS_TEST_KEY",
+        llm_temperature=0.2, llm_timeout=0.5, llm_workers=2, llm_retries=1, llm_vision=False, cot_cache="",
+        modality="LGE MRI", anatomy="heart", target="left atrium"), **kw})
 
 
-class Untouchable:
-    """A label that fails the moment anything looks at it."""
+class Untouchable:  # a label that fails the moment anything looks at it
     def __getattr__(self, name):
         raise AssertionError(f"an unlabeled or test label was used ({name})")
 
@@ -381,9 +327,20 @@ class Untouchable:
 
 
 def test_build_pool_offline_uses_only_labeled_masks_and_a_read_only_full_cache(tmp_path, capsys, monkeypatch):
+    assert pool.check_cache_writable(cfg_for(tmp_path / "new")) == tmp_path / "new" / "cot_cache.jsonl"
+    (tmp_path / "taken" / "cot_cache.jsonl").mkdir(parents=True)      # a folder where the file goes
+    (tmp_path / "file").write_text("")
+    for root, cause in [(tmp_path / "taken", "read (Is a directory)"),
+                        (tmp_path / "file" / "LA", "created (Not a directory)")]:
+        with pytest.raises(pool.CacheError) as failure:
+            pool.check_cache_writable(cfg_for(root))
+        assert str(failure.value) == (f"{root / 'cot_cache.jsonl'}: the CoT cache cannot be {cause}; "
+                                      "set --cot_cache or fix its folder")
+    elsewhere = cfg_for(tmp_path / "file", cot_cache=str(tmp_path / "cots.jsonl"))
+    assert pool.check_cache_writable(elsewhere) == tmp_path / "cots.jsonl"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cot_cache.jsonl", "file", "taken"]
     volumes = {f"L{i}": toy_case(i) for i in range(2)}
-    volumes.update({f"U{i}": (toy_case(10 + i)[0], Untouchable()) for i in range(2)})
-    volumes["T0"] = (toy_case(20)[0], Untouchable())
+    volumes.update({k: (toy_case(10 + i)[0], Untouchable()) for i, k in enumerate(["U0", "U1", "T0"])})
     split, cfg = SimpleNamespace(labeled=["L0", "L1"], unlabeled=["U0", "U1"], test=["T0"]), cfg_for(tmp_path)
     texts = pool.build_pool(cfg, split, volumes, progress=False)
     assert sorted(texts.mask) == ["L0", "L1"] and sorted(texts.image) == sorted(volumes)
@@ -404,7 +361,7 @@ def test_build_pool_offline_uses_only_labeled_masks_and_a_read_only_full_cache(t
     try:
         assert pool.check_cache_writable(cfg) == cache
         again = pool.build_pool(cfg, split, volumes, progress=False)
-        assert (again.cached, again.new, again.image, len(list(tmp_path.iterdir()))) == (7, 0, texts.image, 1)
+        assert (again.cached, again.new, again.image, len(list(tmp_path.iterdir()))) == (7, 0, texts.image, 3)
         with LoopbackLLM() as server:                                 # an LLM's texts are not cached: refused
             with pytest.raises(pool.CacheError) as failure:
                 pool.build_pool(cfg_for(tmp_path, llm_url=server.url, llm_model="m"), split, volumes,
@@ -415,8 +372,8 @@ def test_build_pool_offline_uses_only_labeled_masks_and_a_read_only_full_cache(t
     finally:
         tmp_path.chmod(0o755)
 
-
-def test_api_key_and_control_characters_reach_neither_messages_nor_cache(tmp_path, capfd, monkeypatch):
+@pytest.mark.filterwarnings("always")
+def test_api_key_and_control_characters_reach_no_message_or_cache(tmp_path, capfd, monkeypatch, recwarn):
     monkeypatch.setenv("CERS_TEST_KEY", KEY)
     volumes = {"L0": toy_case(0), "U0": (toy_case(1)[0], Untouchable())}
     split = SimpleNamespace(labeled=["L0"], unlabeled=["U0"], test=[])
@@ -425,18 +382,16 @@ def test_api_key_and_control_characters_reach_neither_messages_nor_cache(tmp_pat
     error = ("error", 401, f"Incorrect API key provided: {KEY}\x1b]0;owned\x07\nnot \x1b[2Jfound\x00")
     with LoopbackLLM(reply=dirty, script=[error]) as server:
         cfg = cfg_for(tmp_path, llm_url=server.url, llm_model="test-model", llm_workers=1)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with pytest.raises(pool.LLMError) as failure:
-                pool.build_pool(cfg, split, volumes, progress=False)
-            texts = pool.build_pool(cfg, split, volumes, progress=False)   # only the failed case is re-asked
+        with pytest.raises(pool.LLMError) as failure:
+            pool.build_pool(cfg, split, volumes, progress=False)
+        texts = pool.build_pool(cfg, split, volumes, progress=False)       # only the failed case is re-asked
         assert len(server.requests) == 4 and texts.cached == 2             # a client error is not retried
     assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
     assert "completions: HTTP 401: Incorrect API key provided: *** not found; finished" in str(failure.value)
     assert set(texts.image.values()) == {CLEAN} and not pool.CONTROL.search(pool.cache_path(cfg).read_text())
     out, err = capfd.readouterr()
     seen = [out, err, str(failure.value), repr(failure.value), repr(pool.LLMClient("u", "m", KEY))]
-    seen += [str(w.message) for w in caught] + [p.read_text(errors="replace") for p in tmp_path.rglob("*")]
+    seen += [str(w.message) for w in recwarn] + [p.read_text(errors="replace") for p in tmp_path.rglob("*")]
     assert len(seen) > 5 and not any(KEY in s for s in seen)
 
 
