@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import files
-from config import Config, CersError, ConfigError, check_config, show
+from config import CersError, Config, ConfigError, check_config, show, write_bytes
 from model import build_model
 
 # what --resume may change: how long, how often to log and save; where and how fast; how to get the CoT texts
@@ -72,7 +71,7 @@ def save_checkpoint(path, **state):
         raise TypeError(f"{path}: {problem}; see checkpoint.FORM")
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    files.write_bytes(path, buffer.getbuffer())
+    write_bytes(path, buffer.getbuffer())
 
 
 def read_checkpoint(path):

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import files
-from config import CersError, World
+from config import CersError, World, check_writable, make_folder, replacing
 
 CASE_DIR = "2018LA_Seg_Training Set"  # the LA layout: <data_root>/<CASE_DIR>/<ID>/<CASE_FILE> (with spaces)
 CASE_FILE = "mri_norm2.h5"
@@ -145,7 +144,7 @@ def prepare_data(cfg, world=World()):
 def check_volume_cache_writable(cfg):
     """Refuse a volume cache that reading would fill but cannot write, before any data is written or read."""
     if cfg.downsample > 1 and cfg.cache_dir:
-        files.check_writable(cfg.cache_dir)
+        check_writable(cfg.cache_dir)
 
 
 def cached_downsample(path, factor, cache_dir):
@@ -166,8 +165,8 @@ def cached_downsample(path, factor, cache_dir):
     except Exception:  # a truncated or damaged zip raises BadZipFile, EOFError, ValueError, OSError, KeyError
         print(f"note: {file}: damaged volume cache entry; rebuilding it", file=sys.stderr)
     image, label = downsample(*read_case(path), factor)
-    files.make_folder(cache_dir)
-    with files.replacing(file) as tmp, open(tmp, "wb") as f:      # a file: savez would add .npz to a name
+    make_folder(cache_dir)
+    with replacing(file) as tmp, open(tmp, "wb") as f:      # a file: savez would add .npz to a name
         np.savez(f, image=image, label=label, source=digest, factor=factor)
     return image, label
 

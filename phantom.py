@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 from scipy import ndimage
 
-import files
-from config import EXPERIMENTS, CersError, ConfigError, World, cli, main_first
+from config import (EXPERIMENTS, CersError, ConfigError, Lock, World, cli, main_first, make_folder, temp_path,
+    write_bytes, write_text, writing)
 from data import CASE_DIR, CASE_FILE, case_path, read_case, read_list
 
 PARAMS_FILE = "phantom.json"
@@ -193,11 +193,11 @@ def write_cases(folder, params):
         with h5py.File(buffer, "w") as f:
             f.create_dataset("image", data=image)
             f.create_dataset("label", data=label, compression="gzip")
-        files.write_bytes(files.make_folder(folder / CASE_DIR / ids[-1]) / CASE_FILE, buffer.getvalue())
+        write_bytes(make_folder(folder / CASE_DIR / ids[-1]) / CASE_FILE, buffer.getvalue())
         stats.append([label.mean()] + [image[parts[k]].mean() if parts[k].any() else np.nan
                                        for k in ("target", "other", "wall", "rest")])
     for name, part in (("train.list", ids[:n_train]), ("test.list", ids[n_train:])):
-        files.write_text(folder / name, "".join(f"{i}\n" for i in part))
+        write_text(folder / name, "".join(f"{i}\n" for i in part))
     names = ["foreground_fraction", "target", "other_blood", "wall", "rest"]  # mean z-scored intensities
     return dict(zip(names, np.round(np.nanmean(stats, axis=0), 4).tolist()))
 
@@ -221,17 +221,17 @@ def ensure_phantom(root, n_train=40, n_test=10, shape=SHAPE, seed=0, rewrite=Fal
               "seed": int(seed), "version": VERSION}
     if not rewrite and written_params(root) == params:
         return root
-    with files.Lock(root.parent / f".{root.name}.lock"):
+    with Lock(root.parent / f".{root.name}.lock"):
         if not rewrite and written_params(root) == params:       # another process wrote it while this waited
             return root
         if root.exists() and any(root.iterdir()) and not (root / PARAMS_FILE).exists():
             raise NotAPhantom(f"{root}: not empty and not a phantom dataset; refusing to replace it "
                               "(give an empty or new folder, or --phantom=false to use the data there)")
-        tmp, old = files.temp_path(root), files.temp_path(root)
+        tmp, old = temp_path(root), temp_path(root)
         try:
             summary = {**write_cases(tmp, params), "threshold_dice": round(threshold_dice(tmp)["dice"], 4)}
-            files.write_text(tmp / PARAMS_FILE, json.dumps({"params": params, "summary": summary}, indent=1))
-            with files.writing(root):
+            write_text(tmp / PARAMS_FILE, json.dumps({"params": params, "summary": summary}, indent=1))
+            with writing(root):
                 if root.exists():
                     root.rename(old)
                 tmp.rename(root)

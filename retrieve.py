@@ -17,8 +17,8 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 import data
-import files
 from mcam import References
+from config import make_folder, save_figure
 
 MODES = ("both", "morph", "random")  # the paper; its no-CoT-filter control; its random-retrieval control
 SWAPS = ("retrieved", "random", "zeroed")  # what decoder A is given in the reference-sensitivity checks
@@ -408,6 +408,6 @@ def plot_explanation(path, image, boxes, bank, sel, max_rows=4):
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    files.make_folder(Path(path).parent)
-    files.save_figure(fig, path, dpi=100)
+    make_folder(Path(path).parent)
+    save_figure(fig, path, dpi=100)
     return path

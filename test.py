@@ -27,12 +27,12 @@ from scipy import ndimage, optimize, stats
 from tqdm import tqdm
 
 import data
-import files
 import phantom
 import pool
 import retrieve
 from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError, check_config, cli, fast_paths, get_config, resolve_device, show
+from config import (ConfigError, check_config, check_writable, cli, fast_paths, get_config, resolve_device,
+    save_figure, show, write_text)
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -205,7 +205,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     model, cfg, ckpt = load_checkpoint(ckpt_path, "cpu")
     cfg = with_test_keys(cfg, overrides)
     device = torch.device(device) if device else resolve_device(cfg)
-    out = files.check_writable(out_dir or Path(cfg.out_dir) / "test")      # before the data are read
+    out = check_writable(out_dir or Path(cfg.out_dir) / "test")      # before the data are read
     data.check_volume_cache_writable(cfg)
     split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
     if seen := [c for c in split.test if c in ckpt["split"]["labeled"] + ckpt["split"]["unlabeled"]]:
@@ -232,13 +232,13 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
         if len(shown) < 4:
             shown.append((case_id, image, gt, prob))
     lines = [",".join(rows[0])] + [",".join(map(str, r.values())) for r in rows]     # case IDs have no commas
-    files.write_text(out / "per_case.csv", "\n".join(lines) + "\n")
+    write_text(out / "per_case.csv", "\n".join(lines) + "\n")
     summary = {k: {"mean": float(np.mean([r[k] for r in rows])), "std": float(np.std([r[k] for r in rows]))}
                for k in rows[0] if k != "case"}
     summary.update(checkpoint=str(ckpt_path), iteration=ckpt["iter"], lcc=lcc, cases=len(rows),
                    scored=split.scored, seconds_per_volume=float(np.median(seconds)), sensitivity=sensitivity,
                    config=dataclasses.asdict(cfg))
-    files.write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     print_table(rows, summary, cfg)
     figures = [plot_cases(shown, out / "predictions.png")]
     if bank is not None:                           # why the first test case's first window got its references
@@ -292,7 +292,7 @@ def plot_cases(cases, png):
             ax.axis("off")
     fig.suptitle("green: ground truth, red: prediction", fontsize=9)
     fig.tight_layout()
-    files.save_figure(fig, png, dpi=100)
+    save_figure(fig, png, dpi=100)
     return png
 
 

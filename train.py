@@ -29,14 +29,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-import files
 import phantom
 import pool
 import test
 from checkpoint import (CheckpointError, check_run_folder, read_checkpoint, rng_state, save_checkpoint,
                         seed_everything, set_rng_state)
-from config import (EXPERIMENTS, CersError, Config, ConfigError, Stop, World, check_config, cli, fast_paths,
-                    get_config, init_world, main_first, main_process, precision, show)
+from config import (EXPERIMENTS, CersError, Config, ConfigError, Lock, Stop, World, WriteError, appending,
+    check_config, cli, fast_paths, get_config, init_world, main_first, main_process, precision, save_figure,
+    show, write_text)
 from model import build_model, mse, sharpen, supervised_loss
 from retrieve import ReferenceBank, decoder_a_probabilities, query_references
 
@@ -192,12 +192,12 @@ def start_log(path, resume_at=None):
     """A new log (the header); or, resuming from iteration `resume_at`, the log as it was then: later rows and
     a row cut short by a kill are dropped atomically, so a resumed run logs what an uninterrupted one does."""
     if resume_at is None or not Path(path).exists():
-        return files.write_text(path, ",".join(COLUMNS) + "\n")
+        return write_text(path, ",".join(COLUMNS) + "\n")
     lines = Path(path).read_bytes().decode().splitlines(keepends=True)   # rows end in \r\n: kept as they are
     kept = lines[:1] + [line for line in lines[1:] if line.endswith("\n") and line[:1].isdigit()
                         and int(line.split(",")[0]) <= resume_at]
     if len(kept) < len(lines):
-        files.write_text(path, "".join(kept))
+        write_text(path, "".join(kept))
 
 
 def plot_curves(log_path, png):
@@ -213,7 +213,7 @@ def plot_curves(log_path, png):
         ax.set_xlabel("iteration")
         ax.legend()
     axes[0].set_yscale("log")
-    files.save_figure(fig, png, dpi=100)
+    save_figure(fig, png, dpi=100)
 
 
 # ----------------------------------------------------------------------------- the checks and the record
@@ -225,11 +225,11 @@ def check_run(cfg, world, resume=False, force=False, stop_at=None):
     for folder in [cfg.cache_dir] * (cfg.downsample > 1) + [cfg.data_root] * generate + [cfg.out_dir]:
         near = next(p for p in [Path(folder).absolute(), *Path(folder).absolute().parents] if p.exists())
         if not (near.is_dir() and os.access(near, os.W_OK)):
-            raise files.WriteError(f"{folder}: cannot write it: {near} is "
+            raise WriteError(f"{folder}: cannot write it: {near} is "
                                    + ("a file, not a folder" if near.is_file() else "not writable"))
     need, free = 24 * sum(p.numel() for p in build_model(cfg).parameters()), shutil.disk_usage(near).free
     if free < need:
-        raise files.WriteError(f"{cfg.out_dir}: {free >> 20} MB free, checkpoints need {need >> 20} MB")
+        raise WriteError(f"{cfg.out_dir}: {free >> 20} MB free, checkpoints need {need >> 20} MB")
     if cfg.references:
         pool.check_cache_writable(cfg)
     if cfg.batch_size % world.size or cfg.labeled_bs % world.size:
@@ -289,7 +289,7 @@ def check_consistent(world, tensors):
 
 
 def holds_run_folder(train):
-    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock (files.Lock), so a second run there is
+    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock (Lock), so a second run there is
     refused; a signal (config.Stop), running out of memory and a torchrun process that died (the survivors say
     they are alive in the process group's store) each end in one line naming the last checkpoint."""
     @functools.wraps(train)
@@ -298,7 +298,7 @@ def holds_run_folder(train):
         busy = (f"{path.parent}: another run (PID {{pid}}) is training in this folder; wait for it to end, "
                 "or train elsewhere with --out_dir=...")
         try:
-            with files.Lock(path.parent / "run.lock", busy) if main else contextlib.nullcontext():
+            with Lock(path.parent / "run.lock", busy) if main else contextlib.nullcontext():
                 return train(cfg, *args, **kwargs)
         except (KeyboardInterrupt, MemoryError, RuntimeError) as e:   # Stop; torch.cuda.OutOfMemoryError
             text, size, lost = str(e).lower(), dist.get_world_size() if dist.is_initialized() else 1, []
@@ -374,7 +374,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=Fal
         start = saved = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
     if world.main:                                     # the run folder is written only now, after every check
-        files.write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), provenance=record),
+        write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), provenance=record),
                                                          indent=1))
         if force and not resume:
             ckpt_path.unlink(missing_ok=True)          # the replaced run's would not match config.json
@@ -397,7 +397,7 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=Fal
         if log_now and world.main:
             delta, ratio = reference_delta(run, image, ids, it) if run.bank is not None else (math.nan,) * 2
             row = [lr_at(it, cfg), *values, consistency_weight(it, cfg), delta, ratio, time.time() - t0]
-            with files.appending(log_path) as f:      # COLUMNS, floats with 6 significant digits
+            with appending(log_path) as f:      # COLUMNS, floats with 6 significant digits
                 csv.writer(f).writerow([done] + [f"{v:.6g}" for v in row])
             bar.set_postfix(loss=f"{values[0]:.3f}", sup=f"{values[1]:.3f}", cons=f"{values[3]:.4f}")
         if values is not None and not all(map(math.isfinite, values)):
@@ -457,11 +457,11 @@ def run_ablation(cfg, names, seeds, force=False):
         t, ckpt = time.time(), train(variant, force=force)
         if main_process():                             # under torchrun, rank 0 tests
             summary = {**test.evaluate(ckpt), "run_seconds": time.time() - t}
-            files.write_text(Path(variant.out_dir, "test", "summary.json"), json.dumps(summary, indent=1))
+            write_text(Path(variant.out_dir, "test", "summary.json"), json.dumps(summary, indent=1))
     if main_process():
         table = test.ablation_table(Path(cfg.out_dir, "ablation"), f"{cfg.exp}, {cfg.max_iters} iterations")
         print("\n" + table)
-        files.write_text(Path(cfg.out_dir, "ablation", "table.md"), table + "\n")
+        write_text(Path(cfg.out_dir, "ablation", "table.md"), table + "\n")
 
 
 # ----------------------------------------------------------------------------- the command line

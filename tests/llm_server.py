@@ -1,7 +1,7 @@
 """A loopback OpenAI-compatible chat server for the pool tests: scripted replies, bounded in count and time.
 
     with LoopbackLLM(script=[("wait", 429, 0.3), "ok"]) as server:
-        pool.LLMClient(server.url, "test-model").ask("...")
+        llm.LLMClient(server.url, "test-model").ask("...")
         server.requests   # what the client sent: path, headers, JSON body
 
 Successive requests follow `script`, then "ok" (a valid CoT, the `reply` text). "slow": that after `slow`

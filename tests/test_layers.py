@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 
 # bottom to top: each file imports only files before it here
-ORDER = ["config", "files", "data", "phantom", "mcam", "model", "retrieve", "pool", "checkpoint", "test",
+ORDER = ["config", "data", "phantom", "mcam", "model", "retrieve", "llm", "pool", "checkpoint", "test",
          "train", "bench"]
 LAYER = {name: i for i, name in enumerate(ORDER)}
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+import llm
 import pool
 from config import CersError, ConfigError, get_config
 from conftest import ROOT, finish, spawn, wait_for
@@ -19,15 +20,15 @@ from llm_server import GOOD, LoopbackLLM
 
 KEY = "sk-test-8f3a1c5e9d"  # a fake API key that must never leave the Authorization header
 CONTEXT = {"modality": "MRI", "anatomy": "heart", "target": "left atrium"}
-CLEAN = pool.format_cot(pool.parse_cot(GOOD))
+CLEAN = llm.format_cot(llm.parse_cot(GOOD))
 # a child process building the CoTs of N image jobs against URL into CACHE: python -c CHILD URL CACHE N
-CHILD = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import pool, test_pool\n"
+CHILD = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import llm, test_pool\n"
          "texts = test_pool.build(test_pool.image_jobs(int(sys.argv[3])), sys.argv[2], "
-         "pool.LLMClient(sys.argv[1], 'test-model', timeout=5))\nprint('built', texts.cached, texts.new)\n")
+         "llm.LLMClient(sys.argv[1], 'test-model', timeout=5))\nprint('built', texts.cached, texts.new)\n")
 
 
 def client(server, **kw):
-    return pool.LLMClient(server.url, "test-model", **{"timeout": 0.2, "backoff": 0.01, "retries": 3, **kw})
+    return llm.LLMClient(server.url, "test-model", **{"timeout": 0.2, "backoff": 0.01, "retries": 3, **kw})
 
 
 def build(jobs, path, asker=None, **kw):
@@ -52,7 +53,7 @@ def toy_case(seed=0, shape=(48, 48, 32), blur=0.0):
 
 
 def one_line_error(asker):  # the message of the LLMError that asking ends in: one line, from the server's URL
-    with pytest.raises(pool.LLMError) as failure:
+    with pytest.raises(llm.LLMError) as failure:
         asker.ask("a prompt")
     message = str(failure.value)
     assert "\n" not in message and message.startswith("http://127.0.0.1:")
@@ -64,20 +65,20 @@ def test_parse_real_replies_and_markdown_and_chatter_and_reject_a_missing_field(
         texts = [row[k] for row in csv.DictReader(f) for k in ("cot_mask", "cot_no_mask")]
     assert len(texts) >= 100
     for text in texts:
-        fields = pool.parse_cot(text)
-        assert all(len(v) > 10 for v in fields.values()) and pool.parse_cot(pool.format_cot(fields)) == fields
-    first = pool.parse_cot(texts[0])
+        fields = llm.parse_cot(text)
+        assert all(len(v) > 10 for v in fields.values()) and llm.parse_cot(llm.format_cot(fields)) == fields
+    first = llm.parse_cot(texts[0])
     assert first["texture"].startswith("Heterogeneous") and first["summary"].endswith("challenging.")
     text = ("Sure! Here is the analysis.\n\n1. **Texture:** Bright,  uniform\n   blood pool.\n"
             "2. **Boundary**: Sharp rim.\n### context: Veins nearby.\n- SUMMARY： Easy case.\n\nBye.")
-    assert pool.parse_cot(text) == {"texture": "Bright, uniform blood pool.", "boundary": "Sharp rim.",
+    assert llm.parse_cot(text) == {"texture": "Bright, uniform blood pool.", "boundary": "Sharp rim.",
                                     "context": "Veins nearby.", "summary": "Easy case."}
-    assert pool.parse_cot("<think>Texture: draft</think>" + GOOD) == pool.parse_cot(GOOD)
+    assert llm.parse_cot("<think>Texture: draft</think>" + GOOD) == llm.parse_cot(GOOD)
     for bad in ["", "Texture: a\nBoundary: b\nContext: c",                 # a field missing
                 "Texture: a\nBoundary: **  **\nContext: c\nSummary: d",   # a field empty
                 "The texture: is bright and the boundary: is sharp.", None]:  # no headings
         with pytest.raises(ValueError):
-            pool.parse_cot(bad)
+            llm.parse_cot(bad)
 
 
 def test_templates_render_and_hash_and_refuse_an_unknown_placeholder(tmp_path):
@@ -86,7 +87,7 @@ def test_templates_render_and_hash_and_refuse_an_unknown_placeholder(tmp_path):
         template = pool.load_template(kind)
         prompt = pool.render_prompt(template, values)
         assert "{" not in prompt and "left atrium" in prompt and "- contrast: 3" in prompt
-        assert all(f"{f.capitalize()}:" in prompt for f in pool.FIELDS) and "128 tokens" in prompt
+        assert all(f"{f.capitalize()}:" in prompt for f in llm.FIELDS) and "128 tokens" in prompt
         changed = [pool.prompt_hash(template, CONTEXT, True), pool.prompt_hash(template + " ", CONTEXT),
                    pool.prompt_hash(template, {**CONTEXT, "target": "left ventricle"})]
         assert pool.prompt_hash(template, CONTEXT) not in changed
@@ -113,13 +114,13 @@ def test_image_stats_and_the_descriptor_writer_follow_the_image(tmp_path, monkey
     stats = sharp
     for kind in pool.KINDS:
         text = pool.write_cot(stats, kind, **CONTEXT)
-        assert text == pool.write_cot(stats, kind, **CONTEXT) and pool.parse_cot(text)  # deterministic
+        assert text == pool.write_cot(stats, kind, **CONTEXT) and llm.parse_cot(text)  # deterministic
         assert 60 <= len(text.split()) <= 120 and not any(c.isdigit() for c in text)  # ~128 tokens, no digit
         assert "pulmonary veins" in text                                   # LA vocabulary
     cuts = pool.descriptor_words()["wording"]
     low = {k: lo - 1 for k, ((lo, hi), _) in cuts.items()}
     high = {k: hi + 1 for k, ((lo, hi), _) in cuts.items()}
-    blurred, sharp = (pool.parse_cot(pool.write_cot({**stats, **s}, "mask", **CONTEXT)) for s in (low, high))
+    blurred, sharp = (llm.parse_cot(pool.write_cot({**stats, **s}, "mask", **CONTEXT)) for s in (low, high))
     assert blurred["boundary"].startswith("Blurred") and sharp["boundary"].startswith("Sharp")
     assert "Markedly heterogeneous" in sharp["texture"] and "Homogeneous" in blurred["texture"]
     assert blurred["summary"].endswith("is weak contrast with its surroundings and blurred margins.")
@@ -157,7 +158,7 @@ def test_a_short_retry_after_is_honoured_and_a_long_one_stops_the_build_at_once(
     path = tmp_path / "cache.jsonl"
     with LoopbackLLM(script=[("wait", status, 0.4), "ok", ("wait", status, 3600)]) as server:
         start = time.monotonic()
-        with pytest.raises(pool.RateLimited) as failure:
+        with pytest.raises(llm.RateLimited) as failure:
             build(image_jobs(4), path, client(server))
         assert 0.4 <= time.monotonic() - start < 5 and len(server.requests) == 3  # then no sleep, no request
     assert str(failure.value) == (f"{server.url}/v1/chat/completions: HTTP {status} (slow down): rate "
@@ -192,12 +193,12 @@ def test_request_format_and_redirects_to_the_same_server_only():
                                                "messages": [{"role": "user", "content": "describe"}]}
     assert first["headers"]["Authorization"] == second["headers"]["Authorization"] == f"Bearer {KEY}"
     with LoopbackLLM(script=[("redirect", "/v1/chat/completions")] * 20) as server:
-        assert one_line_error(client(server)).endswith(f"more than {pool.MAX_REDIRECTS} redirects")
-    assert len(server.requests) == pool.MAX_REDIRECTS + 1
-    assert pool.origin("http://127.0.0.1:8000/v1") == pool.origin("HTTP://127.0.0.1:8000/v2/chat")
-    assert pool.origin("http://example.org/v1") == pool.origin("http://EXAMPLE.org:80/x")
+        assert one_line_error(client(server)).endswith(f"more than {llm.MAX_REDIRECTS} redirects")
+    assert len(server.requests) == llm.MAX_REDIRECTS + 1
+    assert llm.origin("http://127.0.0.1:8000/v1") == llm.origin("HTTP://127.0.0.1:8000/v2/chat")
+    assert llm.origin("http://example.org/v1") == llm.origin("http://EXAMPLE.org:80/x")
     others = ["https://example.org/", "http://example.org:444/", "http://example.net:443/"]
-    assert all(pool.origin(url) != pool.origin("http://example.org:443/") for url in others)
+    assert all(llm.origin(url) != llm.origin("http://example.org:443/") for url in others)
 
 
 def test_vision_sends_a_png_with_the_mask_outlined_only_when_given(tmp_path):
@@ -224,7 +225,7 @@ def test_cache_keys_by_content_prompt_model_and_back_end(tmp_path):
         assert {tuple(sorted(json.loads(line))) for line in path.read_text().splitlines()} == {
             ("backend", "case_id", "content_hash", "created", "kind", "model", "prompt_hash", "text")}
         assert build([pool.Job("case00", jobs[0].image + 1)], path, client(server)).new == 1  # a changed case
-        assert build(jobs, path, pool.LLMClient(server.url, "other-model", timeout=0.2)).new == 3
+        assert build(jobs, path, llm.LLMClient(server.url, "other-model", timeout=0.2)).new == 3
         for kind, name in pool.TEMPLATES.items():
             (tmp_path / name).write_text(pool.load_template(kind) + "\nBe brief.")
         assert build(jobs, path, client(server), prompt_dir=tmp_path).new == 3 and len(server.requests) == 10
@@ -252,14 +253,14 @@ def test_damaged_records_are_skipped_with_one_warning_and_asked_again(tmp_path):
 
 def test_failed_texts_are_reported_not_cached_and_asked_again(tmp_path):
     path = tmp_path / "cache.jsonl"  # a huge reply, a false Content-Length: refused at once; a part missing
-    with LoopbackLLM(script=[("huge", 2 * pool.MAX_REPLY), ("claims", 10 ** 12), *4 * ["missing"]]) as server:
+    with LoopbackLLM(script=[("huge", 2 * llm.MAX_REPLY), ("claims", 10 ** 12), *4 * ["missing"]]) as server:
         texts = build(image_jobs(4), path, client(server, timeout=5))
         assert (texts.new, len(texts.failed), len(server.requests)) == (1, 3, 7)   # huge, claims: no retry
         reasons = sorted(r.split(": ", 1)[1] for r in texts.failed.values())
         assert reasons[0].startswith("no valid CoT after 4 attempts; last: invalid reply: CoT reply lacks")
-        assert reasons[1:] == [f"the reply runs over the {pool.MAX_REPLY} bytes accepted; refused",
+        assert reasons[1:] == [f"the reply runs over the {llm.MAX_REPLY} bytes accepted; refused",
                                f"the reply would be {10 ** 12} bytes (Content-Length), over the "
-                               f"{pool.MAX_REPLY} accepted; refused unread"]
+                               f"{llm.MAX_REPLY} accepted; refused unread"]
         assert len(path.read_text().splitlines()) == 1 and list(texts.image) == ["case03"]
         retry = build(image_jobs(4), path, client(server))
         assert (retry.cached, retry.new, len(server.requests)) == (1, 3, 10)
@@ -382,15 +383,15 @@ def test_api_key_and_control_characters_reach_no_message_or_cache(tmp_path, capf
     error = ("error", 401, f"Incorrect API key provided: {KEY}\x1b]0;owned\x07\nnot \x1b[2Jfound\x00")
     with LoopbackLLM(reply=dirty, script=[error]) as server:
         cfg = cfg_for(tmp_path, llm_url=server.url, llm_model="test-model", llm_workers=1)
-        with pytest.raises(pool.LLMError) as failure:
+        with pytest.raises(llm.LLMError) as failure:
             pool.build_pool(cfg, split, volumes, progress=False)
         texts = pool.build_pool(cfg, split, volumes, progress=False)       # only the failed case is re-asked
         assert len(server.requests) == 4 and texts.cached == 2             # a client error is not retried
     assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
     assert "completions: HTTP 401: Incorrect API key provided: *** not found; finished" in str(failure.value)
-    assert set(texts.image.values()) == {CLEAN} and not pool.CONTROL.search(pool.cache_path(cfg).read_text())
+    assert set(texts.image.values()) == {CLEAN} and not llm.CONTROL.search(pool.cache_path(cfg).read_text())
     out, err = capfd.readouterr()
-    seen = [out, err, str(failure.value), repr(failure.value), repr(pool.LLMClient("u", "m", KEY))]
+    seen = [out, err, str(failure.value), repr(failure.value), repr(llm.LLMClient("u", "m", KEY))]
     seen += [str(w.message) for w in recwarn] + [p.read_text(errors="replace") for p in tmp_path.rglob("*")]
     assert len(seen) > 5 and not any(KEY in s for s in seen)
 
@@ -410,4 +411,4 @@ def test_cli_builds_then_shows_a_phantom_pool_without_raw_control_characters(tmp
     out = capsys.readouterr().out
     assert out.count("Texture:") == 3 and f"mask CoT | descriptors | {pool.WRITER}" in out
     assert "image CoT | llm | m | prompt p" in out and "\nTexture: red\n" in out
-    assert not pool.CONTROL.search(out)
+    assert not llm.CONTROL.search(out)

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-import files
+import config
 import train
 from config import CersError, ConfigError, World, cli, get_config
 from conftest import spawn, wait_for
@@ -116,12 +116,12 @@ def test_every_step_uses_references_that_are_never_the_query_s_own_case(tiny_la,
 
 KILLED_IN_SECOND_SAVE = """
 import sys, time
-import files, train
+import config, train
 from config import cli
 save = train.save_checkpoint
 def hang_in_second_save(path, **state):
     if state["iter"] > 2:                              # the second checkpoint: half its temp file written
-        with files.replacing(path) as tmp:
+        with config.replacing(path) as tmp:
             tmp.write_bytes(b"half a checkpoint")
             print("saving", flush=True)
             time.sleep(600)
@@ -167,8 +167,8 @@ def test_the_log_drops_the_rows_after_the_checkpoint_atomically(tmp_path, monkey
     with open(path, "a", newline="") as f:
         f.write("8,0.01,1.5\r\n10,0.0")                       # a row after the checkpoint, one cut short
     cut = path.read_bytes()
-    monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
-    with pytest.raises(files.WriteError, match="log.csv"):
+    monkeypatch.setattr(config.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(config.WriteError, match="log.csv"):
         train.start_log(path, resume_at=6)
     assert path.read_bytes() == cut and os.listdir(tmp_path) == ["log.csv"]   # as it was, no temp file
     monkeypatch.undo()
@@ -251,7 +251,7 @@ def test_check_and_a_run_refuse_in_one_line_before_anything_else(tiny_la, tmp_pa
         train.check_run(tiny_cfg(tiny_la, out, labeled_bs=1), World(0, 2))
     busy = (f"error: {out}: another run (PID {os.getpid()}) is training in this folder; wait for it to end, "
             "or train elsewhere with --out_dir=...\n")
-    with files.Lock(out / "run.lock"):                               # another run trains there
+    with config.Lock(out / "run.lock"):                               # another run trains there
         for check in (("--check",), ()):
             refused(busy, check=check, phantom="true", data_root=tmp_path / "ph")
     assert not (tmp_path / "ph").exists()                            # no phantom written
@@ -267,7 +267,7 @@ def test_the_ablation_runner_trains_and_tests_each_row_and_seed(tiny_la, tmp_pat
 
     def fake_train(cfg, force=False):
         trained[os.path.relpath(cfg.out_dir, out)] = cfg
-        files.make_folder(os.path.join(cfg.out_dir, "test"))          # where test.evaluate writes
+        config.make_folder(os.path.join(cfg.out_dir, "test"))          # where test.evaluate writes
         return "ckpt"
 
     monkeypatch.setattr(train, "train", fake_train)

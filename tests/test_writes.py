@@ -1,4 +1,4 @@
-"""files.py: atomic writes that leave no temp file, OS errors named in one line, the probe before the data are
+"""config.py: atomic writes that leave no temp file, OS errors named in one line, the probe before the data are
 read, and the lock that keeps one process per folder (taken over from a process that died holding it)."""
 import errno
 import os
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import files
+import config
 
 
 def dead_pid():
@@ -27,15 +27,15 @@ def leftovers(folder):
 
 def test_replacing_writes_whole_files_or_nothing(tmp_path):
     path = tmp_path / "state.bin"
-    files.write_bytes(path, b"old")
+    config.write_bytes(path, b"old")
     with pytest.raises(KeyboardInterrupt):
-        with files.replacing(path) as tmp:
+        with config.replacing(path) as tmp:
             tmp.write_bytes(b"half")
             raise KeyboardInterrupt                    # Ctrl-C in the middle of a write
     assert path.read_bytes() == b"old" and leftovers(tmp_path) == []
-    files.write_text(path, "new")
+    config.write_text(path, "new")
     assert path.read_text() == "new" and leftovers(tmp_path) == []
-    names = {files.temp_path(path).name for _ in range(20)}
+    names = {config.temp_path(path).name for _ in range(20)}
     assert len(names) == 20 and all(f".{os.getpid()}." in n for n in names)   # never shared, this PID in each
 
 
@@ -43,8 +43,8 @@ def test_replacing_writes_whole_files_or_nothing(tmp_path):
                                          (errno.EROFS, "the file system is read-only"),
                                          (errno.EFBIG, "file too large"), (errno.EIO, "input/output error")])
 def test_os_errors_become_words(tmp_path, code, words):
-    with pytest.raises(files.WriteError, match=re.escape(f"{tmp_path / 'x'}: cannot write it: {words}")):
-        with files.writing(tmp_path / "x"):
+    with pytest.raises(config.WriteError, match=re.escape(f"{tmp_path / 'x'}: cannot write it: {words}")):
+        with config.writing(tmp_path / "x"):
             raise OSError(code, os.strerror(code))
 
 
@@ -52,24 +52,24 @@ def test_a_folder_under_a_file_or_read_only_is_refused(tmp_path):
     (tmp_path / "notes").write_text("a file")
     named = re.escape(f"{tmp_path / 'notes'} is a file, not a folder")
     for folder in (tmp_path / "notes", tmp_path / "notes" / "run" / "deeper"):
-        with pytest.raises(files.WriteError, match=named):
-            files.check_writable(folder)
+        with pytest.raises(config.WriteError, match=named):
+            config.check_writable(folder)
     assert (tmp_path / "notes").read_text() == "a file"
     (tmp_path / "ro").mkdir(mode=0o555)
     if os.geteuid() != 0:                               # root writes into read-only folders
-        with pytest.raises(files.WriteError, match="permission denied"):
-            files.check_writable(tmp_path / "ro" / "run")
+        with pytest.raises(config.WriteError, match="permission denied"):
+            config.check_writable(tmp_path / "ro" / "run")
 
 
 def test_check_writable_leaves_nothing_and_clears_dead_processes_temps(tmp_path):
     folder = tmp_path / "a" / "b"
-    files.check_writable(folder)
+    config.check_writable(folder)
     assert folder.is_dir() and list(folder.iterdir()) == []
-    dead, mine = folder / f".x.pt.{dead_pid()}.0123abcd.tmp", files.temp_path(folder / "x.pt")
+    dead, mine = folder / f".x.pt.{dead_pid()}.0123abcd.tmp", config.temp_path(folder / "x.pt")
     other = folder / ".notes.tmp"                       # not a temp of this project's making
     for p in (dead, mine, other):
         p.write_bytes(b"")
-    files.check_writable(folder)
+    config.check_writable(folder)
     assert not dead.exists() and mine.exists() and other.exists()
 
 
@@ -77,10 +77,10 @@ def test_check_writable_leaves_nothing_and_clears_dead_processes_temps(tmp_path)
 def test_a_held_lock_refuses_a_second_holder_naming_the_pid_and_the_path_verbatim(tmp_path, name):
     """Braces and % in a folder name are never formatting fields: the message holds the path as it is."""
     out = tmp_path / name
-    with files.Lock(out / "run.lock", busy=f"{out}: busy, PID {{pid}}"):
+    with config.Lock(out / "run.lock", busy=f"{out}: busy, PID {{pid}}"):
         assert (out / "run.lock").read_text().strip() == str(os.getpid())
-        with pytest.raises(files.WriteError) as e:
-            with files.Lock(out / "run.lock", busy=f"{out}: busy, PID {{pid}}"):
+        with pytest.raises(config.WriteError) as e:
+            with config.Lock(out / "run.lock", busy=f"{out}: busy, PID {{pid}}"):
                 pass
     assert str(e.value) == f"{out}: busy, PID {os.getpid()}"
     assert not (tmp_path / name.split("/")[0]).exists()        # the folders made for the lock are removed
@@ -89,16 +89,16 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_pid_and_the_path_verbati
 def test_a_lock_left_by_a_dead_process_is_taken_over_and_a_waiting_one_gets_it(tmp_path, capsys):
     lock, pid, order = tmp_path / "run.lock", dead_pid(), []
     lock.write_text(f"{pid}\n")
-    with files.Lock(lock, busy="busy {pid}"):
+    with config.Lock(lock, busy="busy {pid}"):
         assert lock.read_text().strip() == str(os.getpid())
     assert f"held by process {pid}, which ended without releasing it; taken over" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
     def second():
-        with files.Lock(lock):                          # busy=None: wait
+        with config.Lock(lock):                          # busy=None: wait
             order.append("second")
 
-    with files.Lock(lock):
+    with config.Lock(lock):
         waiter = threading.Thread(target=second)
         waiter.start()
         time.sleep(0.3)
