@@ -4,11 +4,10 @@
     python bench.py --exp LA_8                   # LA patches (synthetic LA-sized volumes without data/LA)
     python bench.py --exp LA_8 --steps 50 --compile=true   # bench options, then any config key
 
-In one process, at the experiment's settings, train.setup and train.train_step (the very step train.py runs)
-are timed on the same batches: (a) CERS, references and MCAM on, (b) the plain step, --references=false.
-Each figure is the median of N calls between device synchronisations, after warm-up; no timed step refreshes
-the bank (unless bank_refresh is 1). Peak memory is the GPU's on CUDA, the process's on the CPU.
-"""
+Timed on the same batches at the experiment's settings, train.Run and train.train_step (train.py's step):
+(a) CERS, references and MCAM on, (b) the plain step, --references=false. A figure is the median of N calls
+between device syncs after warm-up, no timed step refreshing the bank (unless bank_refresh is 1); peak memory
+is the GPU's on CUDA, the process's on the CPU."""
 import argparse
 import dataclasses
 import itertools
@@ -30,8 +29,7 @@ from config import EXPERIMENTS, ConfigError, cli, fast_paths, get_config, precis
 
 
 def timed(fn, device, repeat, warmup=0):
-    """Median wall seconds of fn() over `repeat` calls after `warmup` ones, each between two device
-    synchronisations so that queued device work is counted."""
+    """Median seconds of fn() over `repeat` calls after `warmup`, each between device syncs (queued work)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     seconds = []
     for _ in range(warmup + repeat):
@@ -49,7 +47,7 @@ def bench_variant(cfg, split, volumes, batches, device, steps, warmup):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    run = train.setup(cfg, split, volumes, device, progress=False)
+    run = train.Run(cfg, split, volumes, device, progress=False)
     train.train_step(run, 0, *batches[0])                          # untimed: iteration 0 fills the bank
     its = (i for i in itertools.count(1) if cfg.bank_refresh == 1 or i % cfg.bank_refresh)   # no refresh
     todo = iter(batches)
@@ -62,8 +60,8 @@ def bench_variant(cfg, split, volumes, batches, device, steps, warmup):
     generator = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad(), run.autocast():
         logits_b = run.teacher.decoder_b(run.teacher.encoder(image))                  # (B, 2, X, Y, Z)
-        query = lambda: retrieve.query_references(run.bank, logits_b, ids, cfg, generator)
-        result["retrieval_s"] = timed(query, device, steps, 1)
+        result["retrieval_s"] = timed(lambda: retrieve.query_references(run.bank, logits_b, ids, cfg,
+                                                                        generator), device, steps, 1)
     windows = image[:1].expand(cfg.window_batch, *image.shape[1:]).contiguous()  # (window_batch, 1, *patch)
     predict = test.predictor(run.student.eval(), cfg, ids[0], run.bank, generator, bf16=run.bf16,
                              channels_last=run.channels_last)
@@ -102,10 +100,9 @@ def main(argv=None):
     memory = "GiB peak GPU memory" if device.type == "cuda" else "GiB peak process memory (so far)"
     print(f"(b) plain step {1e3 * plain['step_s']:8.1f} ms, {plain['peak_gib']:.2f} {memory}\n"
           f"(a) CERS step  {1e3 * cers['step_s']:8.1f} ms, {cers['peak_gib']:.2f} {memory}\n"
-          f"(a)/(b) {cers['step_s'] / plain['step_s']:.2f}\n"
-          f"reference selection (query_references) {1e3 * cers['retrieval_s']:.1f} ms per batch of "
-          f"{cfg.batch_size}\ninference (CERS, {cfg.window_batch} windows a forward) "
-          f"{1e3 * cers['window_s']:.1f} ms per window")
+          f"(a)/(b) {cers['step_s'] / plain['step_s']:.2f}\nreference selection (query_references) "
+          f"{1e3 * cers['retrieval_s']:.1f} ms per batch of {cfg.batch_size}\ninference (CERS, "
+          f"{cfg.window_batch} windows a forward) {1e3 * cers['window_s']:.1f} ms per window")
     return {"plain": plain, "cers": cers}
 
 

@@ -1,7 +1,6 @@
 """Checkpoints are data, never code: tensors and plain Python values in FORM, read back with
 torch.load(weights_only=True) (a file that asks for more is refused unrun), then checked. --resume keeps the
-config but RESUMABLE (cot_cache too: the texts are compared); not deterministic: a run repeats only under one
-setting."""
+config but RESUMABLE (cot_cache: texts compared), not deterministic (a run repeats only under one setting)."""
 import dataclasses
 import io
 import json
@@ -41,8 +40,7 @@ def mismatch(value, form, name="checkpoint"):
     if isinstance(value, torch.Tensor) and value.is_meta:
         return f"{name} is a tensor on the meta device, without values"
     if type(form) is tuple:
-        found = [mismatch(value, f, name) for f in form]
-        return None if None in found else found[-1]
+        return None if None in (found := [mismatch(value, f, name) for f in form]) else found[-1]
     if isinstance(form, torch.Size):
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         return None if shape == tuple(form) else f"{name} is {shape}, not a tensor of shape {tuple(form)}"
@@ -53,10 +51,9 @@ def mismatch(value, form, name="checkpoint"):
         return f"{name} is {type(value).__name__}, not a {type(form).__name__}"
     if isinstance(form, list):
         items = [(f"{name}[{i}]", v, form[0]) for i, v in enumerate(value)]
-    elif isinstance(next(iter(form)), type):
-        (key_type, item), = form.items()
-        items = [(f"{name} key {k!r}", k, key_type) for k in value] + [(f"{name}[{k!r}]", v, item)
-                                                                        for k, v in value.items()]
+    elif isinstance(key_type := next(iter(form)), type):
+        items = ([(f"{name} key {k!r}", k, key_type) for k in value] +
+                 [(f"{name}[{k!r}]", v, form[key_type]) for k, v in value.items()])
     elif odd := sorted(set(form) ^ set(value), key=str):
         return f"{name}[{odd[0]!r}] is {'missing' if odd[0] in form else 'there, unexpected'}"
     else:
@@ -69,16 +66,13 @@ def save_checkpoint(path, **state):
     write failed). A departure from FORM is the caller's bug, refused here rather than by every reader."""
     if problem := mismatch(state, FORM):
         raise TypeError(f"{path}: {problem}; see checkpoint.FORM")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(state, buffer := io.BytesIO())
     write_bytes(path, buffer.getbuffer())
 
 
 def read_checkpoint(path):
-    """The checkpoint at path, on the CPU and checked; a CheckpointError naming the file when it is missing,
-    truncated, not a checkpoint, or asks to build anything but tensors and plain values."""
-    path = Path(path)
-    if not path.is_file():
+    """The checkpoint at path, on the CPU and checked; one missing, damaged or unsafe: a CheckpointError."""
+    if not (path := Path(path)).is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -104,8 +98,7 @@ def check_contents(ckpt, path):
     with torch.device("meta"):                                     # shapes only: nothing is allocated
         net = build_model(cfg)
     weights, shapes = {k: t.shape for k, t in net.state_dict().items()}, [p.shape for p in net.parameters()]
-    problem = mismatch(ckpt["student"], weights, "student") or mismatch(ckpt["teacher"], weights, "teacher")
-    if problem:
+    if problem := next((p for k in ("student", "teacher") if (p := mismatch(ckpt[k], weights, k))), None):
         raise CheckpointError(f"{path}: does not fit the network its config builds: {problem}")
     if sum(len(group.get("params", ())) for group in ckpt["optimizer"]["param_groups"]) != len(shapes) or any(
             i >= len(shapes) or t is not None and t.ndim and t.shape != shapes[i]
@@ -139,6 +132,7 @@ def rng_state():
 
 
 def set_rng_state(state):
+    """Restore the random states rng_state() returned (CUDA's where this process has a device)."""
     (kind, keys, *rest), (version, internal, gauss) = state["numpy"], state["python"]
     torch.set_rng_state(state["torch"])
     np.random.set_state((kind, np.array(keys, np.uint32), *rest))
@@ -148,6 +142,7 @@ def set_rng_state(state):
 
 
 def seed_everything(seed):
+    """Seed Python's, numpy's and torch's generators alike."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -155,8 +150,8 @@ def seed_everything(seed):
 
 def config_changes(saved, cfg, path):
     """[(key, saved value, new value)] where cfg differs from a saved config dict (a missing key: default)."""
-    old = json.loads(json.dumps(dataclasses.asdict(config_from_dict(saved, path))))  # tuples and lists alike
-    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    old, new = (json.loads(json.dumps(dataclasses.asdict(c)))                    # tuples and lists alike
+                for c in (config_from_dict(saved, path), cfg))
     return [(k, old[k], new[k]) for k in new if old[k] != new[k]]
 
 
@@ -179,8 +174,7 @@ def check_run_folder(cfg, world, resume=False, force=False, stop_at=None):
         if cfg.max_iters <= ckpt["iter"]:
             raise ConfigError(f"--resume: {path} is at iteration {ckpt['iter']}, max_iters={cfg.max_iters} "
                               "leaves nothing to train; raise --max_iters, or test it with test.py")
-    elif not force and (path.exists() or record.exists()):
-        what = path if path.exists() else record
+    elif not force and (what := path if path.exists() else record).exists():
         fix = "train elsewhere with --out_dir=..., continue it with --resume, or replace it with --force"
         try:
             saved = read_checkpoint(path)["config"] if what == path else json.loads(record.read_text())
@@ -192,7 +186,6 @@ def check_run_folder(cfg, world, resume=False, force=False, stop_at=None):
         if changes:
             raise ConfigError(f"{path.parent} holds a run with another config ({', '.join(changes[:4])}"
                               f"{', ...' if len(changes) > 4 else ''}; from {what.name}); {fix}")
-    at = ckpt["iter"] if ckpt else 0
-    if stop_at is not None and stop_at <= at:
+    if stop_at is not None and stop_at <= (at := ckpt["iter"] if ckpt else 0):
         raise ConfigError(f"--stop-at={stop_at}: the run is already at iteration {at}")
     return ckpt

@@ -1,19 +1,12 @@
 """The bottom layer (docs/design.md §2): the Config, named experiments, `--key=value` overrides checked by
-type, every entry point's one-line errors (cli), the device and the torchrun place, and every write.
-
-Every file the project writes goes through write_bytes / write_text / writing: written to a temp file beside
-it, then renamed, so none is ever half written under its name (temp names .<name>.<pid>.<random>.tmp, a dead
-process's removed); an OS error becomes one line naming the file and the cause in words (WriteError); Lock
-keeps one process a folder."""
+type, the one-line errors (cli), the device and torchrun place, and every write: atomic, errors in words."""
 import contextlib
 import difflib
 import errno
 import fcntl
-import itertools
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
 import sys
@@ -169,8 +162,8 @@ def has_type(value, hint):
 
 
 def check_config(cfg, origin=None):
-    """Fill the derived defaults, check every key (CHECKS, else BY_TYPE), then the keys against each other; a
-    ConfigError names the key, the value, what it must be and origin (a checkpoint) for a saved config."""
+    """Fill derived defaults, check each key (CHECKS, else BY_TYPE), then keys against each other; a
+    ConfigError names the key, the value, what it must be, and origin (a checkpoint) for a saved config."""
     cfg.out_dir = cfg.out_dir or f"runs/{cfg.exp}"
     cfg.bank_stride = cfg.bank_stride or cfg.patch_size
     for key, hint in HINTS.items():
@@ -204,9 +197,9 @@ def cli(main, argv=None):
     def stop(signum, frame):
         raise Stop(signum)
     handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    line, status = None, 0
     try:
         main(argv)
+        return 0
     except (CersError, KeyboardInterrupt) as e:   # KeyboardInterrupt: a Stop, or Ctrl-C before the handler
         for bar in sorted(getattr(tqdm, "_instances", ()), key=lambda bar: -abs(bar.pos)):   # innermost first
             bar.leave = True
@@ -217,8 +210,7 @@ def cli(main, argv=None):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    if line:
-        print(" ".join(line.splitlines()), file=sys.stderr)
+    print(" ".join(line.splitlines()), file=sys.stderr)
     return status
 
 
@@ -285,45 +277,35 @@ def main_first(world):
     if world.size > 1 and world.main:
         dist.barrier()
 
-# ----------------------------------------------------------------------------- writes
-
 CAUSES = {  # errno: the cause in words, with what to do
     errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
     errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
     errno.EFBIG: "file too large for a file-size limit (ulimit -f) or the file system; write elsewhere",
     errno.EACCES: "permission denied; write elsewhere or make the folder writable",
     errno.EPERM: "operation not permitted; write elsewhere or make the folder writable",
-    errno.EROFS: "the file system is read-only; write elsewhere",
-}
-TEMP = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # temp_path's names; group 1 is the writer's PID
+    errno.EROFS: "the file system is read-only; write elsewhere"}
 
 
 class WriteError(CersError):
     """A file or folder that cannot be written; the message names it and says why in words."""
 
 
-def cause(path, e):
-    """Why writing `path` failed, in words, from the OSError e."""
-    if e.errno in (errno.ENOTDIR, errno.EEXIST):       # mkdir through or onto a file
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            return f"{blocker} is a file, not a folder; remove it or write elsewhere"
-    return CAUSES.get(e.errno) or (e.strerror or str(e)).rstrip(".").lower()
-
-
 @contextlib.contextmanager
 def writing(path):
-    """OS errors in the block become a WriteError naming `path`."""
+    """OS errors in the block become a WriteError naming `path` and the cause in words."""
     try:
         yield
     except OSError as e:
-        raise WriteError(f"{path}: cannot write it: {cause(Path(path), e)}") from e
+        why = CAUSES.get(e.errno) or (e.strerror or str(e)).rstrip(".").lower()
+        if e.errno in (errno.ENOTDIR, errno.EEXIST):   # mkdir through or onto a file: name that file
+            files = [p for p in [Path(path), *Path(path).parents] if p.exists() and not p.is_dir()]
+            why = f"{files[0]} is a file, not a folder; remove it or write elsewhere" if files else why
+        raise WriteError(f"{path}: cannot write it: {why}") from e
 
 
 def temp_path(path):
     """A temp name beside `path` that no other process uses: .<name>.<pid>.<random>.tmp."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
 
 
 @contextlib.contextmanager
@@ -373,27 +355,22 @@ def make_folder(path):
     return path
 
 
-def alive(pid):
-    """Whether process `pid` still runs (another user's process counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def remove_stale_temps(folder):
-    """Remove the temp files and folders left in `folder` by processes no longer running."""
+    """Remove the temp files and folders (temp_path's names) in `folder` of processes no longer running."""
     for p in Path(folder).glob(".*.tmp"):
-        m = TEMP.fullmatch(p.name)
-        if m and int(m[1]) != os.getpid() and not alive(int(m[1])):
+        m = re.fullmatch(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp", p.name)   # group 1: the writer's PID
+        if not m or int(m[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m[1]), 0)                      # signal 0: only asks whether the writer still runs
+        except ProcessLookupError:
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
                     p.unlink()
+        except PermissionError:                        # another user's process: it runs
+            pass
 
 
 def check_writable(folder):
@@ -406,23 +383,35 @@ def check_writable(folder):
 
 
 class Lock:
-    """An exclusive flock on the file `path`, which holds the holder's PID: one process at a time. The kernel
-    drops it when its process dies (a stale lock is taken over); release removes the file and the folders
-    made for it. While another process holds it: wait (busy None), or refuse with WriteError(busy), "{pid}" in
-    the text replaced by the holder's PID (never str.format: paths stay as they are)."""
+    """An exclusive flock on the file `path`, holding the holder's PID: one process at a time. The kernel
+    drops it when its process dies (then taken over); release removes the file and the folders made for it.
+    While held elsewhere: wait (busy None) or raise WriteError(busy), "{pid}" replaced by the holder's PID
+    (not str.format: paths stay as they are)."""
 
     def __init__(self, path, busy=None):
         self.path, self.busy = Path(path), busy
 
+    def holder(self):
+        """The PID written in the open lock file, or None."""
+        text = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else None
+
     def __enter__(self):
         path, folder = self.path, self.path.parent
-        self.made = list(itertools.takewhile(lambda p: not p.exists(), [folder, *folder.parents]))
+        self.made = [p for p in [folder, *folder.parents] if not p.exists()]   # made here, lowest first
         make_folder(folder)
         with writing(path):
             while True:                                # until the file locked is still the one at `path`
                 self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
-                    flock(self.fd, path, self.busy)
+                    try:
+                        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        pid = self.holder() or "unknown"
+                        if self.busy is not None:
+                            raise WriteError(self.busy.replace("{pid}", str(pid))) from None
+                        print(f"waiting for process {pid}, which holds {path}", file=sys.stderr)
+                        fcntl.flock(self.fd, fcntl.LOCK_EX)
                 except BaseException:
                     os.close(self.fd)
                     raise
@@ -430,7 +419,7 @@ class Lock:
                     if os.stat(path).st_ino == os.fstat(self.fd).st_ino:
                         break
                 os.close(self.fd)                      # its holder removed the file as this one opened it
-            holder = holder_pid(self.fd)
+            holder = self.holder()
             os.ftruncate(self.fd, 0)
             os.write(self.fd, f"{os.getpid()}\n".encode())
         if holder and holder != os.getpid():
@@ -446,22 +435,3 @@ class Lock:
         with contextlib.suppress(OSError):             # up to the first folder that is not empty
             for folder in self.made:
                 folder.rmdir()
-
-
-def flock(fd, path, busy):
-    """Lock the open lock file fd: see Lock."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = holder_pid(fd) or "unknown"
-        if busy is not None:
-            raise WriteError(busy.replace("{pid}", str(pid))) from None
-        print(f"waiting for process {pid}, which holds {path}", file=sys.stderr)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-
-
-def holder_pid(fd):
-    """The PID written in an open lock file, or None."""
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(text) if text.isdigit() else None
-

@@ -1,11 +1,7 @@
 """LA-format data: reading, splits, coarser grids, augmentation and semi-supervised batches (docs/design.md
-§3), for the Left Atrium benchmark as the field uses it (UA-MT, MC-Net, SS-Net, BCP):
-
-    <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5   image float32 (X, Y, Z), label uint8 {0, 1}
-    <root>/train.list, <root>/test.list                80 and 20 IDs, one a line
-
-`LA_N` labels the first N IDs of train.list. Volumes are read once and augmented on the training device.
-"""
+§3), in the Left Atrium layout of UA-MT, MC-Net, SS-Net and BCP: <root>/train.list and test.list (80 and 20
+IDs, one a line), <root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5 (image float32 (X, Y, Z), label uint8
+{0, 1}). `LA_N` labels the first N IDs of train.list. Volumes are read once, augmented on the device."""
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -42,20 +38,17 @@ def read_list(path):
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     if not ids:
         raise DataError(f"{path}: list file is empty")
-    for case_id in ids:
-        plain = case_id not in (".", "..") and case_id.isprintable()
-        if not plain or any(c.isspace() or c in "/\\" for c in case_id):
-            raise DataError(f"{path}: ID {ascii(case_id)} is not a plain folder name (one ID a line, no "
+    for i in ids:
+        if i in (".", "..") or not i.isprintable() or any(c.isspace() or c in "/\\" for c in i):
+            raise DataError(f"{path}: ID {ascii(i)} is not a plain folder name (one ID a line, no "
                             "spaces, slashes or invisible characters)")
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
+    if repeated := sorted({i for i in ids if ids.count(i) > 1}):
         raise DataError(f"{path}: list has duplicate IDs: {', '.join(map(ascii, repeated[:5]))}")
     return ids
 
 
 def open_case(path, read_voxels=True):
-    """Check a case file (datasets 'image' and 'label' of one 3D shape, numbers); return them as stored, or
-    None without reading the voxels."""
+    """Check a case file (3D 'image' and 'label' of one shape, numbers); return both as stored, or None."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: case file not found")
@@ -113,8 +106,7 @@ def load_split(root, num_labeled, val_cases=0):
         test, train, scored = train[-val_cases:], train[:-val_cases], "validation"
     else:
         test, scored = read_list(root / "test.list"), "test"
-        leaked = sorted(set(test) & set(train), key=test.index)
-        if leaked:
+        if leaked := sorted(set(test) & set(train), key=test.index):
             raise DataError(f"{root / 'test.list'}: {len(leaked)} ID(s) also in train.list, e.g. "
                             f"{leaked[0]!r}: a test case must never be trained on; remove it from a list")
     if num_labeled > len(train):
@@ -139,8 +131,6 @@ def prepare_data(cfg, world=World()):
     return split, load_volumes(cfg.data_root, ids, world.main, cfg.downsample, cfg.cache_dir)
 
 
-# ----------------------------------------------------------------------------- a coarser grid (LA_8_LOW)
-
 def check_volume_cache_writable(cfg):
     """Refuse a volume cache that reading would fill but cannot write, before any data is written or read."""
     if cfg.downsample > 1 and cfg.cache_dir:
@@ -148,8 +138,7 @@ def check_volume_cache_writable(cfg):
 
 
 def cached_downsample(path, factor, cache_dir):
-    """downsample(read_case(path), factor), kept in cache_dir under the file's content hash (written
-    atomically; rebuilt when missing, damaged or foreign), so later runs skip the reading and resampling."""
+    """downsample(read_case(path), factor), cached in cache_dir by the file's content hash for later runs."""
     if factor == 1 or not cache_dir:
         return downsample(*read_case(path), factor)
     digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
@@ -187,8 +176,7 @@ def downsample(image, label, factor):
 
 
 def upsample_probabilities(prob, factor, shape):
-    """Probabilities (K, x, y, z) back on the original grid (K, *shape): trilinear from the block centres,
-    zeros on the edge downsample dropped."""
+    """Probabilities (K, x, y, z) on the original grid (K, *shape): trilinear, zero on the cut-off edge."""
     if factor == 1:
         return prob
     up = torch.nn.functional.interpolate(torch.as_tensor(prob)[None], scale_factor=factor, mode="trilinear",
@@ -212,8 +200,7 @@ def rot_flip(x, k, axis):
 
 def crop(x, start, size):
     """A size-shaped crop (a view) of the last three dims starting at `start`."""
-    (a, b, c), (p, q, r) = start, size
-    return x[..., a:a + p, b:b + q, c:c + r]
+    return x[(..., *(slice(a, a + p) for a, p in zip(start, size)))]
 
 
 def padded_crop(volume, box):
@@ -262,19 +249,15 @@ class BatchSampler:
         """One augmented patch of a case: image (1, X, Y, Z) and label (X, Y, Z), or None when unlabeled."""
         image, label = self.volumes[case_id]
         mask = torch.zeros_like(image) if label is None else label.float()
-        both = torch.stack([image, mask])                                             # (2, X, Y, Z)
-        both = pad_to(rot_flip(both, self._randint(4), self._randint(2)), self.patch)
-        start = [self._randint(dim - p + 1) for dim, p in zip(both.shape[-3:], self.patch)]
-        both = crop(both, start, self.patch)                                          # (2, *patch)
+        both = pad_to(rot_flip(torch.stack([image, mask]), self._randint(4), self._randint(2)), self.patch)
+        both = crop(both, [self._randint(d - p + 1) for d, p in zip(both.shape[-3:], self.patch)], self.patch)
         return both[:1], (None if label is None else both[1].to(torch.uint8))
 
     def next(self):
         """A batch: image (B, 1, X, Y, Z) float, label (labeled_bs, X, Y, Z) long, and the B case IDs."""
         ids = self._next_ids(0) + self._next_ids(1)
-        samples = [self.sample(i) for i in ids]
-        image = torch.stack([s[0] for s in samples])                                  # (B, 1, X, Y, Z)
-        label = torch.stack([s[1] for s in samples[:self.parts[0][1]]]).long()        # (Lb, X, Y, Z)
-        return image, label, ids
+        images, labels = zip(*[self.sample(i) for i in ids])
+        return torch.stack(images), torch.stack(labels[:self.parts[0][1]]).long(), ids
 
     def state_dict(self):
         return {"gen": self.gen.get_state(), "orders": [list(o) for o in self.orders], "pos": list(self.pos)}

@@ -1,11 +1,8 @@
-"""The llm back end's client (docs/design.md §5): an OpenAI-compatible chat-completions endpoint asked for a
-four-part chain-of-thought text (Texture, Boundary, Context, Summary), and the parsing of its reply.
-
-The endpoint may be slow, broken or hostile: a request has one deadline, a size cap, same-server redirects only
-and bounded retries; the API key is never printed, logged or stored; a reply's control characters reach
-neither the cache nor a terminal.
-"""
+"""The llm back end (docs/design.md §5): an OpenAI-compatible chat endpoint asked for a four-part CoT text,
+and the parsing of its reply. The endpoint may be slow, broken or hostile: one deadline per request, a size
+cap, same-server redirects only, bounded retries; the API key is never shown; control characters stripped."""
 import base64
+import contextlib
 import io
 import json
 import random
@@ -22,8 +19,6 @@ from scipy import ndimage
 
 from config import CersError
 
-# ----------------------------------------------------------------------------- the four-part text
-
 FIELDS = ("texture", "boundary", "context", "summary")
 # a field heading at the start of a line; markdown (#, >, -, *, **bold**) and numbering ("1." "2)") allowed
 HEADING = re.compile(r"^[ \t>#*\-]*(?:\d+[.)][ \t]*)?[*_]*[ \t]*(texture|boundary|context|summary)[ \t]*[*_]*"
@@ -31,7 +26,10 @@ HEADING = re.compile(r"^[ \t>#*\-]*(?:\d+[.)][ \t]*)?[*_]*[ \t]*(texture|boundar
 # what a terminal acts on: ANSI escape sequences, C0 controls but newline and tab, DEL, C1, bidi overrides
 CONTROL = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?)?"
                      r"|[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
+RENDER_LOCK = threading.Lock()         # matplotlib is not thread-safe; montages are drawn one at a time
+MAX_REPLY = 1 << 20                    # bytes; a chat completion holding one CoT is a few kB
+MAX_REDIRECTS = 5                      # same-server redirects followed in one request
+REDIRECTS = (301, 302, 303, 307, 308)  # each is followed with the same POST: the endpoint has moved
 
 
 def clean(text):
@@ -46,7 +44,6 @@ def one_line(text, limit=300):
 
 def parse_cot(text):
     """The four fields {texture, boundary, context, summary} of a reply; ValueError when one is missing.
-
     Tolerates a preamble, markdown, numbering, any order, extra whitespace and a reasoning model's <think>
     scratchpad; after the last field, text beyond a blank line (closing chatter) is dropped."""
     text = re.sub(r"<think>.*?</think>", "", clean(text), flags=re.DOTALL)
@@ -65,14 +62,6 @@ def parse_cot(text):
 def format_cot(fields):
     """The canonical four-line text that is cached and indexed by BM25."""
     return "\n".join(f"{f.capitalize()}: {fields[f]}" for f in FIELDS)
-
-
-# ----------------------------------------------------------------------------- the llm back end
-
-RENDER_LOCK = threading.Lock()         # matplotlib is not thread-safe; montages are drawn one at a time
-MAX_REPLY = 1 << 20                    # bytes; a chat completion holding one CoT is a few kB
-MAX_REDIRECTS = 5                      # same-server redirects followed in one request
-REDIRECTS = (301, 302, 303, 307, 308)  # each is followed with the same POST: the endpoint has moved
 
 
 def montage_png(image, mask=None):
@@ -135,8 +124,8 @@ def server_message(reply):
 
 
 def reply_text(reply):
-    """The assistant's text of a chat completion; ValueError when the body is none, or was cut at the token
-    limit (a cut reply is no whole CoT, even when its four headings made it in)."""
+    """The assistant's text of a chat completion; ValueError when there is none or it was cut at the token
+    limit (no whole CoT, even when its four headings made it in)."""
     try:
         choice = json.loads(reply)["choices"][0]
         content = choice["message"]["content"]
@@ -150,8 +139,7 @@ def reply_text(reply):
 
 
 class WatchedAdapter(requests.adapters.HTTPAdapter):
-    """An HTTPAdapter whose shut() ends reads blocked in other threads by shutting down the sockets it opened
-    (closing a response or a session does not wake them)."""
+    """An HTTPAdapter whose shut() shuts its sockets down, waking reads blocked in other threads."""
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
@@ -170,10 +158,8 @@ class WatchedAdapter(requests.adapters.HTTPAdapter):
     def shut(self):
         self.is_shut = True
         for sock in self.sockets:
-            try:
+            with contextlib.suppress(OSError):  # already closed
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed
 
 
 @dataclass
@@ -201,15 +187,13 @@ class LLMClient:
         """The canonical CoT text for one prompt (with an optional PNG attached), or LLMError. Retried with a
         jittered exponential backoff (a short Retry-After honoured) for what may pass only: no connection, the
         deadline, a broken transfer, HTTP 429 and 5xx, a reply that is not a whole CoT."""
-        content = prompt
         if png is not None:  # the vision montage goes along as a data URL
-            picture = {"url": "data:image/png;base64," + base64.b64encode(png).decode()}
-            content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": picture}]
+            url = "data:image/png;base64," + base64.b64encode(png).decode()
+            prompt = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]
         body = {"model": self.model, "temperature": self.temperature,
-                "messages": [{"role": "user", "content": content}]}
-        headers = {"Accept-Encoding": "identity"}  # the size cap counts what arrives, not what it inflates to
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+                "messages": [{"role": "user", "content": prompt}]}
+        auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers = {"Accept-Encoding": "identity", **auth}  # the size cap counts what arrives, not inflated
         problem, wait = "", 0.0
         for attempt in range(self.retries + 1):
             time.sleep(wait)
@@ -233,8 +217,6 @@ class LLMClient:
                 return format_cot(parse_cot(reply_text(reply)))
             except Retry as e:
                 problem = str(e)
-            except requests.RequestException as e:  # a malformed URL, header or the like: no retry helps
-                raise self.error(f"{type(e).__name__}: {e}") from None
             except ValueError as e:
                 problem = f"invalid reply: {e}"
         raise self.error(f"no valid CoT after {self.retries + 1} attempts; last: {problem}")
@@ -271,7 +253,7 @@ class LLMClient:
                 raise Retry(late) from None
             if isinstance(e, (requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
                 raise Retry(f"{type(e).__name__} (is the server running?)") from None
-            raise
+            raise self.error(f"{type(e).__name__}: {e}") from None  # a malformed URL or the like: no retry
         finally:
             watchdog.cancel()
             session.close()

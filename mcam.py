@@ -2,20 +2,19 @@
 
 The references retrieve.py chose start decoder A's context stream at the bottleneck x, and an MCAM at every
 scale gates that stream into the main stream (model.py wires them; Xavier init, as in the public code):
-
     ctx      = x + t,  t = sigmoid(W [x, a]) * a   ReferenceFusion; a: x's tokens attend to the K references'
                                                    tokens, reference k's logits plus log w_k (its weight)
     c        = upsample(GELU(BN(proj(ctx))))                        MCAM: the context from the scale below
     s_a      = GELU(GroupNorm(conv_s([pool_a(main), pool_a(c)])))  a in X, Y, Z; pool_a: mean over the others
     g        = sigmoid(conv_X(s_X)) * sigmoid(conv_Y(s_Y)) * sigmoid(conv_Z(s_Z))        (gated=False: g = 1)
-    main_out = main + g * c,  ctx_out = g * c
-"""
+    main_out = main + g * c,  ctx_out = g * c"""
 import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 class References(NamedTuple):
     """What decoder A is given for a batch: the chosen bank entries and what it knows of them."""
@@ -60,8 +59,8 @@ def axis_profiles(t):
 
 
 class ReferenceFusion(nn.Module):
-    """Gated cross-attention of the scan's bottleneck tokens to the references' tokens. log w_k added to the
-    logits of reference k weighs it by w_k (0 removes it; only ratios matter). Pre-norm; a 3D position
+    """Gated cross-attention of the bottleneck's tokens to the references'; log w_k on reference k's logits
+    weighs it (w_k = 0, clamped to log 1e-30 = -69, removes it; only ratios matter). Pre-norm; a 3D position
     encoding on queries and keys (the bank holds every orientation: a reference lies like the query)."""
 
     def __init__(self, channels, heads=4, dropout=0.1):
@@ -85,14 +84,12 @@ class ReferenceFusion(nn.Module):
         q = self.q(self.norm_q(xt) + pos).view(B, N, H, C // H).transpose(1, 2)        # (B, H, N, C/H)
         k = self.k(kv + pos.repeat(K, 1)).view(B, K * N, H, C // H).transpose(1, 2)    # (B, H, K*N, C/H)
         v = self.v(kv).view(B, K * N, H, C // H).transpose(1, 2)                       # (B, H, K*N, C/H)
-        # log-weight bias per reference token; a weight of 0 becomes log(1e-30) = -69, i.e. no attention
         bias = weights.float().clamp_min(1e-30).log().repeat_interleave(N, 1)[:, None, None]  # (B, 1, 1, K*N)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
                                            dropout_p=self.dropout if self.training else 0.0)  # (B,H,N,C/H)
         a = self.out(a.transpose(1, 2).reshape(B, N, C))                               # (B, N, C)
         term = torch.sigmoid(self.gate(torch.cat([xt, a], 2))) * a                     # (B, N, C)
-        term = term.transpose(1, 2).unflatten(2, (d, h, w))                           # (B, C, d, h, w)
-        return term.contiguous(memory_format=layout(x))
+        return term.transpose(1, 2).unflatten(2, (d, h, w)).contiguous(memory_format=layout(x))  # like x
 
 
 class MCAM(nn.Module):

@@ -1,12 +1,10 @@
 """The dual-decoder V-Net and the losses of training (docs/design.md §8, §9).
 
-A V-Net encoder (16 base filters, batch norm, dropout, as UA-MT / MC-Net set it up for LA) feeds two
-decoders whose disagreement is a training signal: decoder A (transposed convolutions) and decoder B (trilinear
-upsampling; always plain, its prediction drives the reference query). With references, decoder A is wired as
-the public CERS code wires it: a context stream starts from x + fusion(x, refs) at the bottleneck x, an MCAM
-per scale gates it into the main stream (main + g * c), and the head reads both streams; "no references"
-(zero_refs or refs=None) starts it from x alone. Built without references it is the plain mean teacher.
-"""
+A V-Net encoder (16 base filters, batch norm, dropout, as UA-MT / MC-Net set it up for LA) feeds decoder A
+(transposed convolutions) and decoder B (trilinear upsampling, always plain: it drives the reference query);
+their disagreement is a training signal. With references, decoder A is wired as the public CERS code wires
+it: a context stream from x + fusion(x, refs) at the bottleneck x, gated into the main stream by an MCAM per
+scale (mcam.py), the head reading both streams. Built without references it is the plain mean teacher."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,16 +14,8 @@ import mcam
 
 def conv_stage(c_in, c_out, n_convs):
     """n_convs x (3x3x3 convolution, batch norm, ReLU)."""
-    layers = []
-    for i in range(n_convs):
-        layers += [nn.Conv3d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.BatchNorm3d(c_out),
-                   nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers)
-
-
-def down(c_in, c_out):
-    """Halve the resolution with a stride-2 2x2x2 convolution."""
-    return nn.Sequential(nn.Conv3d(c_in, c_out, 2, stride=2), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(*[m for i in range(n_convs) for m in (
+        nn.Conv3d(c_out if i else c_in, c_out, 3, padding=1), nn.BatchNorm3d(c_out), nn.ReLU(inplace=True))])
 
 
 def up(c_in, c_out, mode):
@@ -44,13 +34,15 @@ class Encoder(nn.Module):
         ch = [f, 2 * f, 4 * f, 8 * f, 16 * f]
         self.stages = nn.ModuleList([conv_stage(in_channels, ch[0], 1)] +
                                     [conv_stage(ch[i], ch[i], n) for i, n in zip(range(1, 5), (2, 3, 3, 3))])
-        self.downs = nn.ModuleList([down(ch[i], ch[i + 1]) for i in range(4)])
+        self.downs = nn.ModuleList([nn.Sequential(   # stride-2 2x2x2 convolutions halve the resolution
+            nn.Conv3d(ch[i], ch[i + 1], 2, stride=2), nn.BatchNorm3d(ch[i + 1]), nn.ReLU(inplace=True))
+            for i in range(4)])
         self.dropout = nn.Dropout3d(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):                            # (B, 1, X, Y, Z)
         feats = [self.stages[0](x)]                  # (B, f, X, Y, Z)
-        for stage, down_ in zip(self.stages[1:], self.downs):
-            feats.append(stage(down_(feats[-1])))    # (B, 2f, X/2, ..) .. (B, 16f, X/16, Y/16, Z/16)
+        for stage, down in zip(self.stages[1:], self.downs):
+            feats.append(stage(down(feats[-1])))     # (B, 2f, X/2, ..) .. (B, 16f, X/16, Y/16, Z/16)
         feats[-1] = self.dropout(feats[-1])
         return feats
 
@@ -107,9 +99,8 @@ class DualDecoderVNet(nn.Module):
 
     def decode_a(self, feats, refs=None, zero_refs=False):
         """Decoder A on encoder features; zero_refs or refs=None: the "no references" control (term 0)."""
-        context = None
+        x, context = feats[-1], None                                 # (B, 16f, X/16, Y/16, Z/16)
         if self.fusion is not None:
-            x = feats[-1]                                            # (B, 16f, X/16, Y/16, Z/16)
             context = x if zero_refs or refs is None else x + self.fusion(x, refs.features, refs.weights)
         return self.decoder_a(feats, context)
 
@@ -118,9 +109,8 @@ class DualDecoderVNet(nn.Module):
         """How loud the references are: the fused term's mean per-token norm over x's (0: an inert fusion)."""
         if self.fusion is None:
             raise ValueError("context_ratio: this network was built without references (no fusion)")
-        x = feats[-1]
-        term = self.fusion(x, refs.features, refs.weights)            # (B, 16f, X/16, Y/16, Z/16)
-        return term.float().norm(dim=1).mean() / x.float().norm(dim=1).mean().clamp_min(1e-12)
+        term = self.fusion(feats[-1], refs.features, refs.weights)    # (B, 16f, X/16, Y/16, Z/16)
+        return term.float().norm(dim=1).mean() / feats[-1].float().norm(dim=1).mean().clamp_min(1e-12)
 
     def predict_b(self, x):
         """Decoder B alone: the reference query needs no context."""
@@ -132,26 +122,18 @@ def build_model(cfg):
     return DualDecoderVNet(1, cfg.n_classes, cfg.base_filters, cfg.dropout, cfg.references, cfg.mcam_gates)
 
 
-# ----------------------------------------------------------------------------- losses (pure functions)
-def dice_loss(prob, target, eps=1e-5):
-    """1 - soft Dice of the foreground probability (B, X, Y, Z) against a {0, 1} target."""
-    return 1.0 - (2.0 * (prob * target).sum() + eps) / (prob.sum() + target.sum() + eps)
-
-
-def supervised_loss(logits, label):
-    """0.5 (cross-entropy + Dice) for one decoder's labeled logits (Lb, 2, X, Y, Z), label (Lb, X, Y, Z)."""
-    prob = logits.float().softmax(1)[:, 1]
-    return 0.5 * (F.cross_entropy(logits.float(), label) + dice_loss(prob, label.float()))
-
-
-def mean(t):
-    """The mean of t, and 0 (still in the graph) when t is empty (no unlabeled patches), not NaN."""
-    return t.mean() if t.numel() else t.sum()
+def supervised_loss(logits, label, eps=1e-5):
+    """0.5 (cross-entropy + soft Dice loss) of labeled logits (Lb, 2, X, Y, Z) against label (Lb, X, Y, Z)."""
+    prob = logits.float().softmax(1)[:, 1]                                   # (Lb, X, Y, Z) foreground
+    ce, target = F.cross_entropy(logits.float(), label), label.float()
+    dice = (2.0 * (prob * target).sum() + eps) / (prob.sum() + target.sum() + eps)
+    return 0.5 * (ce + (1.0 - dice))
 
 
 def mse(a, b):
-    """Mean squared error, 0 over no patches."""
-    return mean((a - b).square())
+    """Mean squared error; over no patches (no unlabeled ones) 0, still in the graph, not NaN."""
+    sq = (a - b).square()
+    return sq.mean() if sq.numel() else sq.sum()
 
 
 def sharpen(p, t):

@@ -1,20 +1,17 @@
 """Synthetic left-atrium phantoms in the exact LA layout, the offline default (docs/phantom.md): LGE-MRI-like
 crops where the LA shares its intensity with the heart's other blood pools, so only position, shape and
 context find the label (`threshold_dice`). A seed gives byte-identical files."""
-import argparse
 import io
 import json
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 from scipy import ndimage
 
-from config import (EXPERIMENTS, CersError, ConfigError, Lock, World, cli, main_first, make_folder, temp_path,
-    write_bytes, write_text, writing)
+from config import (EXPERIMENTS, CersError, ConfigError, Lock, World, main_first, make_folder, temp_path,
+                    write_bytes, write_text, writing)
 from data import CASE_DIR, CASE_FILE, case_path, read_case, read_list
 
 PARAMS_FILE = "phantom.json"
@@ -33,8 +30,7 @@ class NotAPhantom(CersError, FileExistsError):
 
 
 def smooth_field(rng, grid, scale, n_modes=6):
-    """A smooth random field (mean ~0, std ~1): n_modes cosines of wavelength about 2 * scale voxels, each the
-    real part of a product of three 1D complex exponentials, so all of it is one matrix product."""
+    """A smooth random field (mean ~0, std ~1): n_modes cosines of wavelength ~2 * scale, in one matmul."""
     w = rng.normal(0.0, np.pi / (2 * scale), (3, n_modes))
     phase = rng.uniform(0, 2 * np.pi, (3, n_modes))
     ex, ey, ez = (np.exp(1j * (w[i, :, None] * grid[i].ravel() + phase[i, :, None])).astype(np.complex64)
@@ -44,18 +40,7 @@ def smooth_field(rng, grid, scale, n_modes=6):
     return field.reshape(ex.shape[1], ey.shape[1], ez.shape[1]) * np.float32(np.sqrt(2.0 / n_modes))
 
 
-# Shapes are signed distances in nominal voxels (< 0 inside) over the heart-frame coordinates q, three
-# (X, Y, Z) arrays: a union is a minimum, a wall is 0 < d <= thickness.
-def unit(v):
-    """v scaled to length 1."""
-    return np.asarray(v, float) / np.linalg.norm(v)
-
-
-def reach(radii, direction):
-    """Distance from an ellipsoid's centre to its surface along a unit direction."""
-    return 1.0 / np.sqrt(np.sum((np.asarray(direction) / radii) ** 2))
-
-
+# Shapes are signed distances in nominal voxels (< 0 inside) over the heart-frame coordinates q (X, Y, Z).
 def ellipsoid(q, center, radii, wobble):
     """A deformed ellipsoid: its radius in each direction scaled by (1 + wobble), an (X, Y, Z) field."""
     d = [qi - np.float32(c) for qi, c in zip(q, center)]
@@ -78,6 +63,11 @@ def tube(q, points, radii):
 
 def anatomy(rng, q, wobble):
     """{name: (signed distance, wall thickness)} of every blood pool; LA at 0, x left, y posterior, z up."""
+    def unit(v):
+        return np.asarray(v, float) / np.linalg.norm(v)
+
+    def reach(radii, direction):  # an ellipsoid's centre-to-surface distance along a unit direction
+        return 1.0 / np.sqrt(np.sum((np.asarray(direction) / radii) ** 2))
     u = rng.uniform
     la_r = np.array(LA_RADII) * u(0.75, 1.3, 3)
     atrial_wall = u(0.8, 1.6)                                          # thin: LGE shows it faintly, with gaps
@@ -137,11 +127,18 @@ def heart_frame(rng, grid, size, scale):
     return tuple(sum(inverse[i, j] * rel[j] for j in range(3)) for i in range(3))
 
 
-def paint(rng, grid, pools, s):
-    """The noise-free LGE-like image (X, Y, Z) and its blood and wall masks; `s`: voxels per nominal voxel."""
+def make_case(rng, shape):
+    """One case of about `shape`: image, label, and masks target, atrium (its blood), other blood, wall."""
+    def field(scale):                                                    # `scale` in nominal voxels
+        return smooth_field(rng, grid, scale * s)
     u = rng.uniform
-    field = lambda scale: smooth_field(rng, grid, scale * s)
-    blood_d = np.minimum.reduce([d for d, _ in pools.values()])
+    size = np.array([*(round(n * u(0.85, 1.15)) for n in shape[:2]), shape[2]])              # X, Y +-15 %
+    grid = [g.astype(np.float32) for g in np.ogrid[:size[0], :size[1], :size[2]]]
+    s = shape[0] / NOMINAL                                               # voxels per nominal voxel
+    pools = anatomy(rng, heart_frame(rng, grid, size, s), [field(8) for _ in range(3)])
+    la, veins = pools["la"][0], pools["veins"][0]
+    own = np.minimum(np.minimum(la, pools["appendage"][0]), np.where(la <= VEIN_LABEL, veins, np.inf))
+    blood_d = np.minimum.reduce([d for d, _ in pools.values()])        # paint the noise-free LGE-like image
     blood = blood_d <= 0
     tissue = 1.0 / u(1.4, 4.0)                                          # blood-to-tissue contrast varies most
     image = tissue * (1 + 0.2 * field(1.5) + 0.1 * field(6))            # mediastinal tissue, mottled
@@ -157,22 +154,8 @@ def paint(rng, grid, pools, s):
     scar = wall & (field(3) > u(0.4, 1.4))
     image[scar] = u(0.5, 0.8)                                          # late enhancement: bright wall patches
     image[blood] = (1 + u(0.03, 0.12) * field(5))[blood]                # heterogeneous blood-pool enhancement
-    return image, blood, wall
-
-
-def make_case(rng, shape):
-    """One case of about `shape`: image, label, and masks target, atrium (its blood), other blood, wall."""
-    size = np.array([*(round(n * rng.uniform(0.85, 1.15)) for n in shape[:2]), shape[2]])   # X, Y +-15 %
-    grid = [g.astype(np.float32) for g in np.ogrid[:size[0], :size[1], :size[2]]]
-    s = shape[0] / NOMINAL                                               # voxels per nominal voxel
-    q = heart_frame(rng, grid, size, s)
-    pools = anatomy(rng, q, [smooth_field(rng, grid, 8 * s) for _ in range(3)])
-    la, veins = pools["la"][0], pools["veins"][0]
-    own = np.minimum(np.minimum(la, pools["appendage"][0]), np.where(la <= VEIN_LABEL, veins, np.inf))
-    image, blood, wall = paint(rng, grid, pools, s)
-    u = rng.uniform
     image = ndimage.gaussian_filter(image, u(0.4, 1.3) * s, truncate=3.0)         # partial volume
-    image *= np.exp(u(0.05, 0.35) * smooth_field(rng, grid, 30 * s))                # coil bias field
+    image *= np.exp(u(0.05, 0.35) * field(30))                                      # coil bias field
     noise = u(0.02, 0.12) * rng.standard_normal((2, *image.shape), dtype=np.float32)   # relative to blood
     image = np.sqrt((image + noise[0]) ** 2 + noise[1] ** 2)                    # magnitude of complex data
     image = image ** u(0.6, 1.6)                                                # scanner's intensity response
@@ -264,29 +247,3 @@ def threshold_dice(root, levels=512, sample=16):
     pooled = 2 * hits.sum(0) / np.maximum(above.sum(0) + sizes.sum(), 1)
     best = int(per_case.argmax())
     return {"dice": float(per_case[best]), "threshold": float(t[best]), "pooled": float(pooled.max())}
-
-
-def main(argv=None):
-    """Write a phantom, or only measure threshold_dice of any LA-layout dataset."""
-    p = argparse.ArgumentParser(description="Write a synthetic LA-layout dataset.", allow_abbrev=False)
-    p.add_argument("--out", default="data/phantom", help="dataset root (PHANTOM_8's by default)")
-    p.add_argument("--n-train", type=int, default=EXPERIMENTS["PHANTOM_8"]["phantom_cases"][0])
-    p.add_argument("--n-test", type=int, default=EXPERIMENTS["PHANTOM_8"]["phantom_cases"][1])
-    p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("X", "Y", "Z"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold-dice", metavar="ROOT", help="only measure the best global threshold Dice of "
-                   "the LA-layout dataset at ROOT (real LA or a phantom)")
-    args = p.parse_args(argv)
-    if args.threshold_dice:
-        r = threshold_dice(args.threshold_dice)
-        return print(f"{args.threshold_dice}: best global threshold {r['threshold']:.3f}, Dice "
-                     f"{r['dice']:.3f} (mean over cases), pooled over all voxels {r['pooled']:.3f}")
-    t0 = time.time()
-    root = ensure_phantom(args.out, args.n_train, args.n_test, args.shape, args.seed, rewrite=True)
-    summary = json.loads((root / PARAMS_FILE).read_text())["summary"]      # mean z-scored intensities by part
-    print(f"wrote {args.n_train} train + {args.n_test} test cases to {root} in {time.time() - t0:.1f} s: "
-          + ", ".join(f"{k} {v}" for k, v in summary.items()))
-
-
-if __name__ == "__main__":
-    sys.exit(cli(main))

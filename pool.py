@@ -1,14 +1,8 @@
-"""Knowledge pool: the chain-of-thought (CoT) texts of every case (docs/design.md §4, §5).
-
-Each text has four parts (Texture, Boundary, Context, Summary): a "mask CoT" of each labeled case written
-with its mask, an "image CoT" of every case from the image alone. Two back ends write them from
-image_stats(): `llm`, an OpenAI-compatible chat endpoint (llm.py) prompted with prompts/cot_*.txt, and
-`descriptors`, offline (write_cot, worded by prompts/descriptors.json). Texts are cached in an append-only
-JSONL file keyed by case, kind, back end, model, prompt and content hash, locked while a build writes, so
-concurrent builds never ask twice for one text.
-    python pool.py --exp LA_8                                     # offline descriptors back end
-    python pool.py --exp LA_8 --backend llm --url http://localhost:8000 --model NAME [--vision]
-    python pool.py --exp LA_8 --show ID                           # print one case's cached texts
+"""Knowledge pool (docs/design.md §4, §5): a four-part chain-of-thought (CoT) text of each labeled case with
+its mask and of every case from the image alone, written from image_stats() by the `llm` back end (llm.py,
+prompts/cot_*.txt) or the offline `descriptors` one (write_cot, prompts/descriptors.json), cached in a locked,
+append-only JSONL file keyed by content, prompt and model, so concurrent builds never ask twice.
+    python pool.py --exp LA_8 [--backend llm --url http://localhost:8000 --model NAME [--vision]] [--show ID]
 """
 import argparse
 import fcntl
@@ -36,14 +30,17 @@ from config import CersError, cli, get_config
 from llm import LLMClient, LLMError, RateLimited, clean, montage_png
 from retrieve import FACE6, MORPH_NAMES, morphology_batch
 
-# ----------------------------------------------------------------------------- the prompts
-
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
-# the mask CoT of a labeled case, the image-only CoT of any case: their prompt templates
-TEMPLATES = {"mask": "cot_mask.txt", "image": "cot_image.txt"}
+TEMPLATES = {"mask": "cot_mask.txt", "image": "cot_image.txt"}  # the prompt template of each kind of CoT
 KINDS = tuple(TEMPLATES)
 PLACEHOLDERS = ("modality", "anatomy", "target", "descriptors")  # what a template may name in braces
-
+EPS = 1e-6
+MIN_BLOB = 2e-4     # a bright structure counts when it holds at least this share of the volume
+SMOOTH_SIGMA = 2.0  # voxels; heterogeneity is read from a smoothed image, so fine noise does not count twice
+RING = 3            # voxels; the neighbourhood a target is compared with
+DESCRIPTORS = PROMPT_DIR / "descriptors.json"  # its wording; the file's "about" says how it is laid out
+# the model name the descriptors back end records in the cache: changed wording makes new keys, so new texts
+WRITER = "descriptors-" + hashlib.sha256(DESCRIPTORS.read_bytes()).hexdigest()[:8]
 
 
 def load_template(kind, prompt_dir=PROMPT_DIR):
@@ -66,13 +63,6 @@ def prompt_hash(template, context, vision=False):
     """Names a prompt in the cache: a changed template, modality, anatomy, target or image makes new ones."""
     fixed = render_prompt(template, {**context, "descriptors": "{descriptors}"})
     return hashlib.sha256((fixed + ("\n[vision]" if vision else "")).encode()).hexdigest()[:12]
-
-# ----------------------------------------------------------------------------- image statistics
-
-EPS = 1e-6
-MIN_BLOB = 2e-4     # a bright structure counts when it holds at least this share of the volume
-SMOOTH_SIGMA = 2.0  # voxels; heterogeneity is read from a smoothed image, so fine noise does not count twice
-RING = 3            # voxels; the neighbourhood a target is compared with
 
 
 def otsu(values, bins=256):
@@ -98,9 +88,8 @@ def neighbours(m, combine):
 
 
 def image_stats(image, mask=None):
-    """Intensity statistics of a volume (X, Y, Z), and with a mask (labeled cases only) of its target.
-
-    Two Otsu thresholds split the volume into background, tissue and bright structures (in LA MRI the blood
+    """Intensity statistics of a volume (X, Y, Z), and with a mask (labeled cases only) of its target. Two
+    Otsu thresholds split the volume into background, tissue and bright structures (in LA MRI the blood
     pools of atrium, veins, ventricle and aorta); intensities are in units of the bright-vs-tissue step, so
     scans with different scaling read alike."""
     def _median(v):
@@ -108,7 +97,6 @@ def image_stats(image, mask=None):
 
     def _std(v):
         return float(v.std()) if v.size else 0.0
-
     x = np.asarray(image, dtype=np.float32)
     body = x > otsu(x)
     bright = x > otsu(x[body])
@@ -118,15 +106,13 @@ def image_stats(image, mask=None):
     smooth = ndimage.gaussian_filter(x, SMOOTH_SIGMA, truncate=2.0)
     core = neighbours(bright, np.logical_and)
     sizes = np.bincount(ndimage.label(bright, FACE6)[0].ravel())[1:]
-    stats = {
-        "contrast": step / max(_std(x[tissue]), EPS),                         # a contrast-to-noise ratio
-        "noise": 1.4826 / np.sqrt(2) * _median(np.abs(np.diff(x, axis=0))[body[1:]]) / step,  # robust sigma
-        "heterogeneity": _std(smooth[core]) / step,                      # slow variation in bright structures
-        "edge_sharpness": 2 * _median(grad[bright & ~core]) / step,      # 1 for an ideal step edge
-        "bright_fraction": float(bright.mean()),
-        "bright_structures": int((sizes >= MIN_BLOB * x.size).sum()),
-        "largest_share": float(sizes.max() / sizes.sum()) if sizes.size else 0.0,  # 1: one connected pool
-    }
+    stats = {"contrast": step / max(_std(x[tissue]), EPS),                       # a contrast-to-noise ratio
+             "noise": 1.4826 / np.sqrt(2) * _median(np.abs(np.diff(x, axis=0))[body[1:]]) / step,  # robust
+             "heterogeneity": _std(smooth[core]) / step,                 # slow variation in bright structures
+             "edge_sharpness": 2 * _median(grad[bright & ~core]) / step,  # 1 for an ideal step edge
+             "bright_fraction": float(bright.mean()),
+             "bright_structures": int((sizes >= MIN_BLOB * x.size).sum()),
+             "largest_share": float(sizes.max() / sizes.sum()) if sizes.size else 0.0}  # 1: one pool
     if mask is None:
         return stats
     m = np.asarray(mask).astype(bool, copy=False)
@@ -147,12 +133,6 @@ def image_stats(image, mask=None):
             "target_sphericity": float(6 * np.pi * radius**2 / max(shape["surface_to_volume"] * m.sum(), 1)),
             "target_elongation": float(1 - shape["axis_ratio_min"]),
             "target_components": int(shape["components"])}
-
-# ----------------------------------------------------------------------------- the descriptors back end
-
-DESCRIPTORS = PROMPT_DIR / "descriptors.json"  # its wording; the file's "about" says how it is laid out
-# the model name this back end records in the cache: changed wording makes new keys, so new texts
-WRITER = "descriptors-" + hashlib.sha256(DESCRIPTORS.read_bytes()).hexdigest()[:8]
 
 
 @functools.cache
@@ -180,21 +160,8 @@ def write_cot(stats, kind, modality, anatomy, target):
             + f"\nSummary: {overall} {target} whose main segmentation difficulty is {reason}.")
 
 
-# ----------------------------------------------------------------------------- the cache
-
-
 class CacheError(CersError, OSError):
     """The CoT cache cannot be read or written; the message names the file and the cause."""
-
-
-def content_hash(image, mask=None):
-    """Names what a text describes: the image's voxels (and the mask's, for a mask CoT), shape included."""
-    digest = hashlib.sha256()
-    for array, dtype in ((image, np.float32), (mask, np.uint8)):
-        if array is not None:
-            array = np.ascontiguousarray(array, dtype)
-            digest.update(repr(array.shape).encode() + array.data)
-    return digest.hexdigest()[:16]
 
 
 def cache_path(cfg):
@@ -209,10 +176,7 @@ def check_cache_writable(cfg):
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        if folder == path:
-            open(path, "rb").close()
-        else:
-            tempfile.TemporaryFile(dir=folder).close()
+        (open(path, "rb") if folder == path else tempfile.TemporaryFile(dir=folder)).close()
     except OSError as e:
         raise CacheError(f"{path}: the CoT cache cannot be {'read' if folder == path else 'created'} "
                          f"({e.strerror or e}); set --cot_cache or fix its folder") from None
@@ -249,9 +213,8 @@ class CotCache:
                 damaged.append(number)
         if damaged and len(damaged) != self.damaged:
             lines = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
-            warnings.warn(f"{self.path}:{damaged[0]}: skipping {len(damaged)} damaged cache record(s) "
-                          f"(line {lines}; an interrupted write or an edit?); their texts are asked for "
-                          "again")
+            warnings.warn(f"{self.path}:{damaged[0]}: skipping {len(damaged)} damaged cache record(s) (line "
+                          f"{lines}; an interrupted write or an edit?); their texts are asked for again")
         self.damaged = len(damaged)
 
     @contextmanager
@@ -291,24 +254,28 @@ class CotCache:
                              f"the {len(self.records)} texts cached so far are kept; re-run") from None
         self.torn, self.records[key] = False, record
 
-# ----------------------------------------------------------------------------- building the pool
-
 
 @dataclass
 class Job:
     """One text to write: the mask CoT of a labeled case (its mask given), else the image-only CoT of a case,
-    which by construction never sees a mask."""
+    which by construction never sees a mask. Its content hash names the voxels described, shape included."""
     case_id: str
     image: np.ndarray
     mask: np.ndarray = None
 
     def __post_init__(self):
         self.kind = "image" if self.mask is None else "mask"
-        self.content_hash = content_hash(self.image, self.mask)
+        digest = hashlib.sha256()
+        for array, dtype in ((self.image, np.float32), (self.mask, np.uint8)):
+            if array is not None:
+                array = np.ascontiguousarray(array, dtype)
+                digest.update(repr(array.shape).encode() + array.data)
+        self.content_hash = digest.hexdigest()[:16]
 
 
 @dataclass
 class CotTexts:
+    """The texts of a build by kind and case ID, with its counts and failures."""
     mask: dict = field(default_factory=dict)    # labeled case ID -> mask CoT
     image: dict = field(default_factory=dict)   # case ID -> image-only CoT
     cached: int = 0                             # texts read from the cache
@@ -318,10 +285,10 @@ class CotTexts:
 
 def build_cots(jobs, cache, context, client=None, vision=False, workers=1, prompt_dir=PROMPT_DIR,
                progress=True):
-    """The texts of `jobs`: cached ones read, the rest written by `workers` threads and cached as they finish,
-    under the cache's lock (none taken when every text is cached). `context` fills the prompts; with `client`
-    (an LLMClient) the llm back end writes, with a montage when `vision`, else the descriptors one. Failed
-    texts go to .failed; RateLimited stops the build."""
+    """The texts of `jobs`: cached ones read, the rest written by `workers` threads under the cache's lock
+    (none taken when all are cached). `context` fills the prompts; with `client` (an LLMClient) the llm back
+    end writes, with a montage when `vision`, else the descriptors one. Failures go to .failed; RateLimited
+    stops the build."""
     backend, model = ("llm", client.model) if client else ("descriptors", WRITER)
     vision = vision and client is not None
     templates = {k: load_template(k, prompt_dir) for k in KINDS}
@@ -351,7 +318,6 @@ def build_cots(jobs, cache, context, client=None, vision=False, workers=1, promp
         except RateLimited as e:
             stopped.append(e)
             raise
-
     todo = missing()
     if todo:
         with cache.writing():
@@ -379,24 +345,19 @@ def build_cots(jobs, cache, context, client=None, vision=False, workers=1, promp
 
 def resolve_backend(cfg):
     """cfg.cot_backend, where "auto" means llm when an endpoint is configured and descriptors otherwise."""
-    if cfg.cot_backend != "auto":
-        return cfg.cot_backend
-    if not cfg.llm_url:
+    if cfg.cot_backend == "auto" and not cfg.llm_url:
         print("pool: no LLM endpoint configured (llm_url is empty): CoT texts come from the offline "
               "descriptors back end")
-    return "llm" if cfg.llm_url else "descriptors"
+    return cfg.cot_backend if cfg.cot_backend != "auto" else "llm" if cfg.llm_url else "descriptors"
 
 
 def build_pool(cfg, split, volumes, progress=True):
     """Mask CoTs of the labeled cases and image-only CoTs of every case, writing what the cache lacks.
-
-    `volumes` maps ID -> (image, label); only the labeled cases' labels are read, so unlabeled and test
-    masks are never measured, rendered or sent. Raises LLMError after the build when texts failed (the
-    finished ones are cached, so a re-run asks only for the rest)."""
+    `volumes` maps ID -> (image, label); only labeled cases' labels are read, so unlabeled and test masks are
+    never measured, rendered or sent. LLMError after the build if texts failed (finished ones are cached)."""
     backend, client = resolve_backend(cfg), None
     if backend == "llm":
-        key = os.environ.get(cfg.llm_api_key_env, "")
-        if not key:
+        if not (key := os.environ.get(cfg.llm_api_key_env, "")):
             print(f"pool: environment variable {cfg.llm_api_key_env} is empty: sending requests without an "
                   "API key")
         client = LLMClient(cfg.llm_url, cfg.llm_model, key, cfg.llm_temperature, cfg.llm_timeout,
@@ -418,10 +379,8 @@ def build_pool(cfg, split, volumes, progress=True):
 
 
 def main(argv=None):
-    """python pool.py --exp NAME [--backend llm --url URL --model NAME] [--vision] [--cot_cache FILE]
-    [--show ID] [--key=value ...]"""
-    parser = argparse.ArgumentParser(description="Build the CoT knowledge pool of an experiment.",
-                                     allow_abbrev=False)
+    """The command line: build an experiment's CoT pool, or --show one case's cached texts."""
+    parser = argparse.ArgumentParser(description="Build the CoT pool of an experiment.", allow_abbrev=False)
     parser.add_argument("--exp", required=True, help="experiment name, e.g. LA_8")
     flags = {"backend": "cot_backend", "url": "llm_url", "model": "llm_model", "cot_cache": "cot_cache",
              "temperature": "llm_temperature", "timeout": "llm_timeout", "workers": "llm_workers"}

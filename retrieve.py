@@ -22,8 +22,6 @@ from config import make_folder, save_figure
 
 MODES = ("both", "morph", "random")  # the paper; its no-CoT-filter control; its random-retrieval control
 SWAPS = ("retrieved", "random", "zeroed")  # what decoder A is given in the reference-sensitivity checks
-
-# ----------------------------------------------------------------------------- morphology descriptors
 MORPH_NAMES = (
     "fg_fraction", "extent_x", "extent_y", "extent_z",  # foreground share; bounding box / patch, per axis
     "axis_ratio_mid", "axis_ratio_min",        # principal-axis lengths over the longest (1 round, 0 thin)
@@ -33,6 +31,20 @@ MORPH_NAMES = (
     "border_contact")                          # share of the six patch faces the mask touches (a cut target)
 MORPH_DIM = len(MORPH_NAMES)
 FACE6 = ndimage.generate_binary_structure(3, 1)  # voxels are neighbours when they share a face
+# the four distinct patches data.rot_flip(x, k, axis) makes (a y flip is an x flip after a half turn)
+ORIENTATIONS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+FIELD_LABEL = re.compile(r"\b(?:texture|boundary|context|summary)\s*:", re.IGNORECASE)  # not evidence
+WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one match; '/' separates
+STOPWORDS = frozenset("""a about above after again against all am an and any are as at be because been before
+being below between both but by can could did do does doing down during each few for from further had has have
+having here how if in into is it its itself may might more most much must near of off on once only or other
+over own same shall should so some such than that the their them then there these they this those through to
+too under until up upon very via was were what when where which while who whom why will with would""".split())
+# inflection suffixes, longest first, stripped repeatedly: enhancing / enhanced / enhancement meet at one stem
+SUFFIXES = ("ations", "ation", "ments", "ment", "ness", "ities", "ity", "ously", "ous", "ative", "ating",
+            "ated", "ate", "ively", "ive", "ingly", "ing", "edly", "ed", "ies", "ly", "al", "ic", "es", "s",
+            "e", "y")
 
 
 def morphology_batch(masks):
@@ -77,22 +89,6 @@ def morphology_batch(masks):
     return out.astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- CoT text: tokenizer and BM25
-FIELD_LABEL = re.compile(r"\b(?:texture|boundary|context|summary)\s*:", re.IGNORECASE)  # not evidence
-WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # hyphenated compounds stay one match; '/' separates
-STOPWORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between
-both but by can could did do does doing down during each few for from further had has have having here how
-if in into is it its itself may might more most much must near of off on once only or other over own same
-shall should so some such than that the their them then there these they this those through to too under
-until up upon very via was were what when where which while who whom why will with would
-""".split())
-# inflection suffixes, longest first, stripped repeatedly: enhancing / enhanced / enhancement meet at one stem
-SUFFIXES = ("ations", "ation", "ments", "ment", "ness", "ities", "ity", "ously", "ous", "ative", "ating",
-            "ated", "ate", "ively", "ive", "ingly", "ing", "edly", "ed", "ies", "ly", "al", "ic", "es", "s",
-            "e", "y")
-
-
 @lru_cache(maxsize=1 << 16)
 def stem(word):
     """A small suffix stripper: crude, but it maps the inflected forms of one root to one token."""
@@ -111,21 +107,17 @@ def tokenize(text):
     out = []
     for match in WORD.finditer(FIELD_LABEL.sub(" ", text or "").lower()):
         parts = [p for p in match.group().split("-") if len(p) > 1 and p not in STOPWORDS]
-        out += [stem(p) for p in parts]
-        if len(parts) > 1:
-            out.append(stem("".join(parts)))
+        out += [stem(p) for p in parts] + ([stem("".join(parts))] if len(parts) > 1 else [])
     return out
 
 
 class CotIndex:
-    """BM25 over distinct texts (a case's patches share its CoT), corpus statistics from rank-bm25. The IDF is
-    Lucene's log(1 + (N - n + 0.5) / (n + 0.5)), always positive: a pool has few cases, so most words sit in
-    over half the documents, where Okapi's IDF is negative."""
+    """BM25 over distinct texts (a case's patches share its CoT), statistics from rank-bm25, Lucene's IDF
+    log(1 + (N - n + 0.5) / (n + 0.5)) > 0 (Okapi's is negative for words in over half of few documents)."""
 
     def __init__(self, texts, tokenizer=tokenize, k1=1.5, b=0.75):
         self.texts = list(dict.fromkeys(texts))
-        self.doc_of = {t: i for i, t in enumerate(self.texts)}
-        self.tokenizer = tokenizer
+        self.doc_of, self.tokenizer, self.cache = {t: i for i, t in enumerate(self.texts)}, tokenizer, {}
         tokens = [tokenizer(t) for t in self.texts]
         if not any(tokens):
             raise ValueError(f"the {len(self.texts)} CoT texts of the pool contain no words to index")
@@ -138,19 +130,13 @@ class CotIndex:
         rows, cols, tf, dl = (np.array(x) for x in zip(*pairs))
         value = idf[cols] * tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl / bm.avgdl))
         self.weights = scipy.sparse.csr_matrix((value, (rows, cols)), (len(self.texts), len(self.vocab)))
-        self.cache = {}  # query text -> its scores: the texts are fixed
 
     def scores(self, text):
-        """Raw BM25 scores (n_texts,) float64 of every distinct text for the query text (repeats count)."""
+        """Raw BM25 scores (n_texts,) float64 of the distinct texts for a query (cached; repeats count)."""
         if text not in self.cache:
             terms = [self.vocab[t] for t in self.tokenizer(text) if t in self.vocab]
             self.cache[text] = self.weights @ np.bincount(terms, minlength=len(self.vocab)).astype(np.float64)
         return self.cache[text]
-
-
-# ----------------------------------------------------------------------------- the bank of labeled patches
-# the four distinct patches data.rot_flip(x, k, axis) makes (a y flip is an x flip after a half turn)
-ORIENTATIONS = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
 def orient(volume, variant):
@@ -167,20 +153,16 @@ def grid_boxes(shape, patch, stride):
 
 
 class ReferenceBank:
-    """Labeled patches: grid crops of every labeled volume in each ORIENTATION the augmentation gives a patch
-    (a rotated query meets entries laid out as it is). Per entry: case ID, orientation, crop box (in the
-    oriented volume), its ground truth's morphology, the case's mask CoT, the teacher encoder's features."""
+    """Labeled patches: grid crops of every labeled volume in each ORIENTATION (a rotated query meets entries
+    laid out as it is); per entry its case, orientation, box, label morphology, mask CoT, teacher features."""
 
     def __init__(self, case_ids, boxes, morph, texts, volumes=None, variants=None, device="cpu"):
         self.case_ids, self.texts = list(case_ids), list(texts)
-        self.boxes = np.asarray(boxes, np.int64).reshape(-1, 6)
-        self.morph = np.asarray(morph, np.float32)
+        self.boxes, self.morph = np.asarray(boxes, np.int64).reshape(-1, 6), np.asarray(morph, np.float32)
         self.variants = np.asarray(np.zeros(len(self.case_ids)) if variants is None else variants, np.int64)
-        self.volumes = volumes or {}  # case ID -> (image, label) (X, Y, Z), cut by refresh()
-        self.device = torch.device(device)
-        self.features = None          # (N, C, d, h, w) once refresh() has run
-        self.crops = None             # (N, 1, X, Y, Z) image patches on the device, cut by refresh()
-        self.query_texts = {}         # case ID -> its image CoT (the query text), from index_queries()
+        self.volumes, self.device = volumes or {}, torch.device(device)  # case ID -> (image, label) (X, Y, Z)
+        self.features = self.crops = None  # from refresh(): (N, C, d, h, w); image patches (N, 1, X, Y, Z)
+        self.query_texts = {}              # case ID -> its image CoT (the query text), from index_queries()
         self._index()
 
     def _index(self):
@@ -271,7 +253,6 @@ class ReferenceBank:
         self.features = None if f is None else f.float().to(self.device)
 
 
-# ----------------------------------------------------------------------------- the one selection
 @dataclass
 class Selection:
     indices: np.ndarray   # (B, k_fine) int64 bank entries
@@ -292,11 +273,10 @@ def capped(order, cases, cap, k):
 
 def select(bank, morph, texts, case_ids, cfg, generator=None, mode=None):
     """cfg.k_fine references per query of morphology (B, M), CoT text and case ID (None or outside the bank:
-    nothing excluded). Stage 1: the k_coarse morphologically nearest entries of other cases. Stage 2: their
-    BM25 scores over the best candidate's; under `tau` a hard negative, never chosen. Survivors best first
-    (ties in kNN order), at most max_refs_per_case per case, weights softmax(score / ref_temperature); fewer
-    than k_fine: they repeat with weight 0 (n_filled counts the slots no survivor holds); none (no shared
-    word): the stage-1 order, the cap, equal weights. `mode` (default cfg.retrieval): "morph" skips stage 2;
+    nothing excluded), docs/design.md §6. Stage 1: the k_coarse nearest entries of other cases. Stage 2: BM25
+    over the best candidate's, under `tau` a hard negative; survivors best first, max_refs_per_case per case,
+    weights softmax(score / ref_temperature); fewer than k_fine: repeats of weight 0 (n_filled counts them);
+    none: the stage-1 order, capped, equal weights. `mode` (default cfg.retrieval): "morph" skips stage 2;
     "random" draws k_coarse entries of other cases from the CPU `generator` (default: seeded by cfg.seed)."""
     mode = mode or cfg.retrieval
     if mode not in MODES:
@@ -354,8 +334,7 @@ def query_references(bank, logits_b, case_ids, cfg, generator=None, mode=None):
     sel = select(bank, morphology_batch(masks), [bank.query_texts[c] for c in case_ids], list(case_ids), cfg,
                  generator, mode)
     idx = torch.from_numpy(sel.indices).to(bank.device)                  # (B, K)
-    return References(features=bank.features[idx], weights=torch.from_numpy(sel.weights).to(bank.device),
-                      indices=idx)                                       # features (B, K, C, d, h, w)
+    return References(bank.features[idx], torch.from_numpy(sel.weights).to(bank.device), idx)
 
 
 @torch.no_grad()
@@ -371,15 +350,13 @@ def decoder_a_probabilities(model, feats, logits_b, case_ids, bank, cfg, generat
     return out
 
 
-# ----------------------------------------------------------------------------- explanation: text and figure
 def format_explanation(bank, sel, boxes=None):
     """Readable account of a selection: each query's candidates, their distance, BM25, score and fate."""
     lines = []
     for i, rec in enumerate(sel.explain):
-        where = f" box {tuple(int(v) for v in boxes[i][:3])}" if boxes is not None else ""
-        lines.append(f"query {i} (case {rec['case_id']}{where}), mode {rec['mode']}, {sel.n_filled[i]} "
-                     "filled slot(s)")
-        lines.append("   entry case           box start          dist    bm25  score  fate")
+        at = f" box {tuple(int(v) for v in boxes[i][:3])}" if boxes is not None else ""
+        head = f"query {i} (case {rec['case_id']}{at}), mode {rec['mode']}, {sel.n_filled[i]} filled slot(s)"
+        lines += [head, "   entry case           box start          dist    bm25  score  fate"]
         for j, c in enumerate(rec["candidates"][:64]):
             fate = (f"chosen, weight {sel.weights[i][sel.indices[i] == c].sum():.3f}" if c in sel.indices[i]
                     else "hard negative" if rec["hard_negative"][j] else "not needed")

@@ -1,5 +1,5 @@
-"""Testing (docs/design.md §10): sliding-window inference, the field's metrics, decoder A's reference
-sensitivity, the ablation tables and the explanations of reference selection.
+"""Testing (docs/design.md §10) of the last checkpoint (never one chosen on the test set): sliding-window
+inference, the field's metrics, decoder A's reference sensitivity, ablation tables, why references are chosen.
 
     python test.py                          # runs/LA_8/ckpt_last.pt on its test list (validation split with
     python test.py --exp PHANTOM_8 --lcc    #   val_cases); --lcc keeps the largest connected component
@@ -10,9 +10,7 @@ sensitivity, the ablation tables and the explanations of reference selection.
 
 Metrics are medpy.metric.binary's (dc, jc, hd95, asd) in voxels, without spacing; where medpy raises on
 empty masks: both empty scores Dice 1, Jaccard 1, 95HD 0, ASD 0; one empty scores Dice 0, Jaccard 0, 95HD and
-ASD the volume's diagonal (the largest distance possible: an empty prediction is never flattered).
-The reported checkpoint is the last one; nothing here looks at the test set to choose it.
-"""
+ASD the volume's diagonal (the largest distance possible: an empty prediction is never flattered)."""
 import argparse
 import dataclasses
 import json
@@ -32,9 +30,8 @@ import pool
 import retrieve
 from checkpoint import CheckpointError, load_checkpoint
 from config import (ConfigError, check_config, check_writable, cli, fast_paths, get_config, resolve_device,
-    save_figure, show, write_text)
+                    save_figure, show, write_text)
 
-# ----------------------------------------------------------------------------- metrics
 
 def dice(pred, gt):
     """2 |P & G| / (|P| + |G|)  (medpy dc)."""
@@ -79,9 +76,6 @@ def largest_component(mask):
 
 
 METRICS = {"dice": dice, "jaccard": jaccard, "hd95": hd95, "asd": asd}
-
-# ----------------------------------------------------------------------------- inference
-
 # foreground probabilities (X, Y, Z) of one volume in predictor()'s order: decoder A (retrieved references
 # when there is a bank), decoder B, then for the sensitivity report decoder A with random and zeroed ones
 Probabilities = namedtuple("Probabilities", "a b a_random a_zeroed", defaults=(None, None))
@@ -89,8 +83,7 @@ Probabilities = namedtuple("Probabilities", "a b a_random a_zeroed", defaults=(N
 
 def window_starts(size, patch, stride):
     """Window origins along one axis: every `stride`, the last one flush with the end."""
-    n = int(np.ceil((size - patch) / stride)) + 1
-    return sorted({min(i * stride, size - patch) for i in range(n)})
+    return sorted({min(i * stride, size - patch) for i in range(int(np.ceil((size - patch) / stride)) + 1)})
 
 
 @torch.no_grad()
@@ -101,7 +94,7 @@ def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, dev
     size = padded.shape
     axes = [window_starts(n, p, s) for n, p, s in zip(size, patch, (stride_xy, stride_xy, stride_z))]
     starts = [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
-    total = count = None
+    total, count = None, torch.zeros(size, device=device)
     for i in range(0, len(starts), window_batch):
         chunk = starts[i:i + window_batch]
         windows = torch.stack([data.crop(padded, s, patch) for s in chunk])[:, None]   # (N, 1, *patch)
@@ -112,25 +105,19 @@ def sliding_window(predict, image, patch, stride_xy, stride_z, window_batch, dev
                 raise
             raise ConfigError(f"test: out of memory on {device} with window_batch={window_batch} windows of "
                               f"patch_size={show(patch)} at once; lower --window_batch=...") from None
-        if total is None:
-            total = torch.zeros((prob.shape[1], *size), device=device)
-            count = torch.zeros(size, device=device)
+        total = torch.zeros((prob.shape[1], *size), device=device) if total is None else total
         for s, p in zip(chunk, prob):
             data.crop(total, s, patch).add_(p)
             data.crop(count, s, patch).add_(1)
-    mean = total / count                                                 # (K, X', Y', Z')
     lo = [(p - s) // 2 for p, s in zip(size, image.shape)]                # undo the symmetric padding
-    return mean[(slice(None), *(slice(o, o + s) for o, s in zip(lo, image.shape)))].cpu().numpy()
+    return (total / count)[(slice(None), *(slice(o, o + s) for o, s in zip(lo, image.shape)))].cpu().numpy()
 
 
 def load_references(cfg, ckpt, path, device, cases=()):
-    """The reference bank a CERS checkpoint was trained with (None for a plain network), queried with its
-    image CoTs; those of `cases` it lacks (test cases added since training) the pool builds as in training."""
-    if not cfg.references:
-        return None
+    """The reference bank a CERS checkpoint was trained with, queried with its image CoTs; those of `cases` it
+    lacks (test cases added since training) the pool builds as in training."""
     labeled, texts = ckpt["split"]["labeled"], dict(ckpt["pool"]["image"])
-    new = [c for c in cases if c not in texts]
-    if new:
+    if new := [c for c in cases if c not in texts]:
         pool.check_cache_writable(cfg)                 # before any data are read
     volumes = data.load_volumes(cfg.data_root, labeled + new, progress=False, factor=cfg.downsample,
                                 cache_dir=cfg.cache_dir)
@@ -149,11 +136,9 @@ def load_references(cfg, ckpt, path, device, cases=()):
 
 def predictor(model, cfg, case_id, bank=None, generator=None, sensitivity=False, bf16=False,
               channels_last=False):
-    """predict(x) for sliding_window: (N, 1, *patch) -> (N, K, *patch) probabilities as in Probabilities.
-    With a bank windows take the training path (decoder B, references for its prediction and the case's image
-    CoT, decoder A); `sensitivity` adds decoder A with random references (`generator`) and zeroed ones."""
+    """predict(x) for sliding_window: (N, 1, *patch) -> (N, K, *patch) as in Probabilities; with a bank, the
+    training path (decoder B, its references, decoder A); `sensitivity` adds A with random, zeroed ones."""
     swaps = ("retrieved", "random", "zeroed")[:3 if sensitivity else 1]
-
     def predict(x):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
@@ -163,8 +148,7 @@ def predictor(model, cfg, case_id, bank=None, generator=None, sensitivity=False,
             a = ({"retrieved": model.decode_a(feats).float().softmax(1)[:, 1]} if bank is None else
                  retrieve.decoder_a_probabilities(model, feats, b, [case_id] * len(x), bank, cfg, generator,
                                                   swaps))
-        outputs = [a["retrieved"], b.float().softmax(1)[:, 1], *(a[s] for s in swaps[1:])]   # Probabilities
-        return torch.stack(outputs, 1)                                                      # (N, K, *patch)
+        return torch.stack([a["retrieved"], b.float().softmax(1)[:, 1], *(a[s] for s in swaps[1:])], 1)
     return predict
 
 
@@ -173,12 +157,11 @@ def score(prob, gt, lcc):
     decoder's own Dice; with the sensitivity outputs, decoder A's Dice with random and zeroed references."""
     pred = (prob.a + prob.b) / 2 > 0.5                                    # the reported prediction
     pred = largest_component(pred) if lcc else pred
-    row = {**{k: f(pred, gt) for k, f in METRICS.items()}, "dice_a": dice(prob.a > 0.5, gt),
-           "dice_b": dice(prob.b > 0.5, gt)}
-    if prob.a_random is not None:
-        row.update(dice_a_random=dice(prob.a_random > 0.5, gt), dice_a_zeroed=dice(prob.a_zeroed > 0.5, gt),
-                   ref_delta=float(np.abs(prob.a - prob.a_random).mean()))
-        row["ref_gain"] = row["dice_a"] - row["dice_a_random"]          # paired: same case, same network
+    row = {k: f(pred, gt) for k, f in METRICS.items()}
+    row.update({f"dice_{k}": dice(p > 0.5, gt) for k, p in prob._asdict().items() if p is not None})
+    if prob.a_random is not None:                          # ref_gain is paired: same case, same network
+        row.update(ref_delta=float(np.abs(prob.a - prob.a_random).mean()),
+                   ref_gain=row["dice_a"] - row["dice_a_random"])
     return row
 
 
@@ -189,10 +172,9 @@ def with_test_keys(cfg, overrides):
     """A checkpoint's config with `--key=value` overrides of the TEST_KEYS, parsed and checked as training's
     command line is; the device is this machine's ("auto") unless given. Any other key is the checkpoint's."""
     keys = [item.removeprefix("--").partition("=")[0] for item in overrides]
-    for item, key in zip(overrides, keys):
-        if "=" not in item or key not in TEST_KEYS:
-            raise ConfigError(f"test: {item!r} cannot change at test time; give --key=value with a key of "
-                              f"{', '.join(TEST_KEYS)} (the checkpoint's config fixes the rest)")
+    if bad := [item for item, key in zip(overrides, keys) if "=" not in item or key not in TEST_KEYS]:
+        raise ConfigError(f"test: {bad[0]!r} cannot change at test time; give --key=value with a key of "
+                          f"{', '.join(TEST_KEYS)} (the checkpoint's config fixes the rest)")
     parsed = get_config(cfg.exp, [f"--patch_size={show(cfg.patch_size)}", *overrides]) if keys else None
     changes = {"device": "auto", **{k: getattr(parsed, k) for k in keys}}
     return check_config(dataclasses.replace(cfg, **changes))
@@ -211,7 +193,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     if seen := [c for c in split.test if c in ckpt["split"]["labeled"] + ckpt["split"]["unlabeled"]]:
         raise CheckpointError(f"{ckpt_path}: test case {seen[0]!r} was trained on (the lists in "
                               f"{cfg.data_root} changed since); score it with the lists it was trained with")
-    bank = load_references(cfg, ckpt, ckpt_path, device, split.test)
+    bank = load_references(cfg, ckpt, ckpt_path, device, split.test) if cfg.references else None
     bf16, channels_last = fast_paths(cfg, device)
     model = model.to(device, memory_format=torch.channels_last_3d if channels_last else torch.preserve_format)
     sensitivity = sensitivity and bank is not None
@@ -219,8 +201,7 @@ def evaluate(ckpt_path, lcc=False, out_dir=None, device=None, progress=True, sen
     for n, case_id in enumerate(tqdm(split.test, desc="testing", disable=not progress, leave=False)):
         image, label = data.read_case(data.case_path(cfg.data_root, case_id))       # the original grid
         low_image, low_label = data.downsample(image, label, cfg.downsample)       # the model's grid
-        t = time.time()
-        generator = torch.Generator().manual_seed(cfg.seed + n)            # the random references' draws
+        t, generator = time.time(), torch.Generator().manual_seed(cfg.seed + n)   # the random references
         predict = predictor(model, cfg, case_id, bank, generator, sensitivity, bf16, channels_last)
         stack = sliding_window(predict, low_image, cfg.patch_size, cfg.stride_xy, cfg.stride_z,
                                cfg.window_batch, device)                                 # (K, x, y, z)
@@ -253,12 +234,11 @@ def print_table(rows, summary, cfg):
     """The per-case table, its mean ± std, each decoder alone and the reference sensitivity."""
     print(f"\n{cfg.exp}: last checkpoint (iteration {summary['iteration']}), largest connected component "
           f"{'ON' if summary['lcc'] else 'off'}, {len(rows)} {summary['scored']} cases")
-    scale = {"dice": 100, "jaccard": 100, "hd95": 1, "asd": 1}
-    print(f"{'case':24s}" + "".join(f"{h:>12s}" for h in ("Dice %", "Jaccard %", "95HD", "ASD")))
+    print(f"{'case':24s}" + "".join(f"{h:>12s}" for _, h, _ in TABLE[:4]))        # the metrics' columns
     for r in rows:
-        print(f"{r['case']:24s}" + "".join(f"{s * r[k]:12.2f}" for k, s in scale.items()))
+        print(f"{r['case']:24s}" + "".join(f"{s * r[k]:12.2f}" for k, _, s in TABLE[:4]))
     print(f"{'mean ± std':24s}" + "".join(f"{s * summary[k]['mean']:7.2f}±{s * summary[k]['std']:<4.2f}"
-                                          for k, s in scale.items()))
+                                          for k, _, s in TABLE[:4]))
     sensitivity = summary["sensitivity"]
     pct = {k: 100 * v["mean"] for k, v in summary.items() if isinstance(v, dict) and "mean" in v}   # in %
     if cfg.downsample > 1:
@@ -304,9 +284,8 @@ def explain_case(model, bank, cfg, case_id, boxes=None, device="cpu"):
     boxes = boxes or retrieve.grid_boxes(image.shape, cfg.patch_size, cfg.bank_stride)
     x = torch.from_numpy(np.stack([data.padded_crop(image, b) for b in boxes])[:, None])     # (n, 1, X, Y, Z)
     masks = (model.predict_b(x.to(device)).argmax(1) == 1).cpu().numpy()                    # (n, X, Y, Z)
-    n = len(boxes)
-    texts = [bank.query_texts[case_id]] * n
-    return image, boxes, retrieve.select(bank, retrieve.morphology_batch(masks), texts, [case_id] * n, cfg)
+    morph, n = retrieve.morphology_batch(masks), len(boxes)
+    return image, boxes, retrieve.select(bank, morph, [bank.query_texts[case_id]] * n, [case_id] * n, cfg)
 
 
 def explain(ckpt_path, case_id, overrides):
@@ -343,21 +322,6 @@ def filter_report(bank, image_texts, cfg, taus=(0.5, 0.6, 0.7, 0.8, 0.9)):
     return lines
 
 
-def filter_report_command(exp, overrides):
-    """--filter-report: filter_report() for an experiment's labeled cases (any config key), no training."""
-    cfg = get_config(exp, overrides)
-    pool.check_cache_writable(cfg)                     # before any data are written or read
-    data.check_volume_cache_writable(cfg)
-    phantom.ensure_for(cfg)
-    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
-    volumes = data.load_volumes(cfg.data_root, split.labeled, factor=cfg.downsample, cache_dir=cfg.cache_dir)
-    texts = pool.build_pool(cfg, dataclasses.replace(split, unlabeled=[], test=[]), volumes)
-    bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
-    print("\n".join(filter_report(bank, texts.image, cfg)))
-
-
-# ----------------------------------------------------------------------------- ablation tables
-
 # (summary key, heading, scale); the sensitivity columns exist for runs with references
 TABLE = [("dice", "Dice %", 100), ("jaccard", "Jaccard %", 100), ("hd95", "95HD", 1), ("asd", "ASD", 1),
          ("dice_a", "A %", 100), ("dice_b", "B %", 100), ("dice_a_random", "A, random refs %", 100),
@@ -381,7 +345,8 @@ def detectable_difference(sd, n, alpha=ALPHA, power=POWER):
     """The smallest true mean difference a two-sided paired t-test at `alpha` on n pairs with this standard
     deviation of the differences detects with probability `power` (noncentral t, nc = delta sqrt(n) / sd)."""
     crit = stats.t.ppf(1 - alpha / 2, n - 1)
-    reach = lambda nc: stats.nct.sf(crit, n - 1, nc) + stats.nct.sf(crit, n - 1, -nc) - power  # both tails
+    def reach(nc):                                                                      # both tails
+        return stats.nct.sf(crit, n - 1, nc) + stats.nct.sf(crit, n - 1, -nc) - power
     return float(optimize.brentq(reach, 0.0, 100.0, xtol=1e-12)) * sd / np.sqrt(n)   # n = 2 needs nc 16
 
 
@@ -431,8 +396,7 @@ def ablation_table(folder, title):
                       for r in seeds.values() if key in r] for key, _, scale in TABLE]
             lines.append(f"| {name} | {len(seeds)} | " + " | ".join(mean_spread(v) if v else "–"
                                                                     for v in cells) + " |")
-    paired = paired_table(runs)
-    return "\n".join(lines + ([""] + paired if paired else []))
+    return "\n".join(lines + ([""] + paired if (paired := paired_table(runs)) else []))
 
 
 def main(argv=None):
@@ -447,12 +411,21 @@ def main(argv=None):
     parser.add_argument("--explain", metavar="ID", help="why the case's patches got their references")
     parser.add_argument("--filter-report", action="store_true", help="the CoT filter's rejections, per tau")
     args, overrides = parser.parse_known_args(argv)
-    if args.filter_report:
-        return filter_report_command(args.exp, overrides)
-    ckpt = args.ckpt or Path("runs") / args.exp / "ckpt_last.pt"       # a missing one: "no checkpoint there"
-    if args.explain:
-        return explain(ckpt, args.explain, overrides)
-    evaluate(ckpt, lcc=args.lcc, out_dir=args.out, sensitivity=not args.no_sensitivity, overrides=overrides)
+    if not args.filter_report:
+        ckpt = args.ckpt or Path("runs") / args.exp / "ckpt_last.pt"   # a missing one: "no checkpoint there"
+        if args.explain:
+            return explain(ckpt, args.explain, overrides)
+        return evaluate(ckpt, lcc=args.lcc, out_dir=args.out, sensitivity=not args.no_sensitivity,
+                        overrides=overrides)
+    cfg = get_config(args.exp, overrides)          # --filter-report: the labeled cases, any key, no training
+    pool.check_cache_writable(cfg)                 # before any data are written or read
+    data.check_volume_cache_writable(cfg)
+    phantom.ensure_for(cfg)
+    split = data.load_split(cfg.data_root, cfg.num_labeled, cfg.val_cases)
+    volumes = data.load_volumes(cfg.data_root, split.labeled, factor=cfg.downsample, cache_dir=cfg.cache_dir)
+    texts = pool.build_pool(cfg, dataclasses.replace(split, unlabeled=[], test=[]), volumes)
+    bank = retrieve.ReferenceBank.build(cfg, volumes, split.labeled, texts.mask)
+    print("\n".join(filter_report(bank, texts.image, cfg)))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,6 @@
-"""The dual-decoder mean-teacher training loop with CERS references (docs/design.md §9) and its ablation rows.
-
-    python train.py --exp PHANTOM_8 [--check] [--resume | --force] [--max_iters=2000 ...] [--ablation all]
-    torchrun --nproc_per_node=2 train.py --exp LA_8    # one process per GPU, the protocol's global batch
-
-Labeled patches: Dice + cross-entropy on both decoders; unlabeled ones: both follow the EMA teacher's
-sharpened mean prediction and each other's, ramped up. Decoder A fuses the references reasoning selects.
-"""
+"""The dual-decoder mean-teacher training loop with CERS references (docs/design.md §9), and its ablations:
+python train.py --exp PHANTOM_8 [--check] [--resume | --force] [--max_iters=2000 ...] [--ablation all], or
+torchrun --nproc_per_node=2 train.py --exp LA_8 (a process per GPU, each its share of the global batch)."""
 import argparse
 import contextlib
 import copy
@@ -34,14 +29,24 @@ import pool
 import test
 from checkpoint import (CheckpointError, check_run_folder, read_checkpoint, rng_state, save_checkpoint,
                         seed_everything, set_rng_state)
-from config import (EXPERIMENTS, CersError, Config, ConfigError, Lock, Stop, World, WriteError, appending,
-    check_config, cli, fast_paths, get_config, init_world, main_first, main_process, precision, save_figure,
-    show, write_text)
+from config import (EXPERIMENTS, CersError, ConfigError, Lock, Stop, World, WriteError, appending,
+                    check_config, cli, fast_paths, get_config, init_world, main_first, main_process,
+                    precision, save_figure, show, write_text)
 from model import build_model, mse, sharpen, supervised_loss
 from retrieve import ReferenceBank, decoder_a_probabilities, query_references
 
+COLUMNS = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "context_ratio", "seconds"]
+PAPER = {"references": True, "retrieval": "both", "mcam_gates": True}   # CERS as the paper has it
+SUPERVISED = {"references": False, "consistency": 0.0}
+ABLATIONS = {                                          # each row: the experiment with these keys changed
+    "cers": PAPER, "no_references": {"references": False},          # the plain dual-decoder mean teacher
+    "supervised_only": SUPERVISED,                     # the labeled patches alone
+    "supervised_all": SUPERVISED,                      # every training case labeled (run_ablation): the room
+    "no_cot_filter": {**PAPER, "retrieval": "morph"},  # references by morphology alone
+    "no_mcam": {**PAPER, "mcam_gates": False},         # context added without coordinate-attention gates
+    "random_retrieval": {**PAPER, "retrieval": "random"}}   # references drawn at random
 
-# ----------------------------------------------------------------------------- schedules and the EMA
+
 def lr_at(it, cfg):
     """Poly decay: lr * (1 - it / max_iters) ** 0.9."""
     return cfg.lr * (1.0 - it / cfg.max_iters) ** 0.9
@@ -55,35 +60,45 @@ def consistency_weight(it, cfg):
 
 @torch.no_grad()
 def ema_update(teacher, student, decay, it):
-    """teacher = decay * teacher + (1 - decay) * student, for parameters and float buffers (BN statistics),
-    the decay lowered early on (1 - 1/(it+1)) so the teacher leaves the random init; one fused update."""
+    """teacher = decay * teacher + (1 - decay) * student (fused) over parameters and float buffers (BN stats);
+    early on the decay is 1 - 1/(it+1), so the teacher leaves the random init."""
     decay = min(1.0 - 1.0 / (it + 1), decay)
     pairs = list(zip(teacher.state_dict().values(), student.state_dict().values()))
-    floats = [(t, s) for t, s in pairs if t.dtype.is_floating_point]
-    torch._foreach_lerp_([t for t, _ in floats], [s.detach() for _, s in floats], 1.0 - decay)
+    floats = [(t, s.detach()) for t, s in pairs if t.dtype.is_floating_point]
+    torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1.0 - decay)
     for t, s in pairs:
         if not t.dtype.is_floating_point:
             t.copy_(s)
 
 
-# ----------------------------------------------------------------------------- the run and its step
-@dataclasses.dataclass
 class Run:
-    """What a training step reads and updates (built by setup)."""
-    cfg: Config
-    device: torch.device
-    world: World
-    student: torch.nn.Module
-    net: torch.nn.Module               # what the step calls: the student, or its DistributedDataParallel
-    teacher: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    sampler: data.BatchSampler
-    labeled_bs: int                    # labeled patches in this process's share of the batch
-    ref_gen: torch.Generator           # CPU draws of the random retrieval control
-    bank: ReferenceBank = None         # with references: the bank and the knowledge pool's CoT texts
-    cots: pool.CotTexts = None
-    bf16: bool = False                 # bf16 autocast (fp32 weights, optimiser and losses)
-    channels_last: bool = False        # channels-last 3D activations and weights
+    """What a training step reads and updates, set up: student, teacher, optimiser, sampler, pool and bank;
+    fast: bf16 autocast + channels-last (default: fast_paths)."""
+
+    def __init__(self, cfg, split, volumes, device, world=World(), fast=None, progress=True):
+        self.cfg, self.device, self.world, self.bank, self.cots = cfg, device, world, None, None
+        self.bf16, self.channels_last = fast_paths(cfg, device) if fast is None else (fast, fast)
+        seed_everything(cfg.seed)                      # the same initial weights on every rank
+        layout = torch.channels_last_3d if self.channels_last else None
+        self.student = student = build_model(cfg).to(device, memory_format=layout)
+        self.teacher = teacher = copy.deepcopy(student).requires_grad_(False).eval()   # no dropout
+        if cfg.compile:                                # in place: state_dict keys stay as they are
+            for part in (m for n in (student, teacher) for m in (n.encoder, n.decoder_a, n.decoder_b)):
+                part.compile()
+        self.net = student if world.size == 1 else torch.nn.parallel.DistributedDataParallel(student)
+        seed = cfg.seed + world.rank
+        torch.manual_seed(seed)                        # each rank its own noise and dropout
+        self.optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.labeled_bs = n_lab = cfg.labeled_bs // world.size   # each process its share of the batch
+        self.sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, n_lab,
+                                         cfg.batch_size // world.size, cfg.patch_size, device, seed)
+        self.ref_gen = torch.Generator().manual_seed(seed)   # CPU draws of the random retrieval control
+        if cfg.references:
+            with main_first(world):
+                self.cots = pool.build_pool(cfg, split, volumes, progress=progress and world.main)
+            self.bank = ReferenceBank.build(cfg, volumes, split.labeled, self.cots.mask, device)
+            self.bank.index_queries(self.cots.image)
 
     @property
     def memory_format(self):
@@ -93,48 +108,19 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def setup(cfg, split, volumes, device, world=World(), fast=None, progress=True):
-    """Networks, optimiser, batch sampler, pool and bank; fast: bf16 + channels-last (default: fast_paths)."""
-    bf16, channels_last = fast_paths(cfg, device) if fast is None else (fast, fast)
-    seed_everything(cfg.seed)                          # the same initial weights on every rank
-    student = build_model(cfg).to(device, memory_format=torch.channels_last_3d if channels_last else None)
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()   # its EMA statistics, no dropout
-    if cfg.compile:                                    # in place: state_dict keys stay as they are
-        for part in (m for net in (student, teacher) for m in (net.encoder, net.decoder_a, net.decoder_b)):
-            part.compile()
-    net = student if world.size == 1 else torch.nn.parallel.DistributedDataParallel(student)
-    torch.manual_seed(cfg.seed + world.rank)           # each rank its own noise and dropout
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    n_lab = cfg.labeled_bs // world.size               # each process its share of the batch (check_run)
-    sampler = data.BatchSampler(volumes, split.labeled, split.unlabeled, n_lab, cfg.batch_size // world.size,
-                                cfg.patch_size, device, cfg.seed + world.rank)
-    run = Run(cfg, device, world, student, net, teacher, optimizer, sampler, n_lab,
-              torch.Generator().manual_seed(cfg.seed + world.rank), bf16=bf16, channels_last=channels_last)
-    if cfg.references:
-        with main_first(world):
-            run.cots = pool.build_pool(cfg, split, volumes, progress=progress and world.main)
-        run.bank = ReferenceBank.build(cfg, volumes, split.labeled, run.cots.mask, device)
-        run.bank.index_queries(run.cots.image)
-    return run
-
-
 def train_step(run, it, image, label, ids):
     """One iteration on a batch, labeled patches first; returns the losses as device tensors (unread)."""
     cfg, teacher, bank, n_lab = run.cfg, run.teacher, run.bank, run.labeled_bs
     image = image.contiguous(memory_format=run.memory_format)            # (B, 1, X, Y, Z)
-
-    # 1. the bank follows the teacher's encoder every bank_refresh iterations (the first fill replaces)
+    # 1. every bank_refresh iterations the bank follows the teacher's encoder (the first fill replaces)
     if bank is not None and it % cfg.bank_refresh == 0:
         with torch.no_grad(), run.autocast():
             bank.refresh(lambda x: teacher.encoder(x.contiguous(memory_format=run.memory_format))[-1],
                          cfg.bank_momentum, replace=it == 0)
         if run.world.size > 1:
             dist.broadcast(bank.features, 0)                             # bit-identical banks on every rank
-
-    # 2. teacher targets for the unlabeled patches: noisy input, mean of both decoders, sharpened. With
-    #    references the teacher sees every patch: its decoder-B prediction and the patch's image CoT query the
-    #    bank (retrieve.select, on the host), and the student fuses the same references
+    # 2. teacher targets: noisy input, both decoders' mean, sharpened. With references the teacher sees every
+    #    patch: its decoder-B prediction and image CoT query the bank; the student fuses the same references
     with torch.no_grad(), run.autocast():
         first = n_lab if bank is not None else 0                        # where the unlabeled patches start
         t_in, sigma = image[n_lab - first:], cfg.teacher_noise          # (B or Bu, 1, X, Y, Z)
@@ -144,53 +130,50 @@ def train_step(run, it, image, label, ids):
         t_a = teacher.decode_a([f[first:] for f in feats], refs and refs.part(slice(first, None)))
         p_teacher = 0.5 * (t_a.float().softmax(1) + t_b[first:].float().softmax(1))[:, 1]   # (Bu, X, Y, Z)
         target = sharpen(p_teacher, cfg.sharpen_t)
-
-    # 3. student: supervised loss on the labeled patches, consistency on the unlabeled ones
+    # 3. student: supervised loss on the labeled patches, mean-teacher + cross-decoder consistency on the rest
     with run.autocast():
         logits_a, logits_b = run.net(image, refs)                        # (B, 2, X, Y, Z) each
     sup_a = supervised_loss(logits_a[:n_lab], label)                     # decoder A's part, logged
     loss_sup = sup_a + supervised_loss(logits_b[:n_lab], label)
-    p_a = logits_a[n_lab:].float().softmax(1)[:, 1]                      # (Bu, X, Y, Z)
-    p_b = logits_b[n_lab:].float().softmax(1)[:, 1]
-    loss_mt = mse(p_a, target) + mse(p_b, target)                        # the mean teacher
+    p_a, p_b = (logits[n_lab:].float().softmax(1)[:, 1] for logits in (logits_a, logits_b))  # (Bu, X, Y, Z)
+    loss_mt = mse(p_a, target) + mse(p_b, target)
     sharp_a, sharp_b = sharpen(p_a, cfg.sharpen_t).detach(), sharpen(p_b, cfg.sharpen_t).detach()
-    loss_cross = mse(p_a, sharp_b) + mse(p_b, sharp_a)                   # cross-decoder consistency
+    loss_cross = mse(p_a, sharp_b) + mse(p_b, sharp_a)
     loss = loss_sup + consistency_weight(it, cfg) * (loss_mt + loss_cross)
-
-    # 4. SGD step with the scheduled learning rate, then the teacher follows
+    # 4. SGD step at the scheduled lr; the teacher follows, its BN statistics (not DDP's) averaged over ranks
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(it, cfg)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     run.optimizer.step()
     ema_update(teacher, run.student, cfg.ema_decay, it)
-    average_buffers(teacher, run.world)
-    return {"loss": loss.detach(), "sup": loss_sup.detach(), "sup_a": sup_a.detach(),
-            "cons": (loss_mt + loss_cross).detach()}
+    if run.world.size > 1:
+        buffers = [b for b in teacher.buffers() if b.dtype.is_floating_point]
+        flat = torch.nn.utils.parameters_to_vector(buffers)
+        dist.all_reduce(flat)
+        torch.nn.utils.vector_to_parameters(flat / run.world.size, buffers)
+    return {key: value.detach() for key, value in
+            {"loss": loss, "sup": loss_sup, "sup_a": sup_a, "cons": loss_mt + loss_cross}.items()}
 
 
 @torch.no_grad()
 def reference_delta(run, image, ids, it):
-    """How much decoder A uses its references (student, eval mode, own generator): the mean |change| of its
-    probability with random bank entries for the retrieved ones; the fused context's norm over the scan's."""
-    student = run.student.eval()
+    """Decoder A's use of its references (student, eval mode, own generator): its mean |change| in probability
+    with random bank entries for the retrieved ones, and the fused context's norm over the scan's."""
+    student, cfg, bank = run.student.eval(), run.cfg, run.bank
     with run.autocast():
         feats = student.encoder(image.contiguous(memory_format=run.memory_format))
-        logits_b, generator = student.decoder_b(feats), torch.Generator().manual_seed(run.cfg.seed + it)
-        p = decoder_a_probabilities(student, feats, logits_b, ids, run.bank, run.cfg, generator,
+        logits_b, generator = student.decoder_b(feats), torch.Generator().manual_seed(cfg.seed + it)
+        p = decoder_a_probabilities(student, feats, logits_b, ids, bank, cfg, generator,
                                     ("retrieved", "random"))
-        ratio = student.context_ratio(feats, query_references(run.bank, logits_b, ids, run.cfg, generator))
+        ratio = student.context_ratio(feats, query_references(bank, logits_b, ids, cfg, generator))
     run.student.train()
     return float((p["retrieved"] - p["random"]).abs().mean()), float(ratio)
 
 
-# ----------------------------------------------------------------------------- the log and its curves
-COLUMNS = ["iter", "lr", "loss", "sup", "sup_a", "cons", "cons_w", "ref_delta", "context_ratio", "seconds"]
-
-
 def start_log(path, resume_at=None):
-    """A new log (the header); or, resuming from iteration `resume_at`, the log as it was then: later rows and
-    a row cut short by a kill are dropped atomically, so a resumed run logs what an uninterrupted one does."""
+    """A new log; or, resuming at `resume_at`, the log as it was then: later rows and one cut short by a kill
+    are dropped atomically, so a resumed run logs what an uninterrupted one does."""
     if resume_at is None or not Path(path).exists():
         return write_text(path, ",".join(COLUMNS) + "\n")
     lines = Path(path).read_bytes().decode().splitlines(keepends=True)   # rows end in \r\n: kept as they are
@@ -205,28 +188,26 @@ def plot_curves(log_path, png):
     from matplotlib.figure import Figure
     with open(log_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    fig = Figure(figsize=(15, 3.5))
-    axes = fig.subplots(1, 3)
+    axes = Figure(figsize=(15, 3.5)).subplots(1, 3)
     for ax, keys in zip(axes, [COLUMNS[2:6], ["ref_delta", "context_ratio"], ["cons_w", "lr"]]):
         for key in keys:
             ax.plot([int(r["iter"]) for r in rows], [float(r[key]) for r in rows], label=key)
         ax.set_xlabel("iteration")
         ax.legend()
     axes[0].set_yscale("log")
-    save_figure(fig, png, dpi=100)
+    save_figure(axes[0].figure, png, dpi=100)
 
 
-# ----------------------------------------------------------------------------- the checks and the record
 def check_run(cfg, world, resume=False, force=False, stop_at=None):
-    """What can refuse a run before it writes, returning (checkpoint, Split): check_run_folder, the folders
-    it writes, room for two checkpoints (fp32 student, teacher, momentum), the batch split, lists, cases."""
+    """(checkpoint, Split), or what refuses a run before it writes: check_run_folder, the folders it writes,
+    room for two checkpoints (fp32 student, teacher, momentum), the CoT cache, batch split, lists, cases."""
     ckpt = check_run_folder(cfg, world, resume, force, stop_at)
     generate = cfg.phantom and not Path(cfg.data_root, "train.list").exists()
     for folder in [cfg.cache_dir] * (cfg.downsample > 1) + [cfg.data_root] * generate + [cfg.out_dir]:
         near = next(p for p in [Path(folder).absolute(), *Path(folder).absolute().parents] if p.exists())
         if not (near.is_dir() and os.access(near, os.W_OK)):
             raise WriteError(f"{folder}: cannot write it: {near} is "
-                                   + ("a file, not a folder" if near.is_file() else "not writable"))
+                             + ("a file, not a folder" if near.is_file() else "not writable"))
     need, free = 24 * sum(p.numel() for p in build_model(cfg).parameters()), shutil.disk_usage(near).free
     if free < need:
         raise WriteError(f"{cfg.out_dir}: {free >> 20} MB free, checkpoints need {need >> 20} MB")
@@ -239,8 +220,8 @@ def check_run(cfg, world, resume=False, force=False, stop_at=None):
 
 
 def provenance(cfg, world, device, split, how):
-    """What a run's numbers depend on beyond its config (versions, device, code, cases, command, processes),
-    and the lines it starts with: what differs from its experiment (config.json has it all), how, the rest."""
+    """(record, text): what a run's numbers depend on beyond its config, and the lines it starts with: what
+    differs from its experiment (config.json has it all), `how`, then the record."""
     try:
         commit, changes = (subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
                                           capture_output=True, timeout=10, check=True).stdout.strip()
@@ -248,28 +229,18 @@ def provenance(cfg, world, device, split, how):
         changes = bool(changes)
     except (OSError, subprocess.SubprocessError):      # no git, or not a checkout
         commit = changes = "unknown"
-    record = {"torch": torch.__version__, "cuda": torch.version.cuda or "none",
-              "cudnn": str(torch.backends.cudnn.version() or "none"),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else f"{os.uname().machine} CPU, {torch.get_num_threads()} threads",
-              "git_commit": commit, "git_changes": changes, "labeled": split.labeled if split else [],
-              "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "processes": world.size,
-              "global_batch": cfg.batch_size}
+    record = dict(torch=torch.__version__, cuda=torch.version.cuda or "none",
+                  cudnn=str(torch.backends.cudnn.version() or "none"),
+                  device=torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else f"{os.uname().machine} CPU, {torch.get_num_threads()} threads",
+                  git_commit=commit, git_changes=changes, labeled=split.labeled if split else [],
+                  command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), processes=world.size,
+                  global_batch=cfg.batch_size)
     default = dataclasses.asdict(get_config(cfg.exp))
     changed = ", ".join(f"{k}={show(v)}" for k, v in dataclasses.asdict(cfg).items() if v != default[k])
     said = "; ".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in record.items())
     return record, "\n".join(textwrap.fill(text, 110, break_on_hyphens=False)
                              for text in (f"{cfg.exp}: {changed or 'as defined'}; {how}", said))
-
-
-# ----------------------------------------------------------------------------- processes, and how a run stops
-def average_buffers(module, world):
-    """Mean of the float buffers (BN statistics) over the ranks: they follow each rank's batches, not DDP."""
-    if world.size > 1:
-        buffers = [b for b in module.buffers() if b.dtype.is_floating_point]
-        flat = torch.nn.utils.parameters_to_vector(buffers)
-        dist.all_reduce(flat)
-        torch.nn.utils.vector_to_parameters(flat / world.size, buffers)
 
 
 def gather(world, obj):
@@ -289,9 +260,8 @@ def check_consistent(world, tensors):
 
 
 def holds_run_folder(train):
-    """Wrap train(cfg, ...): the main process holds <out_dir>/run.lock (Lock), so a second run there is
-    refused; a signal (config.Stop), running out of memory and a torchrun process that died (the survivors say
-    they are alive in the process group's store) each end in one line naming the last checkpoint."""
+    """Wrap train: the main process holds <out_dir>/run.lock; a signal (config.Stop), out of memory and a dead
+    torchrun rank (survivors check in at the store) end in one line naming the last checkpoint."""
     @functools.wraps(train)
     def guarded(cfg, *args, **kwargs):
         path, main = Path(cfg.out_dir, "ckpt_last.pt"), main_process()
@@ -332,30 +302,29 @@ def holds_run_folder(train):
     return guarded
 
 
-# ----------------------------------------------------------------------------- the loop
 @holds_run_folder
 def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=False):
-    """Train one experiment; returns the last checkpoint's path. stop_at: end after this iteration, as if
-    stopped. force: replace a run with another config. check: check it all (check_run, the lock), say what
-    would run, write nothing. Under torchrun each rank trains its share of the batch; rank 0 alone writes."""
+    """Train one experiment, returning the last checkpoint's path. stop_at: stop after this iteration; force:
+    replace a run with another config; check: check it all, say what would run, write nothing."""
+    # everything that can refuse the run comes first; --check stops there (under torchrun rank 0 alone writes)
     world, device = init_world(cfg)
     out, end = Path(cfg.out_dir), min(stop_at or cfg.max_iters, cfg.max_iters)
-    ckpt, split = check_run(cfg, world, resume, force, stop_at)   # everything that can refuse the run
+    ckpt, split = check_run(cfg, world, resume, force, stop_at)
     if check:
         cots = f"{pool.resolve_backend(cfg)} CoT texts" if cfg.references else "no references"
         print(provenance(cfg, world, device, split, precision(*fast_paths(cfg, device)))[1])
         print(f"check passed: iterations {ckpt['iter'] + 1 if ckpt else 1} to {end} would run with {cots}"
               + ("" if split else f" once a phantom is written to {cfg.data_root}"))
         return None
-    phantom.ensure_for(cfg, world)                     # a phantom experiment writes its data first
+    # data (a phantom experiment writes its own first), networks, pool and bank; what the run depends on
+    phantom.ensure_for(cfg, world)
     split, volumes = data.prepare_data(cfg, world)
-    run = setup(cfg, split, volumes, device, world, progress=progress)
+    run = Run(cfg, split, volumes, device, world, progress=progress)
     bank = f"; a bank of {len(run.bank)} labeled patches" if run.bank is not None else ""
     record, text = provenance(cfg, world, device, split, precision(run.bf16, run.channels_last) + bank)
     if world.main:
         print(text)
-
-    # the cases and CoT texts a resumed run must find again; `saved`: the last checkpoint's iteration
+    # resume every state if the cases and CoT texts are the checkpoint's; `saved`: its iteration
     kept = {"split": {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test},
             "pool": {"mask": run.cots.mask, "image": run.cots.image} if run.cots else None}
     start, saved, ckpt_path, log_path = 0, None, out / "ckpt_last.pt", out / "log.csv"
@@ -363,44 +332,40 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=Fal
         if changed := [k for k, now in kept.items() if now and ckpt.get(k) and ckpt[k] != now]:
             raise CheckpointError(f"--resume: the {' and '.join(changed)} (cases, CoT texts) differ from "
                                   f"{ckpt_path}'s: restore the lists, case files and cache, or train anew")
-        for part in ("student", "teacher", "optimizer"):
+        for part in ["student", "teacher", "optimizer"] + ["bank"] * (run.bank is not None):
             getattr(run, part).load_state_dict(ckpt[part])
         mine = ckpt["ranks"][world.rank]
         run.sampler.load_state_dict(mine["sampler"])
         set_rng_state(mine["rng"])
         run.ref_gen.set_state(mine["ref_gen"])
-        if run.bank is not None:
-            run.bank.load_state_dict(ckpt["bank"])
         start = saved = ckpt["iter"]
         print(f"rank {world.rank}: resumed {ckpt_path} at iteration {start}")
-    if world.main:                                     # the run folder is written only now, after every check
+    if world.main:
         write_text(out / "config.json", json.dumps(dict(dataclasses.asdict(cfg), provenance=record),
                                                          indent=1))
         if force and not resume:
             ckpt_path.unlink(missing_ok=True)          # the replaced run's would not match config.json
         start_log(log_path, resume_at=start if resume else None)   # without rows after the checkpoint
-
+    # the loop; every log_every / ckpt_every iterations the losses, averaged over the ranks, reach the host
+    # (with references each step waits there anyway, for retrieval) for a log row and a checkpoint
     t0 = time.time()
     bar = tqdm(range(start, end), initial=start, total=cfg.max_iters, desc=cfg.exp,
                disable=not (progress and world.main))
     for it in bar:
         image, label, ids = run.sampler.next()         # (B, 1, X, Y, Z), (Lb, X, Y, Z): labeled first
         losses = train_step(run, it, image, label, ids)
-
-        # log and checkpoint: only then do the losses reach the host (with references, every step already
-        # waits for decoder B's prediction, which retrieve.select reads there); never save a non-finite loss
         done = it + 1
         log_now = done % cfg.log_every == 0 or done == cfg.max_iters
         save_now = done % cfg.ckpt_every == 0 or done == end
         values = [sum(v) / world.size for v in zip(*gather(world, torch.stack([*losses.values()]).tolist()))
-                  ] if log_now or save_now else None    # the losses, averaged over the ranks
+                  ] if log_now or save_now else None
         if log_now and world.main:
             delta, ratio = reference_delta(run, image, ids, it) if run.bank is not None else (math.nan,) * 2
             row = [lr_at(it, cfg), *values, consistency_weight(it, cfg), delta, ratio, time.time() - t0]
-            with appending(log_path) as f:      # COLUMNS, floats with 6 significant digits
+            with appending(log_path) as f:             # COLUMNS, floats with 6 significant digits
                 csv.writer(f).writerow([done] + [f"{v:.6g}" for v in row])
             bar.set_postfix(loss=f"{values[0]:.3f}", sup=f"{values[1]:.3f}", cons=f"{values[3]:.4f}")
-        if values is not None and not all(map(math.isfinite, values)):
+        if values is not None and not all(map(math.isfinite, values)):   # never save a non-finite loss
             raise CersError(f"iteration {done}: the loss is not finite ("
                             f"{', '.join(f'{v:.4g}' for v in values)}); the run stops. Last good checkpoint: "
                             f"{f'iteration {saved}' if saved else 'none'}. Lower --lr or check the data, "
@@ -416,30 +381,19 @@ def train(cfg, resume=False, progress=True, stop_at=None, force=False, check=Fal
                                 optimizer=run.optimizer.state_dict(), ranks=ranks, **kept,
                                 bank=run.bank.state_dict() if run.bank is not None else None)
             saved = done
+    # the end: a summary and the curves; every rank waits for the last checkpoint's writing
     if world.main:
         print(f"trained {end - start} iterations in {time.time() - t0:.0f} s; last checkpoint {ckpt_path}")
         plot_curves(log_path, out / "curves.png")
-    if world.size > 1:                                 # every rank past the last checkpoint's writing
+    if world.size > 1:
         dist.barrier()
         dist.destroy_process_group()
     return ckpt_path
 
 
-# ----------------------------------------------------------------------------- the ablation rows
-PAPER = {"references": True, "retrieval": "both", "mcam_gates": True}   # CERS as the paper has it
-SUPERVISED = {"references": False, "consistency": 0.0}
-ABLATIONS = {                                          # each row: the experiment with these keys changed
-    "cers": PAPER, "no_references": {"references": False},          # the plain dual-decoder mean teacher
-    "supervised_only": SUPERVISED,                     # the labeled patches alone
-    "supervised_all": SUPERVISED,                      # every training case labeled (run_ablation): the room
-    "no_cot_filter": {**PAPER, "retrieval": "morph"},  # references by morphology alone
-    "no_mcam": {**PAPER, "mcam_gates": False},         # context added without coordinate-attention gates
-    "random_retrieval": {**PAPER, "retrieval": "random"}}   # references drawn at random
-
-
 def run_ablation(cfg, names, seeds, force=False):
-    """Train and test each row with each seed into <out_dir>/ablation/<row>/seed<S> (every run folder checked
-    first), then print and save the table of every run there (test.ablation_table): later calls add to it."""
+    """Train and test each row and seed into <out_dir>/ablation/<row>/seed<S> (every run folder checked
+    first), then print and save the table of all runs there (test.ablation_table): later calls add to it."""
     if unknown := sorted(set(names) - set(ABLATIONS)):
         raise ConfigError(f"--ablation: unknown {unknown}; known: {', '.join(ABLATIONS)}")
     rows = dict(ABLATIONS)
@@ -464,10 +418,8 @@ def run_ablation(cfg, names, seeds, force=False):
         write_text(Path(cfg.out_dir, "ablation", "table.md"), table + "\n")
 
 
-# ----------------------------------------------------------------------------- the command line
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("--exp", default="LA_8", help=f"experiment: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--check", action="store_true", help="check what the run needs, say what would run")
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")

@@ -154,7 +154,7 @@ def test_low_resolution_real_la(la_root, tmp_path):
     cfg = get_config("LA_8_LOW", [f"--data_root={root}", f"--out_dir={tmp_path / 'run'}", "--device=cpu"])
     split, volumes = data.prepare_data(cfg)
     assert volumes[ids[0]][0].shape[2] == 29 and len(volumes) == 11
-    run = train.setup(cfg, split, volumes, torch.device("cpu"), progress=False)
+    run = train.Run(cfg, split, volumes, torch.device("cpu"), progress=False)
     assert len(run.cots.mask) == 8 and len(run.cots.image) == 11
     run.student.train()
     losses = train.train_step(run, 0, *run.sampler.next())

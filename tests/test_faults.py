@@ -16,7 +16,9 @@ from conftest import ROOT, finish, spawn, wait_for, write_la
 from test_bad_input import snapshot
 from test_train import tiny_cfg, tiny_overrides
 
-SMALL = ["--n-train", "2", "--n-test", "1", "--shape", "24", "24", "16"]   # phantom.py: 3 cases, 24 x 24 x 16
+# python -c WRITE ROOT SEED writes a phantom of 3 cases, 24 x 24 x 16, anew, as a command would
+WRITE = ("import sys, phantom\nfrom config import cli\n{before}sys.exit(cli(lambda argv: "
+         "phantom.ensure_phantom(sys.argv[1], 2, 1, (24, 24, 16), int(sys.argv[2]), rewrite=True)))\n")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_last_one(stopped, tmp_p
 def test_a_full_disk_while_writing_the_phantom_keeps_the_old_one(tmp_path):
     root = phantom.ensure_phantom(tmp_path / "data" / "ph", n_train=2, n_test=1, shape=(24, 24, 16), seed=0)
     before = snapshot(root)
-    child = spawn([ROOT / "phantom.py", "--out", root, *SMALL, "--seed", "1"], tmp_path, file_limit=20_000)
+    child = spawn(["-c", WRITE.format(before=""), root, 1], tmp_path, file_limit=20_000)
     status, line = finish(child, tmp_path)                              # a case file: about 40 kB
     assert status == 2 and line.startswith("error: ") and line.count("\n") == 0
     assert "mri_norm2.h5: cannot write it: file too large" in line, line
@@ -82,10 +84,7 @@ def test_test_py_refuses_an_output_folder_under_a_file_before_the_data(stopped, 
     assert f"{tmp_path / 'notes'} is a file, not a folder" in capsys.readouterr().err
 
 
-HANG_ON_SECOND_CASE = """
-import sys, time
-import phantom
-from config import cli
+HANG_ON_SECOND_CASE = WRITE.format(before="""import time
 make = phantom.make_case
 def hang(rng, shape, calls=[]):
     calls.append(1)
@@ -94,8 +93,7 @@ def hang(rng, shape, calls=[]):
         time.sleep(600)
     return make(rng, shape)
 phantom.make_case = hang
-sys.exit(cli(phantom.main))
-"""
+""")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -103,7 +101,7 @@ def test_a_phantom_generation_stopped_half_way_leaves_nothing(tmp_path, sig):
     """SIGTERM: the generation stops with one line and removes its temp folder; kill -9: the temp folder stays
     until the next generation, which removes it."""
     root = tmp_path / "data" / "ph"
-    child = spawn(["-c", HANG_ON_SECOND_CASE, "--out", root, *SMALL], tmp_path)
+    child = spawn(["-c", HANG_ON_SECOND_CASE, root, 0], tmp_path)
     wait_for(child, tmp_path, lambda: "one case written" in (tmp_path / "stdout.txt").read_text())
     partial = list(root.parent.glob(f".ph.{child.pid}.*.tmp"))
     assert len(partial) == 1 and len(list(partial[0].rglob("mri_norm2.h5"))) == 1

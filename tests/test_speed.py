@@ -21,7 +21,7 @@ from train import check_consistent
 
 def first_step_losses(cfg, split, volumes, batch, bf16, channels_last):
     """The losses of the first training step (references on) on a fixed batch, from fresh, seeded weights."""
-    run = train.setup(cfg, split, volumes, torch.device("cpu"), fast=False, progress=False)
+    run = train.Run(cfg, split, volumes, torch.device("cpu"), fast=False, progress=False)
     run.bf16, run.channels_last = bf16, channels_last
     run.student.to(memory_format=run.memory_format)
     run.teacher.to(memory_format=run.memory_format)
@@ -39,7 +39,7 @@ def bf16_autocast_works_on_this_cpu():
 def test_fast_path_gives_the_plain_losses(tiny_la, tmp_path):
     cfg = tiny_cfg(tiny_la, tmp_path / "run", consistency=1.0, rampup_iters=0, patch_size="16,16,16")
     split, volumes = data.prepare_data(cfg)
-    batch = train.setup(cfg, split, volumes, torch.device("cpu"), progress=False).sampler.next()  # for all
+    batch = train.Run(cfg, split, volumes, torch.device("cpu"), progress=False).sampler.next()  # for all
     plain = first_step_losses(cfg, split, volumes, batch, bf16=False, channels_last=False)
     assert plain["cons"] > 0 and plain["sup"] > 0                   # both parts of the loss are in play
     assert first_step_losses(cfg, split, volumes, batch, False, False) == plain   # what follows is not noise

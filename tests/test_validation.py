@@ -27,7 +27,7 @@ def test_validation_cases_are_never_trained_on(tiny_la, tmp_path):
     for references in ("false", "true"):
         cfg = tiny_cfg(tiny_la, tmp_path / "run", val_cases=2, references=references)
         split, volumes = data.prepare_data(cfg)
-        run = train.setup(cfg, split, volumes, torch.device("cpu"), progress=False)
+        run = train.Run(cfg, split, volumes, torch.device("cpu"), progress=False)
         sampled = set(run.sampler.volumes) | {i for ids, _ in run.sampler.parts for i in ids}
         assert sampled == set(split.labeled + split.unlabeled)
         assert not sampled & set(split.test)

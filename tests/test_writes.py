@@ -1,5 +1,5 @@
-"""config.py: atomic writes that leave no temp file, OS errors named in one line, the probe before the data are
-read, and the lock that keeps one process per folder (taken over from a process that died holding it)."""
+"""config.py's writes: atomic, leaving no temp file, OS errors named in one line, the probe before the data
+are read, and the lock that keeps one process per folder (taken over from a process that died holding it)."""
 import errno
 import os
 import re
